@@ -1,0 +1,120 @@
+// A Backend runs the model's ops on one device. Backends register by name with a score; the
+// highest-scoring usable backend wins for backend="auto". Every op has a default that throws
+// Unsupported, so a new backend can be brought up op by op and tested against the cpu oracle.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "opencamp/tensor.h"
+
+namespace opencamp {
+
+class ThreadPool;
+
+// Where one token of a batch reads and writes the KV cache: the block table of its sequence
+// and its position in that sequence. The token attends to keys at positions [0, position].
+struct KVSlot {
+  const int32_t* block_table = nullptr;  // [blocks of the sequence] -> block index in the pool
+  int32_t position = 0;
+};
+
+// One layer of the paged KV cache: a pool of blocks of block_size token positions.
+struct KVLayerView {
+  Tensor keys;    // [n_blocks, block_size, n_kv_heads, head_dim] f32
+  Tensor values;  // [n_blocks, block_size, n_kv_heads, head_dim] f32
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual Device device() const { return Device::CPU; }
+
+  // Memory on this backend's device.
+  virtual std::shared_ptr<Buffer> allocate(size_t bytes);
+
+  // Returns `source` (host memory, any float dtype) as a weight held in `dtype` (F32 or BF16)
+  // in the layout this backend's kernels want. May return a view of `source` itself when no
+  // conversion is needed (zero-copy); otherwise memory is allocated and appended to `owned`.
+  virtual Tensor prepare_weight(const Tensor& source, DType dtype,
+                                std::vector<std::shared_ptr<Buffer>>& owned);
+
+  // out[t, :] = table[ids[t], :]
+  virtual void embedding(const Tensor& out,    // [T, D] f32
+                         const Tensor& table,  // [V, D] weight dtype
+                         std::span<const int32_t> ids);  // [T]
+
+  // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight; out may alias x.
+  virtual void rmsnorm(const Tensor& out,     // [R, D] f32
+                       const Tensor& x,       // [R, D] f32
+                       const Tensor& weight,  // [D] f32
+                       float eps);
+
+  // out = x @ weight^T (+ bias): the weight layout of a PyTorch Linear.
+  virtual void matmul(const Tensor& out,     // [T, N] f32
+                      const Tensor& x,       // [T, K] f32
+                      const Tensor& weight,  // [N, K] f32 or bf16
+                      const Tensor* bias);   // [N] f32 or nullptr
+
+  // Rotary embedding in place, rotate-half convention (pairs i and i + head_dim / 2), as
+  // Hugging Face checkpoints expect: angle = positions[t] * inv_freq[i].
+  virtual void rope(const Tensor& x,                     // [T, H, head_dim] f32, in place
+                    std::span<const int32_t> positions,  // [T]
+                    const Tensor& inv_freq);             // [head_dim / 2] f32
+
+  // Writes each token's key and value into its slot of the cache.
+  virtual void kv_store(const KVLayerView& cache,
+                        const Tensor& keys,    // [T, n_kv_heads, head_dim] f32
+                        const Tensor& values,  // [T, n_kv_heads, head_dim] f32
+                        std::span<const KVSlot> slots);  // [T]
+
+  // Causal attention over the cache: token t attends to positions [0, slots[t].position] of its
+  // own sequence. Query heads share KV heads in groups of n_heads / n_kv_heads (GQA / MQA).
+  virtual void attention(const Tensor& out,      // [T, n_heads, head_dim] f32
+                         const Tensor& queries,  // [T, n_heads, head_dim] f32
+                         const KVLayerView& cache,
+                         std::span<const KVSlot> slots,  // [T]
+                         float scale);
+
+  // out = silu(gate) * up; out may alias gate.
+  virtual void silu_mul(const Tensor& out,    // [T, F] f32
+                        const Tensor& gate,   // [T, F] f32
+                        const Tensor& up);    // [T, F] f32
+
+  // out = a + b; out may alias a or b.
+  virtual void add(const Tensor& out, const Tensor& a, const Tensor& b);  // [T, D] f32 each
+
+  // Copies between host memory and this backend's device (plain memcpy on the CPU).
+  virtual void to_host(void* host, const Tensor& source);  // source contiguous
+  virtual void from_host(const Tensor& target, const void* host);  // target contiguous
+
+ protected:
+  [[noreturn]] void unsupported(const char* op) const;
+};
+
+struct BackendOptions {
+  ThreadPool* pool = nullptr;  // CPU backends run their ops on this pool (not owned)
+};
+
+struct BackendInfo {
+  std::string name;
+  int score = 0;                   // higher wins for "auto"
+  std::string description;
+  std::function<bool()> usable;    // false when the hardware or the build lacks something
+  std::function<std::unique_ptr<Backend>(const BackendOptions&)> create;
+};
+
+// The built-in backends are registered on first use; extra backends can be added here.
+void register_backend(BackendInfo info);
+const std::vector<BackendInfo>& registered_backends();
+// Names of the backends that can run on this machine, best first.
+std::vector<std::string> usable_backends();
+// "auto" picks the best usable backend; a named backend that is unknown or unusable throws.
+std::unique_ptr<Backend> create_backend(const std::string& name, const BackendOptions& options);
+
+}  // namespace opencamp

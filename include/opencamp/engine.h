@@ -1,0 +1,119 @@
+// The Engine owns a model, the backend that runs it, the thread pool and the KV cache. Prefill
+// (a prompt, many tokens of one sequence, causal) and decode (one new token for each of several
+// sequences) are separate entry points so each can be made fast on its own terms.
+// Public methods are thread-safe: they serialise on one mutex, so generations of different
+// sequences running on different threads interleave step by step.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "opencamp/backend.h"
+#include "opencamp/kv_cache.h"
+#include "opencamp/model.h"
+#include "opencamp/sampler.h"
+#include "opencamp/thread_pool.h"
+
+namespace opencamp {
+
+struct DecoderScratch;
+
+struct EngineOptions {
+  std::string backend = "auto";  // "auto" or a registered name ("cpu", ...)
+  std::string dtype = "auto";    // "auto" (checkpoint precision), "f32" or "bf16"
+  int threads = 0;               // 0: physical cores
+  int max_context = 0;           // positions per sequence; 0: the model's max_position_embeddings
+  int kv_cache_tokens = 0;       // positions in the shared KV pool; 0: max_context
+  int prefill_chunk = 256;       // tokens per forward pass during prefill (bounds scratch memory)
+};
+
+enum class FinishReason { Stop, Length, Cancelled };
+const char* finish_reason_name(FinishReason reason);  // "stop", "length", "cancelled"
+
+struct GenerationRequest {
+  // The whole prompt of the sequence. When the sequence already holds a prefix of it in the KV
+  // cache (an earlier turn of the same chat), only the rest is prefilled.
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  int max_tokens = 256;
+  std::vector<int32_t> stop_token_ids;  // extra stop ids, besides the model's EOS ids
+  bool ignore_eos = false;              // do not stop at the model's EOS ids
+};
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;  // generated ids, the stop token included when one ended it
+  FinishReason finish_reason = FinishReason::Length;
+  int prompt_tokens = 0;
+  int cached_tokens = 0;  // prompt tokens reused from the KV cache, not recomputed
+  double prefill_seconds = 0.0;
+  double decode_seconds = 0.0;
+};
+
+// Called with every generated token; `is_stop` marks the token that ended generation (an EOS or
+// stop id). Return false to stop early (finish reason Cancelled).
+using TokenCallback = std::function<bool(int32_t token, bool is_stop)>;
+
+class Engine {
+ public:
+  explicit Engine(const std::filesystem::path& model_dir, const EngineOptions& options = {});
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const ModelConfig& config() const { return model_->config(); }
+  const Model& model() const { return *model_; }
+  std::string backend_name() const { return backend_->name(); }
+  DType weight_dtype() const { return model_->weight_dtype(); }
+  int threads() const { return pool_.size(); }
+  int max_context() const { return max_context_; }
+
+  // Sequences: independent token streams sharing the KV pool.
+  int create_sequence();
+  void free_sequence(int seq);
+  std::vector<int32_t> sequence_tokens(int seq) const;  // the tokens held in the cache
+  void truncate_sequence(int seq, int length);
+
+  // Appends `tokens` to `seq`. Writes the logits of the last token to `logits` [vocab], or of
+  // every token when all_positions (`logits` is then [n_tokens, vocab]).
+  void prefill(int seq, std::span<const int32_t> tokens, std::span<float> logits,
+               bool all_positions = false);
+
+  // Appends one token to each sequence in one batched pass; logits: [n_sequences, vocab].
+  void decode(std::span<const int> seqs, std::span<const int32_t> tokens,
+              std::span<float> logits);
+
+  // Prefill the uncached part of the prompt, then sample and decode until a stop token,
+  // max_tokens, the context limit, or the callback says stop. Afterwards the sequence holds the
+  // prompt and every generated token except the last one sampled (which was never fed back).
+  GenerationResult generate(int seq, const GenerationRequest& request,
+                            const TokenCallback& on_token = {},
+                            const std::atomic<bool>* cancel = nullptr);
+
+  struct CacheStats {
+    int used_blocks, total_blocks, block_size, sequences;
+  };
+  CacheStats cache_stats() const;
+
+ private:
+  void check_sequence_locked(int seq) const;
+  void check_tokens(std::span<const int32_t> tokens) const;
+
+  EngineOptions options_;
+  ThreadPool pool_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<KVCache> cache_;
+  std::unique_ptr<DecoderScratch> scratch_;
+  std::vector<std::vector<int32_t>> sequence_tokens_;  // indexed by sequence id
+  int max_context_ = 0;
+  mutable std::mutex mutex_;
+};
+
+}  // namespace opencamp

@@ -1,0 +1,89 @@
+// Architectures and loaded models. Llama and Qwen share one decoder block; an Architecture only
+// says which optional parts a checkpoint has (biases, q/k norms) and how its tensors are named.
+// Quirks are normalised at load time so the forward pass has no per-architecture branches.
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "opencamp/model_config.h"
+#include "opencamp/tensor.h"
+
+namespace opencamp {
+
+class Backend;
+class WeightStore;
+
+// Which optional tensors a checkpoint of this architecture carries.
+struct ArchitectureTraits {
+  bool qkv_bias = false;  // q/k/v projections have a bias (qwen2 always; llama/qwen3 via config)
+  bool o_bias = false;    // output projection has a bias
+  bool mlp_bias = false;  // gate/up/down projections have a bias
+  bool qk_norm = false;   // RMSNorm over each head of q and k before rope (qwen3)
+};
+
+struct Architecture {
+  std::string model_type;   // the config.json model_type this handles
+  std::string description;  // e.g. "Llama 2/3, SmolLM2, TinyLlama (GQA/MQA)"
+  std::function<ArchitectureTraits(const ModelConfig&)> traits;
+  // Checks architecture-specific config fields (e.g. sliding windows we do not support).
+  std::function<void(const ModelConfig&, const std::string& config_path)> validate;
+};
+
+void register_architecture(Architecture architecture);
+const std::vector<Architecture>& registered_architectures();
+// Throws Error(InvalidModel) listing the supported model types when none matches.
+const Architecture& find_architecture(const std::string& model_type,
+                                      const std::string& config_path);
+
+struct LayerWeights {
+  Tensor attn_norm;           // [D] f32
+  Tensor wq, wk, wv, wo;      // [Hq*hd, D], [Hkv*hd, D], [Hkv*hd, D], [D, Hq*hd]
+  Tensor bq, bk, bv, bo;      // [Hq*hd], [Hkv*hd], [Hkv*hd], [D] f32, or empty
+  Tensor q_norm, k_norm;      // [hd] f32, or empty
+  Tensor ffn_norm;            // [D] f32
+  Tensor w_gate, w_up, w_down;  // [F, D], [F, D], [D, F]
+  Tensor b_gate, b_up, b_down;  // [F], [F], [D] f32, or empty
+};
+
+struct ModelWeights {
+  Tensor embed;       // [V, D]
+  std::vector<LayerWeights> layers;
+  Tensor final_norm;  // [D] f32
+  Tensor lm_head;     // [V, D]; the same memory as embed when embeddings are tied
+  Tensor rope_inv_freq;  // [hd / 2] f32, rope scaling already applied
+};
+
+class Model {
+ public:
+  // Loads config, checks the architecture, maps the weights and prepares them on `backend`
+  // in `dtype` ("auto" keeps the checkpoint's precision: bf16 stays bf16, f32 and f16 -> f32).
+  Model(const std::filesystem::path& model_dir, Backend& backend, const std::string& dtype);
+  ~Model();
+
+  const ModelConfig& config() const { return config_; }
+  const ArchitectureTraits& traits() const { return traits_; }
+  const ModelWeights& weights() const { return weights_; }
+  DType weight_dtype() const { return weight_dtype_; }
+  const std::filesystem::path& directory() const { return directory_; }
+  // Bytes of weights read per decoded token (every matrix once), for GB/s reports.
+  size_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  std::filesystem::path directory_;
+  ModelConfig config_;
+  ArchitectureTraits traits_;
+  DType weight_dtype_ = DType::F32;
+  std::unique_ptr<WeightStore> store_;  // keeps the mappings alive for zero-copy weights
+  std::vector<std::shared_ptr<Buffer>> owned_;  // converted or repacked weights
+  ModelWeights weights_;
+  size_t weight_bytes_ = 0;
+};
+
+// inv_freq[i] = theta^(-2i / head_dim), then scaled per rope type (linear, llama3).
+std::vector<float> rope_inverse_frequencies(const RopeConfig& rope, int head_dim);
+
+}  // namespace opencamp

@@ -1,0 +1,52 @@
+// The hyper-parameters of a Hugging Face checkpoint, read from config.json (and the end-of-
+// sequence ids from generation_config.json), normalised across the spellings found in the wild.
+#pragma once
+
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "opencamp/dtype.h"
+
+namespace opencamp {
+
+enum class RopeType { Default, Linear, Llama3 };
+const char* rope_type_name(RopeType type);
+
+struct RopeConfig {
+  RopeType type = RopeType::Default;
+  double theta = 10000.0;
+  double factor = 1.0;                  // linear, llama3
+  double low_freq_factor = 1.0;         // llama3
+  double high_freq_factor = 4.0;        // llama3
+  int original_max_position = 8192;     // llama3
+};
+
+struct ModelConfig {
+  std::string model_type;  // "llama", "qwen2", "qwen3"
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;  // from config when present, else hidden_size / num_heads
+  int max_position_embeddings = 0;
+  float rms_norm_eps = 1e-6f;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;  // q/k/v/o bias (llama, qwen3); qwen2 always has q/k/v bias
+  bool mlp_bias = false;
+  bool use_sliding_window = false;  // qwen2/qwen3 option; not supported, refused at load
+  RopeConfig rope;
+  int bos_token_id = -1;
+  std::vector<int> eos_token_ids;  // union of config.json and generation_config.json
+  std::string torch_dtype;         // as written in config.json ("bfloat16", "float32", ...)
+};
+
+// Parses `dir`/config.json and, when present, `dir`/generation_config.json. Throws
+// Error(InvalidModel) naming the file and the field when something is missing or malformed.
+ModelConfig load_model_config(const std::filesystem::path& dir);
+// The same from JSON text (the path is only used in messages).
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source_name);
+
+}  // namespace opencamp

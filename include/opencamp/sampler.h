@@ -1,0 +1,65 @@
+// Turns logits into the next token. The stages apply in this order, as in llama.cpp:
+//
+//   1. penalties   repetition_penalty (divide positive / multiply negative logits of tokens
+//                  already in the sequence, prompt included, as transformers does), then
+//                  presence_penalty and frequency_penalty (subtract, OpenAI style)
+//   2. greedy      temperature == 0 -> the highest logit wins (ties: lowest id); stop here
+//   3. top_k       keep the k highest logits (0 = off)
+//   4. top_p       keep the smallest set whose probability reaches top_p (1 = off)
+//   5. min_p       drop tokens whose probability is below min_p * the top probability (0 = off)
+//   6. temperature divide the surviving logits by temperature
+//   7. draw        softmax and draw with a seeded generator (same seed, same tokens)
+//
+// top_p and min_p see the probabilities at temperature 1, so changing the temperature never
+// changes which tokens are candidates, only how likely each is.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <random>
+#include <span>
+#include <vector>
+
+namespace opencamp {
+
+struct SamplingParams {
+  float temperature = 0.0f;
+  int top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  std::optional<uint64_t> seed;  // none: a random seed
+
+  // Throws Error(InvalidArgument) naming the first out-of-range parameter.
+  void validate() const;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplingParams& params);
+
+  const SamplingParams& params() const { return params_; }
+  // Takes effect from the next token on; reseeds only when the seed changes.
+  void set_params(const SamplingParams& params);
+
+  // logits: [vocab], modified in place. history: the tokens of the sequence so far.
+  int32_t sample(std::span<float> logits, std::span<const int32_t> history);
+
+ private:
+  struct Candidate {
+    int32_t id;
+    float logit;
+  };
+  SamplingParams params_;
+  std::mt19937_64 rng_;
+  std::vector<Candidate> candidates_;  // reused between calls
+  std::vector<float> probabilities_;
+};
+
+void apply_penalties(std::span<float> logits, std::span<const int32_t> history,
+                     float repetition_penalty, float presence_penalty, float frequency_penalty);
+int32_t argmax(std::span<const float> logits);
+
+}  // namespace opencamp

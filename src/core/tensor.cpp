@@ -1,0 +1,92 @@
+#include "opencamp/tensor.h"
+
+#include <cstdlib>
+#include <new>
+#include <sstream>
+
+#include "opencamp/error.h"
+
+namespace opencamp {
+
+Tensor Tensor::contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                          Device device) {
+  if (shape.size() == 0 || shape.size() > kMaxDims) {
+    fail(ErrorKind::Internal, "a tensor has 1 to ", kMaxDims, " dims, got ", shape.size());
+  }
+  Tensor t;
+  t.dtype = dtype;
+  t.ndim = static_cast<int>(shape.size());
+  t.data = data;
+  t.device = device;
+  int i = 0;
+  for (int64_t extent : shape) t.shape[i++] = extent;
+  int64_t stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    t.stride[d] = stride;
+    stride *= t.shape[d];
+  }
+  return t;
+}
+
+int64_t Tensor::numel() const {
+  if (ndim == 0) return 0;
+  int64_t n = 1;
+  for (int d = 0; d < ndim; ++d) n *= shape[d];
+  return n;
+}
+
+bool Tensor::is_contiguous() const {
+  int64_t expected = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    if (shape[d] != 1 && stride[d] != expected) return false;
+    expected *= shape[d];
+  }
+  return true;
+}
+
+Tensor Tensor::reshaped(std::initializer_list<int64_t> new_shape) const {
+  if (!is_contiguous()) fail(ErrorKind::Internal, "reshape of a non-contiguous tensor");
+  Tensor t = contiguous(data, dtype, new_shape, device);
+  if (t.numel() != numel()) {
+    fail(ErrorKind::Internal, "reshape from ", shape_string(*this), " to ", shape_string(t),
+         " changes the element count");
+  }
+  return t;
+}
+
+Tensor Tensor::rows(int64_t begin, int64_t end) const {
+  if (begin < 0 || end > shape[0] || begin > end) {
+    fail(ErrorKind::Internal, "rows [", begin, ", ", end, ") outside ", shape_string(*this));
+  }
+  Tensor t = *this;
+  t.shape[0] = end - begin;
+  t.data = static_cast<char*>(data) + begin * stride[0] * static_cast<int64_t>(dtype_size(dtype));
+  return t;
+}
+
+void* Tensor::at(std::initializer_list<int64_t> index) const {
+  int64_t offset = 0;
+  int d = 0;
+  for (int64_t i : index) offset += i * stride[d++];
+  return static_cast<char*>(data) + offset * static_cast<int64_t>(dtype_size(dtype));
+}
+
+std::string shape_string(const Tensor& tensor) {
+  std::ostringstream out;
+  out << '[';
+  for (int d = 0; d < tensor.ndim; ++d) out << (d ? ", " : "") << tensor.shape[d];
+  out << ']';
+  return out.str();
+}
+
+HostBuffer::HostBuffer(size_t bytes) : size_(bytes) {
+  const size_t rounded = (bytes + 63) / 64 * 64;
+  data_ = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  if (data_ == nullptr) {
+    fail(ErrorKind::CapacityExceeded, "out of memory allocating ", bytes, " bytes");
+  }
+}
+
+HostBuffer::~HostBuffer() { std::free(data_); }
+
+}  // namespace opencamp

@@ -1,0 +1,289 @@
+#include "io/json.h"
+
+#include <cmath>
+#include <cstdlib>
+
+#include "opencamp/error.h"
+
+namespace opencamp::json {
+
+Value Value::make_bool(bool b) {
+  Value v;
+  v.type_ = Type::Bool;
+  v.bool_ = b;
+  return v;
+}
+Value Value::make_number(double n) {
+  Value v;
+  v.type_ = Type::Number;
+  v.number_ = n;
+  return v;
+}
+Value Value::make_string(std::string s) {
+  Value v;
+  v.type_ = Type::String;
+  v.string_ = std::move(s);
+  return v;
+}
+Value Value::make_array(std::vector<Value> items) {
+  Value v;
+  v.type_ = Type::Array;
+  v.items_ = std::move(items);
+  return v;
+}
+Value Value::make_object(std::vector<std::pair<std::string, Value>> members) {
+  Value v;
+  v.type_ = Type::Object;
+  v.members_ = std::move(members);
+  return v;
+}
+
+const Value* Value::find(std::string_view key) const {
+  if (type_ != Type::Object) return nullptr;
+  // Later duplicates win, as in Python's json module.
+  for (auto it = members_.rbegin(); it != members_.rend(); ++it) {
+    if (it->first == key) return &it->second;
+  }
+  return nullptr;
+}
+
+const char* type_name(Value::Type type) {
+  switch (type) {
+    case Value::Type::Null: return "null";
+    case Value::Type::Bool: return "a boolean";
+    case Value::Type::Number: return "a number";
+    case Value::Type::String: return "a string";
+    case Value::Type::Array: return "an array";
+    case Value::Type::Object: return "an object";
+  }
+  return "?";
+}
+
+namespace {
+
+constexpr int kMaxDepth = 256;
+
+class Parser {
+ public:
+  Parser(std::string_view text, const std::string& source) : text_(text), source_(source) {}
+
+  Value document() {
+    Value v = value(0);
+    skip_space();
+    if (pos_ != text_.size()) error("unexpected text after the JSON value");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void error(const std::string& what) const {
+    size_t line = 1, column = 1;
+    for (size_t i = 0; i < pos_ && i < text_.size(); ++i) {
+      if (text_[i] == '\n') {
+        ++line;
+        column = 1;
+      } else {
+        ++column;
+      }
+    }
+    fail(ErrorKind::InvalidModel, source_, ": malformed JSON at line ", line, ", column ", column,
+         ": ", what);
+  }
+
+  void skip_space() {
+    while (pos_ < text_.size() &&
+           (text_[pos_] == ' ' || text_[pos_] == '\t' || text_[pos_] == '\n' || text_[pos_] == '\r')) {
+      ++pos_;
+    }
+  }
+
+  char peek() const { return pos_ < text_.size() ? text_[pos_] : '\0'; }
+
+  void expect_literal(std::string_view literal) {
+    if (text_.substr(pos_, literal.size()) != literal) {
+      error("expected '" + std::string(literal) + "'");
+    }
+    pos_ += literal.size();
+  }
+
+  Value value(int depth) {
+    if (depth > kMaxDepth) error("nesting deeper than 256 levels");
+    skip_space();
+    if (pos_ >= text_.size()) error("unexpected end of input, expected a value");
+    switch (text_[pos_]) {
+      case '{': return object(depth);
+      case '[': return array(depth);
+      case '"': return Value::make_string(string());
+      case 't': expect_literal("true"); return Value::make_bool(true);
+      case 'f': expect_literal("false"); return Value::make_bool(false);
+      case 'n': expect_literal("null"); return Value();
+      // Python's json writes these for non-finite floats; configs in the wild contain them.
+      case 'N': expect_literal("NaN"); return Value::make_number(std::nan(""));
+      case 'I': expect_literal("Infinity"); return Value::make_number(INFINITY);
+      default: return number();
+    }
+  }
+
+  Value object(int depth) {
+    ++pos_;  // '{'
+    std::vector<std::pair<std::string, Value>> members;
+    skip_space();
+    if (peek() == '}') {
+      ++pos_;
+      return Value::make_object(std::move(members));
+    }
+    for (;;) {
+      skip_space();
+      if (peek() != '"') error("expected a string key");
+      std::string key = string();
+      skip_space();
+      if (peek() != ':') error("expected ':' after a key");
+      ++pos_;
+      members.emplace_back(std::move(key), value(depth + 1));
+      skip_space();
+      if (peek() == ',') {
+        ++pos_;
+        continue;
+      }
+      if (peek() == '}') {
+        ++pos_;
+        return Value::make_object(std::move(members));
+      }
+      error("expected ',' or '}' in an object");
+    }
+  }
+
+  Value array(int depth) {
+    ++pos_;  // '['
+    std::vector<Value> items;
+    skip_space();
+    if (peek() == ']') {
+      ++pos_;
+      return Value::make_array(std::move(items));
+    }
+    for (;;) {
+      items.push_back(value(depth + 1));
+      skip_space();
+      if (peek() == ',') {
+        ++pos_;
+        continue;
+      }
+      if (peek() == ']') {
+        ++pos_;
+        return Value::make_array(std::move(items));
+      }
+      error("expected ',' or ']' in an array");
+    }
+  }
+
+  Value number() {
+    const size_t start = pos_;
+    if (peek() == '-') ++pos_;
+    if (peek() == 'I') {
+      expect_literal("Infinity");
+      return Value::make_number(-INFINITY);
+    }
+    auto digits = [&] {
+      const size_t from = pos_;
+      while (pos_ < text_.size() && text_[pos_] >= '0' && text_[pos_] <= '9') ++pos_;
+      return pos_ > from;
+    };
+    if (!digits()) error("expected a value");
+    if (peek() == '.') {
+      ++pos_;
+      if (!digits()) error("expected digits after '.'");
+    }
+    if (peek() == 'e' || peek() == 'E') {
+      ++pos_;
+      if (peek() == '+' || peek() == '-') ++pos_;
+      if (!digits()) error("expected digits in the exponent");
+    }
+    const std::string literal(text_.substr(start, pos_ - start));
+    return Value::make_number(std::strtod(literal.c_str(), nullptr));
+  }
+
+  unsigned hex4() {
+    if (pos_ + 4 > text_.size()) error("truncated \\u escape");
+    unsigned code = 0;
+    for (int i = 0; i < 4; ++i) {
+      const char c = text_[pos_++];
+      code <<= 4;
+      if (c >= '0' && c <= '9') code |= static_cast<unsigned>(c - '0');
+      else if (c >= 'a' && c <= 'f') code |= static_cast<unsigned>(c - 'a' + 10);
+      else if (c >= 'A' && c <= 'F') code |= static_cast<unsigned>(c - 'A' + 10);
+      else error("bad hex digit in \\u escape");
+    }
+    return code;
+  }
+
+  static void append_utf8(std::string& out, unsigned code) {
+    if (code < 0x80) {
+      out += static_cast<char>(code);
+    } else if (code < 0x800) {
+      out += static_cast<char>(0xc0 | (code >> 6));
+      out += static_cast<char>(0x80 | (code & 0x3f));
+    } else if (code < 0x10000) {
+      out += static_cast<char>(0xe0 | (code >> 12));
+      out += static_cast<char>(0x80 | ((code >> 6) & 0x3f));
+      out += static_cast<char>(0x80 | (code & 0x3f));
+    } else {
+      out += static_cast<char>(0xf0 | (code >> 18));
+      out += static_cast<char>(0x80 | ((code >> 12) & 0x3f));
+      out += static_cast<char>(0x80 | ((code >> 6) & 0x3f));
+      out += static_cast<char>(0x80 | (code & 0x3f));
+    }
+  }
+
+  std::string string() {
+    ++pos_;  // opening quote
+    std::string out;
+    for (;;) {
+      if (pos_ >= text_.size()) error("unterminated string");
+      const char c = text_[pos_++];
+      if (c == '"') return out;
+      if (static_cast<unsigned char>(c) < 0x20) error("control character inside a string");
+      if (c != '\\') {
+        out += c;
+        continue;
+      }
+      if (pos_ >= text_.size()) error("unterminated escape");
+      const char e = text_[pos_++];
+      switch (e) {
+        case '"': out += '"'; break;
+        case '\\': out += '\\'; break;
+        case '/': out += '/'; break;
+        case 'b': out += '\b'; break;
+        case 'f': out += '\f'; break;
+        case 'n': out += '\n'; break;
+        case 'r': out += '\r'; break;
+        case 't': out += '\t'; break;
+        case 'u': {
+          unsigned code = hex4();
+          if (code >= 0xd800 && code < 0xdc00 && text_.substr(pos_, 2) == "\\u") {
+            pos_ += 2;
+            const unsigned low = hex4();
+            if (low >= 0xdc00 && low < 0xe000) {
+              code = 0x10000 + ((code - 0xd800) << 10) + (low - 0xdc00);
+            } else {
+              error("invalid surrogate pair");
+            }
+          }
+          append_utf8(out, code);
+          break;
+        }
+        default: error(std::string("unknown escape '\\") + e + "'");
+      }
+    }
+  }
+
+  std::string_view text_;
+  const std::string& source_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+Value parse(std::string_view text, const std::string& source) {
+  return Parser(text, source).document();
+}
+
+}  // namespace opencamp::json

@@ -1,0 +1,221 @@
+#include "opencamp/model_config.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "io/json.h"
+#include "io/mapped_file.h"
+#include "opencamp/error.h"
+
+namespace opencamp {
+
+const char* rope_type_name(RopeType type) {
+  switch (type) {
+    case RopeType::Default: return "default";
+    case RopeType::Linear: return "linear";
+    case RopeType::Llama3: return "llama3";
+  }
+  return "?";
+}
+
+namespace {
+
+class ConfigReader {
+ public:
+  ConfigReader(const json::Value& root, const std::string& source) : root_(root), source_(source) {}
+
+  const json::Value* find(const char* key) const {
+    const json::Value* v = root_.find(key);
+    return (v && !v->is_null()) ? v : nullptr;
+  }
+
+  int positive_int(const char* key) const {
+    const json::Value* v = find(key);
+    if (!v) fail(ErrorKind::InvalidModel, source_, ": required field '", key, "' is missing");
+    return checked_int(*v, key, 1);
+  }
+
+  int int_or(const char* key, int fallback, int minimum = 0) const {
+    const json::Value* v = find(key);
+    return v ? checked_int(*v, key, minimum) : fallback;
+  }
+
+  double number_or(const json::Value& object, const char* key, double fallback) const {
+    const json::Value* v = object.find(key);
+    if (!v || v->is_null()) return fallback;
+    if (!v->is_number()) fail(ErrorKind::InvalidModel, source_, ": '", key, "' must be a number");
+    return v->as_number();
+  }
+
+  bool bool_or(const char* key, bool fallback) const {
+    const json::Value* v = find(key);
+    if (!v) return fallback;
+    if (!v->is_bool()) fail(ErrorKind::InvalidModel, source_, ": '", key, "' must be true or false");
+    return v->as_bool();
+  }
+
+  // An id or a list of ids (eos_token_id is either in the wild).
+  void token_ids(const char* key, std::vector<int>& out) const {
+    const json::Value* v = find(key);
+    if (!v) return;
+    if (v->is_array()) {
+      for (const auto& item : v->as_array()) out.push_back(checked_int(item, key, 0));
+    } else {
+      out.push_back(checked_int(*v, key, 0));
+    }
+  }
+
+  int checked_int(const json::Value& v, const char* key, int minimum) const {
+    if (!v.is_number() || v.as_number() != std::floor(v.as_number()) || v.as_number() < minimum ||
+        v.as_number() > 1e9) {
+      fail(ErrorKind::InvalidModel, source_, ": '", key, "' must be an integer >= ", minimum);
+    }
+    return static_cast<int>(v.as_number());
+  }
+
+  const std::string& source() const { return source_; }
+
+ private:
+  const json::Value& root_;
+  const std::string& source_;
+};
+
+// Both spellings: `rope_parameters` {rope_type, rope_theta, ...} (transformers 5) and top-level
+// `rope_theta` + `rope_scaling` {type | rope_type, factor, ...} (older checkpoints).
+RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
+  RopeConfig rope;
+  const json::Value* params = reader.find("rope_parameters");
+  const json::Value* scaling = reader.find("rope_scaling");
+  const json::Value* settings = params ? params : scaling;
+  if (settings && !settings->is_object()) {
+    fail(ErrorKind::InvalidModel, reader.source(), ": '", params ? "rope_parameters" : "rope_scaling",
+         "' must be an object");
+  }
+  rope.theta = reader.number_or(root, "rope_theta", 10000.0);
+  if (!settings) return rope;
+  rope.theta = reader.number_or(*settings, "rope_theta", rope.theta);
+  std::string type = "default";
+  for (const char* key : {"rope_type", "type"}) {
+    const json::Value* v = settings->find(key);
+    if (v && v->is_string()) {
+      type = v->as_string();
+      break;
+    }
+  }
+  if (type == "default") return rope;
+  rope.factor = reader.number_or(*settings, "factor", 0.0);
+  if (!(rope.factor > 0)) {
+    fail(ErrorKind::InvalidModel, reader.source(), ": rope type '", type, "' needs a positive 'factor'");
+  }
+  if (type == "linear") {
+    rope.type = RopeType::Linear;
+  } else if (type == "llama3") {
+    rope.type = RopeType::Llama3;
+    rope.low_freq_factor = reader.number_or(*settings, "low_freq_factor", 1.0);
+    rope.high_freq_factor = reader.number_or(*settings, "high_freq_factor", 4.0);
+    rope.original_max_position = static_cast<int>(
+        reader.number_or(*settings, "original_max_position_embeddings", 8192));
+    if (!(rope.high_freq_factor > rope.low_freq_factor) || rope.original_max_position <= 0) {
+      fail(ErrorKind::InvalidModel, reader.source(),
+           ": llama3 rope needs high_freq_factor > low_freq_factor and a positive "
+           "original_max_position_embeddings");
+    }
+  } else {
+    fail(ErrorKind::Unsupported, reader.source(), ": rope type '", type,
+         "' is not supported yet (supported: default, linear, llama3)");
+  }
+  return rope;
+}
+
+}  // namespace
+
+ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
+  const json::Value root = json::parse(json_text, source);
+  if (!root.is_object()) fail(ErrorKind::InvalidModel, source, ": expected a JSON object");
+  const ConfigReader reader(root, source);
+
+  ModelConfig config;
+  const json::Value* model_type = reader.find("model_type");
+  if (!model_type || !model_type->is_string()) {
+    fail(ErrorKind::InvalidModel, source,
+         ": 'model_type' is missing; is this a Hugging Face transformers config.json?");
+  }
+  config.model_type = model_type->as_string();
+  config.vocab_size = reader.positive_int("vocab_size");
+  config.hidden_size = reader.positive_int("hidden_size");
+  config.intermediate_size = reader.positive_int("intermediate_size");
+  config.num_layers = reader.positive_int("num_hidden_layers");
+  config.num_heads = reader.positive_int("num_attention_heads");
+  config.num_kv_heads = reader.int_or("num_key_value_heads", config.num_heads, 1);
+  if (config.num_heads % config.num_kv_heads != 0) {
+    fail(ErrorKind::InvalidModel, source, ": num_attention_heads (", config.num_heads,
+         ") must be a multiple of num_key_value_heads (", config.num_kv_heads, ")");
+  }
+  if (reader.find("head_dim")) {
+    config.head_dim = reader.positive_int("head_dim");
+  } else if (config.hidden_size % config.num_heads == 0) {
+    config.head_dim = config.hidden_size / config.num_heads;
+  } else {
+    fail(ErrorKind::InvalidModel, source, ": hidden_size (", config.hidden_size,
+         ") is not a multiple of num_attention_heads (", config.num_heads, ") and head_dim is absent");
+  }
+  if (config.head_dim % 2 != 0) {
+    fail(ErrorKind::InvalidModel, source, ": head_dim ", config.head_dim, " must be even for rope");
+  }
+  config.max_position_embeddings = reader.int_or("max_position_embeddings", 2048, 1);
+  config.rms_norm_eps = static_cast<float>(reader.number_or(root, "rms_norm_eps", 1e-6));
+  config.tie_word_embeddings = reader.bool_or("tie_word_embeddings", false);
+  config.attention_bias = reader.bool_or("attention_bias", false);
+  config.mlp_bias = reader.bool_or("mlp_bias", false);
+  config.use_sliding_window = reader.bool_or("use_sliding_window", false);
+  if (const json::Value* act = reader.find("hidden_act")) {
+    if (!act->is_string() || act->as_string() != "silu") {
+      fail(ErrorKind::Unsupported, source, ": hidden_act '",
+           act->is_string() ? act->as_string() : std::string("?"), "' is not supported (only silu)");
+    }
+  }
+  config.rope = parse_rope(reader, root);
+  config.bos_token_id = reader.int_or("bos_token_id", -1);
+  reader.token_ids("eos_token_id", config.eos_token_ids);
+  for (const char* key : {"torch_dtype", "dtype"}) {
+    if (const json::Value* v = reader.find(key); v && v->is_string()) config.torch_dtype = v->as_string();
+  }
+  return config;
+}
+
+ModelConfig load_model_config(const std::filesystem::path& dir) {
+  if (!std::filesystem::is_directory(dir)) {
+    fail(ErrorKind::InvalidModel, "model directory ", dir.string(),
+         " does not exist; pass a folder holding config.json and model.safetensors");
+  }
+  const auto config_path = dir / "config.json";
+  if (!std::filesystem::exists(config_path)) {
+    fail(ErrorKind::InvalidModel, "config.json is missing from ", dir.string(),
+         "; a Hugging Face model directory needs config.json next to its weights");
+  }
+  ModelConfig config = parse_model_config(read_text_file(config_path), config_path.string());
+  const auto generation_path = dir / "generation_config.json";
+  if (std::filesystem::exists(generation_path)) {
+    const std::string source = generation_path.string();
+    const json::Value root = json::parse(read_text_file(generation_path), source);
+    if (root.is_object()) {
+      std::vector<int> ids;
+      ConfigReader(root, source).token_ids("eos_token_id", ids);
+      for (int id : ids) {
+        if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), id) ==
+            config.eos_token_ids.end()) {
+          config.eos_token_ids.push_back(id);
+        }
+      }
+    }
+  }
+  for (int id : config.eos_token_ids) {
+    if (id >= config.vocab_size) {
+      fail(ErrorKind::InvalidModel, config_path.string(), ": eos_token_id ", id,
+           " is outside the vocabulary (", config.vocab_size, ")");
+    }
+  }
+  return config;
+}
+
+}  // namespace opencamp

@@ -1,0 +1,240 @@
+// safetensors: an 8-byte little-endian header length, a JSON header mapping tensor names to
+// {dtype, shape, data_offsets}, then the raw data. Everything in the header is checked against
+// the file before a tensor view is handed out, so a corrupt file is an error, never a crash.
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include "io/json.h"
+#include "io/mapped_file.h"
+#include "opencamp/error.h"
+#include "opencamp/weights.h"
+
+namespace opencamp {
+namespace {
+
+constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the format's own limit
+
+bool parse_dtype(const std::string& name, DType& dtype) {
+  if (name == "F32") dtype = DType::F32;
+  else if (name == "BF16") dtype = DType::BF16;
+  else if (name == "F16") dtype = DType::F16;
+  else return false;
+  return true;
+}
+
+int64_t as_index(const json::Value& v, const std::string& file, const std::string& tensor,
+                 const char* field) {
+  if (!v.is_number() || v.as_number() < 0 || v.as_number() != static_cast<double>(static_cast<int64_t>(v.as_number()))) {
+    fail(ErrorKind::InvalidModel, file, ": tensor '", tensor, "' has a malformed ", field,
+         " (expected non-negative integers)");
+  }
+  return static_cast<int64_t>(v.as_number());
+}
+
+}  // namespace
+
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
+  auto result = std::shared_ptr<SafetensorsFile>(new SafetensorsFile());
+  result->path_ = path;
+  result->file_ = std::make_shared<MappedFile>(path);
+  const std::string file = path.string();
+  const unsigned char* bytes = result->file_->data();
+  const size_t size = result->file_->size();
+
+  if (size < 8) {
+    fail(ErrorKind::InvalidModel, file, ": ", size,
+         " bytes is too short for a safetensors file (truncated or empty)");
+  }
+  uint64_t header_bytes = 0;
+  for (int i = 7; i >= 0; --i) header_bytes = (header_bytes << 8) | bytes[i];
+  if (header_bytes > kMaxHeaderBytes || header_bytes > size - 8) {
+    fail(ErrorKind::InvalidModel, file, ": the header length field says ", header_bytes,
+         " bytes but the file has ", size - 8,
+         " bytes after it; the file is truncated or not a safetensors file");
+  }
+  const std::string_view header_text(reinterpret_cast<const char*>(bytes + 8), header_bytes);
+  const json::Value header = json::parse(header_text, file + " (safetensors header)");
+  if (!header.is_object()) {
+    fail(ErrorKind::InvalidModel, file, ": the safetensors header is ", json::type_name(header.type()),
+         ", expected an object of tensors");
+  }
+  const unsigned char* data_start = bytes + 8 + header_bytes;
+  const uint64_t data_bytes = size - 8 - header_bytes;
+
+  for (const auto& [name, entry] : header.as_object()) {
+    if (name == "__metadata__") continue;
+    const json::Value* dtype_value = entry.find("dtype");
+    const json::Value* shape_value = entry.find("shape");
+    const json::Value* offsets_value = entry.find("data_offsets");
+    if (!dtype_value || !dtype_value->is_string() || !shape_value || !shape_value->is_array() ||
+        !offsets_value || !offsets_value->is_array() || offsets_value->as_array().size() != 2) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name,
+           "' needs dtype (string), shape (array) and data_offsets ([begin, end])");
+    }
+    DType dtype;
+    if (!parse_dtype(dtype_value->as_string(), dtype)) {
+      result->unsupported_[name] = dtype_value->as_string();
+      continue;  // only an error if the model needs this tensor
+    }
+    const auto& dims = shape_value->as_array();
+    if (dims.size() > static_cast<size_t>(Tensor::kMaxDims) || dims.empty()) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has ", dims.size(),
+           " dims; opencamp handles 1 to 4");
+    }
+    Tensor tensor;
+    tensor.dtype = dtype;
+    tensor.ndim = static_cast<int>(dims.size());
+    uint64_t numel = 1;
+    for (size_t d = 0; d < dims.size(); ++d) {
+      tensor.shape[d] = as_index(dims[d], file, name, "shape");
+      if (tensor.shape[d] > 0 && numel > (1ull << 62) / static_cast<uint64_t>(tensor.shape[d])) {
+        fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has an absurd shape");
+      }
+      numel *= static_cast<uint64_t>(tensor.shape[d]);
+    }
+    const uint64_t begin = as_index(offsets_value->as_array()[0], file, name, "data_offsets");
+    const uint64_t end = as_index(offsets_value->as_array()[1], file, name, "data_offsets");
+    if (end < begin) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has data_offsets [", begin, ", ",
+           end, "] that end before they begin");
+    }
+    if (end > data_bytes) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has data_offsets [", begin, ", ",
+           end, "] outside the file's data (", data_bytes,
+           " bytes); the file is truncated or corrupt, download it again");
+    }
+    if (end - begin != numel * dtype_size(dtype)) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' of shape ", shape_string(tensor),
+           " and dtype ", dtype_value->as_string(), " needs ", numel * dtype_size(dtype),
+           " bytes but data_offsets span ", end - begin);
+    }
+    Tensor view = Tensor::contiguous(nullptr, dtype, {1});
+    tensor.stride = view.stride;
+    int64_t stride = 1;
+    for (int d = tensor.ndim - 1; d >= 0; --d) {
+      tensor.stride[d] = stride;
+      stride *= tensor.shape[d];
+    }
+    const unsigned char* where = data_start + begin;
+    if (reinterpret_cast<uintptr_t>(where) % dtype_size(dtype) != 0) {
+      // Misaligned data cannot be viewed in place; copy it once.
+      auto copy = std::make_shared<HostBuffer>(end - begin);
+      std::memcpy(copy->data(), where, end - begin);
+      result->copies_.push_back(copy);
+      where = static_cast<const unsigned char*>(copy->data());
+    }
+    tensor.data = const_cast<unsigned char*>(where);  // read-only mapping: never written
+    result->tensors_.emplace(name, tensor);
+  }
+  return result;
+}
+
+const Tensor* SafetensorsFile::find(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
+  WeightStore store;
+  const auto index_path = model_dir / "model.safetensors.index.json";
+  const auto single_path = model_dir / "model.safetensors";
+  if (std::filesystem::exists(index_path)) {
+    store.source_ = index_path.string();
+    const json::Value index = json::parse(read_text_file(index_path), store.source_);
+    const json::Value* weight_map = index.find("weight_map");
+    if (!weight_map || !weight_map->is_object()) {
+      fail(ErrorKind::InvalidModel, store.source_, ": missing the \"weight_map\" object");
+    }
+    std::map<std::string, const SafetensorsFile*> shards;
+    for (const auto& [name, shard_value] : weight_map->as_object()) {
+      if (!shard_value.is_string()) {
+        fail(ErrorKind::InvalidModel, store.source_, ": weight_map entry '", name, "' is not a file name");
+      }
+      const std::string& shard = shard_value.as_string();
+      const std::filesystem::path shard_path(shard);
+      if (shard_path.is_absolute() || shard_path.filename() != shard_path) {
+        fail(ErrorKind::InvalidModel, store.source_, ": shard '", shard,
+             "' must be a file name inside the model directory");
+      }
+      auto it = shards.find(shard);
+      if (it == shards.end()) {
+        if (!std::filesystem::exists(model_dir / shard_path)) {
+          fail(ErrorKind::InvalidModel, store.source_, " lists shard '", shard,
+               "', which is missing from ", model_dir.string(), "; download the complete model");
+        }
+        store.files_.push_back(SafetensorsFile::open(model_dir / shard_path));
+        it = shards.emplace(shard, store.files_.back().get()).first;
+      }
+      const Tensor* tensor = it->second->find(name);
+      if (!tensor) {
+        if (it->second->unsupported_.count(name)) {
+          store.unsupported_[name] = it->second->path().string() + " stores it as " +
+                                     it->second->unsupported_.at(name);
+          continue;
+        }
+        fail(ErrorKind::InvalidModel, store.source_, " maps tensor '", name, "' to ", shard,
+             ", which does not contain it");
+      }
+      store.tensors_[name] = {*tensor, it->second};
+    }
+  } else if (std::filesystem::exists(single_path)) {
+    store.source_ = single_path.string();
+    store.files_.push_back(SafetensorsFile::open(single_path));
+    for (const auto& [name, tensor] : store.files_.back()->tensors()) {
+      store.tensors_[name] = {tensor, store.files_.back().get()};
+    }
+    for (const auto& [name, dtype] : store.files_.back()->unsupported_) {
+      store.unsupported_[name] = single_path.string() + " stores it as " + dtype;
+    }
+  } else {
+    std::string found;
+    if (std::filesystem::is_directory(model_dir)) {
+      for (const auto& entry : std::filesystem::directory_iterator(model_dir)) {
+        const std::string ext = entry.path().extension().string();
+        if (ext == ".bin" || ext == ".pt" || ext == ".gguf" || ext == ".pth" || ext == ".safetensors") {
+          found += (found.empty() ? "" : ", ") + entry.path().filename().string();
+        }
+      }
+    }
+    fail(ErrorKind::InvalidModel, "no weights in ", model_dir.string(),
+         ": expected model.safetensors or model.safetensors.index.json",
+         found.empty() ? std::string() : " (found " + found + "; convert them to safetensors)");
+  }
+  return store;
+}
+
+bool WeightStore::contains(const std::string& name) const { return tensors_.count(name) > 0; }
+
+Tensor WeightStore::require(const std::string& name, std::initializer_list<int64_t> expected) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) {
+    auto unsupported = unsupported_.find(name);
+    if (unsupported != unsupported_.end()) {
+      fail(ErrorKind::InvalidModel, "tensor '", name, "': ", unsupported->second,
+           ", which opencamp cannot load (supported: F32, BF16, F16)");
+    }
+    fail(ErrorKind::InvalidModel, "tensor '", name, "' is missing from ", source_,
+         "; the weights do not match config.json (wrong model_type or layer count?)");
+  }
+  const Tensor& tensor = it->second.first;
+  bool matches = tensor.ndim == static_cast<int>(expected.size());
+  int d = 0;
+  for (int64_t extent : expected) matches = matches && tensor.shape[d++] == extent;
+  if (!matches) {
+    std::string wanted = "[";
+    d = 0;
+    for (int64_t extent : expected) wanted += (d++ ? ", " : "") + std::to_string(extent);
+    fail(ErrorKind::InvalidModel, "tensor '", name, "' in ", it->second.second->path().string(),
+         " has shape ", shape_string(tensor), " but config.json implies ", wanted, "]");
+  }
+  return tensor;
+}
+
+std::vector<std::string> WeightStore::names() const {
+  std::vector<std::string> result;
+  for (const auto& [name, entry] : tensors_) result.push_back(name);
+  return result;
+}
+
+}  // namespace opencamp

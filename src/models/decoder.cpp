@@ -1,0 +1,106 @@
+#include "models/decoder.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "opencamp/error.h"
+
+namespace opencamp {
+namespace {
+
+const Tensor* optional(const Tensor& t) { return t.empty() ? nullptr : &t; }
+
+}  // namespace
+
+DecoderScratch::DecoderScratch(Backend& backend, const ModelConfig& c, int max_tokens_,
+                               int max_logit_rows_)
+    : max_tokens(max_tokens_), max_logit_rows(max_logit_rows_) {
+  const int64_t T = max_tokens, D = c.hidden_size, F = c.intermediate_size;
+  const int64_t q_dim = static_cast<int64_t>(c.num_heads) * c.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
+  const int64_t sizes[] = {T * D, T * D, T * q_dim, T * kv_dim, T * kv_dim, T * q_dim,
+                           T * F, T * F, static_cast<int64_t>(max_logit_rows) * c.vocab_size};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += (n + 15) / 16 * 16;  // keep each tensor 64-byte aligned
+  memory = backend.allocate(static_cast<size_t>(total) * sizeof(float));
+  float* next = static_cast<float*>(memory->data());
+  auto take = [&](std::initializer_list<int64_t> shape) {
+    Tensor t = Tensor::contiguous(next, DType::F32, shape, backend.device());
+    next += (t.numel() + 15) / 16 * 16;
+    return t;
+  };
+  x = take({T, D});
+  h = take({T, D});
+  q = take({T, q_dim});
+  k = take({T, kv_dim});
+  v = take({T, kv_dim});
+  attn = take({T, q_dim});
+  gate = take({T, F});
+  up = take({T, F});
+  logits = take({static_cast<int64_t>(max_logit_rows), c.vocab_size});
+}
+
+void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
+                     const ForwardBatch& batch, DecoderScratch& s, std::span<float> logits_host) {
+  const ModelConfig& c = model.config();
+  const ModelWeights& w = model.weights();
+  const int64_t T = static_cast<int64_t>(batch.tokens.size());
+  if (T == 0 || T > s.max_tokens) {
+    fail(ErrorKind::Internal, "forward batch of ", T, " tokens (scratch holds ", s.max_tokens, ")");
+  }
+  const int64_t n_logit_rows = batch.n_logit_rows;
+  if (n_logit_rows < 0 || n_logit_rows > T ||
+      static_cast<int64_t>(logits_host.size()) != n_logit_rows * c.vocab_size) {
+    fail(ErrorKind::Internal, "logits buffer has ", logits_host.size(), " floats, need ",
+         n_logit_rows * c.vocab_size);
+  }
+  const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, hd = c.head_dim;
+  const Tensor x = s.x.rows(0, T), h = s.h.rows(0, T);
+  const Tensor q = s.q.rows(0, T), k = s.k.rows(0, T), v = s.v.rows(0, T);
+  const Tensor attn = s.attn.rows(0, T), gate = s.gate.rows(0, T), up = s.up.rows(0, T);
+  const Tensor q_heads = q.reshaped({T, Hq, hd}), k_heads = k.reshaped({T, Hkv, hd});
+  const Tensor v_heads = v.reshaped({T, Hkv, hd}), attn_heads = attn.reshaped({T, Hq, hd});
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  backend.embedding(x, w.embed, batch.tokens);
+  for (int layer = 0; layer < c.num_layers; ++layer) {
+    const LayerWeights& L = w.layers[static_cast<size_t>(layer)];
+    const KVLayerView kv = cache.layer(layer);
+
+    backend.rmsnorm(h, x, L.attn_norm, c.rms_norm_eps);
+    backend.matmul(q, h, L.wq, optional(L.bq));
+    backend.matmul(k, h, L.wk, optional(L.bk));
+    backend.matmul(v, h, L.wv, optional(L.bv));
+    if (!L.q_norm.empty()) {  // per-head RMSNorm (qwen3), before rope
+      const Tensor q_rows = q.reshaped({T * Hq, hd}), k_rows = k.reshaped({T * Hkv, hd});
+      backend.rmsnorm(q_rows, q_rows, L.q_norm, c.rms_norm_eps);
+      backend.rmsnorm(k_rows, k_rows, L.k_norm, c.rms_norm_eps);
+    }
+    backend.rope(q_heads, batch.positions, w.rope_inv_freq);
+    backend.rope(k_heads, batch.positions, w.rope_inv_freq);
+    backend.kv_store(kv, k_heads, v_heads, batch.slots);
+    backend.attention(attn_heads, q_heads, kv, batch.slots, scale);
+    backend.matmul(h, attn, L.wo, optional(L.bo));
+    backend.add(x, x, h);
+
+    backend.rmsnorm(h, x, L.ffn_norm, c.rms_norm_eps);
+    backend.matmul(gate, h, L.w_gate, optional(L.b_gate));
+    backend.matmul(up, h, L.w_up, optional(L.b_up));
+    backend.silu_mul(gate, gate, up);
+    backend.matmul(h, gate, L.w_down, optional(L.b_down));
+    backend.add(x, x, h);
+  }
+
+  // Only the rows that need logits go through the final norm and the (large) output matrix.
+  if (n_logit_rows == 0) return;
+  const Tensor x_out = x.rows(T - n_logit_rows, T), h_out = h.rows(T - n_logit_rows, T);
+  backend.rmsnorm(h_out, x_out, w.final_norm, c.rms_norm_eps);
+  for (int64_t begin = 0; begin < n_logit_rows; begin += s.max_logit_rows) {
+    const int64_t end = std::min<int64_t>(n_logit_rows, begin + s.max_logit_rows);
+    const Tensor logits = s.logits.rows(0, end - begin);
+    backend.matmul(logits, h_out.rows(begin, end), w.lm_head, nullptr);
+    backend.to_host(logits_host.data() + begin * c.vocab_size, logits);
+  }
+}
+
+}  // namespace opencamp

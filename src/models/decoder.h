@@ -1,0 +1,44 @@
+// The one decoder block every supported architecture runs, and the activations it needs.
+#pragma once
+
+#include <memory>
+#include <span>
+
+#include "opencamp/backend.h"
+#include "opencamp/kv_cache.h"
+#include "opencamp/model.h"
+
+namespace opencamp {
+
+// Activation memory for up to `max_tokens` tokens per forward pass, allocated once.
+struct DecoderScratch {
+  DecoderScratch(Backend& backend, const ModelConfig& config, int max_tokens, int max_logit_rows);
+
+  int max_tokens;
+  int max_logit_rows;
+  std::shared_ptr<Buffer> memory;
+  Tensor x;       // [max_tokens, D] the residual stream
+  Tensor h;       // [max_tokens, D] normed input / projection output
+  Tensor q;       // [max_tokens, Hq * hd]
+  Tensor k;       // [max_tokens, Hkv * hd]
+  Tensor v;       // [max_tokens, Hkv * hd]
+  Tensor attn;    // [max_tokens, Hq * hd]
+  Tensor gate;    // [max_tokens, F]
+  Tensor up;      // [max_tokens, F]
+  Tensor logits;  // [max_logit_rows, V]
+};
+
+struct ForwardBatch {
+  std::span<const int32_t> tokens;     // [T]
+  std::span<const int32_t> positions;  // [T]
+  std::span<const KVSlot> slots;       // [T]
+  int64_t n_logit_rows = 1;            // logits for this many trailing tokens (0, 1 or T)
+};
+
+// Runs the batch through every layer, writing each token's K/V into the cache, and copies the
+// logits of the last n_logit_rows tokens to `logits_host`: [n_logit_rows, V].
+void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
+                     const ForwardBatch& batch, DecoderScratch& scratch,
+                     std::span<float> logits_host);
+
+}  // namespace opencamp

@@ -1,0 +1,123 @@
+#include "opencamp/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <unordered_map>
+
+#include "opencamp/error.h"
+
+namespace opencamp {
+
+void SamplingParams::validate() const {
+  auto bad = [](const char* name, const char* rule, float value) {
+    fail(ErrorKind::InvalidArgument, name, " must be ", rule, ", got ", value);
+  };
+  if (!(temperature >= 0.0f) || !std::isfinite(temperature)) bad("temperature", ">= 0", temperature);
+  if (top_k < 0) bad("top_k", ">= 0 (0 turns it off)", static_cast<float>(top_k));
+  if (!(top_p > 0.0f && top_p <= 1.0f)) bad("top_p", "in (0, 1]", top_p);
+  if (!(min_p >= 0.0f && min_p <= 1.0f)) bad("min_p", "in [0, 1]", min_p);
+  if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty)) {
+    bad("repetition_penalty", "> 0 (1 turns it off)", repetition_penalty);
+  }
+  if (!(std::fabs(presence_penalty) <= 2.0f)) bad("presence_penalty", "in [-2, 2]", presence_penalty);
+  if (!(std::fabs(frequency_penalty) <= 2.0f)) bad("frequency_penalty", "in [-2, 2]", frequency_penalty);
+}
+
+void apply_penalties(std::span<float> logits, std::span<const int32_t> history,
+                     float repetition_penalty, float presence_penalty, float frequency_penalty) {
+  if (repetition_penalty == 1.0f && presence_penalty == 0.0f && frequency_penalty == 0.0f) return;
+  std::unordered_map<int32_t, int> counts;
+  for (int32_t token : history) {
+    if (token >= 0 && static_cast<size_t>(token) < logits.size()) ++counts[token];
+  }
+  for (const auto& [token, count] : counts) {
+    float& logit = logits[static_cast<size_t>(token)];
+    logit = logit > 0.0f ? logit / repetition_penalty : logit * repetition_penalty;
+    logit -= presence_penalty + frequency_penalty * static_cast<float>(count);
+  }
+}
+
+int32_t argmax(std::span<const float> logits) {
+  size_t best = 0;
+  for (size_t i = 1; i < logits.size(); ++i) {
+    if (logits[i] > logits[best]) best = i;
+  }
+  return static_cast<int32_t>(best);
+}
+
+Sampler::Sampler(const SamplingParams& params) {
+  params.validate();
+  params_ = params;
+  rng_.seed(params.seed ? *params.seed : std::random_device{}());
+}
+
+void Sampler::set_params(const SamplingParams& params) {
+  params.validate();
+  if (params.seed != params_.seed) rng_.seed(params.seed ? *params.seed : std::random_device{}());
+  params_ = params;
+}
+
+int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> history) {
+  if (logits.empty()) fail(ErrorKind::InvalidArgument, "cannot sample from empty logits");
+  const SamplingParams& p = params_;
+  apply_penalties(logits, history, p.repetition_penalty, p.presence_penalty, p.frequency_penalty);
+  if (p.temperature == 0.0f) return argmax(logits);
+
+  candidates_.clear();
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (!std::isnan(logits[i])) candidates_.push_back({static_cast<int32_t>(i), logits[i]});
+  }
+  if (candidates_.empty()) fail(ErrorKind::Internal, "every logit is NaN");
+  // Highest first; ties broken by id so the order (and thus the draw) is reproducible.
+  auto higher = [](const Candidate& a, const Candidate& b) {
+    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+  };
+  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < candidates_.size()) {
+    std::partial_sort(candidates_.begin(), candidates_.begin() + p.top_k, candidates_.end(), higher);
+    candidates_.resize(static_cast<size_t>(p.top_k));
+  } else {
+    std::sort(candidates_.begin(), candidates_.end(), higher);
+  }
+
+  // Probabilities at temperature 1 for top_p and min_p.
+  auto softmax = [&](float temperature) {
+    probabilities_.resize(candidates_.size());
+    const float max_logit = candidates_.front().logit;
+    double total = 0.0;
+    for (size_t i = 0; i < candidates_.size(); ++i) {
+      probabilities_[i] = std::exp((candidates_[i].logit - max_logit) / temperature);
+      total += probabilities_[i];
+    }
+    for (float& prob : probabilities_) prob = static_cast<float>(prob / total);
+  };
+  softmax(1.0f);
+  if (p.top_p < 1.0f) {
+    double cumulative = 0.0;
+    size_t keep = 0;
+    while (keep < candidates_.size()) {
+      cumulative += probabilities_[keep++];
+      if (cumulative >= p.top_p) break;
+    }
+    candidates_.resize(keep);
+    probabilities_.resize(keep);
+  }
+  if (p.min_p > 0.0f) {
+    const float threshold = p.min_p * probabilities_.front();
+    size_t keep = 1;  // the top candidate always survives
+    while (keep < candidates_.size() && probabilities_[keep] >= threshold) ++keep;
+    candidates_.resize(keep);
+  }
+
+  softmax(p.temperature);
+  // 53 random bits -> [0, 1), the same on every standard library (distributions are not).
+  const double draw = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+  double cumulative = 0.0;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    cumulative += probabilities_[i];
+    if (draw < cumulative) return candidates_[i].id;
+  }
+  return candidates_.back().id;  // rounding left the total a hair under 1
+}
+
+}  // namespace opencamp
