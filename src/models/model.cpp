@@ -73,8 +73,17 @@ Model::Model(const std::filesystem::path& model_dir, Backend& backend, const std
     weight_bytes_ += t.nbytes();
     return t;
   };
+  // Norm weights and biases are held as f32. With bf16 weights they are first rounded to bf16,
+  // so an f32 checkpoint loaded as bf16 computes what the same checkpoint saved in bf16 would.
   auto vector = [&](const std::string& name, int64_t n) {
-    return backend.prepare_weight(store_->require(name, {n}), DType::F32, owned_);
+    Tensor source = store_->require(name, {n});
+    if (weight_dtype_ == DType::BF16 && source.dtype != DType::BF16) {
+      auto rounded = std::make_shared<HostBuffer>(static_cast<size_t>(n) * dtype_size(DType::BF16));
+      convert_dtype(source.data, source.dtype, rounded->data(), DType::BF16, n);
+      owned_.push_back(rounded);
+      source = Tensor::contiguous(rounded->data(), DType::BF16, {n});
+    }
+    return backend.prepare_weight(source, DType::F32, owned_);
   };
 
   weights_.embed = backend.prepare_weight(embed_source, weight_dtype_, owned_);

@@ -29,6 +29,18 @@ float& f32_at4(const Tensor& t, int64_t i, int64_t j, int64_t k, int64_t l) {
 }
 float get1(const Tensor& t, int64_t i) { return load_as_f32(t.data, t.dtype, i * t.stride[0]); }
 
+// The same sum as the strided loop, with typed loads instead of a dtype switch per element.
+float dot_contiguous(const float* x, const float* w, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) sum += x[k] * w[k];
+  return sum;
+}
+float dot_contiguous(const float* x, const uint16_t* w, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t k = 0; k < n; ++k) sum += x[k] * bf16_to_f32(w[k]);
+  return sum;
+}
+
 void expect(bool ok, const char* op, const char* what) {
   if (!ok) fail(ErrorKind::InvalidArgument, "cpu backend, op ", op, ": ", what);
 }
@@ -98,13 +110,21 @@ class CpuBackend final : public Backend {
     expect(bias == nullptr || (bias->ndim == 1 && bias->shape[0] == weight.shape[0]), "matmul",
            "bias must be [N]");
     const int64_t n_tokens = x.shape[0], n_out = weight.shape[0], n_in = x.shape[1];
-    // Split over output features: each weight row is read once for all tokens.
+    const bool unit_strides = x.stride[1] == 1 && weight.stride[1] == 1;
+    // Split over output features: each weight row is read once for all tokens. One sequential
+    // f32 accumulator per output keeps the oracle's rounding simple to reason about.
     pool_->parallel_for(n_out, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
         const float b = bias ? get1(*bias, n) : 0.0f;
         for (int64_t t = 0; t < n_tokens; ++t) {
           float sum = 0.0f;
-          for (int64_t k = 0; k < n_in; ++k) sum += f32_at2(x, t, k) * get2(weight, n, k);
+          if (unit_strides && weight.dtype == DType::F32) {
+            sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const float*>(weight.at({n})), n_in);
+          } else if (unit_strides && weight.dtype == DType::BF16) {
+            sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const uint16_t*>(weight.at({n})), n_in);
+          } else {
+            for (int64_t k = 0; k < n_in; ++k) sum += f32_at2(x, t, k) * get2(weight, n, k);
+          }
           f32_at2(out, t, n) = sum + b;
         }
       }

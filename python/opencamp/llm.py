@@ -1,0 +1,332 @@
+"""The Python API: LLM (a loaded model), Session (one multi-turn conversation), Stream and
+Completion. Compute happens in C++ (opencamp._core) with the GIL released; this layer turns
+text into token ids and streamed token ids back into text."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import _core
+from .hub import resolve_model
+from .streaming import IncrementalDecoder, StopMatcher
+from .tokenizer import Tokenizer
+
+Message = dict
+
+
+@dataclass
+class Completion:
+    """Everything known about one finished generation."""
+
+    text: str
+    token_ids: list[int]  # generated ids; the stop token is included when one ended generation
+    finish_reason: str  # "stop" (stop token or stop string), "length" (max_tokens / context)
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens reused from the KV cache instead of recomputed
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        # The first token comes from the prefill's logits; every later one costs a decode step.
+        steps = max(0, len(self.token_ids) - 1)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+@dataclass
+class SamplingOptions:
+    """The knobs of generate/chat/send; see README 'Sampling' for the order they apply in."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings, not included in the text
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's EOS ids
+    ignore_eos: bool = False
+
+    @classmethod
+    def build(cls, stop: str | Sequence[str] | None = None, **kwargs) -> "SamplingOptions":
+        unknown = set(kwargs) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or s == "" for s in stops):
+            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if kwargs.get("seed") is not None and not 0 <= int(kwargs["seed"]) < 2**64:
+            raise ValueError("seed must be an integer in [0, 2**64)")
+        return cls(stop=stops, **kwargs)
+
+
+class Stream:
+    """An iterator of text pieces from a generation running in C++.
+
+    Pieces never split a UTF-8 character and never contain any part of a stop string. After
+    the iterator is exhausted, `completion` holds the full result. Closing the stream (or
+    dropping it) stops the generation within one decode step.
+    """
+
+    def __init__(self, llm: "LLM", seq: int, prompt_ids: list[int], options: SamplingOptions,
+                 owns_sequence: bool, on_finish=None):
+        self._llm = llm
+        self._seq = seq
+        self._owns_sequence = owns_sequence
+        self._on_finish = on_finish
+        # Without a tokenizer (an ids-only model) the stream yields no text, only token ids.
+        self._decoder = IncrementalDecoder(llm.tokenizer) if llm._tokenizer is not None else None
+        self._stopper = StopMatcher(options.stop)
+        self._token_ids: list[int] = []
+        self._text: list[str] = []
+        self._stopped_by_string = False
+        self.completion: Completion | None = None
+        self._prompt_tokens = len(prompt_ids)
+        self._generation = llm.engine.generate(
+            seq, prompt_ids, max_tokens=options.max_tokens, temperature=options.temperature,
+            top_k=options.top_k, top_p=options.top_p, min_p=options.min_p,
+            repetition_penalty=options.repetition_penalty,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty, seed=options.seed,
+            stop_token_ids=list(options.stop_token_ids), ignore_eos=options.ignore_eos)
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> str:
+        while self.completion is None:
+            event = self._generation.next()
+            if event is None:  # the engine finished on its own
+                piece, _ = self._stopper.push(self._decoder.flush() if self._decoder else "")
+                piece += self._stopper.flush()
+                self._finish()
+                if piece:
+                    return self._emit(piece)
+                break
+            token, is_stop = event
+            self._token_ids.append(token)
+            if is_stop or self._decoder is None:  # a stop token is not part of the text
+                continue
+            piece, hit = self._stopper.push(self._decoder.push(token))
+            if hit:
+                self._stopped_by_string = True
+                self._generation.cancel()
+                self._finish()
+                if piece:
+                    return self._emit(piece)
+                break
+            if piece:
+                return self._emit(piece)
+        raise StopIteration
+
+    def _emit(self, piece: str) -> str:
+        self._text.append(piece)
+        return piece
+
+    def _finish(self) -> None:
+        try:
+            result = self._generation.wait()
+        finally:
+            if self._owns_sequence:
+                self._llm.engine.free_sequence(self._seq)
+                self._owns_sequence = False
+        finish_reason = result["finish_reason"]
+        if self._stopped_by_string:
+            finish_reason = "stop"
+        self.completion = Completion(
+            text="".join(self._text), token_ids=list(self._token_ids),
+            finish_reason=finish_reason, prompt_tokens=self._prompt_tokens,
+            cached_tokens=result["cached_tokens"], prefill_seconds=result["prefill_seconds"],
+            decode_seconds=result["decode_seconds"])
+        if self._on_finish is not None:
+            self._on_finish(self.completion)
+
+    def close(self) -> None:
+        """Stop generating now; `completion` then holds what was generated so far."""
+        if self.completion is None:
+            self._generation.cancel()
+            self._finish()
+
+    def text(self) -> str:
+        """Consume the rest of the stream and return the whole answer."""
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion.text
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class LLM:
+    """A model loaded into the C++ engine, with its tokenizer and chat template.
+
+    `model` is a local Hugging Face model folder or a Hugging Face repo id (downloaded once into
+    the usual cache). backend: "auto" picks the fastest usable one; dtype: "auto" keeps the
+    checkpoint's precision, or "f32" / "bf16"; threads: None uses the physical cores.
+    """
+
+    def __init__(self, model: str | os.PathLike, backend: str = "auto", dtype: str = "auto",
+                 threads: int | None = None, max_context: int | None = None,
+                 kv_cache_tokens: int | None = None):
+        self.model_dir: Path = resolve_model(model)
+        # A folder without tokenizer.json still runs on token ids (tests use such models).
+        self._tokenizer = (Tokenizer.from_model_dir(self.model_dir)
+                           if (self.model_dir / "tokenizer.json").exists() else None)
+        self.engine = _core.Engine(str(self.model_dir), backend=backend, dtype=dtype,
+                                   threads=threads or 0, max_context=max_context or 0,
+                                   kv_cache_tokens=kv_cache_tokens or 0)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise ValueError(f"{self.model_dir} has no tokenizer.json, so this model only takes "
+                             "token ids; add the tokenizer files to use text")
+        return self._tokenizer
+
+    @property
+    def config(self) -> dict:
+        return self.engine.config
+
+    @property
+    def backend(self) -> str:
+        return self.engine.backend
+
+    @property
+    def dtype(self) -> str:
+        return self.engine.dtype
+
+    @property
+    def threads(self) -> int:
+        return self.engine.threads
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits of every position of a fresh sequence: float32 [n_tokens, vocab]."""
+        return self.engine.logits(list(token_ids))
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompt: str | Sequence[int], **options) -> Stream:
+        """Start generating from raw text (special tokens added as the tokenizer does) or ids."""
+        sampling = SamplingOptions.build(**options)
+        ids = self._prompt_ids(prompt)
+        seq = self.engine.create_sequence()
+        try:
+            return Stream(self, seq, ids, sampling, owns_sequence=True)
+        except BaseException:
+            self.engine.free_sequence(seq)
+            raise
+
+    def complete(self, prompt: str | Sequence[int], **options) -> Completion:
+        stream = self.stream(prompt, **options)
+        stream.text()
+        assert stream.completion is not None
+        return stream.completion
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, stream: bool = False,
+                 **more) -> str | Stream:
+        """Continue `prompt`; a string, or a Stream of text pieces when stream=True."""
+        s = self.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                        seed=seed, stop=stop, **more)
+        return s if stream else s.text()
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        """The model's chat template applied to `messages`, ready for the assistant's turn."""
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+
+    def chat(self, messages: Sequence[Message], stream: bool = False, **options) -> str | Stream:
+        """Answer the last message of a conversation (rendered with the model's template)."""
+        s = self.stream(self.chat_prompt_ids(messages), **options)
+        return s if stream else s.text()
+
+    def session(self, system: str | None = None) -> "Session":
+        """A multi-turn conversation that keeps its KV cache between turns."""
+        return Session(self, system)
+
+
+class Session:
+    """One conversation. Each turn re-renders the whole history with the chat template, and the
+    engine reuses the longest prefix it already holds in the KV cache, so a turn only prefills
+    the tokens it adds. `last.cached_tokens` says how many prompt tokens were reused."""
+
+    def __init__(self, llm: LLM, system: str | None = None):
+        self.llm = llm
+        self.messages: list[Message] = []
+        if system is not None:
+            self.messages.append({"role": "system", "content": system})
+        self.last: Completion | None = None
+        self._seq: int | None = llm.engine.create_sequence()
+
+    def send(self, text: str, stream: bool = False, **options) -> str | Stream:
+        """Add a user message and answer it; the answer joins the history when it is done."""
+        if self._seq is None:
+            raise RuntimeError("this session is closed")
+        pending = self.messages + [{"role": "user", "content": text}]
+        prompt_ids = self.llm.chat_prompt_ids(pending)
+        sampling = SamplingOptions.build(**options)
+
+        def remember(completion: Completion) -> None:
+            self.messages = pending + [{"role": "assistant", "content": completion.text}]
+            self.last = completion
+
+        s = Stream(self.llm, self._seq, prompt_ids, sampling, owns_sequence=False,
+                   on_finish=remember)
+        return s if stream else s.text()
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens this conversation holds in the KV cache."""
+        return 0 if self._seq is None else len(self.llm.engine.sequence_tokens(self._seq))
+
+    def close(self) -> None:
+        if self._seq is not None:
+            self.llm.engine.free_sequence(self._seq)
+            self._seq = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,378 @@
+"""A model's tokenizer and chat template, loaded from its Hugging Face folder.
+
+Encoding and decoding use the `tokenizers` library on tokenizer.json, and chat templates are
+rendered the way transformers 5.24 renders them (same jinja2 sandbox, filters, globals and
+variables), so that the prompt ids the engine sees are the ids transformers would produce.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import tokenizers
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+# Message keys transformers copies reasoning between; the first is the one templates read.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class TokenizerError(ValueError):
+    """The tokenizer files of a model folder are missing or unreadable."""
+
+
+class ChatTemplateError(ValueError):
+    """A chat template failed: a syntax error, raise_exception(), or a sandbox violation."""
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token from tokenizer_config.json: a plain string or an AddedToken dict."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise TokenizerError(f"cannot read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _load_chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[str, str] | None:
+    """The model's chat template(s), with transformers' precedence.
+
+    chat_template.jinja and additional_chat_templates/*.jinja replace whatever
+    tokenizer_config.json says; a single "default" template is kept as a plain string, several
+    templates as a name -> template dict. tokenizer_config.json's chat_template may itself be a
+    string or a list of {"name", "template"}.
+    """
+    from_files: dict[str, str] = {}
+    template_file = folder / CHAT_TEMPLATE_FILE
+    if template_file.is_file():
+        from_files["default"] = template_file.read_text(encoding="utf-8")
+    extra_dir = folder / CHAT_TEMPLATE_DIR
+    if extra_dir.is_dir():
+        for extra in sorted(extra_dir.glob("*.jinja")):
+            from_files[extra.name.removesuffix(".jinja")] = extra.read_text(encoding="utf-8")
+    if from_files:
+        return from_files["default"] if list(from_files) == ["default"] else from_files
+
+    configured = config.get("chat_template")
+    if isinstance(configured, str):
+        return configured
+    if isinstance(configured, (list, tuple)):
+        try:
+            return {entry["name"]: entry["template"] for entry in configured}
+        except (KeyError, TypeError) as error:
+            raise TokenizerError(
+                f"{folder / TOKENIZER_CONFIG_FILE}: chat_template must be a string or a list of "
+                '{"name": ..., "template": ...} entries') from error
+    return None
+
+
+def _validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check the conversation and copy it into what transformers hands the template.
+
+    Like transformers, keys whose value is None are dropped (templates test for missing keys,
+    not None) and reasoning given as "thinking"/"reasoning" is also offered as
+    "reasoning_content" (and vice versa).
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise ValueError(
+            "messages must be a list of {'role': str, 'content': str} dicts, "
+            f"not {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty: a conversation needs at least one message")
+    prepared = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(
+                f"messages[{index}] must be a dict with 'role' and 'content', "
+                f"not {type(message).__name__}")
+        message = {key: value for key, value in message.items() if value is not None}
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"messages[{index}] needs a string 'role' (e.g. 'user')")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{index}] needs a string 'content'")
+        reasoning = next((message[key] for key in _REASONING_FIELDS if key in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        prepared.append(message)
+    return prepared
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    numbers = []
+    for part in version.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        numbers.append(int(digits or 0))
+    return tuple(numbers)
+
+
+@lru_cache(maxsize=32)
+def _compile_template(source: str):
+    """Compile a chat template in the sandbox transformers uses (cached: templates are reused)."""
+    import jinja2
+    import jinja2.exceptions
+    import jinja2.ext
+    import jinja2.utils
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if _version_tuple(jinja2.__version__) < (3, 1, 6):
+        # Chat templates come from the Hub and are untrusted code; older jinja2 releases have
+        # known sandbox escapes, so transformers refuses them too.
+        raise ChatTemplateError(
+            f"rendering chat templates needs jinja2>=3.1.6 (found {jinja2.__version__}): "
+            "pip install -U jinja2")
+
+    def raise_exception(message: str):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        # jinja2's own tojson escapes HTML characters (<, >, &, '), which would change prompts.
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    def strftime_now(format: str) -> str:
+        return datetime.now().strftime(format)
+
+    class TemplateDict:
+        """`dict` for templates: only construction, so attribute tricks cannot reach dict internals."""
+
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):
+        """`namespace` for templates that refuses underscore names, as transformers' does."""
+
+        def __init__(*args, **kwargs):  # noqa: N805 - same signature trick as jinja2's Namespace
+            self, args = args[0], args[1:]
+            attributes = dict(*args, **kwargs)
+            for name in attributes:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attributes)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(
+                    f"chat templates cannot store underscore-prefixed attributes on a namespace, "
+                    f"but got {name!r}")
+
+    environment = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = strftime_now
+    environment.globals["dict"] = TemplateDict()
+    environment.globals["namespace"] = TemplateNamespace
+    return environment.from_string(source)
+
+
+class Tokenizer:
+    """Text <-> token ids for one model, plus its chat template."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, special_tokens: Mapping[str, str] | None = None,
+                 chat_template: str | Mapping[str, str] | None = None, name: str = "tokenizer"):
+        self._backend = backend
+        self._special_tokens = dict(special_tokens or {})
+        self._chat_template = dict(chat_template) if isinstance(chat_template, Mapping) else chat_template
+        self._name = name
+        self._special_token_ids = frozenset(
+            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special)
+
+    @classmethod
+    def from_model_dir(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load tokenizer.json, tokenizer_config.json and any chat_template.jinja from a model folder."""
+        folder = Path(path)
+        tokenizer_file = folder / TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise TokenizerError(
+                f"{folder} has no {TOKENIZER_FILE}: opencamp needs the Hugging Face fast-tokenizer "
+                f"file. Copy {TOKENIZER_FILE} (and {TOKENIZER_CONFIG_FILE}) from the model's Hub "
+                "repository into that folder, or save it with transformers' "
+                "AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        except Exception as error:  # the Rust side raises plain Exception subclasses
+            raise TokenizerError(f"cannot load {tokenizer_file}: {error}") from error
+
+        config_file = folder / TOKENIZER_CONFIG_FILE
+        config = _read_json(config_file) if config_file.is_file() else {}
+        special_tokens = cls._special_tokens_from(config)
+        legacy_map_file = folder / SPECIAL_TOKENS_MAP_FILE
+        if legacy_map_file.is_file():
+            # Older checkpoints keep special tokens here; tokenizer_config.json wins where both say.
+            for key, value in cls._special_tokens_from(_read_json(legacy_map_file)).items():
+                special_tokens.setdefault(key, value)
+        return cls(backend, special_tokens=special_tokens,
+                   chat_template=_load_chat_templates(folder, config), name=str(folder))
+
+    @staticmethod
+    def _special_tokens_from(config: Mapping[str, Any]) -> dict[str, str]:
+        """The named special tokens plus model-specific "*_token" entries (e.g. image_token).
+
+        These are the strings transformers offers to chat templates as variables.
+        """
+        entries = dict(config)
+        if isinstance(config.get("extra_special_tokens"), Mapping):  # transformers 5's named extras
+            entries.update(config["extra_special_tokens"])
+        found = {}
+        for key, value in entries.items():
+            content = _token_content(value) if key.endswith("_token") else None
+            if content is not None:
+                found[key] = content
+        return found
+
+    # ---- plain tokenization ---------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens applies tokenizer.json's post-processor (e.g. BOS)."""
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Incomplete UTF-8 at the edges comes out as U+FFFD."""
+        return self._backend.decode([int(token_id) for token_id in ids],
+                                    skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included (transformers' len(tokenizer))."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special_tokens.get("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The special-token variables a chat template sees (bos_token, eos_token, ...)."""
+        return dict(self._special_tokens)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (what skip_special_tokens removes)."""
+        return self._special_token_ids
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        return self._backend
+
+    # ---- chat templates -------------------------------------------------------------------
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self._chat_template)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The template apply_chat_template uses when no tools are given (None if there is none)."""
+        if isinstance(self._chat_template, dict):
+            return self._chat_template.get("default")
+        return self._chat_template
+
+    def _select_template(self, tools: Any) -> str:
+        """Pick the template as transformers' get_chat_template does."""
+        template = self._chat_template
+        if isinstance(template, dict):
+            if tools is not None and "tool_use" in template:
+                return template["tool_use"]
+            if "default" in template:
+                return template["default"]
+            raise ChatTemplateError(
+                f"{self._name} has several chat templates ({', '.join(sorted(template))}) and none "
+                "is named 'default'")
+        if not template:
+            raise ChatTemplateError(
+                f"{self._name} has no chat template (no {CHAT_TEMPLATE_FILE} and no chat_template "
+                f"in {TOKENIZER_CONFIG_FILE}); it is probably a base model, not a chat model. "
+                "Pass a raw prompt instead of messages, or add a chat_template.jinja to the folder")
+        return template
+
+    def apply_chat_template(self, messages: list[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """Render `messages` to the prompt text exactly as transformers' apply_chat_template(tokenize=False).
+
+        The template sees messages, add_generation_prompt, tools, documents, the special tokens
+        (bos_token, eos_token, ...) and `extra` (which overrides the special tokens, as in
+        transformers). Unlike transformers, add_generation_prompt defaults to True: an engine
+        renders chats to generate the assistant's reply.
+        """
+        prepared = _validate_messages(messages)
+        tools = extra.pop("tools", None)
+        documents = extra.pop("documents", None)
+        source = self._select_template(tools)
+        variables = {**self._special_tokens, **extra}
+        import jinja2.exceptions
+
+        try:
+            compiled = _compile_template(source)
+            return compiled.render(messages=prepared, tools=tools, documents=documents,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+        except ChatTemplateError:
+            raise
+        except jinja2.exceptions.TemplateSyntaxError as error:
+            raise ChatTemplateError(
+                f"the chat template of {self._name} has a syntax error (line {error.lineno}): "
+                f"{error.message}") from error
+        except jinja2.exceptions.TemplateError as error:
+            # raise_exception(...) messages, undefined variables and sandbox SecurityErrors.
+            raise ChatTemplateError(f"chat template error: {error}") from error
+        except Exception as error:  # a template can fail like any code: 'a' + 1, a missing key, ...
+            raise ChatTemplateError(
+                f"chat template failed: {type(error).__name__}: {error}") from error
+
+    def encode_chat(self, messages: list[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **extra: Any) -> list[int]:
+        """Prompt ids of a conversation.
+
+        The rendered text is encoded without the post-processor's special tokens, as
+        transformers' apply_chat_template(tokenize=True) does: templates write BOS themselves.
+        """
+        rendered = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **extra)
+        return self.encode(rendered, add_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self._name!r}, vocab_size={self.vocab_size})"

@@ -1,0 +1,249 @@
+// opencamp._core: thin pybind11 bindings. Every call that computes releases the GIL; streamed
+// generation runs on a C++ thread and hands tokens over through a queue.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <pybind11/stl/filesystem.h>
+
+#include <memory>
+#include <optional>
+
+#include "opencamp/opencamp.h"
+
+namespace py = pybind11;
+using namespace opencamp;
+
+namespace {
+
+py::array_t<float> new_logits(int64_t rows, int64_t vocab, bool squeeze) {
+  if (squeeze) return py::array_t<float>({vocab});
+  return py::array_t<float>({rows, vocab});
+}
+
+std::vector<int32_t> as_ids(const std::vector<int64_t>& ids) {
+  std::vector<int32_t> out;
+  out.reserve(ids.size());
+  for (int64_t id : ids) {
+    if (id < INT32_MIN || id > INT32_MAX) {
+      throw Error(ErrorKind::InvalidArgument, "token id " + std::to_string(id) + " is out of range");
+    }
+    out.push_back(static_cast<int32_t>(id));
+  }
+  return out;
+}
+
+py::dict config_dict(const ModelConfig& c) {
+  py::dict d;
+  d["model_type"] = c.model_type;
+  d["vocab_size"] = c.vocab_size;
+  d["hidden_size"] = c.hidden_size;
+  d["intermediate_size"] = c.intermediate_size;
+  d["num_layers"] = c.num_layers;
+  d["num_heads"] = c.num_heads;
+  d["num_kv_heads"] = c.num_kv_heads;
+  d["head_dim"] = c.head_dim;
+  d["max_position_embeddings"] = c.max_position_embeddings;
+  d["rms_norm_eps"] = c.rms_norm_eps;
+  d["tie_word_embeddings"] = c.tie_word_embeddings;
+  d["rope_type"] = rope_type_name(c.rope.type);
+  d["rope_theta"] = c.rope.theta;
+  d["bos_token_id"] = c.bos_token_id;
+  d["eos_token_ids"] = c.eos_token_ids;
+  d["torch_dtype"] = c.torch_dtype;
+  return d;
+}
+
+py::dict result_dict(const GenerationResult& r) {
+  py::dict d;
+  d["tokens"] = r.tokens;
+  d["finish_reason"] = finish_reason_name(r.finish_reason);
+  d["prompt_tokens"] = r.prompt_tokens;
+  d["cached_tokens"] = r.cached_tokens;
+  d["prefill_seconds"] = r.prefill_seconds;
+  d["decode_seconds"] = r.decode_seconds;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "opencamp C++ engine (internal; use the opencamp package)";
+
+  // opencamp::Error becomes OpencampError(RuntimeError) with a `kind` attribute
+  // ("invalid_argument", "invalid_model", "unsupported", "capacity_exceeded", "internal").
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> error_type;
+  error_type.call_once_and_store_result([&]() -> py::object {
+    return py::exception<Error>(m, "OpencampError", PyExc_RuntimeError);
+  });
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      const py::object& type = error_type.get_stored();
+      py::object exc = type(e.what());
+      exc.attr("kind") = error_kind_name(e.kind());
+      PyErr_SetObject(type.ptr(), exc.ptr());
+    }
+  });
+
+  m.def("version", [] { return std::string(OPENCAMP_VERSION); });
+  m.def("build_type", [] { return std::string(OPENCAMP_BUILD_TYPE); });
+  m.def("default_threads", &ThreadPool::default_threads);
+  m.def("backends", [] {
+    py::list out;
+    for (const auto& info : registered_backends()) {
+      py::dict d;
+      d["name"] = info.name;
+      d["score"] = info.score;
+      d["usable"] = info.usable();
+      d["description"] = info.description;
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("architectures", [] {
+    py::list out;
+    for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
+    return out;
+  });
+  m.def("load_config", [](const std::filesystem::path& dir) { return config_dict(load_model_config(dir)); },
+        py::arg("model_dir"));
+
+  py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream")
+      .def("next",
+           [](GenerationStream& s, std::optional<double> timeout) -> py::object {
+             std::optional<TokenEvent> event;
+             {
+               py::gil_scoped_release release;
+               event = s.next(timeout ? *timeout : -1.0);
+             }
+             if (!event) return py::none();
+             return py::make_tuple(event->token, event->is_stop);
+           },
+           py::arg("timeout") = py::none(),
+           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
+           "check timed_out).")
+      .def_property_readonly("timed_out", &GenerationStream::timed_out)
+      .def("cancel", &GenerationStream::cancel)
+      .def_property_readonly("finished", &GenerationStream::finished)
+      .def("wait",
+           [](GenerationStream& s) {
+             GenerationResult result;
+             {
+               py::gil_scoped_release release;
+               result = s.wait();
+             }
+             return result_dict(result);
+           },
+           "Wait for the end; returns tokens, finish_reason, prompt_tokens, cached_tokens, "
+           "prefill_seconds, decode_seconds.");
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init([](const std::filesystem::path& model_dir, const std::string& backend,
+                       const std::string& dtype, int threads, int max_context,
+                       int kv_cache_tokens, int prefill_chunk) {
+             EngineOptions options;
+             options.backend = backend;
+             options.dtype = dtype;
+             options.threads = threads;
+             options.max_context = max_context;
+             options.kv_cache_tokens = kv_cache_tokens;
+             options.prefill_chunk = prefill_chunk;
+             py::gil_scoped_release release;
+             return std::make_unique<Engine>(model_dir, options);
+           }),
+           py::arg("model_dir"), py::arg("backend") = "auto", py::arg("dtype") = "auto",
+           py::arg("threads") = 0, py::arg("max_context") = 0, py::arg("kv_cache_tokens") = 0,
+           py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk)
+      .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
+      .def_property_readonly("backend", &Engine::backend_name)
+      .def_property_readonly("dtype", [](const Engine& e) { return std::string(dtype_name(e.weight_dtype())); })
+      .def_property_readonly("threads", &Engine::threads)
+      .def_property_readonly("max_context", &Engine::max_context)
+      .def_property_readonly("weight_bytes", [](const Engine& e) { return e.model().weight_bytes(); })
+      .def("create_sequence", &Engine::create_sequence)
+      .def("free_sequence", &Engine::free_sequence, py::arg("seq"))
+      .def("sequence_tokens", &Engine::sequence_tokens, py::arg("seq"))
+      .def("truncate_sequence", &Engine::truncate_sequence, py::arg("seq"), py::arg("length"))
+      .def("cache_stats",
+           [](const Engine& e) {
+             const auto s = e.cache_stats();
+             py::dict d;
+             d["used_blocks"] = s.used_blocks;
+             d["total_blocks"] = s.total_blocks;
+             d["block_size"] = s.block_size;
+             d["sequences"] = s.sequences;
+             return d;
+           })
+      .def("prefill",
+           [](Engine& e, int seq, const std::vector<int64_t>& tokens, bool all_positions) {
+             const std::vector<int32_t> ids = as_ids(tokens);
+             const int64_t vocab = e.config().vocab_size;
+             auto logits = new_logits(static_cast<int64_t>(ids.size()), vocab, !all_positions);
+             std::span<float> out(logits.mutable_data(), static_cast<size_t>(logits.size()));
+             py::gil_scoped_release release;
+             e.prefill(seq, ids, out, all_positions);
+             return logits;
+           },
+           py::arg("seq"), py::arg("tokens"), py::arg("all_positions") = false,
+           "Append tokens to a sequence; logits of the last token [vocab], or [n, vocab] for all.")
+      .def("decode",
+           [](Engine& e, const std::vector<int> seqs, const std::vector<int64_t>& tokens) {
+             const std::vector<int32_t> ids = as_ids(tokens);
+             auto logits = new_logits(static_cast<int64_t>(seqs.size()), e.config().vocab_size, false);
+             std::span<float> out(logits.mutable_data(), static_cast<size_t>(logits.size()));
+             py::gil_scoped_release release;
+             e.decode(seqs, ids, out);
+             return logits;
+           },
+           py::arg("seqs"), py::arg("tokens"), "One token per sequence; logits [n_seqs, vocab].")
+      .def("logits",
+           [](Engine& e, const std::vector<int64_t>& tokens) {
+             const std::vector<int32_t> ids = as_ids(tokens);
+             auto logits = new_logits(static_cast<int64_t>(ids.size()), e.config().vocab_size, false);
+             std::span<float> out(logits.mutable_data(), static_cast<size_t>(logits.size()));
+             py::gil_scoped_release release;
+             const int seq = e.create_sequence();
+             try {
+               e.prefill(seq, ids, out, true);
+             } catch (...) {
+               e.free_sequence(seq);
+               throw;
+             }
+             e.free_sequence(seq);
+             return logits;
+           },
+           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].")
+      .def("generate",
+           [](Engine& e, int seq, const std::vector<int64_t>& prompt, int max_tokens,
+              float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
+              float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
+              const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
+             GenerationRequest request;
+             request.prompt = as_ids(prompt);
+             request.max_tokens = max_tokens;
+             request.sampling.temperature = temperature;
+             request.sampling.top_k = top_k;
+             request.sampling.top_p = top_p;
+             request.sampling.min_p = min_p;
+             request.sampling.repetition_penalty = repetition_penalty;
+             request.sampling.presence_penalty = presence_penalty;
+             request.sampling.frequency_penalty = frequency_penalty;
+             request.sampling.seed = seed;
+             request.sampling.validate();  // errors surface here, not from the thread
+             if (max_tokens < 1) {
+               throw Error(ErrorKind::InvalidArgument, "max_tokens must be >= 1, got " + std::to_string(max_tokens));
+             }
+             request.stop_token_ids = as_ids(stop_token_ids);
+             request.ignore_eos = ignore_eos;
+             return std::make_shared<GenerationStream>(e, seq, std::move(request));
+           },
+           py::keep_alive<0, 1>(),  // the engine outlives its streams
+           py::arg("seq"), py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256,
+           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+           py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f,
+           py::arg("seed") = py::none(), py::arg("stop_token_ids") = std::vector<int64_t>{},
+           py::arg("ignore_eos") = false,
+           "Start generating on a C++ thread; returns a GenerationStream.");
+}

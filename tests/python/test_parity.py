@@ -1,0 +1,65 @@
+"""opencamp against HF transformers on the committed tiny random models (one per architecture).
+
+The references were computed by tests/fixtures/make_tiny_models.py with transformers in f32.
+"""
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import opencamp
+from conftest import FIXTURES, TINY_MODELS
+
+F32_TOLERANCE = 1e-4  # max |difference| of logits of order 1
+# bf16 weights against the f32 reference: rounding every weight to 8 mantissa bits moves these
+# tiny models' logits by up to ~0.13 (measured with transformers itself); 0.25 leaves margin.
+BF16_VS_F32_TOLERANCE = 0.25
+
+
+def reference(name):
+    return load_file(str(FIXTURES / name / "reference.safetensors"))
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def tiny(request):
+    name = request.param
+    return name, opencamp.LLM(FIXTURES / name, dtype="f32", threads=2), reference(name)
+
+
+def test_f32_logits_match_transformers_at_every_position(tiny):
+    _, llm, ref = tiny
+    logits = llm.logits(ref["input_ids"].tolist())
+    assert logits.shape == ref["logits"].shape
+    assert np.abs(logits - ref["logits"]).max() < F32_TOLERANCE
+
+
+def test_greedy_decode_matches_transformers(tiny):
+    _, llm, ref = tiny
+    completion = llm.complete(ref["greedy_prompt"].tolist(), max_tokens=16, ignore_eos=True)
+    assert completion.token_ids == ref["greedy_tokens"].tolist()
+    assert completion.finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_bf16_weights_stay_within_tolerance(name):
+    ref = reference(name)
+    llm = opencamp.LLM(FIXTURES / name, dtype="bf16", threads=2)
+    assert llm.dtype == "bf16"
+    logits = llm.logits(ref["input_ids"].tolist())
+    # Same rounding of the weights as transformers' .to(bfloat16): f32-tight agreement.
+    assert np.abs(logits - ref["logits_bf16_weights"]).max() < F32_TOLERANCE
+    # And the stated tolerance against the full-precision model.
+    assert np.abs(logits - ref["logits"]).max() < BF16_VS_F32_TOLERANCE
+
+
+def test_decode_path_agrees_with_prefill(tiny):
+    """Feeding the tokens one at a time through decode gives the prefill's logits."""
+    _, llm, ref = tiny
+    ids = ref["input_ids"].tolist()
+    engine = llm.engine
+    seq = engine.create_sequence()
+    try:
+        rows = [engine.prefill(seq, ids[:1])]
+        rows += [engine.decode([seq], [t])[0] for t in ids[1:]]
+    finally:
+        engine.free_sequence(seq)
+    assert np.abs(np.stack(rows) - ref["logits"]).max() < F32_TOLERANCE

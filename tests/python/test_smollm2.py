@@ -1,0 +1,78 @@
+"""The real SmolLM2-135M-Instruct: the golden answer from ../shared/models/README.md, reproduced
+exactly through llm.chat and through a session; multi-turn KV reuse."""
+import pytest
+
+import opencamp
+from conftest import SMOLLM2_ANSWER_IDS, SMOLLM2_ANSWER_TEXT, SMOLLM2_PROMPT_IDS, SMOLLM2_QUESTION
+
+QUESTION = [{"role": "user", "content": SMOLLM2_QUESTION}]
+ANSWER_TEXT = SMOLLM2_ANSWER_TEXT.removesuffix("<|im_end|>")  # the stop token is not text
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    return opencamp.LLM(smollm2_dir, threads=2)
+
+
+def test_loads_with_checkpoint_precision(llm):
+    assert llm.dtype == "bf16"  # "auto" keeps the checkpoint's bf16, zero-copy
+    assert llm.config["model_type"] == "llama"
+    assert llm.config["eos_token_ids"] == [2]
+
+
+def test_chat_prompt_ids_match_reference(llm):
+    assert llm.chat_prompt_ids(QUESTION) == SMOLLM2_PROMPT_IDS
+
+
+def test_chat_reproduces_golden_answer(llm):
+    stream = llm.chat(QUESTION, max_tokens=32, stream=True)
+    pieces = list(stream)
+    completion = stream.completion
+    assert completion.token_ids == SMOLLM2_ANSWER_IDS
+    assert completion.finish_reason == "stop"
+    assert "".join(pieces) == ANSWER_TEXT == completion.text
+    assert llm.tokenizer.decode(completion.token_ids) == SMOLLM2_ANSWER_TEXT
+    assert len(pieces) > 1  # really streamed, piece by piece
+    assert llm.chat(QUESTION, max_tokens=32) == ANSWER_TEXT
+
+
+def test_session_reproduces_golden_answer(llm):
+    with llm.session() as session:
+        assert session.send(SMOLLM2_QUESTION, max_tokens=32) == ANSWER_TEXT
+        assert session.last.token_ids == SMOLLM2_ANSWER_IDS
+        assert session.last.cached_tokens == 0
+        assert session.messages[-1] == {"role": "assistant", "content": ANSWER_TEXT}
+
+
+def test_second_turn_prefills_only_new_tokens_and_equals_fresh_chat(llm):
+    follow_up = "And of Germany?"
+    with llm.session() as session:
+        session.send(SMOLLM2_QUESTION, max_tokens=32)
+        first = session.last
+        stream = session.send(follow_up, max_tokens=24, stream=True)
+        second_text = "".join(stream)
+        second = stream.completion
+
+    # The cache held the first prompt and every answer token except the last one sampled (the
+    # stop token, never fed back), so exactly those are reused.
+    assert second.cached_tokens == first.prompt_tokens + len(first.token_ids) - 1
+    full_history = QUESTION + [{"role": "assistant", "content": first.text},
+                               {"role": "user", "content": follow_up}]
+    assert second.prompt_tokens == len(llm.chat_prompt_ids(full_history))
+    assert second.prompt_tokens - second.cached_tokens < len(llm.chat_prompt_ids(
+        [{"role": "user", "content": follow_up}]))  # fewer than even a fresh one-turn prompt
+
+    fresh = llm.chat(full_history, max_tokens=24, stream=True)
+    assert "".join(fresh) == second_text
+    assert fresh.completion.cached_tokens == 0
+    assert fresh.completion.token_ids == second.token_ids
+
+
+def test_closing_a_stream_early_stops_and_frees(llm):
+    before = llm.engine.cache_stats()["used_blocks"]
+    stream = llm.generate("Once upon a time", max_tokens=200, stream=True)
+    next(stream)
+    stream.close()
+    assert stream.completion.finish_reason == "cancelled"
+    assert stream.completion.completion_tokens < 200
+    assert llm.engine.cache_stats()["used_blocks"] == before
