@@ -102,6 +102,8 @@ class Engine {
   CacheStats cache_stats() const;
 
  private:
+  void prefill_locked(int seq, std::span<const int32_t> tokens, std::span<float> logits,
+                      bool all_positions);
   void check_sequence_locked(int seq) const;
   void check_tokens(std::span<const int32_t> tokens) const;
 

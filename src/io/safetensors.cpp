@@ -19,6 +19,7 @@ bool parse_dtype(const std::string& name, DType& dtype) {
   if (name == "F32") dtype = DType::F32;
   else if (name == "BF16") dtype = DType::BF16;
   else if (name == "F16") dtype = DType::F16;
+  else if (name == "I32") dtype = DType::I32;  // token ids in reference files
   else return false;
   return true;
 }
@@ -218,6 +219,10 @@ Tensor WeightStore::require(const std::string& name, std::initializer_list<int64
          "; the weights do not match config.json (wrong model_type or layer count?)");
   }
   const Tensor& tensor = it->second.first;
+  if (tensor.dtype == DType::I32) {  // readable (reference files), but never a weight
+    fail(ErrorKind::InvalidModel, "tensor '", name, "': ", it->second.second->path().string(),
+         " stores it as I32, which opencamp cannot load (supported: F32, BF16, F16)");
+  }
   bool matches = tensor.ndim == static_cast<int>(expected.size());
   int d = 0;
   for (int64_t extent : expected) matches = matches && tensor.shape[d++] == extent;

@@ -42,6 +42,11 @@ Engine::Engine(const std::filesystem::path& model_dir, const EngineOptions& opti
   backend_ = create_backend(options.backend, backend_options);
   model_ = std::make_unique<Model>(model_dir, *backend_, options.dtype);
   const ModelConfig& c = model_->config();
+  if (options.max_context > c.max_position_embeddings) {
+    fail(ErrorKind::InvalidArgument, "max_context ", options.max_context,
+         " exceeds the model's max_position_embeddings (", c.max_position_embeddings,
+         "); positions past it were never trained");
+  }
   max_context_ = options.max_context > 0 ? options.max_context : c.max_position_embeddings;
   const int kv_tokens = options.kv_cache_tokens > 0 ? options.kv_cache_tokens : max_context_;
   KVCacheShape shape;
@@ -116,6 +121,13 @@ void Engine::prefill(int seq, std::span<const int32_t> tokens, std::span<float> 
          " floats, needs ", (all_positions ? n : 1) * vocab);
   }
   std::lock_guard<std::mutex> lock(mutex_);
+  prefill_locked(seq, tokens, logits, all_positions);
+}
+
+void Engine::prefill_locked(int seq, std::span<const int32_t> tokens, std::span<float> logits,
+                            bool all_positions) {
+  const int64_t vocab = config().vocab_size;
+  const int64_t n = static_cast<int64_t>(tokens.size());
   check_sequence_locked(seq);
   const int start = cache_->length(seq);
   if (start + n > max_context_) {
@@ -231,18 +243,33 @@ GenerationResult Engine::generate(int seq, const GenerationRequest& request,
 
   GenerationResult result;
   result.prompt_tokens = prompt_tokens;
-  // Reuse the longest cached prefix; at least one prompt token is recomputed for its logits.
-  const std::vector<int32_t> cached = sequence_tokens(seq);
-  const size_t limit = std::min(cached.size(), request.prompt.size() - 1);
-  size_t common = 0;
-  while (common < limit && cached[common] == request.prompt[common]) ++common;
-  truncate_sequence(seq, static_cast<int>(common));
-  result.cached_tokens = static_cast<int>(common);
-
   const int64_t vocab = config().vocab_size;
   std::vector<float> logits(static_cast<size_t>(vocab));
   const auto prefill_start = std::chrono::steady_clock::now();
-  prefill(seq, std::span(request.prompt).subspan(common), logits);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_sequence_locked(seq);
+    // Reuse the longest cached prefix; at least one prompt token is recomputed for its logits.
+    const std::vector<int32_t>& cached = sequence_tokens_[seq];
+    const size_t limit = std::min(cached.size(), request.prompt.size() - 1);
+    size_t common = 0;
+    while (common < limit && cached[common] == request.prompt[common]) ++common;
+    // Refuse before dropping anything when the rest of the prompt cannot fit.
+    const int block_size = cache_->shape().block_size;
+    const int kept_blocks = static_cast<int>((common + block_size - 1) / block_size);
+    const int needed_blocks = (prompt_tokens + block_size - 1) / block_size - kept_blocks;
+    const int held_blocks = static_cast<int>(cache_->block_table(seq).size());
+    if (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks) {
+      fail(ErrorKind::CapacityExceeded, "the KV cache is full: the prompt needs ", needed_blocks,
+           " more blocks of ", block_size, " positions but only ",
+           cache_->free_blocks() + held_blocks - kept_blocks,
+           " can be had; end other sequences or give the engine a larger kv_cache_tokens");
+    }
+    cache_->truncate(seq, static_cast<int>(common));
+    sequence_tokens_[seq].resize(common);
+    result.cached_tokens = static_cast<int>(common);
+    prefill_locked(seq, std::span(request.prompt).subspan(common), logits, false);
+  }
   result.prefill_seconds = seconds_since(prefill_start);
 
   std::vector<int32_t> history = request.prompt;  // the sequence's tokens, for penalties

@@ -40,8 +40,12 @@ void apply_penalties(std::span<float> logits, std::span<const int32_t> history,
 
 int32_t argmax(std::span<const float> logits) {
   size_t best = 0;
-  for (size_t i = 1; i < logits.size(); ++i) {
-    if (logits[i] > logits[best]) best = i;
+  float best_logit = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (logits[i] > best_logit) {  // NaN never wins
+      best_logit = logits[i];
+      best = i;
+    }
   }
   return static_cast<int32_t>(best);
 }
@@ -97,7 +101,7 @@ int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> histor
     size_t keep = 0;
     while (keep < candidates_.size()) {
       cumulative += probabilities_[keep++];
-      if (cumulative >= p.top_p) break;
+      if (cumulative >= p.top_p - 1e-6) break;  // tolerance: 0.5 + 0.3 reaches top_p 0.8f
     }
     candidates_.resize(keep);
     probabilities_.resize(keep);

@@ -1,0 +1,251 @@
+// The paged KV cache's bookkeeping: blocks handed out and returned as sequences grow, shrink and
+// end; capacity errors that change nothing; ids reused; block tables never overlapping.
+#include <map>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "check.h"
+#include "opencamp/opencamp.h"
+
+using namespace opencamp;
+
+namespace {
+
+constexpr int kBlockSize = 4;
+constexpr int kBlocks = 10;
+
+std::unique_ptr<Backend> cpu() { return create_backend("cpu", {}); }
+
+KVCacheShape small_shape() {
+  KVCacheShape shape;
+  shape.n_layers = 2;
+  shape.n_kv_heads = 2;
+  shape.head_dim = 6;
+  shape.block_size = kBlockSize;
+  shape.n_blocks = kBlocks;
+  return shape;
+}
+
+int blocks_for(int length) { return (length + kBlockSize - 1) / kBlockSize; }
+
+// Every live sequence's block table has ceil(len / bs) distinct blocks, no block is in two
+// tables, and used_blocks is the total.
+void check_invariants(const KVCache& cache, const std::map<int, int>& lengths) {
+  std::set<int32_t> seen;
+  int total = 0;
+  for (const auto& [seq, length] : lengths) {
+    CHECK(cache.has_sequence(seq));
+    CHECK_EQ(cache.length(seq), length);
+    const auto& table = cache.block_table(seq);
+    CHECK_EQ(static_cast<int>(table.size()), blocks_for(length));
+    for (int32_t block : table) {
+      CHECK_MSG(block >= 0 && block < kBlocks, "block " << block << " outside the pool");
+      CHECK_MSG(seen.insert(block).second, "block " << block << " is in two block tables");
+    }
+    total += blocks_for(length);
+  }
+  CHECK_EQ(cache.used_blocks(), total);
+  CHECK_EQ(cache.free_blocks(), kBlocks - total);
+  CHECK_EQ(cache.sequence_count(), static_cast<int>(lengths.size()));
+}
+
+}  // namespace
+
+TEST_CASE(shape_and_layer_views) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  CHECK_EQ(cache.free_blocks(), kBlocks);
+  CHECK_EQ(cache.used_blocks(), 0);
+  CHECK_EQ(cache.capacity_tokens(), kBlocks * kBlockSize);
+  CHECK_EQ(cache.bytes(), size_t(2) * 2 * kBlocks * kBlockSize * 2 * 6 * sizeof(float));
+  const KVLayerView l0 = cache.layer(0), l1 = cache.layer(1);
+  CHECK_EQ(l0.keys.ndim, 4);
+  CHECK_EQ(l0.keys.shape[0], kBlocks);
+  CHECK_EQ(l0.keys.shape[1], kBlockSize);
+  CHECK_EQ(l0.keys.shape[2], 2);
+  CHECK_EQ(l0.keys.shape[3], 6);
+  CHECK(l0.keys.is_contiguous() && l0.values.is_contiguous());
+  // Four distinct, non-overlapping regions (keys/values of two layers).
+  std::set<void*> regions = {l0.keys.data, l0.values.data, l1.keys.data, l1.values.data};
+  CHECK_EQ(regions.size(), size_t(4));
+  KVCacheShape bad = small_shape();
+  bad.n_blocks = 0;
+  CHECK_THROWS_WITH(KVCache(*backend, bad), ErrorKind::InvalidArgument, "positive");
+}
+
+TEST_CASE(grow_allocates_ceil_len_over_block_size) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const int seq = cache.create_sequence();
+  CHECK_EQ(cache.length(seq), 0);
+  CHECK(cache.block_table(seq).empty());
+  int length = 0;
+  for (int step : {1, 2, 1, 1, 3, 4, 0, 5}) {
+    cache.grow(seq, step);
+    length += step;
+    CHECK_EQ(cache.length(seq), length);
+    CHECK_EQ(static_cast<int>(cache.block_table(seq).size()), blocks_for(length));
+    CHECK_EQ(cache.used_blocks(), blocks_for(length));
+  }
+  CHECK_THROWS_WITH(cache.grow(seq, -1), ErrorKind::InvalidArgument, "-1");
+  CHECK_EQ(cache.length(seq), length);
+}
+
+TEST_CASE(truncate_and_free_return_blocks) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const int seq = cache.create_sequence();
+  cache.grow(seq, 13);  // 4 blocks
+  CHECK_EQ(cache.used_blocks(), 4);
+  const std::vector<int32_t> before = cache.block_table(seq);
+  cache.truncate(seq, 9);  // 3 blocks: the last one returned
+  CHECK_EQ(cache.length(seq), 9);
+  CHECK_EQ(cache.used_blocks(), 3);
+  CHECK(std::vector<int32_t>(before.begin(), before.begin() + 3) == cache.block_table(seq));
+  cache.truncate(seq, 8);  // exactly 2 blocks
+  CHECK_EQ(cache.used_blocks(), 2);
+  cache.truncate(seq, 8);  // no-op
+  CHECK_EQ(cache.used_blocks(), 2);
+  CHECK_THROWS_WITH(cache.truncate(seq, 9), ErrorKind::InvalidArgument, "truncate");
+  CHECK_THROWS_WITH(cache.truncate(seq, -1), ErrorKind::InvalidArgument, "truncate");
+  CHECK_EQ(cache.length(seq), 8);
+  cache.truncate(seq, 0);
+  CHECK_EQ(cache.used_blocks(), 0);
+  CHECK(cache.has_sequence(seq));  // truncating to 0 keeps the sequence
+  cache.grow(seq, 10);
+  cache.free_sequence(seq);
+  CHECK_EQ(cache.used_blocks(), 0);
+  CHECK_EQ(cache.free_blocks(), kBlocks);
+  CHECK(!cache.has_sequence(seq));
+  CHECK_EQ(cache.sequence_count(), 0);
+}
+
+TEST_CASE(sequence_ids_are_reused_and_invalid_ids_rejected) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const int a = cache.create_sequence(), b = cache.create_sequence(), c = cache.create_sequence();
+  CHECK(a != b && b != c && a != c);
+  CHECK_EQ(cache.sequence_count(), 3);
+  cache.grow(b, 5);
+  cache.free_sequence(b);
+  CHECK(!cache.has_sequence(b));
+  CHECK_EQ(cache.sequence_count(), 2);
+  const int d = cache.create_sequence();
+  CHECK_EQ(d, b);                 // the freed id comes back
+  CHECK_EQ(cache.length(d), 0);   // empty, not the old sequence's state
+  CHECK(cache.block_table(d).empty());
+
+  cache.free_sequence(a);
+  for (int bad : {a, -1, 1000}) {
+    CHECK_THROWS_WITH(cache.length(bad), ErrorKind::InvalidArgument, "sequence", std::to_string(bad));
+    CHECK_THROWS_WITH(cache.grow(bad, 1), ErrorKind::InvalidArgument, std::to_string(bad));
+    CHECK_THROWS_WITH(cache.truncate(bad, 0), ErrorKind::InvalidArgument, std::to_string(bad));
+    CHECK_THROWS_WITH(cache.block_table(bad), ErrorKind::InvalidArgument, std::to_string(bad));
+    CHECK_THROWS_WITH(cache.free_sequence(bad), ErrorKind::InvalidArgument, std::to_string(bad));
+    CHECK(!cache.has_sequence(bad));
+  }
+  CHECK_EQ(cache.sequence_count(), 2);
+}
+
+TEST_CASE(grow_beyond_capacity_throws_and_changes_nothing) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const int a = cache.create_sequence(), b = cache.create_sequence();
+  cache.grow(a, 21);  // 6 blocks
+  cache.grow(b, 10);  // 3 blocks; 1 free
+  const auto table_a = cache.block_table(a), table_b = cache.block_table(b);
+  CHECK_EQ(cache.free_blocks(), 1);
+  // b has 2 spare positions in its last block, plus 1 free block = 6 more positions at most.
+  CHECK_THROWS_WITH(cache.grow(b, 7), ErrorKind::CapacityExceeded, "KV cache");
+  CHECK_EQ(cache.length(b), 10);
+  CHECK(cache.block_table(b) == table_b);
+  CHECK_EQ(cache.free_blocks(), 1);
+  CHECK_THROWS_WITH(cache.grow(a, 1000), ErrorKind::CapacityExceeded, "free");
+  CHECK_EQ(cache.length(a), 21);
+  CHECK(cache.block_table(a) == table_a);
+  CHECK_EQ(cache.free_blocks(), 1);
+  // Exactly filling the pool works.
+  cache.grow(b, 6);
+  CHECK_EQ(cache.free_blocks(), 0);
+  CHECK_EQ(cache.length(b), 16);
+  const int c = cache.create_sequence();
+  CHECK_THROWS_WITH(cache.grow(c, 1), ErrorKind::CapacityExceeded, "KV cache");
+  CHECK_EQ(cache.length(c), 0);
+  CHECK(cache.block_table(c).empty());
+  cache.grow(a, 3);  // fits within a's last block (21 -> 24)
+  CHECK_EQ(cache.length(a), 24);
+  check_invariants(cache, {{a, 24}, {b, 16}, {c, 0}});
+}
+
+TEST_CASE(live_block_tables_never_share_a_block) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const int a = cache.create_sequence(), b = cache.create_sequence(), c = cache.create_sequence();
+  // Interleaved growth so blocks alternate between sequences.
+  std::map<int, int> lengths = {{a, 0}, {b, 0}, {c, 0}};
+  for (int round = 0; round < 3; ++round) {
+    for (int seq : {a, b, c}) {
+      cache.grow(seq, 4);
+      lengths[seq] += 4;
+    }
+  }
+  check_invariants(cache, lengths);
+  cache.free_sequence(b);  // its blocks go to whoever grows next
+  lengths.erase(b);
+  cache.grow(a, 8);
+  lengths[a] += 8;
+  check_invariants(cache, lengths);
+}
+
+TEST_CASE(random_stress_keeps_the_books_balanced) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  std::mt19937 rng(2024);
+  std::map<int, int> lengths;
+  int capacity_errors = 0;
+  for (int step = 0; step < 5000; ++step) {
+    const int action = static_cast<int>(rng() % 10);
+    if (lengths.size() < 2 || (action == 0 && lengths.size() < 6)) {
+      const int seq = cache.create_sequence();
+      CHECK(!lengths.count(seq));
+      lengths[seq] = 0;
+      continue;
+    }
+    auto it = lengths.begin();
+    std::advance(it, static_cast<long>(rng() % lengths.size()));
+    const int seq = it->first;
+    if (action <= 5) {
+      const int n = static_cast<int>(rng() % 9);
+      const int free_before = cache.free_blocks();
+      const auto table_before = cache.block_table(seq);
+      const int needed = blocks_for(it->second + n) - blocks_for(it->second);
+      if (needed > free_before) {
+        ++capacity_errors;
+        CHECK_THROWS_WITH(cache.grow(seq, n), ErrorKind::CapacityExceeded, "KV cache");
+        CHECK_EQ(cache.free_blocks(), free_before);
+        CHECK(cache.block_table(seq) == table_before);
+      } else {
+        cache.grow(seq, n);
+        it->second += n;
+      }
+    } else if (action <= 8) {
+      const int new_length = it->second == 0 ? 0 : static_cast<int>(rng() % (it->second + 1));
+      cache.truncate(seq, new_length);
+      it->second = new_length;
+    } else {
+      cache.free_sequence(seq);
+      lengths.erase(it);
+      CHECK(!cache.has_sequence(seq));
+    }
+    if (step % 50 == 0) check_invariants(cache, lengths);
+  }
+  check_invariants(cache, lengths);
+  CHECK(capacity_errors > 10);  // the pool really ran full during the stress
+  for (const auto& [seq, length] : lengths) cache.free_sequence(seq);
+  CHECK_EQ(cache.free_blocks(), kBlocks);
+  CHECK_EQ(cache.used_blocks(), 0);
+  CHECK_EQ(cache.sequence_count(), 0);
+}
+
+int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
