@@ -89,6 +89,10 @@ class Engine {
   void decode(std::span<const int> seqs, std::span<const int32_t> tokens,
               std::span<float> logits);
 
+  // Throws the error generate() would throw for this request before doing any work: bad
+  // sampling parameters, an empty prompt, out-of-vocabulary ids, a prompt over the context.
+  void check_request(const GenerationRequest& request) const;
+
   // Prefill the uncached part of the prompt, then sample and decode until a stop token,
   // max_tokens, the context limit, or the callback says stop. Afterwards the sequence holds the
   // prompt and every generated token except the last one sampled (which was never fed back).

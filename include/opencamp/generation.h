@@ -21,7 +21,8 @@ struct TokenEvent {
 
 class GenerationStream {
  public:
-  // Starts generating on a new thread right away. `engine` must outlive this object.
+  // Starts generating on a new thread right away; a request Engine::check_request refuses
+  // throws here instead. `engine` must outlive this object.
   GenerationStream(Engine& engine, int seq, GenerationRequest request);
   ~GenerationStream();  // cancels and joins
   GenerationStream(const GenerationStream&) = delete;

@@ -111,7 +111,11 @@ class Stream:
 
     def __next__(self) -> str:
         while self.completion is None:
-            event = self._generation.next()
+            try:
+                event = self._generation.next()
+            except BaseException:  # the engine failed mid-generation: release, then report
+                self._release_sequence()
+                raise
             if event is None:  # the engine finished on its own
                 piece, _ = self._stopper.push(self._decoder.flush() if self._decoder else "")
                 piece += self._stopper.flush()
@@ -139,13 +143,16 @@ class Stream:
         self._text.append(piece)
         return piece
 
+    def _release_sequence(self) -> None:
+        if self._owns_sequence:
+            self._owns_sequence = False
+            self._llm.engine.free_sequence(self._seq)
+
     def _finish(self) -> None:
         try:
             result = self._generation.wait()
         finally:
-            if self._owns_sequence:
-                self._llm.engine.free_sequence(self._seq)
-                self._owns_sequence = False
+            self._release_sequence()
         finish_reason = result["finish_reason"]
         if self._stopped_by_string:
             finish_reason = "stop"

@@ -230,10 +230,6 @@ PYBIND11_MODULE(_core, m) {
              request.sampling.presence_penalty = presence_penalty;
              request.sampling.frequency_penalty = frequency_penalty;
              request.sampling.seed = seed;
-             request.sampling.validate();  // errors surface here, not from the thread
-             if (max_tokens < 1) {
-               throw Error(ErrorKind::InvalidArgument, "max_tokens must be >= 1, got " + std::to_string(max_tokens));
-             }
              request.stop_token_ids = as_ids(stop_token_ids);
              request.ignore_eos = ignore_eos;
              return std::make_shared<GenerationStream>(e, seq, std::move(request));

@@ -224,9 +224,8 @@ void Engine::decode(std::span<const int> seqs, std::span<const int32_t> tokens,
   for (size_t i = 0; i < n; ++i) sequence_tokens_[seqs[i]].push_back(tokens[i]);
 }
 
-GenerationResult Engine::generate(int seq, const GenerationRequest& request,
-                                  const TokenCallback& on_token, const std::atomic<bool>* cancel) {
-  Sampler sampler(request.sampling);  // validates the sampling parameters
+void Engine::check_request(const GenerationRequest& request) const {
+  request.sampling.validate();
   if (request.prompt.empty()) fail(ErrorKind::InvalidArgument, "the prompt is empty");
   if (request.max_tokens < 1) {
     fail(ErrorKind::InvalidArgument, "max_tokens must be >= 1, got ", request.max_tokens);
@@ -238,6 +237,13 @@ GenerationResult Engine::generate(int seq, const GenerationRequest& request,
     fail(ErrorKind::CapacityExceeded, "the prompt has ", prompt_tokens,
          " tokens but the context holds ", max_context_, "; shorten the prompt");
   }
+}
+
+GenerationResult Engine::generate(int seq, const GenerationRequest& request,
+                                  const TokenCallback& on_token, const std::atomic<bool>* cancel) {
+  check_request(request);
+  Sampler sampler(request.sampling);
+  const int prompt_tokens = static_cast<int>(request.prompt.size());
   std::set<int32_t> stop_ids(request.stop_token_ids.begin(), request.stop_token_ids.end());
   if (!request.ignore_eos) stop_ids.insert(config().eos_token_ids.begin(), config().eos_token_ids.end());
 

@@ -5,6 +5,7 @@
 namespace opencamp {
 
 GenerationStream::GenerationStream(Engine& engine, int seq, GenerationRequest request) {
+  engine.check_request(request);  // bad requests fail here, in the caller, not on the thread
   thread_ = std::thread([this, &engine, seq, request = std::move(request)]() mutable {
     run(engine, seq, std::move(request));
   });

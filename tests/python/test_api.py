@@ -1,0 +1,179 @@
+"""The Python API's contract: sampling, streaming, stops, errors, threads."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import opencamp
+from conftest import FIXTURES, SMOLLM2_QUESTION
+
+QUESTION = [{"role": "user", "content": SMOLLM2_QUESTION}]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_dir):
+    return opencamp.LLM(smollm2_dir, threads=2, max_context=512)
+
+
+def test_same_seed_same_output_different_seed_differs(llm):
+    options = dict(max_tokens=12, temperature=1.0, top_k=50, ignore_eos=True)
+    a = llm.complete("Once upon a time", seed=7, **options)
+    b = llm.complete("Once upon a time", seed=7, **options)
+    c = llm.complete("Once upon a time", seed=8, **options)
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert a.token_ids != c.token_ids
+
+
+def test_top_k_one_is_greedy_at_any_temperature(llm):
+    greedy = llm.complete("The sky is", max_tokens=8, ignore_eos=True)
+    sampled = llm.complete("The sky is", max_tokens=8, temperature=5.0, top_k=1, seed=3,
+                           ignore_eos=True)
+    assert sampled.token_ids == greedy.token_ids
+
+
+def test_max_tokens_ends_with_length(llm):
+    completion = llm.complete("Once upon a time", max_tokens=5, ignore_eos=True)
+    assert completion.completion_tokens == 5
+    assert completion.finish_reason == "length"
+
+
+def test_stop_string_cuts_the_text_and_stops(llm):
+    full = llm.chat(QUESTION, max_tokens=32)
+    assert "Paris" in full
+    stream = llm.chat(QUESTION, max_tokens=32, stop=["Paris"], stream=True)
+    text = "".join(stream)
+    assert text == full[: full.index("Paris")]
+    assert stream.completion.finish_reason == "stop"
+    assert stream.completion.completion_tokens < 8  # stopped before the answer's end
+
+
+def test_stop_token_ids_stop_generation(llm):
+    answer = llm.complete(llm.chat_prompt_ids(QUESTION), max_tokens=32)
+    capital_id = answer.token_ids[1]  # "capital" in "The capital of France ..."
+    stopped = llm.complete(llm.chat_prompt_ids(QUESTION), max_tokens=32, stop_token_ids=[capital_id])
+    assert stopped.token_ids == answer.token_ids[:2]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == "The"  # the stop token itself is not text
+
+
+def test_streamed_pieces_are_whole_utf8_characters(llm):
+    # SmolLM2 answers this with emoji, each spread over three byte-level tokens.
+    prompt = "Répète exactement: « Ça coûte 5 € — très cher! » 日本語 🙂🙂"
+    stream = llm.generate(prompt, max_tokens=40, stream=True, ignore_eos=True)
+    pieces = list(stream)
+    ids = stream.completion.token_ids
+    assert len(pieces) < len(ids)  # characters really spanned several tokens
+    # Only the very end may hold a partial character: max_tokens cut it off there.
+    for piece in pieces[:-1]:
+        assert "\ufffd" not in piece
+    assert "".join(pieces) == llm.tokenizer.decode(ids)
+
+
+def test_logits_match_prefill_of_engine(llm):
+    ids = llm.chat_prompt_ids(QUESTION)
+    logits = llm.logits(ids)
+    assert logits.shape == (len(ids), llm.config["vocab_size"]) and logits.dtype == np.float32
+    assert int(logits[-1].argmax()) == 504  # "The", the golden answer's first token
+
+
+def test_generation_releases_the_gil(llm):
+    """Another Python thread keeps running while the engine generates."""
+    done = threading.Event()
+    ticks = 0
+
+    def count():
+        nonlocal ticks
+        while not done.is_set():
+            ticks += 1
+            time.sleep(0.001)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    start = time.perf_counter()
+    llm.complete("Once upon a time", max_tokens=6, ignore_eos=True)
+    elapsed = time.perf_counter() - start
+    done.set()
+    counter.join()
+    # With the GIL held through generation the counter could not have run at all.
+    assert ticks > 0.2 * elapsed / 0.001 * 0.1
+
+
+def test_bad_sampling_parameters_raise_clear_errors(llm):
+    with pytest.raises(opencamp.OpencampError, match="temperature") as info:
+        llm.generate("hi", temperature=-1)
+    assert info.value.kind == "invalid_argument"
+    with pytest.raises(opencamp.OpencampError, match="top_p"):
+        llm.generate("hi", top_p=0)
+    with pytest.raises(opencamp.OpencampError, match="max_tokens"):
+        llm.generate("hi", max_tokens=0)
+    with pytest.raises(ValueError, match="stop"):
+        llm.generate("hi", stop=[""])
+    with pytest.raises(TypeError, match="unknown sampling option"):
+        llm.generate("hi", temprature=0.5)
+    assert llm.engine.cache_stats()["sequences"] == 0  # nothing leaked
+
+
+def test_prompt_longer_than_context_is_refused(llm):
+    ids = [1] * (llm.max_context + 1)
+    with pytest.raises(opencamp.OpencampError, match=f"{llm.max_context + 1}.*{llm.max_context}") as info:
+        llm.generate(ids)
+    assert info.value.kind == "capacity_exceeded"
+    assert llm.engine.cache_stats()["sequences"] == 0
+
+
+def test_out_of_vocabulary_ids_are_refused(llm):
+    with pytest.raises(opencamp.OpencampError, match="outside the vocabulary"):
+        llm.logits([1, llm.config["vocab_size"]])
+
+
+def test_sessions_are_independent_and_freed(llm):
+    before = llm.engine.cache_stats()
+    a, b = llm.session(), llm.session(system="Answer in one word.")
+    a.send("Hi", max_tokens=4)
+    b.send("Hi", max_tokens=4)
+    assert llm.engine.cache_stats()["sequences"] == before["sequences"] + 2
+    assert a.cached_tokens > 0 and b.cached_tokens > 0
+    a.close()
+    b.close()
+    assert llm.engine.cache_stats() == before
+    with pytest.raises(RuntimeError, match="closed"):
+        a.send("again")
+
+
+def test_missing_model_folder_gives_a_clear_error(tmp_path):
+    with pytest.raises(opencamp.ModelNotFoundError, match="no such"):
+        opencamp.LLM(tmp_path / "nowhere")
+
+
+def test_unknown_architecture_lists_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8,'
+                                          ' "intermediate_size": 8, "num_hidden_layers": 1,'
+                                          ' "num_attention_heads": 2}')
+    with pytest.raises(opencamp.OpencampError, match="gpt2.*llama, qwen2, qwen3") as info:
+        opencamp.LLM(tmp_path)
+    assert info.value.kind == "invalid_model"
+
+
+def test_truncated_weights_name_the_file(tmp_path):
+    source = FIXTURES / "tiny-llama"
+    for name in ("config.json", "generation_config.json"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    data = (source / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(opencamp.OpencampError, match="model.safetensors.*truncated"):
+        opencamp.LLM(tmp_path)
+
+
+def test_ids_only_model_runs_without_a_tokenizer():
+    llm = opencamp.LLM(FIXTURES / "tiny-qwen2", threads=1)
+    assert llm.complete([3, 4, 5], max_tokens=3, ignore_eos=True).completion_tokens == 3
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        llm.generate("text")
+
+
+def test_module_reports_backends_and_architectures():
+    names = [b["name"] for b in opencamp.backends()]
+    assert "cpu" in names
+    assert {a for a, _ in opencamp.architectures()} >= {"llama", "qwen2", "qwen3"}
+    assert opencamp.__version__.count(".") == 2
