@@ -76,7 +76,27 @@ class SamplingOptions:
         return cls(stop=stops, **kwargs)
 
 
-class Stream:
+class _ClosedOnExit:
+    """close() at the end of a `with` block, and when garbage-collected, so engine resources
+    (a running generation, KV cache blocks) never outlive the Python object."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Stream(_ClosedOnExit):
     """An iterator of text pieces from a generation running in C++.
 
     Pieces never split a UTF-8 character and never contain any part of a stop string. After
@@ -177,18 +197,6 @@ class Stream:
         assert self.completion is not None
         return self.completion.text
 
-    def __enter__(self) -> "Stream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
-
 
 class LLM:
     """A model loaded into the C++ engine, with its tokenizer and chat template.
@@ -287,7 +295,7 @@ class LLM:
         return Session(self, system)
 
 
-class Session:
+class Session(_ClosedOnExit):
     """One conversation. Each turn re-renders the whole history with the chat template, and the
     engine reuses the longest prefix it already holds in the KV cache, so a turn only prefills
     the tokens it adds. `last.cached_tokens` says how many prompt tokens were reused."""
@@ -325,15 +333,3 @@ class Session:
         if self._seq is not None:
             self.llm.engine.free_sequence(self._seq)
             self._seq = None
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
