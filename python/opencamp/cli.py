@@ -1,12 +1,24 @@
-"""The `opencamp` command: generate and chat in the terminal (serve comes with the server)."""
+"""The `opencamp` command: generate, chat, serve (the OpenAI-compatible server) and info."""
 from __future__ import annotations
 
+import json
+import os
+import platform
+import socket
 import sys
+import threading
 import time
 
 import click
 
 from . import __version__
+
+# What `opencamp serve` runs without --model: a small real chat model from the Hugging Face Hub.
+DEFAULT_SERVE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# CPU features the backends care about, as /proc/cpuinfo names them.
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+                "amx_bf16", "amx_tile")
 
 
 def _sampling_options(f):
@@ -26,30 +38,95 @@ def _sampling_options(f):
     return f
 
 
-def _model_options(f):
+def _model_options(f=None, *, default_model: str | None = None):
+    """--model and the engine flags shared by every command that loads a model; use as
+    @_model_options, or @_model_options(default_model=...) where --model may be left out."""
+    if default_model is None:
+        model = click.option("--model", "-m", required=True,
+                             help="Local Hugging Face model folder or a Hub repo id.")
+    else:
+        model = click.option("--model", "-m", default=default_model, show_default=True,
+                             help="Local Hugging Face model folder or a Hub repo id.")
     options = [
-        click.option("--model", "-m", required=True, help="Local Hugging Face model folder or a Hub repo id."),
-        click.option("--backend", default="auto", show_default=True, help="auto, cpu, ..."),
+        model,
+        click.option("--backend", default="auto", show_default=True, help="auto, cpu, ... (see opencamp info)."),
         click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "f32", "bf16"])),
-        click.option("--threads", type=int, default=None, help="Default: physical cores."),
-        click.option("--max-context", type=int, default=None, help="Positions per conversation (default: the model's)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: physical cores."),
+        click.option("--max-context", type=click.IntRange(min=1), default=None,
+                     help="Positions per conversation (default: the model's)."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate if f is None else decorate(f)
 
 
-def _load(model, backend, dtype, threads, max_context):
+def _resolve(model: str, revision: str | None):
+    """The model's local folder; a Hub repo id is downloaded with progress bars on stderr."""
+    from . import ModelNotFoundError
+    from .hub import looks_like_repo_id, resolve_model
+
+    if not os.path.isdir(os.path.expanduser(model)) and looks_like_repo_id(model):
+        click.echo(f"resolving {model} on the Hugging Face Hub (cached after the first "
+                   "download) ...", err=True)
+    try:
+        return resolve_model(model, revision=revision, progress=True)
+    except ModelNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+
+
+class _Progress:
+    """'loading ... 3 s' while something long runs: a live line on a terminal, a line every
+    10 s otherwise."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.start = time.perf_counter()
+        self._done = threading.Event()
+        self._tty = sys.stderr.isatty()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self):
+        click.echo(f"{self.what} ...", err=True, nl=not self._tty)
+        self._thread.start()
+        return self
+
+    def _tick(self) -> None:
+        interval = 0.5 if self._tty else 10.0
+        while not self._done.wait(interval):
+            elapsed = time.perf_counter() - self.start
+            if self._tty:
+                click.echo(f"\r{self.what} ... {elapsed:.0f} s", err=True, nl=False)
+            else:
+                click.echo(f"  still {self.what} ({elapsed:.0f} s)", err=True)
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        if self._tty:
+            click.echo("", err=True)
+        return False
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _load(model, backend, dtype, threads, max_context, *, revision=None, kv_cache_tokens=None):
     from . import LLM, ModelNotFoundError, OpencampError
 
-    click.echo(f"loading {model} ...", err=True)
-    start = time.perf_counter()
+    folder = _resolve(model, revision)
     try:
-        llm = LLM(model, backend=backend, dtype=dtype, threads=threads, max_context=max_context)
+        with _Progress(f"loading {folder}") as progress:
+            llm = LLM(folder, backend=backend, dtype=dtype, threads=threads,
+                      max_context=max_context, kv_cache_tokens=kv_cache_tokens)
     except (ModelNotFoundError, OpencampError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"loaded {llm.config['model_type']} ({llm.dtype}, backend {llm.backend}, "
-               f"{llm.threads} threads) in {time.perf_counter() - start:.1f} s", err=True)
+               f"{llm.threads} threads) in {progress.elapsed:.1f} s", err=True)
     return llm
 
 
@@ -132,6 +209,219 @@ def chat(model, backend, dtype, threads, max_context, system, **sampling) -> Non
         except (OpencampError, ValueError) as e:
             click.echo(f"error: {e}", err=True)
     session.close()
+
+
+# ---- serve ---------------------------------------------------------------------------------
+
+def _generation_config_defaults(folder) -> dict:
+    """Sampling defaults a model ships in generation_config.json (as vLLM applies them)."""
+    path = os.path.join(folder, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("do_sample") is False:
+        return {}
+    wanted = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    return {k: config[k] for k in wanted if isinstance(config.get(k), (int, float))}
+
+
+def _kv_bytes_per_token(config: dict) -> int:
+    return config["num_layers"] * config["num_kv_heads"] * config["head_dim"] * 2 * 4  # f32 K+V
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        hint = " (another server is using it: pick another --port, or 0 for any free one)" \
+            if getattr(e, "errno", None) == 98 else ""
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+@main.command()
+@_model_options(default_model=DEFAULT_SERVE_MODEL)
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) when --model is a repo id.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface: set --api-key then).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port, printed at start).")
+@click.option("--api-key", envvar="OPENCAMP_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (env OPENCAMP_API_KEY).")
+@click.option("--served-model-name", default=None,
+              help="The model id clients send and /v1/models lists (default: the --model value, "
+                   "or a folder's name).")
+@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Generations running at once; more requests wait in a FIFO queue.")
+@click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
+              help="Positions in the shared KV cache (default: --parallel x the context).")
+@click.option("--max-waiting", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Queued requests beyond which new ones get HTTP 429.")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Larger request bodies get HTTP 413.")
+@click.option("--temperature", type=float, default=None,
+              help="Default when a request sets none (else the model's generation_config, else 1).")
+@click.option("--top-k", type=int, default=None, help="Default top-k (0: off).")
+@click.option("--top-p", type=float, default=None, help="Default top-p (1: off).")
+@click.option("--min-p", type=float, default=None, help="Default min-p (0: off).")
+@click.option("--repetition-penalty", type=float, default=None, help="Default repetition penalty (1: off).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help="Default max_tokens (default: up to the end of the context).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+              default="info", show_default=True)
+def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
+          served_model_name, parallel, kv_cache_tokens, max_waiting, max_request_bytes,
+          temperature, top_k, top_p, min_p, repetition_penalty, max_tokens, log_level) -> None:
+    """Serve a model over an OpenAI-compatible API, with a chat page at /.
+
+    \b
+    POST /v1/chat/completions, POST /v1/completions (streaming with SSE, or not)
+    GET  /v1/models, /health (503 while loading), /metrics (Prometheus), / (chat page)
+    """
+    import uvicorn
+
+    from . import LLM, _core
+    from .server import ServerOptions, create_app
+
+    folder = _resolve(model, revision)
+    try:
+        config = _core.load_config(str(folder))
+    except Exception as e:  # noqa: BLE001 - a broken config.json: say so, no traceback
+        raise click.ClickException(str(e)) from None
+    context = max_context or config["max_position_embeddings"]
+    kv_tokens = kv_cache_tokens or parallel * context
+    if kv_tokens < context:
+        raise click.ClickException(f"--kv-cache-tokens ({kv_tokens}) must hold at least one whole "
+                                   f"context ({context} positions, --max-context)")
+    defaults = _generation_config_defaults(folder)
+    overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+    defaults.update({k: v for k, v in overrides.items() if v is not None})
+    name = served_model_name or (os.path.basename(os.path.normpath(model))
+                                 if os.path.isdir(os.path.expanduser(model)) else model)
+    options = ServerOptions(model_name=name, model_aliases=(model,), api_key=api_key,
+                            parallel=parallel, max_waiting=max_waiting,
+                            max_request_bytes=max_request_bytes, defaults=defaults)
+    try:
+        options.sampling_defaults()
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+    sock = _bind(host, port)
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
+    url = f"http://{shown_host}:{bound_port}"
+    kv_gib = kv_tokens * _kv_bytes_per_token(config) / 2**30
+    click.echo(f"opencamp {__version__} serving {name} on {url}  (chat page: {url}/ , "
+               f"API: {url}/v1)", err=True)
+    click.echo(f"context {context} positions, KV cache {kv_tokens} positions ({kv_gib:.2f} GiB), "
+               f"{parallel} generations at once", err=True)
+    if api_key is None and bound_host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo("warning: listening beyond this machine without --api-key", err=True)
+
+    server: uvicorn.Server | None = None
+    exit_code = [0]
+    loading = _Progress(f"loading {folder} (backend {backend}, dtype {dtype})")
+
+    def load():
+        loading.__enter__()
+        try:
+            return LLM(folder, backend=backend, dtype=dtype, threads=threads, max_context=context,
+                       kv_cache_tokens=kv_tokens)
+        finally:
+            loading.__exit__(None, None, None)
+
+    def ready(llm):
+        click.echo(f"model ready in {loading.elapsed:.1f} s: {llm.config['model_type']}, "
+                   f"{llm.dtype}, backend {llm.backend}, {llm.threads} threads. Open {url}/",
+                   err=True)
+
+    def failed(error):
+        click.echo(f"Error: cannot load the model: {error}", err=True)
+        exit_code[0] = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(load, options, on_ready=ready, on_load_error=failed)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=30))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    sys.exit(exit_code[0])
+
+
+# ---- info --------------------------------------------------------------------------------
+
+def _cpu_info() -> dict:
+    info = {"model": platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
+            "features": {}, "source": None}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return info
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and info["source"] is None:
+            info["model"] = value.strip()
+            info["source"] = "/proc/cpuinfo"
+        elif key in ("flags", "Features") and not flags:
+            flags = set(value.split())
+    info["source"] = "/proc/cpuinfo"
+    info["features"] = {name: name in flags for name in CPU_FEATURES}
+    return info
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def info(as_json) -> None:
+    """Version, build, backends (compiled in and usable here), CPU features, architectures."""
+    from . import _core, architectures, backends
+
+    data = {
+        "version": __version__,
+        "build_type": _core.build_type(),
+        "python": f"{platform.python_version()} ({platform.python_implementation()})",
+        "platform": f"{platform.system()} {platform.machine()}",
+        "default_threads": _core.default_threads(),
+        "backends": backends(),
+        "cpu": _cpu_info(),
+        "architectures": [{"model_type": t, "description": d} for t, d in architectures()],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"opencamp {data['version']} (build {data['build_type']}), Python {data['python']}, "
+               f"{data['platform']}")
+    click.echo("backends (compiled in; --backend auto picks the usable one with the highest score):")
+    for b in sorted(data["backends"], key=lambda b: -b["score"]):
+        usable = "usable" if b["usable"] else "not usable here"
+        click.echo(f"  {b['name']:<8} score {b['score']:<4} {usable:<16} {b['description']}")
+    cpu = data["cpu"]
+    click.echo(f"cpu: {cpu['model']}, {cpu['logical_cores']} logical cores, "
+               f"{data['default_threads']} threads by default")
+    if cpu["features"]:
+        have = [f for f, ok in cpu["features"].items() if ok]
+        missing = [f for f, ok in cpu["features"].items() if not ok]
+        click.echo(f"  features: {' '.join(have) or '(none of the listed)'}")
+        click.echo(f"  missing:  {' '.join(missing) or '(none)'}")
+    else:
+        click.echo("  features: unknown (no /proc/cpuinfo)")
+    click.echo("architectures (config.json model_type):")
+    for a in data["architectures"]:
+        click.echo(f"  {a['model_type']:<8} {a['description']}")
 
 
 if __name__ == "__main__":

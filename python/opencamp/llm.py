@@ -184,6 +184,15 @@ class Stream(_ClosedOnExit):
         if self._on_finish is not None:
             self._on_finish(self.completion)
 
+    def cancel(self) -> None:
+        """Ask the generation to stop after its current step, from any thread.
+
+        Unlike close(), this neither waits nor touches the iterator's state, so a thread that
+        is not the one iterating may call it: the iterating thread then sees the stream end
+        within one decode step, with `completion.finish_reason == "cancelled"`.
+        """
+        self._generation.cancel()
+
     def close(self) -> None:
         """Stop generating now; `completion` then holds what was generated so far."""
         if self.completion is None:
@@ -253,10 +262,20 @@ class LLM:
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         return [int(t) for t in prompt]
 
-    def stream(self, prompt: str | Sequence[int], **options) -> Stream:
-        """Start generating from raw text (special tokens added as the tokenizer does) or ids."""
+    def stream(self, prompt: str | Sequence[int], *, sequence: int | None = None,
+               **options) -> Stream:
+        """Start generating from raw text (special tokens added as the tokenizer does) or ids.
+
+        By default the generation runs on a fresh engine sequence that is freed when the stream
+        ends. `sequence` runs it on a caller-owned one instead (from engine.create_sequence()):
+        the engine reuses the longest prefix that sequence already holds in the KV cache
+        (`completion.cached_tokens`), and the sequence is kept afterwards, holding the prompt
+        and the answer, for the caller to reuse or free. One stream at a time per sequence.
+        """
         sampling = SamplingOptions.build(**options)
         ids = self._prompt_ids(prompt)
+        if sequence is not None:
+            return Stream(self, sequence, ids, sampling, owns_sequence=False)
         seq = self.engine.create_sequence()
         try:
             return Stream(self, seq, ids, sampling, owns_sequence=True)

@@ -1,0 +1,526 @@
+"""The Starlette application: OpenAI-compatible routes, the chat page, /health and /metrics.
+
+    app = create_app(lambda: opencamp.LLM("path/to/model"), ServerOptions(model_name="my-model"))
+
+The model loads on a background thread when the app starts, so /health answers (503) at once
+and turns 200 when the model is ready. Requests are checked completely (JSON, parameters,
+prompt length against the context) before anything is queued, so every mistake gets a 4xx in
+OpenAI's error shape; once a stream has begun, an error arrives as `data: {"error": ...}` and
+the stream still ends with `data: [DONE]`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from .. import __version__
+from ..llm import LLM, Completion
+from .metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
+from .protocol import (SSE_DONE, APIError, GenerationParams, ResponseWriter, bad_request,
+                       context_error, parse_chat_request, parse_completion_request,
+                       parse_json_body, sse)
+from .scheduler import Generation, QueueFull, Scheduler
+
+log = logging.getLogger("opencamp.server")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# The sampling settings a server may preset (opencamp serve --temperature ...); a request's own
+# values win. OpenAI's defaults unless the model's generation_config.json or the command says.
+DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+                    "seed": None, "max_tokens": None}
+
+
+@dataclass
+class ServerOptions:
+    model_name: str  # the id clients send as "model" and /v1/models lists
+    model_aliases: tuple[str, ...] = ()  # other names accepted for it (e.g. the path given)
+    api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer KEY"
+    parallel: int = 4  # generations running at once; more wait in a FIFO queue
+    max_waiting: int = 256  # queued requests beyond which new ones get 429
+    max_request_bytes: int = 1 << 20  # request bodies above this get 413
+    max_idle_sequences: int = 32  # finished conversations kept in the KV cache for reuse
+    defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        unknown = set(self.defaults) - set(DEFAULT_SAMPLING)
+        if unknown:
+            raise ValueError(f"unknown default(s): {', '.join(sorted(unknown))}")
+        return {**DEFAULT_SAMPLING, **{k: v for k, v in self.defaults.items() if v is not None}}
+
+
+class ServerState:
+    """The model as the routes see it: loading, ready or failed."""
+
+    def __init__(self, model: LLM | Callable[[], LLM], options: ServerOptions,
+                 on_ready: Callable[[LLM], None] | None = None,
+                 on_load_error: Callable[[BaseException], None] | None = None):
+        self.options = options
+        self.defaults = options.sampling_defaults()
+        self.metrics = ServerMetrics()
+        self.started = int(time.time())
+        self.llm: LLM | None = None
+        self.scheduler: Scheduler | None = None
+        self.load_error: str | None = None
+        self._loader = model if callable(model) and not isinstance(model, LLM) else None
+        self._on_ready = on_ready
+        self._on_load_error = on_load_error
+        self.loop: asyncio.AbstractEventLoop | None = None
+        if self._loader is None:
+            self._set_model(model)
+        self._add_gauges()
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def _set_model(self, llm: LLM) -> None:
+        scheduler = Scheduler(llm, parallel=self.options.parallel,
+                              max_waiting=self.options.max_waiting,
+                              max_idle_sequences=self.options.max_idle_sequences)
+        scheduler.on_finish = self._record
+        self.llm, self.scheduler = llm, scheduler
+
+    def start_loading(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        if self._loader is not None and self.llm is None and self.load_error is None:
+            threading.Thread(target=self._load, name="opencamp-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            llm = self._loader()
+            self.loop.call_soon_threadsafe(self._loaded, llm, None)
+        except BaseException as error:  # noqa: BLE001 - any failure means "no model"
+            self.loop.call_soon_threadsafe(self._loaded, None, error)
+
+    def _loaded(self, llm: LLM | None, error: BaseException | None) -> None:
+        if error is not None:
+            self.load_error = str(error) or type(error).__name__
+            log.error("loading the model failed: %s", self.load_error)
+            if self._on_load_error:
+                self._on_load_error(error)
+            return
+        self._set_model(llm)
+        if self._on_ready:
+            self._on_ready(llm)
+
+    def require_ready(self) -> tuple[LLM, Scheduler]:
+        if self.llm is None:
+            if self.load_error is not None:
+                raise APIError(503, f"the model failed to load: {self.load_error}",
+                               type="server_error", code="model_load_failed")
+            raise APIError(503, "the model is still loading; retry when GET /health says ok",
+                           type="server_error", code="model_loading")
+        return self.llm, self.scheduler
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+
+    # ---- metrics -------------------------------------------------------------------------
+
+    def _add_gauges(self) -> None:
+        m = self.metrics
+        sched = lambda attr: (lambda: getattr(self.scheduler, attr) if self.scheduler else 0)  # noqa: E731
+        m.add_gauge("opencamp_requests_running", "Generations running now.", sched("running"))
+        m.add_gauge("opencamp_requests_waiting", "Requests queued for a free slot.",
+                    sched("waiting"))
+        m.add_gauge("opencamp_model_ready", "1 once the model is loaded.",
+                    lambda: 1 if self.llm is not None else 0)
+        m.add_gauge("opencamp_kv_cache_blocks_total", "Blocks in the KV cache pool.",
+                    sched("total_blocks"))
+        m.add_gauge("opencamp_kv_cache_blocks_reserved",
+                    "Blocks reserved by running requests (prompt + max_tokens).",
+                    sched("reserved_blocks"))
+        m.add_gauge("opencamp_kv_cache_blocks_idle",
+                    "Blocks held by finished conversations kept for prefix reuse.",
+                    sched("idle_blocks"))
+        m.add_gauge("opencamp_cached_conversations",
+                    "Finished conversations kept in the KV cache for prefix reuse.",
+                    sched("idle_sequences"))
+
+    def _record(self, generation: Generation, completion: Completion | None) -> None:
+        """Called on the event loop when a generation ends, whoever was still listening."""
+        m, job = self.metrics, generation.job
+        if completion is None:
+            m.requests.inc(endpoint=job.endpoint, finish_reason="error")
+            return
+        m.requests.inc(endpoint=job.endpoint, finish_reason=completion.finish_reason)
+        m.prompt_tokens.inc(completion.prompt_tokens)
+        m.cached_prompt_tokens.inc(completion.cached_tokens)
+        m.generation_tokens.inc(completion.completion_tokens)
+        now = time.perf_counter()
+        if generation.first_text_at is not None:
+            m.time_to_first_token.observe(generation.first_text_at - job.arrived)
+        if completion.completion_tokens > 1 and completion.decode_seconds > 0:
+            m.decode_speed.observe(completion.decode_tokens_per_second)
+        m.request_duration.observe(now - job.arrived)
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.opencamp
+
+
+def _check_auth(request: Request) -> None:
+    key = _state(request).options.api_key
+    if not key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise APIError(401, "Missing API key: send it as the header 'Authorization: Bearer KEY' "
+                       "(the key opencamp serve was started with, --api-key).",
+                       code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+async def _read_body(request: Request) -> bytes:
+    limit = _state(request).options.max_request_bytes
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} "
+                         "bytes (opencamp serve --max-request-bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    names = (state.options.model_name, *state.options.model_aliases)
+    if model is not None and model not in names:
+        raise APIError(404, f"The model '{model}' does not exist: this server serves "
+                       f"'{state.options.model_name}' (GET /v1/models lists it).",
+                       param="model", code="model_not_found")
+
+
+def _prompt_ids(llm: LLM, params: GenerationParams) -> list[int]:
+    """Runs on a worker thread: templates and tokenizers can take a while on long prompts."""
+    try:
+        if params.kind == "chat":
+            return llm.chat_prompt_ids(params.messages)
+        if isinstance(params.prompt, str):
+            return llm.tokenizer.encode(params.prompt, add_special_tokens=True)
+    except ValueError as error:  # chat template errors, messages the template refuses
+        raise bad_request(str(error), "messages" if params.kind == "chat" else "prompt") from None
+    vocab = llm.config["vocab_size"]
+    bad = [t for t in params.prompt if t >= vocab]
+    if bad:
+        raise bad_request(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab})",
+                          "prompt")
+    return list(params.prompt)
+
+
+def _engine_options(state: ServerState, llm: LLM, params: GenerationParams,
+                    prompt_tokens: int) -> dict[str, Any]:
+    context = llm.max_context
+    if prompt_tokens == 0:
+        raise bad_request("the prompt is empty", "prompt")
+    if params.max_tokens is not None:
+        max_tokens = params.max_tokens
+        if prompt_tokens + max_tokens > context:
+            raise context_error(prompt_tokens, max_tokens, context, params.kind)
+    else:
+        if prompt_tokens >= context:
+            raise context_error(prompt_tokens, 0, context, params.kind)
+        default = state.defaults["max_tokens"]
+        max_tokens = min(default, context - prompt_tokens) if default else context - prompt_tokens
+    vocab = llm.config["vocab_size"]
+    bad = [t for t in params.stop_token_ids if t >= vocab]
+    if bad:
+        raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})",
+                          "stop_token_ids")
+    sampling = {k: v for k, v in state.defaults.items() if k != "max_tokens"}
+    sampling.update(params.sampling)
+    return dict(sampling, max_tokens=max_tokens, stop=params.stop,
+                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+
+
+def _engine_error(error: BaseException) -> APIError:
+    """An error raised by the engine or the Python layer once a request was accepted."""
+    if isinstance(error, APIError):
+        return error
+    kind = getattr(error, "kind", None)
+    if kind == "invalid_argument" or isinstance(error, (ValueError, TypeError)):
+        return bad_request(str(error))
+    if kind == "capacity_exceeded":
+        return APIError(400, str(error), code="context_length_exceeded")
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}",
+                    type="server_error", code="internal_error")
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# ---- generation routes -------------------------------------------------------------------
+
+async def _generate(request: Request, kind: str) -> Response:
+    arrived = time.perf_counter()
+    state = _state(request)
+    _check_auth(request)
+    body = parse_json_body(await _read_body(request))
+    params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
+    _check_model(state, params.model)
+    llm, scheduler = state.require_ready()
+    prompt_ids = await anyio.to_thread.run_sync(_prompt_ids, llm, params)
+    options = _engine_options(state, llm, params, len(prompt_ids))
+    max_tokens = options.pop("max_tokens")
+    writer = ResponseWriter(kind, state.options.model_name, params.include_usage)
+
+    async def start() -> Generation:
+        try:
+            return await scheduler.start(prompt_ids, max_tokens, dict(options, max_tokens=max_tokens),
+                                         endpoint=kind, arrived=arrived)
+        except QueueFull as error:
+            raise APIError(429, f"the server is busy ({error}); retry later",
+                           type="server_error", code="server_busy") from None
+
+    if params.stream:
+        return StreamingResponse(_sse_stream(start, writer), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # Not streamed: still stop generating when the client goes away.
+    work = asyncio.ensure_future(_whole(start, writer))
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    return JSONResponse(work.result())
+
+
+async def _whole(start, writer: ResponseWriter) -> dict:
+    generation = await start()
+    pieces: list[str] = []
+    try:
+        while True:
+            event, value = await generation.events.get()
+            if event == "text":
+                pieces.append(value)
+            elif event == "done":
+                c: Completion = value
+                return writer.whole("".join(pieces), c.finish_reason, c.prompt_tokens,
+                                    c.completion_tokens, c.cached_tokens)
+            else:
+                raise _engine_error(value)
+    finally:
+        generation.cancel()  # a no-op once it has finished
+
+
+async def _sse_stream(start, writer: ResponseWriter):
+    first = writer.first_chunk()
+    if first is not None:
+        yield sse(first)
+    generation = None
+    try:
+        generation = await start()
+        while True:
+            event, value = await generation.events.get()
+            if event == "text":
+                yield sse(writer.content_chunk(value))
+            elif event == "done":
+                c: Completion = value
+                yield sse(writer.final_chunk(c.finish_reason))
+                if writer.include_usage:
+                    yield sse(writer.usage_chunk(c.prompt_tokens, c.completion_tokens,
+                                                 c.cached_tokens))
+                break
+            else:
+                raise value
+    except APIError as error:
+        yield sse(error.to_dict())
+    except Exception as error:  # noqa: BLE001 - reported to the client, the server goes on
+        if not isinstance(error, APIError) and _engine_error(error).status >= 500:
+            log.error("stream failed: %s: %s", type(error).__name__, error)
+        yield sse(_engine_error(error).to_dict())
+    finally:
+        # Reached on a client disconnect too (the task is cancelled): stop within one step.
+        if generation is not None:
+            generation.cancel()
+    yield SSE_DONE
+
+
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
+
+
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completion")
+
+
+# ---- other routes ------------------------------------------------------------------------
+
+def _model_card(state: ServerState) -> dict:
+    card = {"id": state.options.model_name, "object": "model", "created": state.started,
+            "owned_by": "opencamp"}
+    if state.llm is not None:
+        card["max_model_len"] = state.llm.max_context
+    return card
+
+
+async def list_models(request: Request) -> Response:
+    _check_auth(request)
+    return JSONResponse({"object": "list", "data": [_model_card(_state(request))]})
+
+
+async def get_model(request: Request) -> Response:
+    _check_auth(request)
+    state = _state(request)
+    _check_model(state, request.path_params["model"])
+    return JSONResponse(_model_card(state))
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    if state.llm is not None:
+        return JSONResponse({"status": "ok", "model": state.options.model_name})
+    if state.load_error is not None:
+        return JSONResponse({"status": "error", "message": state.load_error}, status_code=503)
+    return JSONResponse({"status": "loading"}, status_code=503)
+
+
+async def metrics(request: Request) -> Response:
+    _check_auth(request)
+    state = _state(request)
+    extra = []
+    if state.llm is not None:
+        llm = state.llm
+        stats = await anyio.to_thread.run_sync(llm.engine.cache_stats)  # may wait on the engine
+        used, total = stats["used_blocks"], stats["total_blocks"]
+        extra += [
+            "# HELP opencamp_kv_cache_blocks_used Blocks of the KV cache pool in use.",
+            "# TYPE opencamp_kv_cache_blocks_used gauge",
+            f"opencamp_kv_cache_blocks_used {used}",
+            "# HELP opencamp_kv_cache_usage_ratio Fraction of the KV cache pool in use.",
+            "# TYPE opencamp_kv_cache_usage_ratio gauge",
+            f"opencamp_kv_cache_usage_ratio {used / total if total else 0.0:.6f}",
+            "# HELP opencamp_model_info The model served, and how.",
+            "# TYPE opencamp_model_info gauge",
+            f'opencamp_model_info{{model="{state.options.model_name}",backend="{llm.backend}",'
+            f'dtype="{llm.dtype}",threads="{llm.threads}",version="{__version__}"}} 1',
+        ]
+    return Response(state.metrics.render(extra), media_type=PROMETHEUS_CONTENT_TYPE)
+
+
+async def page_config(request: Request) -> Response:
+    """What the chat page needs to start: the model, its context and the server's defaults."""
+    state = _state(request)
+    llm = state.llm
+    return JSONResponse({
+        "model": state.options.model_name, "version": __version__,
+        "ready": llm is not None, "auth_required": bool(state.options.api_key),
+        "max_context": llm.max_context if llm else None,
+        "backend": llm.backend if llm else None, "defaults": state.defaults,
+    })
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+async def _api_error(request: Request, error: APIError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+
+
+async def _http_error(request: Request, error: HTTPException) -> Response:
+    if error.status_code == 404:
+        message = (f"Unknown request URL: {request.method} {request.url.path}. The API lives "
+                   "under /v1 (POST /v1/chat/completions, POST /v1/completions, GET /v1/models).")
+        code = "unknown_url"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+        code = "method_not_allowed"
+    else:
+        message, code = str(error.detail), None
+    return JSONResponse(APIError(error.status_code, message, code=code).to_dict(),
+                        status_code=error.status_code, headers=error.headers)
+
+
+async def _unexpected(request: Request, error: Exception) -> Response:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}",
+                                 type="server_error", code="internal_error").to_dict(),
+                        status_code=500)
+
+
+class _CountErrors:
+    """ASGI middleware: count every response with an error status in /metrics."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.http_errors.inc(status=str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def create_app(model: LLM | Callable[[], LLM], options: ServerOptions, *,
+               on_ready: Callable[[LLM], None] | None = None,
+               on_load_error: Callable[[BaseException], None] | None = None) -> Starlette:
+    """The server for `model`: a loaded LLM, or a function that loads one (called on a thread
+    when the app starts, while /health says 503)."""
+    state = ServerState(model, options, on_ready=on_ready, on_load_error=on_load_error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state.start_loading()
+        try:
+            yield
+        finally:
+            state.close()
+
+    routes = [
+        Route("/", index),
+        Route("/health", health),
+        Route("/config", page_config),
+        Route("/metrics", metrics),
+        Route("/v1/models", list_models),
+        Route("/v1/models/{model:path}", get_model),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        APIError: _api_error, HTTPException: _http_error, Exception: _unexpected})
+    app.state.opencamp = state
+    app.add_middleware(_CountErrors, metrics=state.metrics)
+    return app

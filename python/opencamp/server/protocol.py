@@ -1,0 +1,373 @@
+"""The OpenAI wire format: reading requests into checked parameters, and writing responses,
+stream chunks and errors exactly as OpenAI's API does.
+
+Nothing here touches the engine, so every rule can be tested without a model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+# Sampling fields a request may set, with the engine's rules (see README "Sampling").
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "presence_penalty", "frequency_penalty", "seed")
+MAX_STOP_STRINGS = 16
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def to_dict(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code or ("invalid_value" if param else None))
+
+
+@dataclass
+class GenerationParams:
+    """One checked request, ready for the scheduler."""
+
+    kind: str  # "chat" or "completion"
+    model: str | None
+    messages: list[dict] | None = None  # chat
+    prompt: str | list[int] | None = None  # completion: text or token ids
+    max_tokens: int | None = None  # None: the server default (or the rest of the context)
+    sampling: dict[str, Any] = field(default_factory=dict)  # only the fields the request set
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+    include_usage: bool = False
+
+
+# ---- reading requests -------------------------------------------------------------------
+
+def parse_json_body(raw: bytes) -> dict:
+    if not raw.strip():
+        raise bad_request("the request body is empty: send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _int(body: dict, name: str, low: int | None = None, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _is_int(value):
+        raise bad_request(f"{name} must be an integer, got {json.dumps(value)}", name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        rule = (f">= {low}" if high is None else f"<= {high}" if low is None
+                else f"between {low} and {high}")
+        raise bad_request(f"{name} must be {rule}, got {value}", name)
+    return value
+
+
+def _number(body: dict, name: str, check, rule: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not _is_number(value):
+        raise bad_request(f"{name} must be a number, got {json.dumps(value)}", name)
+    if not check(float(value)):
+        raise bad_request(f"{name} must be {rule}, got {value}", name)
+    return float(value)
+
+
+def _bool(body: dict, name: str) -> bool | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, got {json.dumps(value)}", name)
+    return value
+
+
+def _sampling(body: dict) -> dict[str, Any]:
+    """The sampling fields the request sets, checked against the engine's rules."""
+    out: dict[str, Any] = {}
+    checks = {
+        "temperature": (lambda v: 0 <= v <= 2, "between 0 and 2"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "repetition_penalty": (lambda v: v > 0, "> 0 (1 turns it off)"),
+        "presence_penalty": (lambda v: -2 <= v <= 2, "between -2 and 2"),
+        "frequency_penalty": (lambda v: -2 <= v <= 2, "between -2 and 2"),
+    }
+    for name, (check, rule) in checks.items():
+        value = _number(body, name, check, rule)
+        if value is not None:
+            out[name] = value
+    top_k = _int(body, "top_k", low=-1)
+    if top_k is not None:
+        out["top_k"] = max(top_k, 0)  # -1 (vLLM) and 0 both mean off
+    seed = _int(body, "seed")
+    if seed is not None:
+        out["seed"] = seed % 2**64  # OpenAI takes any 64-bit integer, negative ones too
+    return out
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request("stop must be a string or a list of strings", "stop")
+    stops = [s for s in stops if s != ""]  # OpenAI ignores empty stop strings
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
+                          "stop")
+    return stops
+
+
+def _token_ids(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(t) and t >= 0 for t in value):
+        raise bad_request(f"{name} must be a list of non-negative integer token ids", name)
+    return list(value)
+
+
+def _refuse_unsupported(body: dict) -> None:
+    """Fields that would change the answer's meaning are refused, not silently ignored."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise bad_request(f"n must be 1: this server returns one choice per request (got n={n})",
+                          "n")
+    if body.get("best_of") not in (None, 1):
+        raise bad_request("best_of must be 1: this server returns one choice per request",
+                          "best_of")
+    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
+        raise bad_request("logprobs are not supported by this server", "logprobs")
+    if body.get("echo"):
+        raise bad_request("echo is not supported by this server", "echo")
+    if body.get("suffix"):
+        raise bad_request("suffix (insertion) is not supported by this server", "suffix")
+    if body.get("tools"):
+        raise bad_request("tools (function calling) are not supported by this server", "tools")
+    if body.get("functions"):
+        raise bad_request("functions are not supported by this server", "functions")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("response_format other than {\"type\": \"text\"} is not supported",
+                          "response_format")
+    if body.get("logit_bias"):
+        raise bad_request("logit_bias is not supported by this server", "logit_bias")
+
+
+def _message_content(content: Any, index: int) -> str:
+    """A message's text: a string, or a list of text content parts (what newer clients send)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise bad_request(f"messages[{index}].content: only text parts are supported, "
+                                  f"got a {kind!r} part", f"messages[{index}].content")
+            if not isinstance(part.get("text"), str):
+                raise bad_request(f"messages[{index}].content: a text part needs a string 'text'",
+                                  f"messages[{index}].content")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise bad_request(f"messages[{index}].content must be a string or a list of text parts",
+                      f"messages[{index}].content")
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages must be a non-empty list of {\"role\", \"content\"} objects",
+                          "messages")
+    out = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{index}] must be an object with role and content",
+                              f"messages[{index}]")
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise bad_request(f"messages[{index}].role must be system, user or assistant, got "
+                              f"{json.dumps(role)}", f"messages[{index}].role")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _message_content(content, index)})
+    return out
+
+
+def _prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        if all(_is_int(t) for t in prompt):
+            return _token_ids(prompt, "prompt")
+        if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            return prompt[0] if isinstance(prompt[0], str) else _token_ids(prompt[0], "prompt")
+        raise bad_request("prompt must be one string or one list of token ids: this server "
+                          f"answers one prompt per request (got {len(prompt)})", "prompt")
+    raise bad_request("prompt must be a string or a list of token ids", "prompt")
+
+
+def _common(body: dict, kind: str) -> GenerationParams:
+    _refuse_unsupported(body)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", "model")
+    max_tokens = _int(body, "max_completion_tokens", low=1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", low=1)
+    stream = bool(_bool(body, "stream"))
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad_request("stream_options must be an object", "stream_options")
+        if not stream:
+            raise bad_request("stream_options is only allowed when stream is true",
+                              "stream_options")
+        include_usage = bool(_bool(options, "include_usage"))
+    stop_token_ids = body.get("stop_token_ids")
+    return GenerationParams(
+        kind=kind, model=model, max_tokens=max_tokens, sampling=_sampling(body), stop=_stop(body),
+        stop_token_ids=[] if stop_token_ids is None else _token_ids(stop_token_ids,
+                                                                     "stop_token_ids"),
+        ignore_eos=bool(_bool(body, "ignore_eos")), stream=stream, include_usage=include_usage)
+
+
+def parse_chat_request(body: dict) -> GenerationParams:
+    params = _common(body, "chat")
+    params.messages = _messages(body)
+    return params
+
+
+def parse_completion_request(body: dict) -> GenerationParams:
+    params = _common(body, "completion")
+    params.prompt = _prompt(body)
+    return params
+
+
+def context_error(prompt_tokens: int, max_tokens: int, context: int, kind: str) -> APIError:
+    where = "messages" if kind == "chat" else "prompt"
+    if prompt_tokens >= context:
+        message = (f"This model's maximum context length is {context} tokens, but the "
+                   f"{where} take {prompt_tokens} tokens, leaving none to generate. Please "
+                   f"shorten the {where}.")
+    else:
+        message = (f"This model's maximum context length is {context} tokens. However, you "
+                   f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                   f"{where}, {max_tokens} in the completion). Please reduce the length of the "
+                   f"{where} or the completion (max_tokens).")
+    return APIError(400, message, param=where, code="context_length_exceeded")
+
+
+# ---- writing responses ------------------------------------------------------------------
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + secrets.token_hex(12)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+class ResponseWriter:
+    """Builds the response objects of one request: a whole answer, or its stream of chunks."""
+
+    def __init__(self, kind: str, model: str, include_usage: bool = False):
+        self.kind = kind
+        self.model = model
+        self.include_usage = include_usage
+        self.id = new_id(kind)
+        self.created = int(time.time())
+
+    def _chunk(self, choices: list, **extra) -> dict:
+        chunk = {"id": self.id,
+                 "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+                 "created": self.created, "model": self.model, "system_fingerprint": None,
+                 "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = None  # every chunk but the last says null, as OpenAI does
+        chunk.update(extra)
+        return chunk
+
+    def _choice(self, delta_or_text, finish_reason: str | None) -> dict:
+        if self.kind == "chat":
+            return {"index": 0, "delta": delta_or_text, "logprobs": None,
+                    "finish_reason": finish_reason}
+        return {"index": 0, "text": delta_or_text, "logprobs": None,
+                "finish_reason": finish_reason}
+
+    def first_chunk(self) -> dict | None:
+        """Chat streams open with the assistant's role; completion streams have no such chunk."""
+        if self.kind != "chat":
+            return None
+        return self._chunk([self._choice({"role": "assistant", "content": ""}, None)])
+
+    def content_chunk(self, text: str) -> dict:
+        return self._chunk([self._choice({"content": text} if self.kind == "chat" else text,
+                                         None)])
+
+    def final_chunk(self, finish_reason: str) -> dict:
+        return self._chunk([self._choice({} if self.kind == "chat" else "", finish_reason)])
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+        return self._chunk([], usage=usage(prompt_tokens, completion_tokens, cached_tokens))
+
+    def whole(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+              cached_tokens: int) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0,
+                      "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": None, "finish_reason": finish_reason}
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None, "choices": [choice],
+                "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False,
+                                                            separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
