@@ -29,6 +29,10 @@ struct KVLayerView {
   Tensor values;  // [n_blocks, block_size, n_kv_heads, head_dim] f32
 };
 
+// What a weight is for, so a backend can pick its layout: a matmul weight may be packed for the
+// backend's kernels; an embedding table is read by rows.
+enum class WeightUse { Matrix, Table };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -39,19 +43,25 @@ class Backend {
   virtual std::shared_ptr<Buffer> allocate(size_t bytes);
 
   // Returns `source` (host memory, any float dtype) as a weight held in `dtype` (F32 or BF16)
-  // in the layout this backend's kernels want. May return a view of `source` itself when no
-  // conversion is needed (zero-copy); otherwise memory is allocated and appended to `owned`.
-  virtual Tensor prepare_weight(const Tensor& source, DType dtype,
+  // in the layout this backend's kernels want for `use`. May return a view of `source` itself
+  // when no conversion is needed (zero-copy); otherwise memory is allocated and appended to
+  // `owned`. Norm weights and biases are prepared as F32 tables.
+  virtual Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
                                 std::vector<std::shared_ptr<Buffer>>& owned);
+
+  // True when the backend wants q/k/v and gate/up each as one matrix (one pass over the input
+  // instead of three or two); models then concatenate them at load time.
+  virtual bool fuses_projections() const { return false; }
 
   // out[t, :] = table[ids[t], :]
   virtual void embedding(const Tensor& out,    // [T, D] f32
                          const Tensor& table,  // [V, D] weight dtype
                          std::span<const int32_t> ids);  // [T]
 
-  // out[r, :] = x[r, :] / sqrt(mean(x[r, :]^2) + eps) * weight; out may alias x.
-  virtual void rmsnorm(const Tensor& out,     // [R, D] f32
-                       const Tensor& x,       // [R, D] f32
+  // Over the last dim: out[..., :] = x[..., :] / sqrt(mean(x[..., :]^2) + eps) * weight; out
+  // may alias x. 2-d rows, or 3-d [T, H, D] for per-head norms of a strided projection.
+  virtual void rmsnorm(const Tensor& out,     // [R, D] or [T, H, D] f32
+                       const Tensor& x,       // same shape as out
                        const Tensor& weight,  // [D] f32
                        float eps);
 

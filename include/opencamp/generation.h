@@ -22,8 +22,10 @@ struct TokenEvent {
 class GenerationStream {
  public:
   // Starts generating on a new thread right away; a request Engine::check_request refuses
-  // throws here instead. `engine` must outlive this object.
-  GenerationStream(Engine& engine, int seq, GenerationRequest request);
+  // throws here instead. `engine` must outlive this object. At most `max_queued` tokens wait
+  // for the consumer: a consumer that stalls pauses the generation instead of letting it run
+  // arbitrarily far ahead.
+  GenerationStream(Engine& engine, int seq, GenerationRequest request, size_t max_queued = 1024);
   ~GenerationStream();  // cancels and joins
   GenerationStream(const GenerationStream&) = delete;
   GenerationStream& operator=(const GenerationStream&) = delete;
@@ -35,7 +37,7 @@ class GenerationStream {
   bool timed_out() const { return timed_out_; }
 
   // Asks the generation to stop after the current step.
-  void cancel() { cancel_.store(true); }
+  void cancel();
   // Waits for the thread; the result is valid afterwards (rethrows the thread's error).
   const GenerationResult& wait();
   bool finished() const;
@@ -46,7 +48,9 @@ class GenerationStream {
   std::thread thread_;
   std::atomic<bool> cancel_{false};
   mutable std::mutex mutex_;
-  std::condition_variable ready_;
+  std::condition_variable ready_;     // a token arrived or the generation ended
+  std::condition_variable drained_;   // the consumer took a token (room in the queue)
+  size_t max_queued_;
   std::deque<TokenEvent> queue_;
   bool done_ = false;
   bool timed_out_ = false;

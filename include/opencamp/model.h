@@ -39,21 +39,26 @@ const std::vector<Architecture>& registered_architectures();
 const Architecture& find_architecture(const std::string& model_type,
                                       const std::string& config_path);
 
+// A backend that fuses projections (Backend::fuses_projections) gets wqkv / w_gate_up and
+// their biases; otherwise the separate matrices. Unused ones stay empty.
 struct LayerWeights {
   Tensor attn_norm;           // [D] f32
   Tensor wq, wk, wv, wo;      // [Hq*hd, D], [Hkv*hd, D], [Hkv*hd, D], [D, Hq*hd]
   Tensor bq, bk, bv, bo;      // [Hq*hd], [Hkv*hd], [Hkv*hd], [D] f32, or empty
+  Tensor wqkv, bqkv;          // [(Hq + 2 Hkv) * hd, D], [(Hq + 2 Hkv) * hd] f32 or empty
   Tensor q_norm, k_norm;      // [hd] f32, or empty
   Tensor ffn_norm;            // [D] f32
   Tensor w_gate, w_up, w_down;  // [F, D], [F, D], [D, F]
   Tensor b_gate, b_up, b_down;  // [F], [F], [D] f32, or empty
+  Tensor w_gate_up, b_gate_up;  // [2F, D] (gate rows, then up rows), [2F] f32 or empty
 };
 
 struct ModelWeights {
   Tensor embed;       // [V, D]
   std::vector<LayerWeights> layers;
   Tensor final_norm;  // [D] f32
-  Tensor lm_head;     // [V, D]; the same memory as embed when embeddings are tied
+  Tensor lm_head;     // [V, D]; the embedding matrix again when embeddings are tied (the
+                      // same memory unless the backend lays matmul weights out its own way)
   Tensor rope_inv_freq;  // [hd / 2] f32, rope scaling already applied
 };
 

@@ -15,6 +15,11 @@ namespace opencamp {
 
 enum class Device : uint8_t { CPU, CUDA };
 
+// Strided: element (i, j, ...) lives at data + sum(index * stride). Packed: a backend's private
+// arrangement of a weight (e.g. panels for its matmul kernels); the logical shape still says
+// what the tensor is, but only the backend that packed it can read the data.
+enum class Layout : uint8_t { Strided, Packed };
+
 struct Tensor {
   static constexpr int kMaxDims = 4;
 
@@ -24,6 +29,7 @@ struct Tensor {
   std::array<int64_t, kMaxDims> stride{};  // in elements, not bytes
   void* data = nullptr;
   Device device = Device::CPU;
+  Layout layout = Layout::Strided;
 
   // A contiguous (row-major) view of `data`.
   static Tensor contiguous(void* data, DType dtype, std::initializer_list<int64_t> shape,
@@ -39,6 +45,10 @@ struct Tensor {
   Tensor reshaped(std::initializer_list<int64_t> new_shape) const;
   // Rows [begin, end) along the outermost dimension.
   Tensor rows(int64_t begin, int64_t end) const;
+  // Columns [begin, begin + count) of a 2-d tensor (e.g. the q part of a fused q/k/v output).
+  Tensor columns(int64_t begin, int64_t count) const;
+  // A 2-d [R, C] tensor seen as [R, C / inner, inner] (e.g. rows of heads); strides follow.
+  Tensor split_last(int64_t inner) const;
 
   template <class T>
   T* ptr() const { return static_cast<T*>(data); }

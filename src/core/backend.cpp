@@ -13,7 +13,7 @@ std::shared_ptr<Buffer> Backend::allocate(size_t bytes) {
   return std::make_shared<HostBuffer>(bytes);
 }
 
-Tensor Backend::prepare_weight(const Tensor& source, DType dtype,
+Tensor Backend::prepare_weight(const Tensor& source, DType dtype, WeightUse,
                                std::vector<std::shared_ptr<Buffer>>& owned) {
   if (!source.is_contiguous()) fail(ErrorKind::Internal, "weights must be contiguous");
   if (source.dtype == dtype && device() == Device::CPU) return source;  // zero-copy

@@ -64,6 +64,27 @@ Tensor Tensor::rows(int64_t begin, int64_t end) const {
   return t;
 }
 
+Tensor Tensor::columns(int64_t begin, int64_t count) const {
+  if (ndim != 2 || begin < 0 || count < 0 || begin + count > shape[1]) {
+    fail(ErrorKind::Internal, "columns [", begin, ", ", begin + count, ") outside ", shape_string(*this));
+  }
+  Tensor t = *this;
+  t.shape[1] = count;
+  t.data = static_cast<char*>(data) + begin * stride[1] * static_cast<int64_t>(dtype_size(dtype));
+  return t;
+}
+
+Tensor Tensor::split_last(int64_t inner) const {
+  if (ndim != 2 || inner <= 0 || shape[1] % inner != 0) {
+    fail(ErrorKind::Internal, "cannot split ", shape_string(*this), " into rows of ", inner);
+  }
+  Tensor t = *this;
+  t.ndim = 3;
+  t.shape = {shape[0], shape[1] / inner, inner, 0};
+  t.stride = {stride[0], inner * stride[1], stride[1], 0};
+  return t;
+}
+
 void* Tensor::at(std::initializer_list<int64_t> index) const {
   int64_t offset = 0;
   int d = 0;

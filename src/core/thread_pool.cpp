@@ -9,10 +9,29 @@
 #ifdef __linux__
 #include <sched.h>
 #endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 namespace opencamp {
+namespace {
 
-ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads > 0 ? n_threads : default_threads()) {
+// About 50-100 us of spinning before a worker sleeps: longer than the gap between the ops of
+// one forward pass, far shorter than the gap between user requests.
+constexpr int kSpinsBeforeSleep = 1 << 14;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(int n_threads)
+    : n_threads_(n_threads > 0 ? n_threads : default_threads()), errors_(n_threads_) {
   workers_.reserve(n_threads_ - 1);
   for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
@@ -20,7 +39,7 @@ ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads > 0 ? n_threads : d
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stopping_ = true;
+    stopping_.store(true);
   }
   work_ready_.notify_all();
   for (auto& worker : workers_) worker.join();
@@ -31,25 +50,26 @@ void ThreadPool::run(const std::function<void(int, int)>& job) {
     job(0, 1);
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    job_ = &job;
-    pending_ = n_threads_ - 1;
-    first_error_ = nullptr;
-    ++generation_;
+  job_ = &job;
+  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
+  generation_.fetch_add(1, std::memory_order_seq_cst);  // publishes job_ and pending_
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+    std::lock_guard<std::mutex> lock(mutex_);  // orders against a worker about to sleep
+    work_ready_.notify_all();
   }
-  work_ready_.notify_all();
-  std::exception_ptr caller_error;
   try {
     job(0, n_threads_);
   } catch (...) {
-    caller_error = std::current_exception();
+    errors_[0] = std::current_exception();
   }
-  std::unique_lock<std::mutex> lock(mutex_);
-  work_done_.wait(lock, [this] { return pending_ == 0; });
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < kSpinsBeforeSleep) cpu_relax();
+    else std::this_thread::yield();
+  }
   job_ = nullptr;
-  if (caller_error) std::rethrow_exception(caller_error);
-  if (first_error_) std::rethrow_exception(std::exchange(first_error_, nullptr));
+  for (auto& error : errors_) {
+    if (error) std::rethrow_exception(std::exchange(error, nullptr));
+  }
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
@@ -63,27 +83,30 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
 }
 
 void ThreadPool::worker_loop(int thread_index) {
-  uint64_t seen_generation = 0;
+  uint64_t seen = 0;
   for (;;) {
-    const std::function<void(int, int)>* job;
-    {
+    uint64_t current = generation_.load(std::memory_order_acquire);
+    for (int spins = 0; current == seen && spins < kSpinsBeforeSleep; ++spins) {
+      cpu_relax();
+      current = generation_.load(std::memory_order_acquire);
+    }
+    if (current == seen) {
       std::unique_lock<std::mutex> lock(mutex_);
-      work_ready_.wait(lock, [&] { return stopping_ || generation_ != seen_generation; });
-      if (stopping_) return;
-      seen_generation = generation_;
-      job = job_;
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      work_ready_.wait(lock, [&] {
+        return stopping_.load() || generation_.load(std::memory_order_seq_cst) != seen;
+      });
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
+      current = generation_.load(std::memory_order_acquire);
     }
-    std::exception_ptr error;
+    if (stopping_.load()) return;
+    seen = current;
     try {
-      (*job)(thread_index, n_threads_);
+      (*job_)(thread_index, n_threads_);
     } catch (...) {
-      error = std::current_exception();
+      errors_[thread_index] = std::current_exception();
     }
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (error && !first_error_) first_error_ = error;
-      if (--pending_ == 0) work_done_.notify_one();
-    }
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 

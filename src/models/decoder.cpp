@@ -18,8 +18,8 @@ DecoderScratch::DecoderScratch(Backend& backend, const ModelConfig& c, int max_t
   const int64_t T = max_tokens, D = c.hidden_size, F = c.intermediate_size;
   const int64_t q_dim = static_cast<int64_t>(c.num_heads) * c.head_dim;
   const int64_t kv_dim = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
-  const int64_t sizes[] = {T * D, T * D, T * q_dim, T * kv_dim, T * kv_dim, T * q_dim,
-                           T * F, T * F, static_cast<int64_t>(max_logit_rows) * c.vocab_size};
+  const int64_t sizes[] = {T * D, T * D, T * (q_dim + 2 * kv_dim), T * q_dim, T * 2 * F,
+                           static_cast<int64_t>(max_logit_rows) * c.vocab_size};
   int64_t total = 0;
   for (int64_t n : sizes) total += (n + 15) / 16 * 16;  // keep each tensor 64-byte aligned
   memory = backend.allocate(static_cast<size_t>(total) * sizeof(float));
@@ -31,12 +31,9 @@ DecoderScratch::DecoderScratch(Backend& backend, const ModelConfig& c, int max_t
   };
   x = take({T, D});
   h = take({T, D});
-  q = take({T, q_dim});
-  k = take({T, kv_dim});
-  v = take({T, kv_dim});
+  qkv = take({T, q_dim + 2 * kv_dim});
   attn = take({T, q_dim});
-  gate = take({T, F});
-  up = take({T, F});
+  gate_up = take({T, 2 * F});
   logits = take({static_cast<int64_t>(max_logit_rows), c.vocab_size});
 }
 
@@ -54,12 +51,14 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
     fail(ErrorKind::Internal, "logits buffer has ", logits_host.size(), " floats, need ",
          n_logit_rows * c.vocab_size);
   }
-  const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, hd = c.head_dim;
-  const Tensor x = s.x.rows(0, T), h = s.h.rows(0, T);
-  const Tensor q = s.q.rows(0, T), k = s.k.rows(0, T), v = s.v.rows(0, T);
-  const Tensor attn = s.attn.rows(0, T), gate = s.gate.rows(0, T), up = s.up.rows(0, T);
-  const Tensor q_heads = q.reshaped({T, Hq, hd}), k_heads = k.reshaped({T, Hkv, hd});
-  const Tensor v_heads = v.reshaped({T, Hkv, hd}), attn_heads = attn.reshaped({T, Hq, hd});
+  const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, hd = c.head_dim, F = c.intermediate_size;
+  const Tensor x = s.x.rows(0, T), h = s.h.rows(0, T), attn = s.attn.rows(0, T);
+  const Tensor qkv = s.qkv.rows(0, T), gate_up = s.gate_up.rows(0, T);
+  const Tensor q = qkv.columns(0, Hq * hd), k = qkv.columns(Hq * hd, Hkv * hd);
+  const Tensor v = qkv.columns((Hq + Hkv) * hd, Hkv * hd);
+  const Tensor q_heads = q.split_last(hd), k_heads = k.split_last(hd), v_heads = v.split_last(hd);
+  const Tensor attn_heads = attn.split_last(hd);
+  const Tensor gate = gate_up.columns(0, F), up = gate_up.columns(F, F);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
   backend.embedding(x, w.embed, batch.tokens);
@@ -68,13 +67,16 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
     const KVLayerView kv = cache.layer(layer);
 
     backend.rmsnorm(h, x, L.attn_norm, c.rms_norm_eps);
-    backend.matmul(q, h, L.wq, optional(L.bq));
-    backend.matmul(k, h, L.wk, optional(L.bk));
-    backend.matmul(v, h, L.wv, optional(L.bv));
+    if (!L.wqkv.empty()) {  // one pass over h for q, k and v
+      backend.matmul(qkv, h, L.wqkv, optional(L.bqkv));
+    } else {
+      backend.matmul(q, h, L.wq, optional(L.bq));
+      backend.matmul(k, h, L.wk, optional(L.bk));
+      backend.matmul(v, h, L.wv, optional(L.bv));
+    }
     if (!L.q_norm.empty()) {  // per-head RMSNorm (qwen3), before rope
-      const Tensor q_rows = q.reshaped({T * Hq, hd}), k_rows = k.reshaped({T * Hkv, hd});
-      backend.rmsnorm(q_rows, q_rows, L.q_norm, c.rms_norm_eps);
-      backend.rmsnorm(k_rows, k_rows, L.k_norm, c.rms_norm_eps);
+      backend.rmsnorm(q_heads, q_heads, L.q_norm, c.rms_norm_eps);
+      backend.rmsnorm(k_heads, k_heads, L.k_norm, c.rms_norm_eps);
     }
     backend.rope(q_heads, batch.positions, w.rope_inv_freq);
     backend.rope(k_heads, batch.positions, w.rope_inv_freq);
@@ -84,8 +86,12 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
     backend.add(x, x, h);
 
     backend.rmsnorm(h, x, L.ffn_norm, c.rms_norm_eps);
-    backend.matmul(gate, h, L.w_gate, optional(L.b_gate));
-    backend.matmul(up, h, L.w_up, optional(L.b_up));
+    if (!L.w_gate_up.empty()) {  // one pass over h for gate and up
+      backend.matmul(gate_up, h, L.w_gate_up, optional(L.b_gate_up));
+    } else {
+      backend.matmul(gate, h, L.w_gate, optional(L.b_gate));
+      backend.matmul(up, h, L.w_up, optional(L.b_up));
+    }
     backend.silu_mul(gate, gate, up);
     backend.matmul(h, gate, L.w_down, optional(L.b_down));
     backend.add(x, x, h);

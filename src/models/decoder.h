@@ -19,12 +19,9 @@ struct DecoderScratch {
   std::shared_ptr<Buffer> memory;
   Tensor x;       // [max_tokens, D] the residual stream
   Tensor h;       // [max_tokens, D] normed input / projection output
-  Tensor q;       // [max_tokens, Hq * hd]
-  Tensor k;       // [max_tokens, Hkv * hd]
-  Tensor v;       // [max_tokens, Hkv * hd]
+  Tensor qkv;     // [max_tokens, (Hq + 2 Hkv) * hd]: q, k and v side by side
   Tensor attn;    // [max_tokens, Hq * hd]
-  Tensor gate;    // [max_tokens, F]
-  Tensor up;      // [max_tokens, F]
+  Tensor gate_up; // [max_tokens, 2F]: gate, then up
   Tensor logits;  // [max_logit_rows, V]
 };
 

@@ -1,6 +1,8 @@
 // Loading: config -> architecture -> memory-mapped weights -> tensors prepared on the backend.
 // Every tensor is checked by name and shape against config.json before the model is usable.
 #include <cmath>
+#include <cstring>
+#include <tuple>
 #include <numbers>
 
 #include "opencamp/backend.h"
@@ -68,58 +70,113 @@ Model::Model(const std::filesystem::path& model_dir, Backend& backend, const std
   const Tensor embed_source = store_->require("model.embed_tokens.weight", {V, D});
   weight_dtype_ = resolve_dtype(dtype, embed_source.dtype);
 
-  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
-    Tensor t = backend.prepare_weight(store_->require(name, {rows, cols}), weight_dtype_, owned_);
-    weight_bytes_ += t.nbytes();
+  auto prepare_matrix = [&](const Tensor& source) {
+    Tensor t = backend.prepare_weight(source, weight_dtype_, WeightUse::Matrix, owned_);
+    weight_bytes_ += static_cast<size_t>(t.numel()) * dtype_size(t.dtype);
     return t;
+  };
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
+    return prepare_matrix(store_->require(name, {rows, cols}));
   };
   // Norm weights and biases are held as f32. With bf16 weights they are first rounded to bf16,
   // so an f32 checkpoint loaded as bf16 computes what the same checkpoint saved in bf16 would.
-  auto vector = [&](const std::string& name, int64_t n) {
-    Tensor source = store_->require(name, {n});
-    if (weight_dtype_ == DType::BF16 && source.dtype != DType::BF16) {
-      auto rounded = std::make_shared<HostBuffer>(static_cast<size_t>(n) * dtype_size(DType::BF16));
-      convert_dtype(source.data, source.dtype, rounded->data(), DType::BF16, n);
-      owned_.push_back(rounded);
-      source = Tensor::contiguous(rounded->data(), DType::BF16, {n});
+  auto vector_values = [&](const std::string& name, int64_t n) {
+    const Tensor source = store_->require(name, {n});
+    std::vector<float> values(static_cast<size_t>(n));
+    convert_dtype(source.data, source.dtype, values.data(), DType::F32, n);
+    if (weight_dtype_ == DType::BF16) {
+      for (float& v : values) v = bf16_to_f32(f32_to_bf16(v));
     }
-    return backend.prepare_weight(source, DType::F32, owned_);
+    return values;
+  };
+  auto host_vector = [&](std::vector<float> values) {
+    auto buffer = std::make_shared<HostBuffer>(values.size() * sizeof(float));
+    std::memcpy(buffer->data(), values.data(), values.size() * sizeof(float));
+    const Tensor host = Tensor::contiguous(buffer->data(), DType::F32, {static_cast<int64_t>(values.size())});
+    const Tensor prepared = backend.prepare_weight(host, DType::F32, WeightUse::Table, owned_);
+    if (prepared.data == host.data) owned_.push_back(buffer);  // zero-copy: keep it alive
+    return prepared;
+  };
+  auto vector = [&](const std::string& name, int64_t n) { return host_vector(vector_values(name, n)); };
+  // Several checkpoint vectors end to end (the biases of a fused projection).
+  auto stacked_vector = [&](std::initializer_list<std::pair<std::string, int64_t>> parts) {
+    std::vector<float> values;
+    for (const auto& [name, n] : parts) {
+      const std::vector<float> part = vector_values(name, n);
+      values.insert(values.end(), part.begin(), part.end());
+    }
+    return host_vector(std::move(values));
+  };
+  // Several checkpoint matrices stacked by rows, as one matrix (a fused projection).
+  auto stacked_matrix = [&](std::initializer_list<std::tuple<std::string, int64_t, int64_t>> parts) {
+    std::vector<Tensor> sources;
+    int64_t rows = 0, cols = 0;
+    bool same_dtype = true;
+    for (const auto& [name, r, k] : parts) {
+      sources.push_back(store_->require(name, {r, k}));
+      same_dtype = same_dtype && sources.back().dtype == sources.front().dtype;
+      rows += r;
+      cols = k;
+    }
+    const DType stacked_dtype = same_dtype ? sources.front().dtype : DType::F32;
+    auto buffer = std::make_shared<HostBuffer>(static_cast<size_t>(rows * cols) * dtype_size(stacked_dtype));
+    char* next = static_cast<char*>(buffer->data());
+    for (const Tensor& source : sources) {
+      convert_dtype(source.data, source.dtype, next, stacked_dtype, source.numel());
+      next += static_cast<size_t>(source.numel()) * dtype_size(stacked_dtype);
+    }
+    const Tensor host = Tensor::contiguous(buffer->data(), stacked_dtype, {rows, cols});
+    const Tensor prepared = prepare_matrix(host);
+    if (prepared.data == host.data) owned_.push_back(buffer);
+    return prepared;
   };
 
-  weights_.embed = backend.prepare_weight(embed_source, weight_dtype_, owned_);
+  const bool fused = backend.fuses_projections();
+  weights_.embed = backend.prepare_weight(embed_source, weight_dtype_, WeightUse::Table, owned_);
   weights_.layers.resize(static_cast<size_t>(c.num_layers));
   for (int i = 0; i < c.num_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     LayerWeights& L = weights_.layers[static_cast<size_t>(i)];
+    const std::string q = p + "self_attn.q_proj.", k = p + "self_attn.k_proj.", v = p + "self_attn.v_proj.";
+    const std::string gate = p + "mlp.gate_proj.", up = p + "mlp.up_proj.";
     L.attn_norm = vector(p + "input_layernorm.weight", D);
-    L.wq = matrix(p + "self_attn.q_proj.weight", q_dim, D);
-    L.wk = matrix(p + "self_attn.k_proj.weight", kv_dim, D);
-    L.wv = matrix(p + "self_attn.v_proj.weight", kv_dim, D);
-    L.wo = matrix(p + "self_attn.o_proj.weight", D, q_dim);
-    if (traits_.qkv_bias) {
-      L.bq = vector(p + "self_attn.q_proj.bias", q_dim);
-      L.bk = vector(p + "self_attn.k_proj.bias", kv_dim);
-      L.bv = vector(p + "self_attn.v_proj.bias", kv_dim);
+    if (fused) {
+      L.wqkv = stacked_matrix({{q + "weight", q_dim, D}, {k + "weight", kv_dim, D}, {v + "weight", kv_dim, D}});
+      if (traits_.qkv_bias) L.bqkv = stacked_vector({{q + "bias", q_dim}, {k + "bias", kv_dim}, {v + "bias", kv_dim}});
+    } else {
+      L.wq = matrix(q + "weight", q_dim, D);
+      L.wk = matrix(k + "weight", kv_dim, D);
+      L.wv = matrix(v + "weight", kv_dim, D);
+      if (traits_.qkv_bias) {
+        L.bq = vector(q + "bias", q_dim);
+        L.bk = vector(k + "bias", kv_dim);
+        L.bv = vector(v + "bias", kv_dim);
+      }
     }
+    L.wo = matrix(p + "self_attn.o_proj.weight", D, q_dim);
     if (traits_.o_bias) L.bo = vector(p + "self_attn.o_proj.bias", D);
     if (traits_.qk_norm) {
       L.q_norm = vector(p + "self_attn.q_norm.weight", c.head_dim);
       L.k_norm = vector(p + "self_attn.k_norm.weight", c.head_dim);
     }
     L.ffn_norm = vector(p + "post_attention_layernorm.weight", D);
-    L.w_gate = matrix(p + "mlp.gate_proj.weight", F, D);
-    L.w_up = matrix(p + "mlp.up_proj.weight", F, D);
-    L.w_down = matrix(p + "mlp.down_proj.weight", D, F);
-    if (traits_.mlp_bias) {
-      L.b_gate = vector(p + "mlp.gate_proj.bias", F);
-      L.b_up = vector(p + "mlp.up_proj.bias", F);
-      L.b_down = vector(p + "mlp.down_proj.bias", D);
+    if (fused) {
+      L.w_gate_up = stacked_matrix({{gate + "weight", F, D}, {up + "weight", F, D}});
+      if (traits_.mlp_bias) L.b_gate_up = stacked_vector({{gate + "bias", F}, {up + "bias", F}});
+    } else {
+      L.w_gate = matrix(gate + "weight", F, D);
+      L.w_up = matrix(up + "weight", F, D);
+      if (traits_.mlp_bias) {
+        L.b_gate = vector(gate + "bias", F);
+        L.b_up = vector(up + "bias", F);
+      }
     }
+    L.w_down = matrix(p + "mlp.down_proj.weight", D, F);
+    if (traits_.mlp_bias) L.b_down = vector(p + "mlp.down_proj.bias", D);
   }
   weights_.final_norm = vector("model.norm.weight", D);
-  if (c.tie_word_embeddings) {
-    weights_.lm_head = weights_.embed;
-    weight_bytes_ += weights_.embed.nbytes();
+  if (c.tie_word_embeddings) {  // the same checkpoint tensor, laid out for a matmul
+    weights_.lm_head = prepare_matrix(embed_source);
   } else {
     weights_.lm_head = matrix("lm_head.weight", V, D);
   }

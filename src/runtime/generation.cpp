@@ -4,11 +4,19 @@
 
 namespace opencamp {
 
-GenerationStream::GenerationStream(Engine& engine, int seq, GenerationRequest request) {
+GenerationStream::GenerationStream(Engine& engine, int seq, GenerationRequest request,
+                                   size_t max_queued)
+    : max_queued_(max_queued > 0 ? max_queued : 1) {
   engine.check_request(request);  // bad requests fail here, in the caller, not on the thread
   thread_ = std::thread([this, &engine, seq, request = std::move(request)]() mutable {
     run(engine, seq, std::move(request));
   });
+}
+
+void GenerationStream::cancel() {
+  cancel_.store(true);
+  std::lock_guard<std::mutex> lock(mutex_);  // wakes a generation paused on a full queue
+  drained_.notify_all();
 }
 
 GenerationStream::~GenerationStream() {
@@ -24,7 +32,8 @@ void GenerationStream::run(Engine& engine, int seq, GenerationRequest request) {
         seq, request,
         [this](int32_t token, bool is_stop) {
           {
-            std::lock_guard<std::mutex> lock(mutex_);
+            std::unique_lock<std::mutex> lock(mutex_);
+            drained_.wait(lock, [this] { return queue_.size() < max_queued_ || cancel_.load(); });
             queue_.push_back({token, is_stop});
           }
           ready_.notify_all();
@@ -56,6 +65,7 @@ std::optional<TokenEvent> GenerationStream::next(double timeout_seconds) {
   if (!queue_.empty()) {
     TokenEvent event = queue_.front();
     queue_.pop_front();
+    drained_.notify_one();
     return event;
   }
   if (error_) std::rethrow_exception(error_);

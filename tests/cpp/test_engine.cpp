@@ -487,7 +487,9 @@ TEST_CASE(generation_stream_streams_and_cancels) {
     GenerationRequest request = greedy_request(r.greedy_prompt, 1000);
     request.sampling.temperature = 1.0f;  // keep it from settling into a loop; any tokens will do
     request.sampling.seed = 1;
-    GenerationStream stream(long_engine, long_engine.create_sequence(), request);
+    // A queue of 4 keeps the generation at most 4 tokens ahead of this consumer, so it is
+    // still running when cancel() comes, however slow this thread is.
+    GenerationStream stream(long_engine, long_engine.create_sequence(), request, 4);
     const auto first = stream.next(30.0);
     CHECK(first.has_value());
     stream.cancel();

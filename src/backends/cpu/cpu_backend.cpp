@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "backends/cpu/cpu_backend.h"
 #include "core/builtin.h"
 #include "opencamp/backend.h"
 #include "opencamp/error.h"
@@ -52,208 +53,209 @@ void expect_f32(const Tensor& t, int ndim, const char* op, const char* name) {
   }
 }
 
-class CpuBackend final : public Backend {
- public:
-  explicit CpuBackend(ThreadPool* pool) : pool_(pool) {
-    if (pool_ == nullptr) {
-      owned_pool_ = std::make_unique<ThreadPool>(1);
-      pool_ = owned_pool_.get();
-    }
-  }
-
-  std::string name() const override { return "cpu"; }
-
-  void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override {
-    expect_f32(out, 2, "embedding", "out");
-    expect(table.ndim == 2 && out.shape[1] == table.shape[1] &&
-               out.shape[0] == static_cast<int64_t>(ids.size()),
-           "embedding", "shapes disagree");
-    for (size_t t = 0; t < ids.size(); ++t) {
-      if (ids[t] < 0 || ids[t] >= table.shape[0]) {
-        fail(ErrorKind::InvalidArgument, "token id ", ids[t], " is outside the vocabulary [0, ",
-             table.shape[0], ")");
-      }
-    }
-    pool_->parallel_for(static_cast<int64_t>(ids.size()), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t d = 0; d < out.shape[1]; ++d) f32_at2(out, t, d) = get2(table, ids[t], d);
-      }
-    });
-  }
-
-  void rmsnorm(const Tensor& out, const Tensor& x, const Tensor& weight, float eps) override {
-    expect_f32(out, 2, "rmsnorm", "out");
-    expect_f32(x, 2, "rmsnorm", "x");
-    expect(weight.ndim == 1 && weight.shape[0] == x.shape[1] && out.shape[0] == x.shape[0] &&
-               out.shape[1] == x.shape[1],
-           "rmsnorm", "shapes disagree");
-    const int64_t dim = x.shape[1];
-    pool_->parallel_for(x.shape[0], [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        float sum_squares = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) sum_squares += f32_at2(x, r, d) * f32_at2(x, r, d);
-        const float inverse_rms = 1.0f / std::sqrt(sum_squares / static_cast<float>(dim) + eps);
-        for (int64_t d = 0; d < dim; ++d) {
-          f32_at2(out, r, d) = f32_at2(x, r, d) * inverse_rms * get1(weight, d);
-        }
-      }
-    });
-  }
-
-  void matmul(const Tensor& out, const Tensor& x, const Tensor& weight,
-              const Tensor* bias) override {
-    expect_f32(out, 2, "matmul", "out");
-    expect_f32(x, 2, "matmul", "x");
-    expect(weight.ndim == 2 && weight.shape[1] == x.shape[1] && out.shape[0] == x.shape[0] &&
-               out.shape[1] == weight.shape[0],
-           "matmul", "shapes disagree (out [T, N], x [T, K], weight [N, K])");
-    expect(bias == nullptr || (bias->ndim == 1 && bias->shape[0] == weight.shape[0]), "matmul",
-           "bias must be [N]");
-    const int64_t n_tokens = x.shape[0], n_out = weight.shape[0], n_in = x.shape[1];
-    const bool unit_strides = x.stride[1] == 1 && weight.stride[1] == 1;
-    // Split over output features: each weight row is read once for all tokens. One sequential
-    // f32 accumulator per output keeps the oracle's rounding simple to reason about.
-    pool_->parallel_for(n_out, [&](int64_t begin, int64_t end) {
-      for (int64_t n = begin; n < end; ++n) {
-        const float b = bias ? get1(*bias, n) : 0.0f;
-        for (int64_t t = 0; t < n_tokens; ++t) {
-          float sum = 0.0f;
-          if (unit_strides && weight.dtype == DType::F32) {
-            sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const float*>(weight.at({n})), n_in);
-          } else if (unit_strides && weight.dtype == DType::BF16) {
-            sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const uint16_t*>(weight.at({n})), n_in);
-          } else {
-            for (int64_t k = 0; k < n_in; ++k) sum += f32_at2(x, t, k) * get2(weight, n, k);
-          }
-          f32_at2(out, t, n) = sum + b;
-        }
-      }
-    });
-  }
-
-  void rope(const Tensor& x, std::span<const int32_t> positions, const Tensor& inv_freq) override {
-    expect_f32(x, 3, "rope", "x");
-    expect(static_cast<int64_t>(positions.size()) == x.shape[0] && x.shape[2] % 2 == 0 &&
-               inv_freq.ndim == 1 && inv_freq.shape[0] * 2 == x.shape[2],
-           "rope", "shapes disagree (x [T, H, head_dim], inv_freq [head_dim / 2])");
-    const int64_t half = x.shape[2] / 2;
-    pool_->parallel_for(x.shape[0], [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t i = 0; i < half; ++i) {
-          // f32 angle, as transformers computes it, so long positions round the same way.
-          const float angle = static_cast<float>(positions[t]) * get1(inv_freq, i);
-          const float c = std::cos(angle), s = std::sin(angle);
-          for (int64_t h = 0; h < x.shape[1]; ++h) {
-            float& a = f32_at3(x, t, h, i);
-            float& b = f32_at3(x, t, h, i + half);
-            const float a0 = a, b0 = b;
-            a = a0 * c - b0 * s;
-            b = b0 * c + a0 * s;
-          }
-        }
-      }
-    });
-  }
-
-  void kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
-                std::span<const KVSlot> slots) override {
-    expect_f32(keys, 3, "kv_store", "keys");
-    expect_f32(values, 3, "kv_store", "values");
-    const Tensor& k_pool = cache.keys;
-    const int64_t block_size = k_pool.shape[1];
-    expect(keys.shape[0] == static_cast<int64_t>(slots.size()) && keys.shape[1] == k_pool.shape[2] &&
-               keys.shape[2] == k_pool.shape[3] && values.shape == keys.shape,
-           "kv_store", "shapes disagree with the cache");
-    pool_->parallel_for(keys.shape[0], [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t block = slots[t].block_table[slots[t].position / block_size];
-        const int64_t offset = slots[t].position % block_size;
-        for (int64_t h = 0; h < keys.shape[1]; ++h) {
-          for (int64_t d = 0; d < keys.shape[2]; ++d) {
-            f32_at4(cache.keys, block, offset, h, d) = f32_at3(keys, t, h, d);
-            f32_at4(cache.values, block, offset, h, d) = f32_at3(values, t, h, d);
-          }
-        }
-      }
-    });
-  }
-
-  void attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                 std::span<const KVSlot> slots, float scale) override {
-    expect_f32(out, 3, "attention", "out");
-    expect_f32(queries, 3, "attention", "queries");
-    const int64_t n_tokens = queries.shape[0], n_heads = queries.shape[1];
-    const int64_t head_dim = queries.shape[2], n_kv_heads = cache.keys.shape[2];
-    const int64_t block_size = cache.keys.shape[1];
-    expect(out.shape == queries.shape && n_tokens == static_cast<int64_t>(slots.size()) &&
-               head_dim == cache.keys.shape[3] && n_heads % n_kv_heads == 0,
-           "attention", "shapes disagree (queries [T, H, hd], cache [.., .., Hkv, hd], H % Hkv == 0)");
-    const int64_t group = n_heads / n_kv_heads;
-    pool_->parallel_for(n_tokens * n_heads, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / n_heads, h = item % n_heads, kv_head = h / group;
-        const int64_t n_keys = slots[t].position + 1;
-        scores.assign(static_cast<size_t>(n_keys), 0.0f);
-        float max_score = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < n_keys; ++j) {
-          const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
-          float dot = 0.0f;
-          for (int64_t d = 0; d < head_dim; ++d) {
-            dot += f32_at3(queries, t, h, d) * f32_at4(cache.keys, block, offset, kv_head, d);
-          }
-          scores[j] = dot * scale;
-          max_score = std::max(max_score, scores[j]);
-        }
-        float total = 0.0f;
-        for (float& s : scores) total += (s = std::exp(s - max_score));
-        for (int64_t d = 0; d < head_dim; ++d) f32_at3(out, t, h, d) = 0.0f;
-        for (int64_t j = 0; j < n_keys; ++j) {
-          const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
-          const float weight = scores[j] / total;
-          for (int64_t d = 0; d < head_dim; ++d) {
-            f32_at3(out, t, h, d) += weight * f32_at4(cache.values, block, offset, kv_head, d);
-          }
-        }
-      }
-    });
-  }
-
-  void silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override {
-    expect_f32(out, 2, "silu_mul", "out");
-    expect_f32(gate, 2, "silu_mul", "gate");
-    expect_f32(up, 2, "silu_mul", "up");
-    expect(out.shape == gate.shape && gate.shape == up.shape, "silu_mul", "shapes disagree");
-    pool_->parallel_for(out.shape[0], [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t f = 0; f < out.shape[1]; ++f) {
-          const float g = f32_at2(gate, t, f);
-          f32_at2(out, t, f) = g / (1.0f + std::exp(-g)) * f32_at2(up, t, f);
-        }
-      }
-    });
-  }
-
-  void add(const Tensor& out, const Tensor& a, const Tensor& b) override {
-    expect_f32(out, 2, "add", "out");
-    expect_f32(a, 2, "add", "a");
-    expect_f32(b, 2, "add", "b");
-    expect(out.shape == a.shape && a.shape == b.shape, "add", "shapes disagree");
-    pool_->parallel_for(out.shape[0], [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t d = 0; d < out.shape[1]; ++d) {
-          f32_at2(out, t, d) = f32_at2(a, t, d) + f32_at2(b, t, d);
-        }
-      }
-    });
-  }
-
- private:
-  ThreadPool* pool_;
-  std::unique_ptr<ThreadPool> owned_pool_;
-};
-
 }  // namespace
+
+CpuBackend::CpuBackend(ThreadPool* pool) : pool_(pool) {
+  if (pool_ == nullptr) {
+    owned_pool_ = std::make_unique<ThreadPool>(1);
+    pool_ = owned_pool_.get();
+  }
+}
+
+
+void CpuBackend::embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) {
+  expect_f32(out, 2, "embedding", "out");
+  expect(table.ndim == 2 && out.shape[1] == table.shape[1] &&
+             out.shape[0] == static_cast<int64_t>(ids.size()),
+         "embedding", "shapes disagree");
+  for (size_t t = 0; t < ids.size(); ++t) {
+    if (ids[t] < 0 || ids[t] >= table.shape[0]) {
+      fail(ErrorKind::InvalidArgument, "token id ", ids[t], " is outside the vocabulary [0, ",
+           table.shape[0], ")");
+    }
+  }
+  pool_->parallel_for(static_cast<int64_t>(ids.size()), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t d = 0; d < out.shape[1]; ++d) f32_at2(out, t, d) = get2(table, ids[t], d);
+    }
+  });
+}
+
+void CpuBackend::rmsnorm(const Tensor& out, const Tensor& x, const Tensor& weight, float eps) {
+  expect((x.ndim == 2 || x.ndim == 3) && x.dtype == DType::F32 && out.dtype == DType::F32 &&
+             out.ndim == x.ndim && out.shape == x.shape,
+         "rmsnorm", "out and x must be f32 [R, D] or [T, H, D] of the same shape");
+  const int64_t dim = x.shape[x.ndim - 1];
+  expect(weight.ndim == 1 && weight.shape[0] == dim, "rmsnorm", "weight must be [D]");
+  // A 2-d tensor is one head per row; a 3-d one has shape[1] heads per row.
+  const int64_t heads = x.ndim == 3 ? x.shape[1] : 1;
+  const int64_t x_head_stride = x.ndim == 3 ? x.stride[1] : 0, x_inner = x.stride[x.ndim - 1];
+  const int64_t o_head_stride = out.ndim == 3 ? out.stride[1] : 0, o_inner = out.stride[out.ndim - 1];
+  pool_->parallel_for(x.shape[0] * heads, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / heads, h = item % heads;
+      const float* in = x.ptr<float>() + r * x.stride[0] + h * x_head_stride;
+      float* result = out.ptr<float>() + r * out.stride[0] + h * o_head_stride;
+      float sum_squares = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) sum_squares += in[d * x_inner] * in[d * x_inner];
+      const float inverse_rms = 1.0f / std::sqrt(sum_squares / static_cast<float>(dim) + eps);
+      for (int64_t d = 0; d < dim; ++d) {
+        result[d * o_inner] = in[d * x_inner] * inverse_rms * get1(weight, d);
+      }
+    }
+  });
+}
+
+void CpuBackend::matmul(const Tensor& out, const Tensor& x, const Tensor& weight,
+            const Tensor* bias) {
+  expect_f32(out, 2, "matmul", "out");
+  expect_f32(x, 2, "matmul", "x");
+  expect(weight.ndim == 2 && weight.shape[1] == x.shape[1] && out.shape[0] == x.shape[0] &&
+             out.shape[1] == weight.shape[0],
+         "matmul", "shapes disagree (out [T, N], x [T, K], weight [N, K])");
+  expect(bias == nullptr || (bias->ndim == 1 && bias->shape[0] == weight.shape[0]), "matmul",
+         "bias must be [N]");
+  expect(weight.layout == Layout::Strided, "matmul",
+         "the weight was packed for another backend; prepare it with this backend");
+  const int64_t n_tokens = x.shape[0], n_out = weight.shape[0], n_in = x.shape[1];
+  const bool unit_strides = x.stride[1] == 1 && weight.stride[1] == 1;
+  // Split over output features: each weight row is read once for all tokens. One sequential
+  // f32 accumulator per output keeps the oracle's rounding simple to reason about.
+  pool_->parallel_for(n_out, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const float b = bias ? get1(*bias, n) : 0.0f;
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        float sum = 0.0f;
+        if (unit_strides && weight.dtype == DType::F32) {
+          sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const float*>(weight.at({n})), n_in);
+        } else if (unit_strides && weight.dtype == DType::BF16) {
+          sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const uint16_t*>(weight.at({n})), n_in);
+        } else {
+          for (int64_t k = 0; k < n_in; ++k) sum += f32_at2(x, t, k) * get2(weight, n, k);
+        }
+        f32_at2(out, t, n) = sum + b;
+      }
+    }
+  });
+}
+
+void CpuBackend::rope(const Tensor& x, std::span<const int32_t> positions, const Tensor& inv_freq) {
+  expect_f32(x, 3, "rope", "x");
+  expect(static_cast<int64_t>(positions.size()) == x.shape[0] && x.shape[2] % 2 == 0 &&
+             inv_freq.ndim == 1 && inv_freq.shape[0] * 2 == x.shape[2],
+         "rope", "shapes disagree (x [T, H, head_dim], inv_freq [head_dim / 2])");
+  const int64_t half = x.shape[2] / 2;
+  pool_->parallel_for(x.shape[0], [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t i = 0; i < half; ++i) {
+        // f32 angle, as transformers computes it, so long positions round the same way.
+        const float angle = static_cast<float>(positions[t]) * get1(inv_freq, i);
+        const float c = std::cos(angle), s = std::sin(angle);
+        for (int64_t h = 0; h < x.shape[1]; ++h) {
+          float& a = f32_at3(x, t, h, i);
+          float& b = f32_at3(x, t, h, i + half);
+          const float a0 = a, b0 = b;
+          a = a0 * c - b0 * s;
+          b = b0 * c + a0 * s;
+        }
+      }
+    }
+  });
+}
+
+void CpuBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
+              std::span<const KVSlot> slots) {
+  expect_f32(keys, 3, "kv_store", "keys");
+  expect_f32(values, 3, "kv_store", "values");
+  const Tensor& k_pool = cache.keys;
+  const int64_t block_size = k_pool.shape[1];
+  expect(keys.shape[0] == static_cast<int64_t>(slots.size()) && keys.shape[1] == k_pool.shape[2] &&
+             keys.shape[2] == k_pool.shape[3] && values.shape == keys.shape,
+         "kv_store", "shapes disagree with the cache");
+  pool_->parallel_for(keys.shape[0], [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slots[t].block_table[slots[t].position / block_size];
+      const int64_t offset = slots[t].position % block_size;
+      for (int64_t h = 0; h < keys.shape[1]; ++h) {
+        for (int64_t d = 0; d < keys.shape[2]; ++d) {
+          f32_at4(cache.keys, block, offset, h, d) = f32_at3(keys, t, h, d);
+          f32_at4(cache.values, block, offset, h, d) = f32_at3(values, t, h, d);
+        }
+      }
+    }
+  });
+}
+
+void CpuBackend::attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
+               std::span<const KVSlot> slots, float scale) {
+  expect_f32(out, 3, "attention", "out");
+  expect_f32(queries, 3, "attention", "queries");
+  const int64_t n_tokens = queries.shape[0], n_heads = queries.shape[1];
+  const int64_t head_dim = queries.shape[2], n_kv_heads = cache.keys.shape[2];
+  const int64_t block_size = cache.keys.shape[1];
+  expect(out.shape == queries.shape && n_tokens == static_cast<int64_t>(slots.size()) &&
+             head_dim == cache.keys.shape[3] && n_heads % n_kv_heads == 0,
+         "attention", "shapes disagree (queries [T, H, hd], cache [.., .., Hkv, hd], H % Hkv == 0)");
+  const int64_t group = n_heads / n_kv_heads;
+  pool_->parallel_for(n_tokens * n_heads, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / n_heads, h = item % n_heads, kv_head = h / group;
+      const int64_t n_keys = slots[t].position + 1;
+      scores.assign(static_cast<size_t>(n_keys), 0.0f);
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          dot += f32_at3(queries, t, h, d) * f32_at4(cache.keys, block, offset, kv_head, d);
+        }
+        scores[j] = dot * scale;
+        max_score = std::max(max_score, scores[j]);
+      }
+      float total = 0.0f;
+      for (float& s : scores) total += (s = std::exp(s - max_score));
+      for (int64_t d = 0; d < head_dim; ++d) f32_at3(out, t, h, d) = 0.0f;
+      for (int64_t j = 0; j < n_keys; ++j) {
+        const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
+        const float weight = scores[j] / total;
+        for (int64_t d = 0; d < head_dim; ++d) {
+          f32_at3(out, t, h, d) += weight * f32_at4(cache.values, block, offset, kv_head, d);
+        }
+      }
+    }
+  });
+}
+
+void CpuBackend::silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) {
+  expect_f32(out, 2, "silu_mul", "out");
+  expect_f32(gate, 2, "silu_mul", "gate");
+  expect_f32(up, 2, "silu_mul", "up");
+  expect(out.shape == gate.shape && gate.shape == up.shape, "silu_mul", "shapes disagree");
+  pool_->parallel_for(out.shape[0], [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t f = 0; f < out.shape[1]; ++f) {
+        const float g = f32_at2(gate, t, f);
+        f32_at2(out, t, f) = g / (1.0f + std::exp(-g)) * f32_at2(up, t, f);
+      }
+    }
+  });
+}
+
+void CpuBackend::add(const Tensor& out, const Tensor& a, const Tensor& b) {
+  expect_f32(out, 2, "add", "out");
+  expect_f32(a, 2, "add", "a");
+  expect_f32(b, 2, "add", "b");
+  expect(out.shape == a.shape && a.shape == b.shape, "add", "shapes disagree");
+  pool_->parallel_for(out.shape[0], [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t d = 0; d < out.shape[1]; ++d) {
+        f32_at2(out, t, d) = f32_at2(a, t, d) + f32_at2(b, t, d);
+      }
+    }
+  });
+}
+
 
 BackendInfo cpu_backend_info() {
   BackendInfo info;
