@@ -145,11 +145,21 @@ def _stop(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad_request("stop must be a string or a list of strings", "stop")
-    stops = [s for s in stops if s != ""]  # OpenAI ignores empty stop strings
+    stops = [_check_text(s, "stop") for s in stops if s != ""]  # OpenAI ignores empty ones
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
                           "stop")
     return stops
+
+
+def _check_text(text: str, param: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{param} holds an unpaired UTF-16 surrogate, which is not text",
+                          param) from None
+    return text
 
 
 def _token_ids(value: Any, name: str) -> list[int]:
@@ -188,7 +198,7 @@ def _refuse_unsupported(body: dict) -> None:
 def _message_content(content: Any, index: int) -> str:
     """A message's text: a string, or a list of text content parts (what newer clients send)."""
     if isinstance(content, str):
-        return content
+        return _check_text(content, f"messages[{index}].content")
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -199,7 +209,7 @@ def _message_content(content: Any, index: int) -> str:
             if not isinstance(part.get("text"), str):
                 raise bad_request(f"messages[{index}].content: a text part needs a string 'text'",
                                   f"messages[{index}].content")
-            texts.append(part["text"])
+            texts.append(_check_text(part["text"], f"messages[{index}].content"))
         return "".join(texts)
     raise bad_request(f"messages[{index}].content must be a string or a list of text parts",
                       f"messages[{index}].content")
@@ -230,12 +240,14 @@ def _messages(body: dict) -> list[dict]:
 def _prompt(body: dict) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return prompt
+        return _check_text(prompt, "prompt")
     if isinstance(prompt, list) and prompt:
         if all(_is_int(t) for t in prompt):
             return _token_ids(prompt, "prompt")
         if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-            return prompt[0] if isinstance(prompt[0], str) else _token_ids(prompt[0], "prompt")
+            if isinstance(prompt[0], str):
+                return _check_text(prompt[0], "prompt")
+            return _token_ids(prompt[0], "prompt")
         raise bad_request("prompt must be one string or one list of token ids: this server "
                           f"answers one prompt per request (got {len(prompt)})", "prompt")
     raise bad_request("prompt must be a string or a list of token ids", "prompt")

@@ -1,0 +1,630 @@
+"""The OpenAI-compatible API of `opencamp serve`, through Starlette's TestClient and through
+httpx against uvicorn on 127.0.0.1: every route, the exact SSE chunk sequence, every error with
+its status and shape, API keys, body limits, /health while loading, /metrics, prefix reuse,
+cancellation on disconnect, and many clients at once.
+
+These run on a tiny random model with SmolLM2's tokenizer and chat template (fast on any
+backend); test_server_openai.py and test_server_browser.py use the real SmolLM2.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+import opencamp
+from opencamp.server import ServerOptions, create_app
+from serverkit import (TINY_CONTEXT, live_app, make_tiny_chat_model, metric, parse_sse,
+                       sse_events, wait_until)
+
+MODEL = "tiny-chat"
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    return opencamp.LLM(tiny_dir, threads=2, max_context=TINY_CONTEXT,
+                        kv_cache_tokens=4 * TINY_CONTEXT)
+
+
+def make_app(llm, **options):
+    options.setdefault("defaults", {"temperature": 0.0})
+    return create_app(llm, ServerOptions(model_name=MODEL, **options))
+
+
+@pytest.fixture
+def client(tiny_llm):
+    with TestClient(make_app(tiny_llm)) as c:
+        yield c
+
+
+def chat(client, max_tokens=6, **body):
+    return client.post("/v1/chat/completions",
+                       json={"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, **body})
+
+
+def assert_error(response, status, *, param=..., code=..., match=None):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] in ("invalid_request_error", "server_error")
+    if param is not ...:
+        assert error["param"] == param
+    if code is not ...:
+        assert error["code"] == code
+    if match is not None:
+        assert re.search(match, error["message"]), error["message"]
+    return error
+
+
+def no_leaks(llm, app_state):
+    """Every engine sequence is either running or kept idle for reuse: nothing leaked."""
+    scheduler = app_state.scheduler
+    stats = llm.engine.cache_stats()
+    return (scheduler.running == 0 and scheduler.waiting == 0
+            and stats["sequences"] == scheduler.idle_sequences)
+
+
+# ---- routes --------------------------------------------------------------------------------
+
+def test_models_lists_the_served_model(client):
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == [MODEL]
+    assert listed["data"][0]["object"] == "model"
+    assert listed["data"][0]["max_model_len"] == TINY_CONTEXT
+    assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
+    assert_error(client.get("/v1/models/other"), 404, param="model", code="model_not_found")
+
+
+def test_chat_completion_shape_and_usage(client):
+    response = chat(client, max_tokens=5)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"].startswith("chatcmpl-")
+    assert body["object"] == "chat.completion"
+    assert body["model"] == MODEL and isinstance(body["created"], int)
+    [choice] = body["choices"]
+    assert choice["index"] == 0 and choice["finish_reason"] == "length"
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 5
+    assert usage["prompt_tokens"] > 5
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0
+
+
+def test_chat_stream_follows_openai_chunk_sequence(client):
+    whole = chat(client, max_tokens=6).json()
+    response = chat(client, max_tokens=6, stream=True, stream_options={"include_usage": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    first, *content, final, usage = chunks
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert chunk["id"] == first["id"] and chunk["id"].startswith("chatcmpl-")
+        assert chunk["created"] == first["created"] and chunk["model"] == MODEL
+        assert "usage" in chunk
+    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "logprobs": None, "finish_reason": None}]
+    assert content, "content arrives in chunks of its own"
+    for chunk in content:
+        [choice] = chunk["choices"]
+        assert set(choice["delta"]) == {"content"} and choice["finish_reason"] is None
+        assert chunk["usage"] is None
+    assert final["choices"] == [{"index": 0, "delta": {}, "logprobs": None,
+                                 "finish_reason": "length"}]
+    assert final["usage"] is None
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == 6
+    assert usage["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert "cached_tokens" in usage["usage"]["prompt_tokens_details"]
+    # Greedy: the streamed pieces add up to the non-streamed answer.
+    text = "".join(c["choices"][0]["delta"]["content"] for c in content)
+    assert text == whole["choices"][0]["message"]["content"]
+
+
+def test_stream_without_include_usage_has_no_usage(client):
+    events = parse_sse(chat(client, max_tokens=3, stream=True).text)
+    assert events[-1] == "[DONE]"
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_whole_and_streamed(client):
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4}
+    whole = client.post("/v1/completions", json=body).json()
+    assert whole["object"] == "text_completion" and whole["id"].startswith("cmpl-")
+    [choice] = whole["choices"]
+    assert choice["finish_reason"] == "length" and choice["text"]
+    assert whole["usage"]["completion_tokens"] == 4
+    events = parse_sse(client.post("/v1/completions", json={
+        **body, "stream": True, "stream_options": {"include_usage": True}}).text)
+    assert events[-1] == "[DONE]"
+    *content, final, usage = events[:-1]
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+    assert "".join(e["choices"][0]["text"] for e in content) == choice["text"]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 4
+    # Token ids are a prompt too, in either nesting.
+    ids = client.app.state.opencamp.llm.tokenizer.encode("Once upon a time")
+    for prompt in (ids, [ids]):
+        by_ids = client.post("/v1/completions", json={**body, "prompt": prompt}).json()
+        assert by_ids["choices"][0]["text"] == choice["text"]
+
+
+def test_stop_strings_cut_the_answer(client):
+    full = chat(client, max_tokens=8).json()["choices"][0]["message"]["content"]
+    stop = full.strip().split()[2]  # a word from the middle of the greedy answer
+    for stream in (False, True):
+        response = chat(client, max_tokens=8, stop=[stop, "never-appears"], stream=stream)
+        if stream:
+            events = parse_sse(response.text)
+            text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-2])
+            finish = events[-2]["choices"][0]["finish_reason"]
+        else:
+            text = response.json()["choices"][0]["message"]["content"]
+            finish = response.json()["choices"][0]["finish_reason"]
+        assert text == full[: full.index(stop)]
+        assert finish == "stop"
+
+
+def test_seeded_sampling_is_reproducible(client):
+    def sample(seed):
+        return chat(client, max_tokens=8, temperature=1.0, seed=seed).json()[
+            "choices"][0]["message"]["content"]
+
+    assert sample(11) == sample(11)
+    assert sample(11) != sample(12)
+    greedy = chat(client, max_tokens=8, temperature=0).json()["choices"][0]["message"]["content"]
+    assert chat(client, max_tokens=8, temperature=1.5, top_k=1, seed=3).json()[
+        "choices"][0]["message"]["content"] == greedy
+
+
+def test_content_parts_and_max_completion_tokens(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello "},
+                                          {"type": "text", "text": "there"}]}]
+    response = client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": parts, "max_completion_tokens": 3})
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] == 3
+    assert response.json()["choices"][0]["message"]["content"] == \
+        chat(client, max_tokens=3).json()["choices"][0]["message"]["content"]
+
+
+def test_server_defaults_apply_when_a_request_sets_none(tiny_llm):
+    with TestClient(make_app(tiny_llm, defaults={"max_tokens": 2, "temperature": 0})) as c:
+        body = c.post("/v1/chat/completions", json={"messages": HELLO}).json()  # no model: ok
+        assert body["usage"]["completion_tokens"] == 2
+        config = c.get("/config").json()
+        assert config["defaults"]["max_tokens"] == 2 and config["defaults"]["temperature"] == 0
+        assert config["model"] == MODEL and config["max_context"] == TINY_CONTEXT
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+BAD_REQUESTS = [
+    # (body, status, param, message pattern)
+    ({"messages": HELLO, "temperature": -1}, 400, "temperature", "temperature"),
+    ({"messages": HELLO, "temperature": "hot"}, 400, "temperature", "number"),
+    ({"messages": HELLO, "top_p": 0}, 400, "top_p", r"top_p must be in \(0, 1\]"),
+    ({"messages": HELLO, "min_p": 2}, 400, "min_p", "min_p"),
+    ({"messages": HELLO, "top_k": -5}, 400, "top_k", "top_k"),
+    ({"messages": HELLO, "repetition_penalty": 0}, 400, "repetition_penalty", "repetition"),
+    ({"messages": HELLO, "presence_penalty": 3}, 400, "presence_penalty", "presence"),
+    ({"messages": HELLO, "frequency_penalty": -3}, 400, "frequency_penalty", "frequency"),
+    ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ({"messages": HELLO, "max_tokens": "ten"}, 400, "max_tokens", "integer"),
+    ({"messages": HELLO, "seed": 1.5}, 400, "seed", "integer"),
+    ({"messages": HELLO, "n": 2}, 400, "n", "n must be 1"),
+    ({"messages": HELLO, "stop": [1, 2]}, 400, "stop", "stop"),
+    ({"messages": HELLO, "stream": "yes"}, 400, "stream", "true or false"),
+    ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "only allowed when stream"),
+    ({"messages": HELLO, "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ({"messages": []}, 400, "messages", "non-empty"),
+    ({"messages": "hi"}, 400, "messages", "list"),
+    ({}, 400, "messages", "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "role"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages[0].content", "only text parts"),
+]
+
+
+@pytest.mark.parametrize("body,status,param,pattern", BAD_REQUESTS,
+                         ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
+def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pattern):
+    assert_error(client.post("/v1/chat/completions", json=body), status, param=param,
+                 match=pattern)
+
+
+@pytest.mark.parametrize("raw,pattern", [
+    (b"{not json", "not valid JSON"),
+    (b"", "empty"),
+    (b"[1, 2]", "JSON object"),
+    (b"\xff\xfe", "not valid JSON"),
+])
+def test_malformed_json_is_400(client, raw, pattern):
+    response = client.post("/v1/chat/completions", content=raw,
+                           headers={"content-type": "application/json"})
+    assert_error(response, 400, match=pattern)
+
+
+def test_bad_completion_prompts_are_400(client):
+    assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400,
+                 param="prompt", match="one prompt per request")
+    assert_error(client.post("/v1/completions", json={"prompt": 5}), 400, param="prompt")
+    assert_error(client.post("/v1/completions", json={"prompt": [1, 10**9]}), 400,
+                 param="prompt", match="outside the vocabulary")
+    assert_error(client.post("/v1/completions", json={"prompt": ""}), 400, param="prompt",
+                 match="empty")
+    assert_error(client.post("/v1/completions", json={"prompt": "a", "echo": True}), 400,
+                 param="echo")
+
+
+def test_unknown_model_is_404(client):
+    assert_error(chat(client, model="gpt-4o"), 404, param="model", code="model_not_found",
+                 match="gpt-4o")
+
+
+def test_prompt_beyond_the_context_is_400_with_the_counts(client, tiny_llm):
+    long_text = "word " * (TINY_CONTEXT + 10)
+    error = assert_error(client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": long_text}]}), 400, param="messages",
+        code="context_length_exceeded", match=f"maximum context length is {TINY_CONTEXT}")
+    prompt_tokens = len(tiny_llm.chat_prompt_ids([{"role": "user", "content": long_text}]))
+    assert str(prompt_tokens) in error["message"]
+    # A prompt that fits, with a max_tokens that does not: both numbers are named.
+    prompt_tokens = len(tiny_llm.chat_prompt_ids(HELLO))
+    error = assert_error(chat(client, max_tokens=TINY_CONTEXT), 400,
+                         code="context_length_exceeded")
+    assert f"{prompt_tokens + TINY_CONTEXT} tokens ({prompt_tokens} in the messages, " \
+           f"{TINY_CONTEXT} in the completion)" in error["message"]
+
+
+def test_unknown_routes_and_methods_are_openai_errors(client):
+    assert_error(client.get("/v1/nothing"), 404, code="unknown_url", match="/v1/nothing")
+    assert_error(client.get("/v1/chat/completions"), 405, code="method_not_allowed")
+
+
+def test_api_key_guards_every_api_route(tiny_llm):
+    with TestClient(make_app(tiny_llm, api_key="s3cret")) as c:
+        for method, path in [("post", "/v1/chat/completions"), ("post", "/v1/completions"),
+                             ("get", "/v1/models"), ("get", f"/v1/models/{MODEL}"),
+                             ("get", "/metrics")]:
+            body = {"messages": HELLO, "prompt": "x"} if method == "post" else None
+            missing = c.request(method, path, json=body)
+            assert_error(missing, 401, code="invalid_api_key", match="Authorization")
+            assert missing.headers["www-authenticate"] == "Bearer"
+            wrong = c.request(method, path, json=body, headers={"Authorization": "Bearer nope"})
+            assert_error(wrong, 401, code="invalid_api_key", match="Incorrect API key")
+        good = {"Authorization": "Bearer s3cret"}
+        ok = c.post("/v1/chat/completions", headers=good,
+                    json={"messages": HELLO, "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+        assert c.get("/metrics", headers=good).status_code == 200
+        # The page, its config and the health probe stay open; the page learns a key is needed.
+        assert c.get("/health").status_code == 200
+        assert c.get("/").status_code == 200
+        assert c.get("/config").json()["auth_required"] is True
+
+
+def test_request_body_size_is_limited(tiny_llm):
+    with TestClient(make_app(tiny_llm, max_request_bytes=2000)) as c:
+        big = {"messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 2}
+        assert_error(c.post("/v1/chat/completions", json=big), 413, code="request_too_large",
+                     match="2000 bytes")
+
+        # Without a Content-Length (chunked upload) the limit holds as well.
+        def chunks():
+            yield json.dumps(big).encode()
+
+        assert_error(c.post("/v1/chat/completions", content=chunks()), 413,
+                     code="request_too_large")
+        assert chat(c, max_tokens=2).status_code == 200  # and the server goes on
+
+
+def test_health_is_503_while_loading_then_200(tiny_dir):
+    release = threading.Event()
+
+    def load():
+        release.wait(30)
+        return opencamp.LLM(tiny_dir, threads=2, max_context=512)
+
+    app = create_app(load, ServerOptions(model_name=MODEL))
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 503
+        assert c.get("/health").json() == {"status": "loading"}
+        assert_error(chat(c), 503, code="model_loading", match="loading")
+        assert c.get("/config").json()["ready"] is False
+        assert metric(c.get("/metrics").text, "opencamp_model_ready") == 0
+        release.set()
+        wait_until(lambda: c.get("/health").status_code == 200, what="the model to load")
+        assert c.get("/health").json()["status"] == "ok"
+        assert chat(c, max_tokens=2).status_code == 200
+
+
+def test_failed_load_is_reported(tmp_path):
+    errors = []
+    app = create_app(lambda: opencamp.LLM(tmp_path / "missing"),
+                     ServerOptions(model_name=MODEL), on_load_error=errors.append)
+    with TestClient(app) as c:
+        wait_until(lambda: c.get("/health").json()["status"] == "error", what="the failure")
+        assert c.get("/health").status_code == 503
+        assert "missing" in c.get("/health").json()["message"]
+        assert_error(chat(c), 503, code="model_load_failed", match="missing")
+    assert len(errors) == 1 and isinstance(errors[0], opencamp.ModelNotFoundError)
+
+
+def test_error_after_streaming_began_ends_the_stream_cleanly(tiny_llm, monkeypatch):
+    real_stream = tiny_llm.stream
+
+    class FailingStream:
+        """The real stream, but the third piece fails (as a decoding bug or an engine error
+        would)."""
+
+        def __init__(self, stream):
+            self.inner, self.pieces = stream, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.pieces += 1
+            if self.pieces == 3:
+                raise RuntimeError("injected failure")
+            return next(self.inner)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(tiny_llm, "stream", lambda *a, **k: FailingStream(real_stream(*a, **k)))
+    with TestClient(make_app(tiny_llm)) as c:
+        response = chat(c, max_tokens=50, stream=True)
+        assert response.status_code == 200
+        events = parse_sse(response.text)
+        assert events[-1] == "[DONE]"
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert [e["choices"][0]["delta"]["content"] for e in events[1:3]]  # two pieces made it
+        error = events[-2]["error"]
+        assert error["type"] == "server_error" and "injected failure" in error["message"]
+        assert set(error) == {"message", "type", "param", "code"}
+        # Not streamed, the same failure is a 500 in OpenAI's shape.
+        assert_error(chat(c, max_tokens=50), 500, code="internal_error", match="injected")
+        monkeypatch.setattr(tiny_llm, "stream", real_stream)
+        assert chat(c, max_tokens=2).status_code == 200  # the server goes on serving
+        state = c.app.state.opencamp
+        assert no_leaks(tiny_llm, state)
+        text = c.get("/metrics").text
+        assert metric(text, "opencamp_requests_total", endpoint="chat", finish_reason="error") == 2
+        assert metric(text, "opencamp_http_errors_total", status="500") == 1
+
+
+def test_bad_input_never_stops_the_server(client, tiny_llm):
+    garbage = [b"{", b"null", b'{"messages": null}', b'{"messages": [null]}',
+               b'{"messages": [{"role": "user"}]}', b'{"max_tokens": -1, "messages": []}',
+               "{\"messages\": [{\"role\": \"user\", \"content\": \"\\ud800\"}]}".encode()]
+    for raw in garbage:
+        response = client.post("/v1/chat/completions", content=raw)
+        assert 400 <= response.status_code < 500, (raw, response.text)
+    assert chat(client, max_tokens=2).status_code == 200
+
+
+# ---- metrics and multi-turn reuse -----------------------------------------------------------
+
+def test_metrics_are_prometheus_text(client):
+    first = chat(client, max_tokens=4).json()["usage"]
+    second = chat(client, max_tokens=3, stream=True).text
+    assert second.endswith("data: [DONE]\n\n")
+    assert_error(chat(client, temperature=9), 400)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
+    sample = re.compile(r'^[a-z_:][a-z0-9_:]*(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? '
+                        r'[-+0-9.e]+(Inf)?$|^[a-z_]+ (NaN)$')
+    for line in text.splitlines():
+        assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
+    assert metric(text, "opencamp_generation_tokens_total") == 7
+    assert metric(text, "opencamp_prompt_tokens_total") == 2 * first["prompt_tokens"]
+    assert metric(text, "opencamp_requests_total", endpoint="chat", finish_reason="length") == 2
+    assert metric(text, "opencamp_http_errors_total", status="400") == 1
+    assert metric(text, "opencamp_requests_running") == 0
+    assert metric(text, "opencamp_requests_waiting") == 0
+    assert metric(text, "opencamp_time_to_first_token_seconds_count") == 2
+    assert metric(text, "opencamp_time_to_first_token_seconds_bucket", le="+Inf") == 2
+    assert metric(text, "opencamp_decode_tokens_per_second_count") == 2
+    assert metric(text, "opencamp_kv_cache_blocks_total") > 0
+    assert 0 < metric(text, "opencamp_kv_cache_usage_ratio") < 1  # a finished chat is kept
+    assert "# TYPE opencamp_time_to_first_token_seconds histogram" in text
+    assert 'opencamp_model_info{model="tiny-chat",backend=' in text
+
+
+def test_next_turn_reuses_the_conversation_cache(client, tiny_llm):
+    system = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
+    turn1 = [system, {"role": "user", "content": "Tell me about the sea."}]
+    first = client.post("/v1/chat/completions", json={"messages": turn1, "max_tokens": 12}).json()
+    answer = first["choices"][0]["message"]["content"]
+    # Some other conversation in between must not evict ours (the pool keeps several).
+    chat(client, max_tokens=3)
+    turn2 = turn1 + [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": "And about rivers?"}]
+    second = client.post("/v1/chat/completions", json={"messages": turn2, "max_tokens": 4}).json()
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"]  # the whole first turn was reused
+    assert cached < second["usage"]["prompt_tokens"]
+    # And the answer is the one a cold cache gives.
+    cold = tiny_llm.complete(tiny_llm.chat_prompt_ids(turn2), max_tokens=4)
+    assert second["choices"][0]["message"]["content"] == cold.text
+    text = client.get("/metrics").text
+    assert metric(text, "opencamp_prompt_tokens_cached_total") >= cached
+
+
+def test_idle_conversations_are_evicted_when_the_cache_is_needed(tmp_path, tiny_dir):
+    # A cache of two contexts: long requests must evict kept conversations to fit.
+    llm = opencamp.LLM(tiny_dir, threads=2, max_context=256, kv_cache_tokens=512)
+    with TestClient(make_app(llm)) as c:
+        for i in range(6):
+            messages = [{"role": "user", "content": f"conversation {i} " + "word " * 100}]
+            max_tokens = 256 - len(llm.chat_prompt_ids(messages))  # the whole context
+            response = c.post("/v1/chat/completions",
+                              json={"messages": messages, "max_tokens": max_tokens})
+            assert response.status_code == 200, response.text
+            assert response.json()["usage"]["completion_tokens"] == max_tokens
+        state = c.app.state.opencamp
+        assert state.scheduler.idle_sequences == 2  # the cache holds two whole contexts
+        assert no_leaks(llm, state)
+
+
+# ---- a live server: disconnects and crowds ----------------------------------------------------
+
+@pytest.fixture
+def live(tiny_llm):
+    app = make_app(tiny_llm, parallel=2)
+    with live_app(app) as url:
+        yield url, app.state.opencamp
+
+
+def _read_stream(url, body, chunks_wanted=None, results=None, timeout=120):
+    """Stream a chat; stop reading after `chunks_wanted` content chunks (None: read it all)."""
+    with httpx.Client(timeout=timeout) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            lines, content = [], 0
+            for line in response.iter_lines():
+                lines.append(line)
+                if line.startswith("data: {") and '"content":"' in line and '"role"' not in line:
+                    content += 1
+                    if chunks_wanted is not None and content >= chunks_wanted:
+                        return lines  # leaving the block closes the connection
+    events = sse_events(lines)
+    if results is not None:
+        results.append(events)
+    return events
+
+
+def test_client_disconnect_cancels_generation_and_frees_the_cache(live, tiny_llm):
+    url, state = live
+    body = {"messages": HELLO, "stream": True, "max_tokens": 3000}
+    before = state.metrics.generation_tokens.value()
+    _read_stream(url, body, chunks_wanted=3)
+    wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled") == 1,
+               what="the generation to be cancelled")
+    wait_until(lambda: no_leaks(tiny_llm, state), what="the sequence to be freed")
+    generated = state.metrics.generation_tokens.value() - before
+    assert 3 <= generated < 3000  # stopped long before max_tokens
+    assert state.scheduler.idle_sequences == 0  # a cancelled answer is not kept
+    assert state.scheduler.reserved_blocks == 0
+    # Not streamed: the same holds when the client hangs up while waiting for the answer.
+    def hang_up():
+        try:
+            httpx.post(url + "/v1/chat/completions",
+                       json={"messages": HELLO, "max_tokens": 3000}, timeout=0.5)
+        except httpx.TimeoutException:
+            pass
+    hang_up()
+    wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled") == 2,
+               what="the second generation to be cancelled")
+    wait_until(lambda: no_leaks(tiny_llm, state), what="the sequence to be freed")
+
+
+def _first_content(response):
+    """Read up to the first content chunk; returns the line iterator, which must stay
+    referenced: a dropped iterator closes the response (a disconnect)."""
+    lines = response.iter_lines()
+    for line in lines:
+        if '"content":"' in line and '"role"' not in line:
+            return lines
+
+
+def test_queued_client_that_leaves_gives_up_its_place(live, tiny_llm):
+    url, state = live
+    long_body = {"messages": HELLO, "stream": True, "max_tokens": 3000}
+    post = "POST", url + "/v1/chat/completions"
+    # Both slots (parallel=2) busy with long generations: a third request has to wait.
+    with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b, \
+            httpx.Client(timeout=60) as c:
+        with a.stream(*post, json=long_body) as first, b.stream(*post, json=long_body) as second:
+            reading = [_first_content(first), _first_content(second)]
+            with c.stream(*post, json={**long_body, "max_tokens": 4}) as queued:
+                assert queued.status_code == 200
+                wait_until(lambda: state.scheduler.waiting == 1, what="a queued request")
+            # Leaving that block hung up on the queued request: it leaves the queue.
+            wait_until(lambda: state.scheduler.waiting == 0, what="the queue to empty")
+            assert state.scheduler.running == 2
+            assert state.metrics.requests.value(endpoint="chat", finish_reason="cancelled") == 0
+            del reading
+    wait_until(lambda: no_leaks(tiny_llm, state), what="everything to be freed")
+    assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == 0
+    assert chat_live(url, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+def chat_live(url, **body):
+    response = httpx.post(url + "/v1/chat/completions",
+                          json={"messages": HELLO, **body}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_many_clients_at_once_are_queued_and_all_served(live, tiny_llm):
+    url, state = live
+    n = 12
+    results, errors = [], []
+    peak_waiting = [0]
+    start = threading.Barrier(n + 1)
+
+    def client(i):
+        start.wait()
+        try:
+            body = {"messages": [{"role": "user", "content": f"Question number {i}"}],
+                    "stream": True, "max_tokens": 40, "stream_options": {"include_usage": True}}
+            results.append((i, _read_stream(url, body)))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append((i, repr(e)))
+
+    def bad_client():
+        start.wait()
+        for raw in (b"{", b'{"messages": []}', b'{"messages": "x", "n": 3}'):
+            status = httpx.post(url + "/v1/chat/completions", content=raw, timeout=60).status_code
+            if status != 400:
+                errors.append(("bad client", status))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n - 1)]
+    threads.append(threading.Thread(target=bad_client))
+    for t in threads:
+        t.start()
+    start.wait()
+    while any(t.is_alive() for t in threads):
+        peak_waiting[0] = max(peak_waiting[0], state.scheduler.waiting)
+        assert state.scheduler.running <= 2
+        time.sleep(0.005)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == n - 1
+    for i, events in results:
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 40
+        assert events[-3]["choices"][0]["finish_reason"] == "length"
+    assert peak_waiting[0] > 0  # the crowd really queued
+    assert no_leaks(tiny_llm, state)
+    assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == n - 1
