@@ -355,6 +355,8 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
                                            timeout_keep_alive=30))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        click.echo("stopped", err=True)
     finally:
         sock.close()
     sys.exit(exit_code[0])
