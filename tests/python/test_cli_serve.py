@@ -1,0 +1,156 @@
+"""`opencamp info` and `opencamp serve` as commands: what they print, how they find models on
+the Hugging Face cache without any network, and their errors (exit code 1, no traceback)."""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+import opencamp
+from opencamp.cli import CPU_FEATURES, DEFAULT_SERVE_MODEL, main
+from serverkit import ServeProcess, make_tiny_chat_model, opencamp_executable
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_tokenizer_dir)
+
+
+def run_serve(*args, env=None, timeout=120):
+    """Run `opencamp serve` expecting it to stop by itself (an error)."""
+    return subprocess.run([opencamp_executable(), "serve", "--port", "0", *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, **(env or {})})
+
+
+def test_info_prints_version_backends_cpu_and_architectures():
+    result = CliRunner().invoke(main, ["info"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.startswith(f"opencamp {opencamp.__version__} (build ")
+    for backend in opencamp.backends():
+        assert backend["name"] in out and backend["description"] in out
+    assert "usable" in out
+    assert "cpu:" in out and "features:" in out
+    for model_type, _ in opencamp.architectures():
+        assert model_type in out
+
+
+def test_info_json_matches_the_library_and_proc_cpuinfo():
+    result = CliRunner().invoke(main, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["version"] == opencamp.__version__
+    assert info["build_type"] in ("Release", "RelWithDebInfo", "Debug", "MinSizeRel")
+    assert info["backends"] == opencamp.backends()
+    assert [a["model_type"] for a in info["architectures"]] == \
+        [t for t, _ in opencamp.architectures()]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = set()
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.partition(":")[2].split())
+                break
+        assert info["cpu"]["features"] == {f: f in flags for f in CPU_FEATURES}
+    else:
+        assert info["cpu"]["features"] == {}
+
+
+def test_help_lists_every_command():
+    listed = subprocess.run([opencamp_executable(), "--help"], capture_output=True, text=True,
+                            check=True).stdout
+    for command in ("serve", "info", "generate", "chat"):
+        assert command in listed
+    serve_help = subprocess.run([opencamp_executable(), "serve", "--help"], capture_output=True,
+                                text=True, check=True).stdout
+    for option in ("--model", "--host", "--port", "--api-key", "--max-context", "--backend",
+                   "--dtype", "--threads", "--parallel", "--kv-cache-tokens"):
+        assert option in serve_help
+    assert DEFAULT_SERVE_MODEL in serve_help
+
+
+def test_serve_default_model_offline_is_a_clear_error(tmp_path):
+    result = run_serve(env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert DEFAULT_SERVE_MODEL in result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr
+    assert "--model DIR" in result.stderr  # how to use a local copy instead
+
+
+def _fake_hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> None:
+    """What huggingface_hub leaves after downloading `repo_id`: refs/main -> a snapshot."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model_dir, snapshot)
+    (snapshot / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 1, "eos_token_id": 2, "temperature": 0.6, "top_p": 0.9}))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_serve_finds_a_repo_id_in_the_hub_cache_offline(tmp_path, tiny_dir):
+    hf_home = tmp_path / "hf"
+    _fake_hub_cache(hf_home, "example-org/tiny-chat", tiny_dir)
+    process = ServeProcess(["--model", "example-org/tiny-chat", "--threads", "2",
+                            "--max-context", "512", "--top-p", "0.8"],
+                           env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)})
+    try:
+        url = process.wait_ready()
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == \
+            ["example-org/tiny-chat"]
+        defaults = httpx.get(url + "/config").json()["defaults"]
+        assert defaults["temperature"] == 0.6  # from the model's generation_config.json
+        assert defaults["top_p"] == 0.8  # the command line wins
+        answer = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "example-org/tiny-chat", "max_tokens": 3,
+            "messages": [{"role": "user", "content": "hi"}]}).json()
+        assert answer["usage"]["completion_tokens"] == 3
+    finally:
+        assert process.stop() == 0
+    out = process.output
+    assert "resolving example-org/tiny-chat on the Hugging Face Hub" in out
+    assert "loading " in out and "model ready in" in out  # progress while loading
+
+
+def test_serve_refuses_a_busy_port(tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([opencamp_executable(), "serve", "--model", str(tiny_dir),
+                                 "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--port" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_rejects_a_folder_without_a_model(tmp_path):
+    result = run_serve("--model", str(tmp_path))
+    assert result.returncode == 1
+    assert "not a model folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_rejects_a_cache_smaller_than_the_context(tiny_dir):
+    result = run_serve("--model", str(tiny_dir), "--max-context", "512",
+                       "--kv-cache-tokens", "100")
+    assert result.returncode == 1
+    assert "--kv-cache-tokens" in result.stderr and "512" in result.stderr
+
+
+def test_serve_exits_with_an_error_when_loading_fails(tmp_path, tiny_dir):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")
+    result = run_serve("--model", str(broken))
+    assert result.returncode == 1
+    assert "cannot load the model" in result.stderr
+    assert "model.safetensors" in result.stderr
