@@ -53,6 +53,14 @@ class Backend {
   // instead of three or two); models then concatenate them at load time.
   virtual bool fuses_projections() const { return false; }
 
+  // The precision activations are rounded to when multiplied by weights of `weight_dtype`:
+  // F32 (exact products, the reference) or BF16 (bf16 x bf16 dot products, as llama.cpp and
+  // PyTorch's bf16 kernels do: faster, about 3 significant digits per product).
+  virtual DType matmul_activation_dtype(DType weight_dtype) const {
+    (void)weight_dtype;
+    return DType::F32;
+  }
+
   // out[t, :] = table[ids[t], :]
   virtual void embedding(const Tensor& out,    // [T, D] f32
                          const Tensor& table,  // [V, D] weight dtype

@@ -71,6 +71,8 @@ class Engine {
   const Model& model() const { return *model_; }
   std::string backend_name() const { return backend_->name(); }
   DType weight_dtype() const { return model_->weight_dtype(); }
+  // What the matmuls round activations to for this model's weights (see Backend).
+  DType matmul_activation_dtype() const { return backend_->matmul_activation_dtype(weight_dtype()); }
   int threads() const { return pool_.size(); }
   int max_context() const { return max_context_; }
 

@@ -1,7 +1,8 @@
-// A persistent pool of worker threads. The calling thread takes part in every job, so a pool
-// of size 1 runs everything inline with no synchronisation at all. Idle workers spin briefly
-// before they sleep, so back-to-back jobs (a model runs hundreds per token) start in well under
-// a microsecond instead of paying a futex wake-up each.
+// A persistent pool of worker threads that share out the chunks of a job. The calling thread
+// takes part, and chunks are claimed one at a time, so a worker the OS has descheduled (a busy
+// machine) delays nothing: the others, the caller included, take its chunks. Idle workers spin
+// briefly before they sleep, so back-to-back jobs (a model runs hundreds per token) start in
+// well under a microsecond instead of paying a futex wake-up each.
 #pragma once
 
 #include <atomic>
@@ -25,12 +26,13 @@ class ThreadPool {
 
   int size() const { return n_threads_; }
 
-  // Runs job(thread_index, n_threads) once on every thread and waits for all of them. The first
-  // exception thrown by any thread is rethrown here after all threads finished. Not reentrant:
-  // one job at a time (callers serialise, as the Engine does).
-  void run(const std::function<void(int thread_index, int n_threads)>& job);
+  // Runs chunk(index, n_chunks) for every index in [0, n_chunks), spread over the threads, and
+  // returns when all are done. A chunk may run on any thread: chunks must not depend on which.
+  // The first exception thrown by a chunk is rethrown here. One job at a time (callers
+  // serialise, as the Engine does).
+  void run(int64_t n_chunks, const std::function<void(int64_t index, int64_t n_chunks)>& chunk);
 
-  // Splits [0, n) into one contiguous range per thread: body(begin, end).
+  // Splits [0, n) into a few contiguous ranges per thread: body(begin, end).
   void parallel_for(int64_t n, const std::function<void(int64_t begin, int64_t end)>& body);
 
   // Physical cores available to this process (hyper-threads share one core's FMA units and
@@ -38,18 +40,25 @@ class ThreadPool {
   static int default_threads();
 
  private:
-  void worker_loop(int thread_index);
+  void worker_loop();
+  // Claims and runs chunks of job `generation` until none are left.
+  void work_on(uint64_t generation);
 
   int n_threads_;
   std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};  // bumped for every job so workers notice new work
-  std::atomic<int> pending_{0};          // workers still running the current job
-  std::atomic<int> sleepers_{0};         // workers blocked on work_ready_
+  // Each job gets a generation. ticket_ = generation << 32 | next unclaimed chunk; limit_ =
+  // generation << 32 | chunk count. Claims only succeed for the live generation, so a worker
+  // that wakes late can never touch a job that has already returned.
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<uint64_t> ticket_{0};
+  std::atomic<uint64_t> limit_{0};
+  std::atomic<int64_t> done_{0};  // chunks of the live job finished
+  std::atomic<int> sleepers_{0};  // workers blocked on work_ready_
   std::atomic<bool> stopping_{false};
-  const std::function<void(int, int)>* job_ = nullptr;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   std::mutex mutex_;
   std::condition_variable work_ready_;
-  std::vector<std::exception_ptr> errors_;  // one slot per thread
+  std::exception_ptr first_error_;  // guarded by mutex_
 };
 
 }  // namespace opencamp

@@ -158,6 +158,10 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("dtype", [](const Engine& e) { return std::string(dtype_name(e.weight_dtype())); })
+      .def_property_readonly("matmul_activation_dtype",
+                             [](const Engine& e) { return std::string(dtype_name(e.matmul_activation_dtype())); },
+                             "What matmuls round activations to: f32 (exact products) or bf16 (bf16 dot "
+                             "products, with bf16 weights on CPUs with AVX512_BF16).")
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("max_context", &Engine::max_context)
       .def_property_readonly("weight_bytes", [](const Engine& e) { return e.model().weight_bytes(); })

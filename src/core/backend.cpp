@@ -68,8 +68,18 @@ namespace {
 
 std::mutex registry_mutex;
 
+std::vector<BackendInfo> builtin_backends() {
+  std::vector<BackendInfo> backends{cpu_backend_info()};
+#ifdef OPENCAMP_HAVE_AVX
+  for (auto& info : avx_backend_infos()) backends.push_back(std::move(info));
+#endif
+  std::stable_sort(backends.begin(), backends.end(),
+                   [](const BackendInfo& a, const BackendInfo& b) { return a.score > b.score; });
+  return backends;
+}
+
 std::vector<BackendInfo>& registry_locked() {
-  static std::vector<BackendInfo> backends{cpu_backend_info()};
+  static std::vector<BackendInfo> backends = builtin_backends();
   return backends;
 }
 

@@ -5,9 +5,16 @@
 #include "opencamp/backend.h"
 #include "opencamp/model.h"
 
+#include <string>
+#include <vector>
+
 namespace opencamp {
 
 BackendInfo cpu_backend_info();
+#ifdef OPENCAMP_HAVE_AVX
+std::vector<BackendInfo> avx_backend_infos();  // "avx" and one per instruction set
+std::string avx_isa_in_use();                  // what "avx" runs here ("none" without AVX2)
+#endif
 
 Architecture llama_architecture();
 Architecture qwen2_architecture();

@@ -6,6 +6,8 @@
 #include <string>
 #include <utility>
 
+#include "opencamp/error.h"
+
 #ifdef __linux__
 #include <sched.h>
 #endif
@@ -19,6 +21,10 @@ namespace {
 // About 50-100 us of spinning before a worker sleeps: longer than the gap between the ops of
 // one forward pass, far shorter than the gap between user requests.
 constexpr int kSpinsBeforeSleep = 1 << 14;
+constexpr int64_t kMaxChunks = int64_t{1} << 31;
+// Chunks per thread in parallel_for: enough that a stalled thread's share is soon taken over,
+// few enough that each chunk is a long contiguous run.
+constexpr int64_t kChunksPerThread = 4;
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -30,10 +36,9 @@ inline void cpu_relax() {
 
 }  // namespace
 
-ThreadPool::ThreadPool(int n_threads)
-    : n_threads_(n_threads > 0 ? n_threads : default_threads()), errors_(n_threads_) {
+ThreadPool::ThreadPool(int n_threads) : n_threads_(n_threads > 0 ? n_threads : default_threads()) {
   workers_.reserve(n_threads_ - 1);
-  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  for (int i = 1; i < n_threads_; ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
 ThreadPool::~ThreadPool() {
@@ -45,44 +50,69 @@ ThreadPool::~ThreadPool() {
   for (auto& worker : workers_) worker.join();
 }
 
-void ThreadPool::run(const std::function<void(int, int)>& job) {
-  if (n_threads_ == 1) {
-    job(0, 1);
+void ThreadPool::run(int64_t n_chunks, const std::function<void(int64_t, int64_t)>& chunk) {
+  if (n_chunks <= 0) return;
+  if (n_chunks >= kMaxChunks) fail(ErrorKind::Internal, "thread pool job of ", n_chunks, " chunks");
+  if (n_threads_ == 1 || n_chunks == 1) {
+    for (int64_t i = 0; i < n_chunks; ++i) chunk(i, n_chunks);
     return;
   }
-  job_ = &job;
-  pending_.store(n_threads_ - 1, std::memory_order_relaxed);
-  generation_.fetch_add(1, std::memory_order_seq_cst);  // publishes job_ and pending_
+  const uint64_t generation = generation_.load(std::memory_order_relaxed) + 1;
+  job_ = &chunk;
+  done_.store(0, std::memory_order_relaxed);
+  limit_.store(generation << 32 | static_cast<uint64_t>(n_chunks), std::memory_order_relaxed);
+  ticket_.store(generation << 32, std::memory_order_relaxed);
+  generation_.store(generation, std::memory_order_seq_cst);  // publishes the fields above
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
     std::lock_guard<std::mutex> lock(mutex_);  // orders against a worker about to sleep
     work_ready_.notify_all();
   }
-  try {
-    job(0, n_threads_);
-  } catch (...) {
-    errors_[0] = std::current_exception();
-  }
-  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+  work_on(generation);
+  for (int spins = 0; done_.load(std::memory_order_acquire) != n_chunks; ++spins) {
     if (spins < kSpinsBeforeSleep) cpu_relax();
-    else std::this_thread::yield();
+    else std::this_thread::yield();  // a worker holding a chunk was descheduled
   }
   job_ = nullptr;
-  for (auto& error : errors_) {
-    if (error) std::rethrow_exception(std::exchange(error, nullptr));
+  std::exception_ptr error;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    error = std::exchange(first_error_, nullptr);
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void ThreadPool::work_on(uint64_t generation) {
+  for (;;) {
+    uint64_t ticket = ticket_.load(std::memory_order_acquire);
+    if (ticket >> 32 != generation) return;
+    if (!ticket_.compare_exchange_weak(ticket, ticket + 1, std::memory_order_acq_rel)) continue;
+    const int64_t index = static_cast<int64_t>(ticket & 0xffffffffu);
+    // The claim succeeded while the job was live; its chunk count can be read safely as long
+    // as it still belongs to this generation (a claim past the end can outlive the job).
+    const uint64_t limit = limit_.load(std::memory_order_acquire);
+    if (limit >> 32 != generation) return;
+    const int64_t n_chunks = static_cast<int64_t>(limit & 0xffffffffu);
+    if (index >= n_chunks) return;
+    try {
+      (*job_)(index, n_chunks);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!first_error_) first_error_ = std::current_exception();
+    }
+    done_.fetch_add(1, std::memory_order_acq_rel);
   }
 }
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
   if (n <= 0) return;
-  run([&](int index, int count) {
-    const int64_t chunk = (n + count - 1) / count;
-    const int64_t begin = std::min<int64_t>(n, index * chunk);
-    const int64_t end = std::min<int64_t>(n, begin + chunk);
+  const int64_t chunks = std::min<int64_t>(n, n_threads_ == 1 ? 1 : n_threads_ * kChunksPerThread);
+  run(chunks, [&](int64_t index, int64_t count) {
+    const int64_t begin = n * index / count, end = n * (index + 1) / count;
     if (begin < end) body(begin, end);
   });
 }
 
-void ThreadPool::worker_loop(int thread_index) {
+void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   for (;;) {
     uint64_t current = generation_.load(std::memory_order_acquire);
@@ -101,12 +131,7 @@ void ThreadPool::worker_loop(int thread_index) {
     }
     if (stopping_.load()) return;
     seen = current;
-    try {
-      (*job_)(thread_index, n_threads_);
-    } catch (...) {
-      errors_[thread_index] = std::current_exception();
-    }
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    work_on(current);
   }
 }
 

@@ -5,6 +5,7 @@
 #include <set>
 
 #include "models/decoder.h"
+#include "runtime/profiling_backend.h"
 #include "opencamp/error.h"
 
 namespace opencamp {
@@ -39,7 +40,7 @@ Engine::Engine(const std::filesystem::path& model_dir, const EngineOptions& opti
   }
   BackendOptions backend_options;
   backend_options.pool = &pool_;
-  backend_ = create_backend(options.backend, backend_options);
+  backend_ = maybe_profile(create_backend(options.backend, backend_options));
   model_ = std::make_unique<Model>(model_dir, *backend_, options.dtype);
   const ModelConfig& c = model_->config();
   if (options.max_context > c.max_position_embeddings) {

@@ -145,6 +145,19 @@ struct DeviceTensor {
   Tensor view;
 };
 
+// A view of host memory (what Backend::prepare_weight takes: weights come from host files).
+Tensor host_view(const HostTensor& host) {
+  Tensor t;
+  t.dtype = host.dtype;
+  t.ndim = static_cast<int>(host.shape.size());
+  for (int i = 0; i < t.ndim; ++i) {
+    t.shape[i] = host.shape[i];
+    t.stride[i] = host.stride[i];
+  }
+  t.data = const_cast<unsigned char*>(host.storage.data());
+  return t;
+}
+
 DeviceTensor upload(Backend& backend, const HostTensor& host) {
   DeviceTensor d;
   d.buffer = backend.allocate(host.storage.size());
@@ -298,8 +311,11 @@ std::vector<OpCase> matmul_cases() {
   };
   for (DType dtype : {DType::F32, DType::BF16}) {
     for (bool with_bias : {false, true}) {
+      // Odd sizes everywhere; also enough tokens and outputs for several full tiles of the
+      // SIMD kernels plus remainders (T=97 crosses a token block, N=100 leaves a partial panel).
       for (const Shape& s : {Shape{1, 37, 13, 0, 0}, Shape{7, 67, 75, 5, 3}, Shape{33, 131, 29, 0, 0},
-                             Shape{1, 64, 17, 11, 0}, Shape{19, 9, 41, 2, 7}}) {
+                             Shape{1, 64, 17, 11, 0}, Shape{19, 9, 41, 2, 7}, Shape{40, 200, 100, 0, 0},
+                             Shape{97, 33, 35, 1, 2}, Shape{1, 301, 70, 0, 0}}) {
         std::mt19937 rng(static_cast<unsigned>(300 + s.T * 7 + s.K + s.N + with_bias));
         auto x = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, s.K}, s.x_pad));
         fill_random(*x, rng);
@@ -314,9 +330,12 @@ std::vector<OpCase> matmul_cases() {
                       with_bias ? " +bias" : "", (long long)s.out_pad);
         c.run = [=](Backend& b) {
           HostTensor out = make_tensor(DType::F32, {s.T, s.N}, s.out_pad);
-          DeviceTensor d_x = upload(b, *x), d_w = upload(b, *w), d_b = upload(b, *bias);
+          DeviceTensor d_x = upload(b, *x), d_b = upload(b, *bias);
           DeviceTensor d_out = upload(b, out);
-          b.matmul(d_out.view, d_x.view, d_w.view, with_bias ? &d_b.view : nullptr);
+          // The weight in the backend's own matmul layout, as a model loads it.
+          std::vector<std::shared_ptr<Buffer>> owned;
+          const Tensor prepared = b.prepare_weight(host_view(*w), dtype, WeightUse::Matrix, owned);
+          b.matmul(d_out.view, d_x.view, prepared, with_bias ? &d_b.view : nullptr);
           download(b, d_out, out);
           return Output{out.values(), out.padding_intact()};
         };

@@ -29,6 +29,11 @@ constexpr double kSelfTolerance = 1e-5;
 // bf16 weights vs the f32 reference: measured 0.049 / 0.058 / 0.126 (llama / qwen2 / qwen3), the
 // README of the fixtures says up to 0.05 / 0.06 / 0.13.
 constexpr double kBF16VsF32Tolerance = 0.2;
+// Backends that also round activations to bf16 in their matmuls (AVX512_BF16 dot products):
+// against HF's bf16 weights computed in f32, measured 0.040 / 0.052 / 0.101; against the f32
+// model, 0.066 / 0.072 / 0.19.
+constexpr double kBF16ActivationsTolerance = 0.2;
+constexpr double kBF16ActivationsVsF32Tolerance = 0.3;
 
 struct Reference {
   std::vector<int32_t> input_ids;
@@ -146,9 +151,13 @@ TEST_CASE(bf16_prefill_matches_hf_bf16_logits) {
     const double vs_f32 = max_abs_diff(logits, r.logits);
     std::printf("  %-10s %-5s bf16 vs HF bf16-weights: max abs %.3g; vs HF f32: %.3g\n", model.c_str(),
                 backend.c_str(), vs_bf16, vs_f32);
-    // HF rounded every weight (norm weights and biases included) to bf16.
-    CHECK_MSG(vs_bf16 <= kF32Tolerance, model << " on " << backend << ": bf16 max abs " << vs_bf16);
-    CHECK_MSG(vs_f32 <= kBF16VsF32Tolerance, model << " on " << backend << ": vs f32 max abs " << vs_f32);
+    // HF rounded every weight (norm weights and biases included) to bf16 and computed in f32:
+    // exact agreement, unless the backend also rounds activations to bf16 in its matmuls.
+    const bool bf16_activations = engine.matmul_activation_dtype() == DType::BF16;
+    const double bound = bf16_activations ? kBF16ActivationsTolerance : kF32Tolerance;
+    CHECK_MSG(vs_bf16 <= bound, model << " on " << backend << ": bf16 max abs " << vs_bf16);
+    const double bound_vs_f32 = bf16_activations ? kBF16ActivationsVsF32Tolerance : kBF16VsF32Tolerance;
+    CHECK_MSG(vs_f32 <= bound_vs_f32, model << " on " << backend << ": vs f32 max abs " << vs_f32);
     CHECK(vs_f32 > 1e-3);  // the weights really were rounded
   });
 }

@@ -1,0 +1,419 @@
+// The avx backend: the cpu backend's ops on SIMD kernels chosen at run time (AVX2+FMA,
+// AVX-512, AVX-512 BF16), with matmul weights packed into panels at load time and q/k/v and
+// gate/up fused into single matrices. Inputs the kernels do not take (unusual strides, weights
+// in the row-major layout) go to the cpu reference implementation, so every op always works.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "backends/avx/cpu_features.h"
+#include "backends/avx/kernels.h"
+#include "backends/cpu/cpu_backend.h"
+#include "core/builtin.h"
+#include "opencamp/error.h"
+
+namespace opencamp {
+namespace {
+
+using avx::KernelTable;
+using avx::kPanel;
+
+// Below this many multiply-adds (or elements) an op runs on the calling thread: waking the
+// pool would cost more than the work.
+constexpr int64_t kParallelMacs = 1 << 15;
+constexpr int64_t kParallelElements = 1 << 14;
+
+int64_t panel_count(int64_t n) { return (n + kPanel - 1) / kPanel; }
+int64_t bf16_pairs(int64_t k) { return (k + 1) / 2; }
+
+// Elements per packed panel: f32 [K][16]; bf16 [ceil(K/2)][16][2].
+int64_t panel_stride(const Tensor& weight) {
+  return weight.dtype == DType::F32 ? weight.shape[1] * kPanel : bf16_pairs(weight.shape[1]) * 2 * kPanel;
+}
+
+bool unit_inner(const Tensor& t) { return t.dtype == DType::F32 && t.stride[t.ndim - 1] == 1; }
+
+class AvxBackend final : public CpuBackend {
+ public:
+  AvxBackend(ThreadPool* pool, const KernelTable* kernels, std::string name)
+      : CpuBackend(pool), kernels_(kernels), name_(std::move(name)) {}
+
+  std::string name() const override { return name_; }
+  bool fuses_projections() const override { return true; }
+  DType matmul_activation_dtype(DType weight_dtype) const override {
+    return weight_dtype == DType::BF16 && kernels_->matmul_bf16_dot ? DType::BF16 : DType::F32;
+  }
+
+  Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
+                        std::vector<std::shared_ptr<Buffer>>& owned) override {
+    if (use == WeightUse::Table || source.ndim != 2) {
+      return Backend::prepare_weight(source, dtype, use, owned);
+    }
+    return pack(source, dtype, owned);
+  }
+
+  void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override {
+    if (!unit_inner(out) || table.layout != Layout::Strided || table.stride[1] != 1 ||
+        table.dtype == DType::F16 || out.ndim != 2 || out.shape[1] != table.shape[1] ||
+        out.shape[0] != static_cast<int64_t>(ids.size())) {
+      return CpuBackend::embedding(out, table, ids);
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= table.shape[0]) return CpuBackend::embedding(out, table, ids);  // its error
+    }
+    const int64_t dim = table.shape[1];
+    rows(static_cast<int64_t>(ids.size()), dim, [&](int64_t t) {
+      float* row = out.ptr<float>() + t * out.stride[0];
+      if (table.dtype == DType::F32) {
+        std::memcpy(row, table.ptr<float>() + ids[t] * table.stride[0], dim * sizeof(float));
+      } else {
+        kernels_->bf16_to_f32_row(row, table.ptr<uint16_t>() + ids[t] * table.stride[0], dim);
+      }
+    });
+  }
+
+  void rmsnorm(const Tensor& out, const Tensor& x, const Tensor& weight, float eps) override {
+    if (!unit_inner(out) || !unit_inner(x) || out.ndim != x.ndim || out.shape != x.shape ||
+        (x.ndim != 2 && x.ndim != 3) || weight.stride[0] != 1 || weight.dtype != DType::F32 ||
+        weight.shape[0] != x.shape[x.ndim - 1]) {
+      return CpuBackend::rmsnorm(out, x, weight, eps);
+    }
+    const int64_t dim = x.shape[x.ndim - 1];
+    const int64_t heads = x.ndim == 3 ? x.shape[1] : 1;
+    const int64_t x_head = x.ndim == 3 ? x.stride[1] : 0, out_head = x.ndim == 3 ? out.stride[1] : 0;
+    rows(x.shape[0] * heads, dim, [&](int64_t item) {
+      const int64_t r = item / heads, h = item % heads;
+      const float* in = x.ptr<float>() + r * x.stride[0] + h * x_head;
+      const float mean = kernels_->sum_squares(in, dim) / static_cast<float>(dim);
+      kernels_->scale_mul(out.ptr<float>() + r * out.stride[0] + h * out_head, in,
+                          1.0f / std::sqrt(mean + eps), weight.ptr<float>(), dim);
+    });
+  }
+
+  void matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) override {
+    if (weight.layout != Layout::Packed) return CpuBackend::matmul(out, x, weight, bias);
+    if (out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
+        x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] ||
+        out.shape[1] != weight.shape[0] ||
+        (bias && (bias->ndim != 1 || bias->shape[0] != weight.shape[0] || bias->stride[0] != 1 ||
+                  bias->dtype != DType::F32))) {
+      fail(ErrorKind::InvalidArgument, name_, " backend, op matmul: out [T, N] and x [T, K] must be "
+           "f32 with contiguous rows matching the packed weight [N, K] ", shape_string(weight));
+    }
+    avx::MatmulArgs args;
+    args.x = x.data;
+    args.x_stride = x.stride[0];
+    args.tokens = x.shape[0];
+    args.k = x.shape[1];
+    args.n = weight.shape[0];
+    args.panels = weight.data;
+    args.panel_stride = panel_stride(weight);
+    args.out = out.ptr<float>();
+    args.out_stride = out.stride[0];
+    args.bias = bias ? bias->ptr<float>() : nullptr;
+    auto kernel = weight.dtype == DType::F32 ? kernels_->matmul_f32 : kernels_->matmul_bf16;
+    if (matmul_activation_dtype(weight.dtype) == DType::BF16) {
+      // Round the activations to bf16 pairs once; the dot-product kernel reads those.
+      const int64_t pairs = bf16_pairs(args.k);
+      bf16_activations_.resize(static_cast<size_t>(args.tokens * pairs * 2));
+      rows(args.tokens, args.k, [&](int64_t t) {
+        kernels_->to_bf16_row(bf16_activations_.data() + t * pairs * 2, x.ptr<float>() + t * x.stride[0], args.k);
+      });
+      args.x = bf16_activations_.data();
+      args.x_stride = pairs;
+      kernel = kernels_->matmul_bf16_dot;
+    }
+    const int64_t panels = panel_count(args.n);
+    if (args.tokens * args.n * args.k < kParallelMacs || pool().size() == 1) {
+      kernel(args, 0, panels);
+      return;
+    }
+    // Long contiguous panel ranges: each chunk streams its own part of the weights.
+    pool().parallel_for(panels, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  }
+
+  void rope(const Tensor& x, std::span<const int32_t> positions, const Tensor& inv_freq) override {
+    if (x.ndim != 3 || !unit_inner(x) || inv_freq.stride[0] != 1 || inv_freq.dtype != DType::F32 ||
+        inv_freq.shape[0] * 2 != x.shape[2] || static_cast<int64_t>(positions.size()) != x.shape[0]) {
+      return CpuBackend::rope(x, positions, inv_freq);
+    }
+    const int64_t half = x.shape[2] / 2;
+    const RopeTable& table = rope_table(inv_freq, positions);
+    rows(x.shape[0], x.shape[1] * x.shape[2], [&](int64_t t) {
+      const int64_t p = positions[t];
+      kernels_->rope(x.ptr<float>() + t * x.stride[0], x.shape[1], x.stride[1], half,
+                     table.cos.data() + p * half, table.sin.data() + p * half);
+    });
+  }
+
+  void kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
+                std::span<const KVSlot> slots) override {
+    const Tensor& pool_keys = cache.keys;
+    const int64_t row = pool_keys.shape[2] * pool_keys.shape[3];  // Hkv * hd
+    const bool contiguous_rows = keys.ndim == 3 && values.ndim == 3 && unit_inner(keys) &&
+                                 unit_inner(values) && keys.stride[1] == keys.shape[2] &&
+                                 values.stride[1] == values.shape[2] && pool_keys.is_contiguous() &&
+                                 cache.values.is_contiguous() && keys.shape[1] * keys.shape[2] == row &&
+                                 values.shape == keys.shape &&
+                                 keys.shape[0] == static_cast<int64_t>(slots.size());
+    if (!contiguous_rows) return CpuBackend::kv_store(cache, keys, values, slots);
+    const int64_t block_size = pool_keys.shape[1];
+    for (size_t t = 0; t < slots.size(); ++t) {
+      const int64_t offset = (slots[t].block_table[slots[t].position / block_size] * block_size +
+                              slots[t].position % block_size) * row;
+      std::memcpy(pool_keys.ptr<float>() + offset, keys.ptr<float>() + t * keys.stride[0], row * sizeof(float));
+      std::memcpy(cache.values.ptr<float>() + offset, values.ptr<float>() + t * values.stride[0], row * sizeof(float));
+    }
+  }
+
+  void attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
+                 std::span<const KVSlot> slots, float scale) override {
+    const int64_t T = queries.shape[0], Hq = queries.shape[1], hd = queries.shape[2];
+    const int64_t Hkv = cache.keys.shape[2];
+    if (queries.ndim != 3 || out.ndim != 3 || !unit_inner(queries) || !unit_inner(out) ||
+        out.shape != queries.shape || hd > avx::kMaxHeadDim || hd != cache.keys.shape[3] ||
+        Hq % Hkv != 0 || T != static_cast<int64_t>(slots.size()) || !cache.keys.is_contiguous() ||
+        !cache.values.is_contiguous()) {
+      return CpuBackend::attention(out, queries, cache, slots, scale);
+    }
+    // Groups of query rows (token, head) that share a sequence and a KV head, lanes at a time:
+    // each group reads its keys and values once.
+    const int64_t group = Hq / Hkv, lanes = kernels_->lanes;
+    query_rows_.clear();
+    output_rows_.clear();
+    row_positions_.clear();
+    groups_.clear();
+    for (int64_t kv_head = 0; kv_head < Hkv; ++kv_head) {
+      for (int64_t t = 0; t < T;) {
+        int64_t run_end = t + 1;
+        while (run_end < T && slots[run_end].block_table == slots[t].block_table) ++run_end;
+        for (int64_t h0 = kv_head * group; h0 < (kv_head + 1) * group; h0 += lanes) {
+          const int64_t h1 = std::min(h0 + lanes, (kv_head + 1) * group);
+          // Rows ordered token by token within the run, so a group spans few positions.
+          AttentionGroup current{query_rows_.size(), 0, kv_head, slots[t].block_table, 0};
+          for (int64_t tt = t; tt < run_end; ++tt) {
+            for (int64_t h = h0; h < h1; ++h) {
+              if (current.rows == lanes) {
+                groups_.push_back(current);
+                current = {query_rows_.size(), 0, kv_head, slots[t].block_table, 0};
+              }
+              query_rows_.push_back(static_cast<const float*>(queries.at({tt, h})));
+              output_rows_.push_back(static_cast<float*>(out.at({tt, h})));
+              row_positions_.push_back(slots[tt].position);
+              current.rows += 1;
+              current.cost = std::max<int64_t>(current.cost, slots[tt].position + 1);
+            }
+          }
+          if (current.rows > 0) groups_.push_back(current);
+        }
+        t = run_end;
+      }
+    }
+    const int64_t block_size = cache.keys.shape[1];
+    auto run_group = [&](const AttentionGroup& g) {
+      avx::AttentionArgs args;
+      args.rows = static_cast<int>(g.rows);
+      args.queries = query_rows_.data() + g.first_row;
+      args.outputs = output_rows_.data() + g.first_row;
+      args.positions = row_positions_.data() + g.first_row;
+      args.block_table = g.block_table;
+      args.keys = cache.keys.ptr<float>();
+      args.values = cache.values.ptr<float>();
+      args.block_stride = block_size * Hkv * hd;
+      args.position_stride = Hkv * hd;
+      args.kv_head_offset = g.kv_head * hd;
+      args.head_dim = static_cast<int>(hd);
+      args.block_size = static_cast<int>(block_size);
+      args.scale = scale;
+      kernels_->attention(args);
+    };
+    int64_t total_cost = 0;
+    for (const auto& g : groups_) total_cost += g.cost * g.rows * hd;
+    if (total_cost < kParallelMacs || pool().size() == 1 || groups_.size() == 1) {
+      for (const auto& g : groups_) run_group(g);
+      return;
+    }
+    // Longest groups first; the pool hands them out one at a time, so threads finish together.
+    std::stable_sort(groups_.begin(), groups_.end(),
+                     [](const AttentionGroup& a, const AttentionGroup& b) { return a.cost > b.cost; });
+    pool().run(static_cast<int64_t>(groups_.size()), [&](int64_t i, int64_t) { run_group(groups_[i]); });
+  }
+
+  void silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override {
+    if (out.ndim != 2 || !unit_inner(out) || !unit_inner(gate) || !unit_inner(up) ||
+        out.shape != gate.shape || gate.shape != up.shape) {
+      return CpuBackend::silu_mul(out, gate, up);
+    }
+    rows(out.shape[0], out.shape[1], [&](int64_t t) {
+      kernels_->silu_mul(out.ptr<float>() + t * out.stride[0], gate.ptr<float>() + t * gate.stride[0],
+                         up.ptr<float>() + t * up.stride[0], out.shape[1]);
+    });
+  }
+
+  void add(const Tensor& out, const Tensor& a, const Tensor& b) override {
+    if (out.ndim != 2 || !unit_inner(out) || !unit_inner(a) || !unit_inner(b) ||
+        out.shape != a.shape || a.shape != b.shape) {
+      return CpuBackend::add(out, a, b);
+    }
+    rows(out.shape[0], out.shape[1], [&](int64_t t) {
+      kernels_->add(out.ptr<float>() + t * out.stride[0], a.ptr<float>() + t * a.stride[0],
+                    b.ptr<float>() + t * b.stride[0], out.shape[1]);
+    });
+  }
+
+ private:
+  struct AttentionGroup {
+    size_t first_row;
+    int64_t rows;
+    int64_t kv_head;
+    const int32_t* block_table;
+    int64_t cost;  // keys the longest row reads
+  };
+
+  struct RopeTable {
+    std::vector<float> inv_freq;  // [half]: what the table was computed for
+    std::vector<float> cos, sin;  // [positions][half]
+    int64_t positions = 0;
+  };
+
+  // body(row) for rows [0, n) of `width` elements each, on the pool when there is enough work.
+  template <class Body>
+  void rows(int64_t n, int64_t width, const Body& body) {
+    if (n * width < kParallelElements || n == 1 || pool().size() == 1) {
+      for (int64_t r = 0; r < n; ++r) body(r);
+      return;
+    }
+    pool().parallel_for(n, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) body(r);
+    });
+  }
+
+  // cos / sin of every position so far, computed once per position exactly as the cpu backend
+  // computes them (f32 angle, then std::cos / std::sin).
+  const RopeTable& rope_table(const Tensor& inv_freq, std::span<const int32_t> positions) {
+    // Found by the frequencies themselves (a few dozen floats), not by address: memory of a
+    // freed model can hold another model's frequencies later.
+    const float* freq = inv_freq.ptr<float>();
+    auto it = std::find_if(rope_tables_.begin(), rope_tables_.end(), [&](const RopeTable& t) {
+      return t.inv_freq.size() == static_cast<size_t>(inv_freq.shape[0]) &&
+             std::equal(t.inv_freq.begin(), t.inv_freq.end(), freq);
+    });
+    if (it == rope_tables_.end()) {
+      if (rope_tables_.size() >= 4) rope_tables_.erase(rope_tables_.begin());
+      rope_tables_.push_back(RopeTable{std::vector<float>(freq, freq + inv_freq.shape[0]), {}, {}, 0});
+      it = std::prev(rope_tables_.end());
+    }
+    RopeTable& table = *it;
+    int64_t needed = 0;
+    for (int32_t p : positions) {
+      if (p < 0) fail(ErrorKind::InvalidArgument, "rope: negative position ", p);
+      needed = std::max<int64_t>(needed, p + 1);
+    }
+    if (needed > table.positions) {
+      const int64_t half = inv_freq.shape[0];
+      const int64_t grown = std::max<int64_t>(needed, 2 * table.positions);
+      table.cos.resize(static_cast<size_t>(grown * half));
+      table.sin.resize(static_cast<size_t>(grown * half));
+      for (int64_t p = table.positions; p < grown; ++p) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float angle = static_cast<float>(p) * inv_freq.ptr<float>()[i];
+          table.cos[p * half + i] = std::cos(angle);
+          table.sin[p * half + i] = std::sin(angle);
+        }
+      }
+      table.positions = grown;
+    }
+    return table;
+  }
+
+  Tensor pack(const Tensor& source, DType dtype, std::vector<std::shared_ptr<Buffer>>& owned) {
+    if (dtype != DType::F32 && dtype != DType::BF16) {
+      fail(ErrorKind::InvalidArgument, name_, " backend holds weights as f32 or bf16, not ", dtype_name(dtype));
+    }
+    if (!source.is_contiguous()) fail(ErrorKind::Internal, "weights must be contiguous");
+    const int64_t n = source.shape[0], k = source.shape[1], panels = panel_count(n);
+    Tensor packed = source;
+    packed.dtype = dtype;
+    packed.layout = Layout::Packed;
+    const int64_t stride = panel_stride(packed);
+    auto buffer = allocate(static_cast<size_t>(panels * stride) * dtype_size(dtype));
+    owned.push_back(buffer);
+    packed.data = buffer->data();
+    pool().parallel_for(panels, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        for (int64_t i = 0; i < kPanel; ++i) {
+          const int64_t row = p * kPanel + i;
+          for (int64_t c = 0; c < k; ++c) {
+            const float value = row < n ? load_as_f32(source.data, source.dtype, row * k + c) : 0.0f;
+            if (dtype == DType::F32) {
+              packed.ptr<float>()[p * stride + c * kPanel + i] = value;
+            } else {  // [pair][16][2]
+              const uint16_t bits = row < n && source.dtype == DType::BF16
+                                        ? source.ptr<uint16_t>()[row * k + c]
+                                        : f32_to_bf16(value);
+              packed.ptr<uint16_t>()[p * stride + (c / 2) * 2 * kPanel + i * 2 + c % 2] = bits;
+            }
+          }
+          if (dtype == DType::BF16 && k % 2) {
+            packed.ptr<uint16_t>()[p * stride + (k / 2) * 2 * kPanel + i * 2 + 1] = 0;
+          }
+        }
+      }
+    });
+    return packed;
+  }
+
+  const KernelTable* kernels_;
+  std::string name_;
+  std::vector<RopeTable> rope_tables_;  // one per model, usually
+  std::vector<uint16_t> bf16_activations_;
+  std::vector<const float*> query_rows_;
+  std::vector<float*> output_rows_;
+  std::vector<int32_t> row_positions_;
+  std::vector<AttentionGroup> groups_;
+};
+
+BackendInfo avx_info(std::string name, int score, std::string description,
+                     bool (*usable)(), const KernelTable* (*kernels)()) {
+  BackendInfo info;
+  info.name = name;
+  info.score = score;
+  info.description = std::move(description);
+  info.usable = usable;
+  info.create = [name, kernels](const BackendOptions& options) -> std::unique_ptr<Backend> {
+    return std::make_unique<AvxBackend>(options.pool, kernels(), name);
+  };
+  return info;
+}
+
+bool avx2_usable() { return cpu_features().has_avx2_level(); }
+bool avx512_usable() { return cpu_features().has_avx512_level(); }
+bool avx512_bf16_usable() { return cpu_features().has_avx512_bf16_level(); }
+
+const KernelTable* best_kernels() {
+  if (avx512_bf16_usable()) return avx::kernels_avx512_bf16();
+  if (avx512_usable()) return avx::kernels_avx512();
+  return avx::kernels_avx2();
+}
+
+}  // namespace
+
+std::string avx_isa_in_use() { return avx2_usable() ? best_kernels()->isa : "none"; }
+
+std::vector<BackendInfo> avx_backend_infos() {
+  std::vector<BackendInfo> infos;
+  // "avx" takes the widest instruction set the CPU has; the others pin one, so tests can run
+  // every kernel set the machine supports against the cpu oracle.
+  infos.push_back(avx_info("avx", 100,
+                           "SIMD kernels for the widest instruction set this CPU has (here: " +
+                               avx_isa_in_use() + ")",
+                           avx2_usable, best_kernels));
+  infos.push_back(avx_info("avx:avx512_bf16", 52, "AVX-512 with BF16 dot products",
+                           avx512_bf16_usable, avx::kernels_avx512_bf16));
+  infos.push_back(avx_info("avx:avx512", 51, "AVX-512 (F, BW, VL, DQ)", avx512_usable, avx::kernels_avx512));
+  infos.push_back(avx_info("avx:avx2", 50, "AVX2 + FMA + F16C", avx2_usable, avx::kernels_avx2));
+  return infos;
+}
+
+}  // namespace opencamp

@@ -1,0 +1,21 @@
+// What the CPU (and the operating system, which must save the wide registers) supports.
+#pragma once
+
+#include <string>
+
+namespace opencamp {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, f16c = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512_bf16 = false, amx_bf16 = false, amx_tile = false;
+
+  bool has_avx2_level() const { return avx2 && fma && f16c; }
+  bool has_avx512_level() const { return has_avx2_level() && avx512f && avx512bw && avx512vl && avx512dq; }
+  bool has_avx512_bf16_level() const { return has_avx512_level() && avx512_bf16; }
+  std::string summary() const;  // e.g. "avx2 fma f16c avx512f ..."
+};
+
+const CpuFeatures& cpu_features();
+
+}  // namespace opencamp

@@ -1,0 +1,71 @@
+// The avx backend's kernels, compiled once per instruction set (kernels_avx2.cpp,
+// kernels_avx512.cpp, kernels_avx512_bf16.cpp all include kernels.inc with different flags) and
+// picked at run time from what the CPU supports. Each kernel works on a range of the problem
+// on one thread; the backend splits work over the thread pool.
+#pragma once
+
+#include <cstdint>
+
+namespace opencamp::avx {
+
+// Matmul weights are packed in panels of kPanel output features so one vector load brings the
+// weights of 16 outputs for one k (f32: [K][16]) or one pair of ks (bf16: [ceil(K/2)][16][2]).
+constexpr int kPanel = 16;
+constexpr int kMaxHeadDim = 256;
+
+struct MatmulArgs {
+  const void* x;        // [T, K] f32 rows; for matmul_bf16_dot: [T, ceil(K/2)] bf16 pairs
+  int64_t x_stride;     // elements (f32) or pairs (u32) between rows of x
+  int64_t tokens;       // T
+  int64_t k;            // K
+  int64_t n;            // N
+  const void* panels;   // packed weights
+  int64_t panel_stride; // elements (f32 or bf16) per panel
+  float* out;           // [T, N]
+  int64_t out_stride;   // elements between rows of out
+  const float* bias;    // [N] or nullptr
+};
+
+// One group of query rows that share a sequence and a KV head: each row is one (token, head).
+struct AttentionArgs {
+  int rows;                        // <= lanes of the ISA
+  const float* const* queries;     // [rows] -> [head_dim]
+  float* const* outputs;           // [rows] -> [head_dim]
+  const int32_t* positions;        // [rows]: row r attends to keys [0, positions[r]]
+  const int32_t* block_table;      // the sequence's blocks
+  const float* keys;               // the layer's key pool
+  const float* values;             // the layer's value pool
+  int64_t block_stride;            // elements between blocks of the pool
+  int64_t position_stride;         // elements between positions of a block
+  int64_t kv_head_offset;          // elements from a position to this KV head
+  int head_dim;                    // <= kMaxHeadDim
+  int block_size;
+  float scale;
+};
+
+struct KernelTable {
+  const char* isa;  // "avx2", "avx512", "avx512_bf16"
+  int lanes;        // f32 lanes per vector: query rows per attention group
+  // Output panels [panel_begin, panel_end) for every token.
+  void (*matmul_f32)(const MatmulArgs& args, int64_t panel_begin, int64_t panel_end);
+  void (*matmul_bf16)(const MatmulArgs& args, int64_t panel_begin, int64_t panel_end);
+  // bf16 weights times bf16-rounded activations (AVX512_BF16 dot products); nullptr elsewhere.
+  void (*matmul_bf16_dot)(const MatmulArgs& args, int64_t panel_begin, int64_t panel_end);
+  // Rounds a row of K floats to bf16 (round to nearest even), zero-padded to an even count.
+  void (*to_bf16_row)(uint16_t* out, const float* x, int64_t k);
+  void (*bf16_to_f32_row)(float* out, const uint16_t* x, int64_t n);
+  float (*sum_squares)(const float* x, int64_t n);
+  void (*scale_mul)(float* out, const float* x, float scale, const float* weight, int64_t n);
+  void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);
+  void (*add)(float* out, const float* a, const float* b, int64_t n);
+  // x[h * head_stride + i] rotated with cos/sin[i] (pairs i and i + half) for every head.
+  void (*rope)(float* x, int64_t heads, int64_t head_stride, int64_t half, const float* cos,
+               const float* sin);
+  void (*attention)(const AttentionArgs& args);
+};
+
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx512_bf16();
+
+}  // namespace opencamp::avx
