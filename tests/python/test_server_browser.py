@@ -116,6 +116,10 @@ def test_markdown_is_rendered_safely(page):
     assert "<ul><li>one</li><li>two</li></ul>" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "href" not in html  # only http(s) links become links
+    # Numbered items separated by blank lines stay one list, numbered on.
+    loose = page.evaluate("renderMarkdown('1. **a** x\\n\\n2. b\\n\\n3. c')")
+    assert loose == "<ol><li><strong>a</strong> x</li><li>b</li><li>c</li></ol>"
+    assert page.evaluate("renderMarkdown('3. c')") == '<ol start="3"><li>c</li></ol>'
     # A fence still open while a reply streams already shows as code.
     assert "<pre><code>partial" in page.evaluate("renderMarkdown('```\\npartial')")
 

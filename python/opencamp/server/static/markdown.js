@@ -64,15 +64,33 @@
       if (list) {
         flush();
         const ordered = /\d/.test(list[1]);
+        const itemOf = (text) => {
+          const m = text.match(/^\s*([-*+]|\d+[.)])\s+(.*)$/);
+          return m && /\d/.test(m[1]) === ordered ? m : null;
+        };
         const items = [];
         while (i < lines.length) {
-          const m = lines[i].match(/^\s*([-*+]|\d+[.)])\s+(.*)$/);
-          if (!m || /\d/.test(m[1]) !== ordered) break;
-          items.push(`<li>${inline(escapeHtml(m[2]))}</li>`);
-          i += 1;
+          const m = itemOf(lines[i]);
+          if (m) {
+            items.push(inline(escapeHtml(m[2])));
+            i += 1;
+          } else if (lines[i].trim() === "") {
+            // A "loose" list: blank lines between items keep it one list.
+            let next = i;
+            while (next < lines.length && lines[next].trim() === "") next += 1;
+            if (next >= lines.length || !itemOf(lines[next])) break;
+            i = next;
+          } else if (/^\s{2,}\S/.test(lines[i]) && items.length) {
+            items[items.length - 1] += "<br>" + inline(escapeHtml(lines[i].trim()));
+            i += 1;
+          } else {
+            break;
+          }
         }
+        const start = ordered ? parseInt(list[1], 10) : 1;
         const tag = ordered ? "ol" : "ul";
-        html.push(`<${tag}>${items.join("")}</${tag}>`);
+        const attrs = start !== 1 ? ` start="${start}"` : "";
+        html.push(`<${tag}${attrs}>${items.map((item) => `<li>${item}</li>`).join("")}</${tag}>`);
         continue;
       }
       if (/^\s*>/.test(line)) {
