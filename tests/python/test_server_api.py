@@ -628,3 +628,34 @@ def test_many_clients_at_once_are_queued_and_all_served(live, tiny_llm):
     assert peak_waiting[0] > 0  # the crowd really queued
     assert no_leaks(tiny_llm, state)
     assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == n - 1
+
+
+def test_the_page_and_its_assets_are_served_from_the_package(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<textarea id="prompt"' in page.text
+    for asset, kind in [("app.js", "javascript"), ("markdown.js", "javascript"),
+                        ("style.css", "text/css")]:
+        response = client.get(f"/static/{asset}")
+        assert response.status_code == 200 and kind in response.headers["content-type"]
+        assert f"/static/{asset}" in page.text
+    assert "https://" not in page.text  # nothing from a CDN
+
+
+def test_a_full_queue_answers_429(tiny_llm):
+    app = make_app(tiny_llm, parallel=1, max_waiting=1)
+    state = app.state.opencamp
+    long_body = {"messages": HELLO, "stream": True, "max_tokens": 3000}
+    post = "POST"
+    with live_app(app) as url, httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b:
+        with a.stream(post, url + "/v1/chat/completions", json=long_body) as running, \
+                b.stream(post, url + "/v1/chat/completions", json=long_body) as queued:
+            reading = _first_content(running)
+            wait_until(lambda: state.scheduler.waiting == 1, what="a queued request")
+            for stream in (False, True):
+                refused = httpx.post(url + "/v1/chat/completions", timeout=60,
+                                     json={**long_body, "stream": stream, "max_tokens": 2})
+                assert_error(refused, 429, code="server_busy", match="busy")
+            del reading, queued
+        wait_until(lambda: no_leaks(tiny_llm, state), what="everything to be freed")
+        assert chat_live(url, max_tokens=2)["usage"]["completion_tokens"] == 2

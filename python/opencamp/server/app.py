@@ -292,13 +292,21 @@ async def _generate(request: Request, kind: str) -> Response:
     max_tokens = options.pop("max_tokens")
     writer = ResponseWriter(kind, state.options.model_name, params.include_usage)
 
+    def busy(error: QueueFull) -> APIError:
+        return APIError(429, f"the server is busy ({error}); retry later",
+                        type="server_error", code="server_busy")
+
+    try:
+        scheduler.check_room()  # a full queue is a 429 before any stream begins
+    except QueueFull as error:
+        raise busy(error) from None
+
     async def start() -> Generation:
         try:
             return await scheduler.start(prompt_ids, max_tokens, dict(options, max_tokens=max_tokens),
                                          endpoint=kind, arrived=arrived)
         except QueueFull as error:
-            raise APIError(429, f"the server is busy ({error}); retry later",
-                           type="server_error", code="server_busy") from None
+            raise busy(error) from None
 
     if params.stream:
         return StreamingResponse(_sse_stream(start, writer), media_type="text/event-stream",

@@ -160,8 +160,7 @@ class Scheduler:
         if job.need_blocks > self.total_blocks:  # callers check the context first; never wait
             raise ValueError(f"the request needs {len(prompt_ids) + max_tokens} KV-cache "
                              f"positions but the cache holds {self.capacity_tokens}")
-        if len(self._queue) >= self.max_waiting and self.running >= self.parallel:
-            raise QueueFull(f"{len(self._queue)} requests are already waiting")
+        self.check_room()
         admitted = self._loop.create_future()
         self._queue.append((job, admitted))
         self._pump()
@@ -182,6 +181,12 @@ class Scheduler:
             generation.cancel()  # it stops at once when it does start; its thread cleans up
             raise
         return generation
+
+    def check_room(self) -> None:
+        """Raise QueueFull when a new request would have to wait and the queue is full."""
+        if len(self._queue) >= self.max_waiting and self.running >= self.parallel:
+            raise QueueFull(f"{len(self._queue)} requests are already waiting for one of "
+                            f"{self.parallel} slots")
 
     def _remove_waiter(self, admitted: asyncio.Future) -> None:
         for i, (_, future) in enumerate(self._queue):
