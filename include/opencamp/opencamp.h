@@ -2,6 +2,7 @@
 #pragma once
 
 #include "opencamp/backend.h"
+#include "opencamp/bandwidth.h"
 #include "opencamp/dtype.h"
 #include "opencamp/engine.h"
 #include "opencamp/error.h"

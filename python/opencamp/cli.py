@@ -387,6 +387,52 @@ def _cpu_info() -> dict:
 
 
 @main.command()
+@_model_options
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens in the timed prefill.")
+@click.option("--gen-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Decode steps timed after the prefill (never stopped by an end token).")
+@click.option("--repeat", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs of each phase; the best counts.")
+@click.option("--bandwidth/--no-bandwidth", default=True, show_default=True,
+              help="Also measure the memory read bandwidth (the decode limit) on the same threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def bench(model, backend, dtype, threads, max_context, prompt_tokens, gen_tokens, repeat,
+          bandwidth, as_json) -> None:
+    """Prefill and decode speed: tokens/s, GFLOP/s of the prefill, GB/s of weights read by the
+    decode (and the machine's read bandwidth, its limit)."""
+    import json
+
+    from . import OpencampError, _core
+    from . import bench as bench_module
+
+    needed = prompt_tokens + gen_tokens + 1
+    llm = _load(model, backend, dtype, threads, max(max_context or 0, needed) or None)
+    try:
+        result = bench_module.run(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+                                  repeat=repeat, llm=llm)
+    except (OpencampError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    if bandwidth:
+        limit = _core.measure_read_bandwidth(threads=result["threads"])
+        result["read_bandwidth_gb_per_s"] = limit
+        result["decode_fraction_of_bandwidth"] = result["decode_gb_per_s"] / limit
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(f"{result['model_type']} {result['dtype']} on {result['backend']} "
+               f"({result['backend_description']}), {result['threads']} threads")
+    click.echo(f"prefill {prompt_tokens:5d} tokens: {result['prefill_tokens_per_s']:9.1f} tokens/s "
+               f"{result['prefill_gflop_per_s']:8.1f} GFLOP/s")
+    line = (f"decode  {gen_tokens:5d} tokens: {result['decode_tokens_per_s']:9.1f} tokens/s "
+            f"{result['decode_gb_per_s']:8.1f} GB/s of weights")
+    if bandwidth:
+        line += (f" ({100 * result['decode_fraction_of_bandwidth']:.0f}% of the "
+                 f"{result['read_bandwidth_gb_per_s']:.1f} GB/s this machine reads)")
+    click.echo(line)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def info(as_json) -> None:
     """Version, build, backends (compiled in and usable here), CPU features, architectures."""

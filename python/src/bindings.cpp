@@ -89,6 +89,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("version", [] { return std::string(OPENCAMP_VERSION); });
   m.def("build_type", [] { return std::string(OPENCAMP_BUILD_TYPE); });
   m.def("default_threads", &ThreadPool::default_threads);
+  m.def("measure_read_bandwidth",
+        [](int threads, size_t bytes, int passes) {
+          py::gil_scoped_release release;
+          ThreadPool pool(threads);
+          return measure_read_bandwidth(pool, bytes, passes);
+        },
+        py::arg("threads") = 0, py::arg("bytes") = size_t{1} << 30, py::arg("passes") = 3,
+        "GB/s of a read-only pass over a buffer larger than the caches (the decode speed limit).");
   m.def("backends", [] {
     py::list out;
     for (const auto& info : registered_backends()) {

@@ -58,12 +58,25 @@ void convert_dtype(const void* source, DType source_dtype, void* target, DType t
     std::memcpy(target, source, static_cast<size_t>(count) * dtype_size(source_dtype));
     return;
   }
+  // Typed loops per pair of dtypes (a dtype switch per element costs more than the work).
+  auto convert = [&](auto load, auto* out, auto store) {
+    for (int64_t i = 0; i < count; ++i) out[i] = store(load(i));
+  };
+  auto identity = [](float v) { return v; };
+  auto to_bf16 = [](float v) { return f32_to_bf16(v); };
+  const auto* f32_in = static_cast<const float*>(source);
+  const auto* u16_in = static_cast<const uint16_t*>(source);
+  auto load_f32 = [&](int64_t i) { return f32_in[i]; };
+  auto load_bf16 = [&](int64_t i) { return bf16_to_f32(u16_in[i]); };
+  auto load_f16 = [&](int64_t i) { return f16_to_f32(u16_in[i]); };
   if (target_dtype == DType::F32) {
     float* out = static_cast<float*>(target);
-    for (int64_t i = 0; i < count; ++i) out[i] = load_as_f32(source, source_dtype, i);
+    if (source_dtype == DType::BF16) convert(load_bf16, out, identity);
+    else convert(load_f16, out, identity);
   } else {  // BF16
     uint16_t* out = static_cast<uint16_t*>(target);
-    for (int64_t i = 0; i < count; ++i) out[i] = f32_to_bf16(load_as_f32(source, source_dtype, i));
+    if (source_dtype == DType::F32) convert(load_f32, out, to_bf16);
+    else convert(load_f16, out, to_bf16);
   }
 }
 

@@ -340,23 +340,27 @@ class AvxBackend final : public CpuBackend {
     auto buffer = allocate(static_cast<size_t>(panels * stride) * dtype_size(dtype));
     owned.push_back(buffer);
     packed.data = buffer->data();
+    const size_t row_bytes = static_cast<size_t>(k) * dtype_size(dtype);
     pool().parallel_for(panels, [&](int64_t begin, int64_t end) {
+      std::vector<unsigned char> row(row_bytes);  // one weight row in the target dtype
       for (int64_t p = begin; p < end; ++p) {
         for (int64_t i = 0; i < kPanel; ++i) {
-          const int64_t row = p * kPanel + i;
-          for (int64_t c = 0; c < k; ++c) {
-            const float value = row < n ? load_as_f32(source.data, source.dtype, row * k + c) : 0.0f;
-            if (dtype == DType::F32) {
-              packed.ptr<float>()[p * stride + c * kPanel + i] = value;
-            } else {  // [pair][16][2]
-              const uint16_t bits = row < n && source.dtype == DType::BF16
-                                        ? source.ptr<uint16_t>()[row * k + c]
-                                        : f32_to_bf16(value);
-              packed.ptr<uint16_t>()[p * stride + (c / 2) * 2 * kPanel + i * 2 + c % 2] = bits;
-            }
+          const int64_t r = p * kPanel + i;
+          if (r < n) {
+            convert_dtype(static_cast<const char*>(source.data) + r * k * dtype_size(source.dtype),
+                          source.dtype, row.data(), dtype, k);
+          } else {
+            std::fill(row.begin(), row.end(), 0);  // padding rows of the last panel
           }
-          if (dtype == DType::BF16 && k % 2) {
-            packed.ptr<uint16_t>()[p * stride + (k / 2) * 2 * kPanel + i * 2 + 1] = 0;
+          if (dtype == DType::F32) {  // [K][16]
+            const float* values = reinterpret_cast<const float*>(row.data());
+            float* panel = packed.ptr<float>() + p * stride;
+            for (int64_t c = 0; c < k; ++c) panel[c * kPanel + i] = values[c];
+          } else {  // [ceil(K/2)][16][2]
+            const uint16_t* values = reinterpret_cast<const uint16_t*>(row.data());
+            uint16_t* panel = packed.ptr<uint16_t>() + p * stride;
+            for (int64_t c = 0; c < k; ++c) panel[(c / 2) * 2 * kPanel + i * 2 + c % 2] = values[c];
+            if (k % 2) panel[(k / 2) * 2 * kPanel + i * 2 + 1] = 0;
           }
         }
       }
