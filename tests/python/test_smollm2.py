@@ -76,3 +76,17 @@ def test_closing_a_stream_early_stops_and_frees(llm):
     assert stream.completion.finish_reason == "cancelled"
     assert stream.completion.completion_tokens < 200
     assert llm.engine.cache_stats()["used_blocks"] == before
+
+
+FAST_BACKENDS = [b["name"] for b in opencamp.backends() if b["usable"] and b["name"] != "cpu"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_golden_answer_on_every_backend_and_dtype(smollm2_dir, backend, dtype):
+    """Each instruction set this machine has, bf16 and f32 weights: the same exact answer.
+    (The cpu oracle is covered above; here the SIMD paths and their fused projections.)"""
+    model = opencamp.LLM(smollm2_dir, backend=backend, dtype=dtype, threads=2)
+    assert model.backend == backend and model.dtype == dtype
+    completion = model.complete(model.chat_prompt_ids(QUESTION), max_tokens=16)
+    assert completion.token_ids == SMOLLM2_ANSWER_IDS
