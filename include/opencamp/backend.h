@@ -111,6 +111,20 @@ class Backend {
   virtual void to_host(void* host, const Tensor& source);  // source contiguous
   virtual void from_host(const Tensor& target, const void* host);  // target contiguous
 
+  // Brackets one forward pass of the model; every op call between the two belongs to it. A
+  // device backend can upload the pass's token ids, positions and block tables once here, and
+  // replay a captured graph for a pass shaped like an earlier one (decode steps). The ops of a
+  // pass with the same shape come in the same order with the same tensors, only the values of
+  // `batch` change. Defaults do nothing.
+  struct ForwardInfo {
+    std::span<const int32_t> tokens;     // [T]
+    std::span<const int32_t> positions;  // [T]
+    std::span<const KVSlot> slots;       // [T]
+    int64_t n_logit_rows = 0;            // trailing tokens that need logits
+  };
+  virtual void begin_forward(const ForwardInfo& batch) { (void)batch; }
+  virtual void end_forward() {}
+
  protected:
   [[noreturn]] void unsupported(const char* op) const;
 };

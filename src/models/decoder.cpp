@@ -61,6 +61,12 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
   const Tensor gate = gate_up.columns(0, F), up = gate_up.columns(F, F);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
+  backend.begin_forward({batch.tokens, batch.positions, batch.slots, n_logit_rows});
+  struct EndForward {  // also when an op throws, so a device backend never stays mid-pass
+    Backend& backend;
+    ~EndForward() { backend.end_forward(); }
+  } end_forward{backend};
+
   backend.embedding(x, w.embed, batch.tokens);
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& L = w.layers[static_cast<size_t>(layer)];

@@ -99,6 +99,10 @@ class ProfilingBackend final : public Backend {
   void from_host(const Tensor& target, const void* host) override {
     timed("from_host", [&] { inner_->from_host(target, host); });
   }
+  void begin_forward(const ForwardInfo& batch) override {
+    timed("begin_forward", [&] { inner_->begin_forward(batch); });
+  }
+  void end_forward() override { timed("end_forward", [&] { inner_->end_forward(); }); }
 
  private:
   std::unique_ptr<Backend> inner_;
