@@ -594,6 +594,9 @@ std::vector<OpCase> attention_cases() {
       {8, 1, 24, 5, {37}, prefill(0, 0, 37), "prefill"},
       // ratio 1 again with T = many decode tokens of different lengths.
       {2, 2, 10, 4, {1, 2, 7, 16, 33}, {{0, 0}, {1, 1}, {2, 6}, {3, 15}, {4, 32}}, "batched decode"},
+      // Long contexts with few query groups: backends split the keys over threads and merge.
+      {6, 2, 64, 16, {901}, {{0, 900}}, "long decode"},
+      {9, 3, 32, 16, {1200, 40, 700}, {{0, 1199}, {1, 39}, {2, 699}}, "long batched decode"},
   };
   for (const Shape& s : shapes) {
     std::mt19937 rng(static_cast<unsigned>(600 + s.H * 10 + s.hd));

@@ -23,6 +23,8 @@ using avx::kPanel;
 // pool would cost more than the work.
 constexpr int64_t kParallelMacs = 1 << 15;
 constexpr int64_t kParallelElements = 1 << 14;
+// Split-K attention only when each part still reads this many keys.
+constexpr int64_t kMinKeysPerSplit = 256;
 
 int64_t panel_count(int64_t n) { return (n + kPanel - 1) / kPanel; }
 int64_t bf16_pairs(int64_t k) { return (k + 1) / 2; }
@@ -191,12 +193,12 @@ class AvxBackend final : public CpuBackend {
         for (int64_t h0 = kv_head * group; h0 < (kv_head + 1) * group; h0 += lanes) {
           const int64_t h1 = std::min(h0 + lanes, (kv_head + 1) * group);
           // Rows ordered token by token within the run, so a group spans few positions.
-          AttentionGroup current{query_rows_.size(), 0, kv_head, slots[t].block_table, 0};
+          AttentionGroup current{query_rows_.size(), 0, kv_head, slots[t].block_table, 0, 0, 1 << 30, -1};
           for (int64_t tt = t; tt < run_end; ++tt) {
             for (int64_t h = h0; h < h1; ++h) {
               if (current.rows == lanes) {
                 groups_.push_back(current);
-                current = {query_rows_.size(), 0, kv_head, slots[t].block_table, 0};
+                current = {query_rows_.size(), 0, kv_head, slots[t].block_table, 0, 0, 1 << 30, -1};
               }
               query_rows_.push_back(static_cast<const float*>(queries.at({tt, h})));
               output_rows_.push_back(static_cast<float*>(out.at({tt, h})));
@@ -226,18 +228,86 @@ class AvxBackend final : public CpuBackend {
       args.head_dim = static_cast<int>(hd);
       args.block_size = static_cast<int>(block_size);
       args.scale = scale;
+      args.key_begin = static_cast<int>(g.key_begin);
+      args.key_end = static_cast<int>(std::min<int64_t>(g.key_end, 1 << 30));
+      if (g.partial >= 0) {
+        const int64_t lanes_ = kernels_->lanes;
+        args.partial_out = partial_out_.data() + g.partial * lanes_ * hd;
+        args.partial_max = partial_max_.data() + g.partial * lanes_;
+        args.partial_sum = partial_sum_.data() + g.partial * lanes_;
+      }
       kernels_->attention(args);
     };
-    int64_t total_cost = 0;
-    for (const auto& g : groups_) total_cost += g.cost * g.rows * hd;
-    if (total_cost < kParallelMacs || pool().size() == 1 || groups_.size() == 1) {
+    int64_t total_cost = 0, longest = 0;
+    for (const auto& g : groups_) {
+      total_cost += g.cost * g.rows * hd;
+      longest = std::max(longest, g.cost);
+    }
+    const int threads = pool().size();
+    if (total_cost < kParallelMacs || threads == 1) {
       for (const auto& g : groups_) run_group(g);
+      return;
+    }
+    // Few groups over long contexts (decoding a long chat): split each group's keys so every
+    // thread has work, then merge the partial softmaxes (flash-decoding).
+    const int64_t wanted_items = 4 * static_cast<int64_t>(threads);
+    const int64_t splits = std::min<int64_t>((wanted_items + static_cast<int64_t>(groups_.size()) - 1) /
+                                                 static_cast<int64_t>(groups_.size()),
+                                             longest / kMinKeysPerSplit);
+    if (splits >= 2) {
+      attention_split_k(splits, longest, hd, run_group);
       return;
     }
     // Longest groups first; the pool hands them out one at a time, so threads finish together.
     std::stable_sort(groups_.begin(), groups_.end(),
                      [](const AttentionGroup& a, const AttentionGroup& b) { return a.cost > b.cost; });
     pool().run(static_cast<int64_t>(groups_.size()), [&](int64_t i, int64_t) { run_group(groups_[i]); });
+  }
+
+  // Each group's keys in `splits` ranges of whole 16-key chunks; item (group, split) writes its
+  // unnormalised partial result, then each row merges its splits: out = sum_s o_s e^(m_s - M) /
+  // sum_s l_s e^(m_s - M), M = max_s m_s.
+  template <class RunGroup>
+  void attention_split_k(int64_t splits, int64_t longest, int64_t hd, const RunGroup& run_group) {
+    const int64_t lanes = kernels_->lanes;
+    const int64_t span = (longest + splits - 1) / splits;
+    const int64_t keys_per_split = (span + 15) / 16 * 16;
+    const int64_t items = static_cast<int64_t>(groups_.size()) * splits;
+    partial_out_.resize(static_cast<size_t>(items * lanes * hd));
+    partial_max_.resize(static_cast<size_t>(items * lanes));
+    partial_sum_.resize(static_cast<size_t>(items * lanes));
+    pool().run(items, [&](int64_t item, int64_t) {
+      const AttentionGroup& g = groups_[static_cast<size_t>(item / splits)];
+      const int64_t split = item % splits;
+      AttentionGroup part = g;
+      part.key_begin = split * keys_per_split;
+      part.key_end = (split + 1) * keys_per_split;
+      part.partial = item;
+      run_group(part);
+    });
+    pool().parallel_for(static_cast<int64_t>(groups_.size()), [&](int64_t begin, int64_t end) {
+      for (int64_t gi = begin; gi < end; ++gi) {
+        const AttentionGroup& g = groups_[static_cast<size_t>(gi)];
+        for (int64_t r = 0; r < g.rows; ++r) {
+          float highest = -INFINITY;
+          for (int64_t s = 0; s < splits; ++s) {
+            highest = std::max(highest, partial_max_[static_cast<size_t>((gi * splits + s) * lanes + r)]);
+          }
+          float total = 0.0f;
+          float* result = output_rows_[g.first_row + static_cast<size_t>(r)];
+          std::fill(result, result + hd, 0.0f);
+          for (int64_t s = 0; s < splits; ++s) {
+            const int64_t item = gi * splits + s;
+            const float weight = std::exp(partial_max_[static_cast<size_t>(item * lanes + r)] - highest);
+            if (weight == 0.0f) continue;  // a split with no key this row may see
+            total += partial_sum_[static_cast<size_t>(item * lanes + r)] * weight;
+            const float* o = partial_out_.data() + (item * lanes + r) * hd;
+            for (int64_t d = 0; d < hd; ++d) result[d] += o[d] * weight;
+          }
+          for (int64_t d = 0; d < hd; ++d) result[d] /= total;
+        }
+      }
+    });
   }
 
   void silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override {
@@ -268,7 +338,10 @@ class AvxBackend final : public CpuBackend {
     int64_t rows;
     int64_t kv_head;
     const int32_t* block_table;
-    int64_t cost;  // keys the longest row reads
+    int64_t cost;                  // keys the longest row reads
+    int64_t key_begin = 0;         // split-K: this part's keys
+    int64_t key_end = 1 << 30;
+    int64_t partial = -1;          // split-K: index of this part's partial results, or -1
   };
 
   struct RopeTable {
@@ -376,6 +449,7 @@ class AvxBackend final : public CpuBackend {
   std::vector<float*> output_rows_;
   std::vector<int32_t> row_positions_;
   std::vector<AttentionGroup> groups_;
+  std::vector<float> partial_out_, partial_max_, partial_sum_;  // split-K attention
 };
 
 BackendInfo avx_info(std::string name, int score, std::string description,

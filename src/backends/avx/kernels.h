@@ -41,6 +41,14 @@ struct AttentionArgs {
   int head_dim;                    // <= kMaxHeadDim
   int block_size;
   float scale;
+  // Keys [key_begin, key_end) only (split-K: several calls cover one group's keys). With
+  // partial_out set, the unnormalised outputs [rows][head_dim], each row's running max and sum
+  // of exponentials go there, for the caller to merge; otherwise outputs get the result.
+  int key_begin = 0;
+  int key_end = 1 << 30;
+  float* partial_out = nullptr;    // [rows][head_dim] or nullptr
+  float* partial_max = nullptr;    // [rows]
+  float* partial_sum = nullptr;    // [rows]
 };
 
 struct KernelTable {
