@@ -120,7 +120,8 @@ class Backend {
     std::span<const int32_t> tokens;     // [T]
     std::span<const int32_t> positions;  // [T]
     std::span<const KVSlot> slots;       // [T]
-    int64_t n_logit_rows = 0;            // trailing tokens that need logits
+    int64_t n_logit_rows = 0;            // tokens that need logits
+    std::span<const int32_t> logit_rows; // [n_logit_rows] their ascending indices in the pass
   };
   virtual void begin_forward(const ForwardInfo& batch) { (void)batch; }
   virtual void end_forward() {}

@@ -45,11 +45,15 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
   if (T == 0 || T > s.max_tokens) {
     fail(ErrorKind::Internal, "forward batch of ", T, " tokens (scratch holds ", s.max_tokens, ")");
   }
-  const int64_t n_logit_rows = batch.n_logit_rows;
-  if (n_logit_rows < 0 || n_logit_rows > T ||
-      static_cast<int64_t>(logits_host.size()) != n_logit_rows * c.vocab_size) {
+  const int64_t n_logit_rows = static_cast<int64_t>(batch.logit_rows.size());
+  if (static_cast<int64_t>(logits_host.size()) != n_logit_rows * c.vocab_size) {
     fail(ErrorKind::Internal, "logits buffer has ", logits_host.size(), " floats, need ",
          n_logit_rows * c.vocab_size);
+  }
+  for (int64_t i = 0; i < n_logit_rows; ++i) {
+    if (batch.logit_rows[i] < 0 || batch.logit_rows[i] >= T || (i > 0 && batch.logit_rows[i] <= batch.logit_rows[i - 1])) {
+      fail(ErrorKind::Internal, "logit rows must be ascending indices into the batch");
+    }
   }
   const int64_t Hq = c.num_heads, Hkv = c.num_kv_heads, hd = c.head_dim, F = c.intermediate_size;
   const Tensor x = s.x.rows(0, T), h = s.h.rows(0, T), attn = s.attn.rows(0, T);
@@ -61,7 +65,7 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
   const Tensor gate = gate_up.columns(0, F), up = gate_up.columns(F, F);
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  backend.begin_forward({batch.tokens, batch.positions, batch.slots, n_logit_rows});
+  backend.begin_forward({batch.tokens, batch.positions, batch.slots, n_logit_rows, batch.logit_rows});
   struct EndForward {  // also when an op throws, so a device backend never stays mid-pass
     Backend& backend;
     ~EndForward() { backend.end_forward(); }
@@ -103,10 +107,17 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
     backend.add(x, x, h);
   }
 
-  // Only the rows that need logits go through the final norm and the (large) output matrix.
+  // Only the rows that need logits go through the final norm and the (large) output matrix:
+  // the norm gathers them, a run of consecutive rows at a time, to the front of h.
   if (n_logit_rows == 0) return;
-  const Tensor x_out = x.rows(T - n_logit_rows, T), h_out = h.rows(T - n_logit_rows, T);
-  backend.rmsnorm(h_out, x_out, w.final_norm, c.rms_norm_eps);
+  for (int64_t i = 0; i < n_logit_rows;) {
+    int64_t run = 1;
+    while (i + run < n_logit_rows && batch.logit_rows[i + run] == batch.logit_rows[i] + run) ++run;
+    const int64_t first = batch.logit_rows[i];
+    backend.rmsnorm(h.rows(i, i + run), x.rows(first, first + run), w.final_norm, c.rms_norm_eps);
+    i += run;
+  }
+  const Tensor h_out = h.rows(0, n_logit_rows);
   for (int64_t begin = 0; begin < n_logit_rows; begin += s.max_logit_rows) {
     const int64_t end = std::min<int64_t>(n_logit_rows, begin + s.max_logit_rows);
     const Tensor logits = s.logits.rows(0, end - begin);

@@ -29,11 +29,12 @@ struct ForwardBatch {
   std::span<const int32_t> tokens;     // [T]
   std::span<const int32_t> positions;  // [T]
   std::span<const KVSlot> slots;       // [T]
-  int64_t n_logit_rows = 1;            // logits for this many trailing tokens (0, 1 or T)
+  std::span<const int32_t> logit_rows; // ascending indices of the tokens that need logits
 };
 
 // Runs the batch through every layer, writing each token's K/V into the cache, and copies the
-// logits of the last n_logit_rows tokens to `logits_host`: [n_logit_rows, V].
+// logits of the tokens listed in logit_rows to `logits_host`: [logit_rows.size(), V]. A batch may
+// mix tokens of several sequences (prefill chunks and decode tokens).
 void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
                      const ForwardBatch& batch, DecoderScratch& scratch,
                      std::span<float> logits_host);

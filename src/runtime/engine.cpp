@@ -139,7 +139,7 @@ void Engine::prefill_locked(int seq, std::span<const int32_t> tokens, std::span<
   cache_->grow(seq, static_cast<int>(n));
   try {
     const int chunk = scratch_->max_tokens;
-    std::vector<int32_t> positions;
+    std::vector<int32_t> positions, logit_rows;
     std::vector<KVSlot> slots;
     for (int64_t begin = 0; begin < n; begin += chunk) {
       const int64_t end = std::min<int64_t>(n, begin + chunk);
@@ -154,13 +154,15 @@ void Engine::prefill_locked(int seq, std::span<const int32_t> tokens, std::span<
       batch.positions = positions;
       batch.slots = slots;
       std::span<float> out;
+      logit_rows.clear();
       if (all_positions) {
-        batch.n_logit_rows = end - begin;
+        for (int64_t i = 0; i < end - begin; ++i) logit_rows.push_back(static_cast<int32_t>(i));
         out = logits.subspan(static_cast<size_t>(begin * vocab), static_cast<size_t>((end - begin) * vocab));
-      } else {
-        batch.n_logit_rows = end == n ? 1 : 0;
-        out = end == n ? logits : std::span<float>();
+      } else if (end == n) {
+        logit_rows.push_back(static_cast<int32_t>(end - begin - 1));
+        out = logits;
       }
+      batch.logit_rows = logit_rows;
       decoder_forward(*model_, *backend_, *cache_, batch, *scratch_, out);
     }
   } catch (...) {
@@ -214,7 +216,9 @@ void Engine::decode(std::span<const int> seqs, std::span<const int32_t> tokens,
       batch.tokens = tokens.subspan(begin, end - begin);
       batch.positions = positions;
       batch.slots = slots;
-      batch.n_logit_rows = static_cast<int64_t>(end - begin);
+      std::vector<int32_t> logit_rows(end - begin);
+      for (size_t i = 0; i < logit_rows.size(); ++i) logit_rows[i] = static_cast<int32_t>(i);
+      batch.logit_rows = logit_rows;
       decoder_forward(*model_, *backend_, *cache_, batch, *scratch_,
                       logits.subspan(begin * vocab, (end - begin) * vocab));
     }
