@@ -454,9 +454,10 @@ def info(as_json) -> None:
     click.echo(f"opencamp {data['version']} (build {data['build_type']}), Python {data['python']}, "
                f"{data['platform']}")
     click.echo("backends (compiled in; --backend auto picks the usable one with the highest score):")
+    width = max([len(b["name"]) for b in data["backends"]] + [8])
     for b in sorted(data["backends"], key=lambda b: -b["score"]):
         usable = "usable" if b["usable"] else "not usable here"
-        click.echo(f"  {b['name']:<8} score {b['score']:<4} {usable:<16} {b['description']}")
+        click.echo(f"  {b['name']:<{width}} score {b['score']:<4} {usable:<16} {b['description']}")
     cpu = data["cpu"]
     click.echo(f"cpu: {cpu['model']}, {cpu['logical_cores']} logical cores, "
                f"{data['default_threads']} threads by default")
