@@ -80,7 +80,9 @@ class Engine {
   int create_sequence();
   void free_sequence(int seq);
   std::vector<int32_t> sequence_tokens(int seq) const;  // the tokens held in the cache
-  void truncate_sequence(int seq, int length);
+  // Drops positions from the end; returns the new length, which is shorter than asked when the
+  // cut falls inside a block shared with another sequence (see KVCache::truncate).
+  int truncate_sequence(int seq, int length);
 
   // Appends `tokens` to `seq`. Writes the logits of the last token to `logits` [vocab], or of
   // every token when all_positions (`logits` is then [n_tokens, vocab]).
@@ -90,6 +92,25 @@ class Engine {
   // Appends one token to each sequence in one batched pass; logits: [n_sequences, vocab].
   void decode(std::span<const int> seqs, std::span<const int32_t> tokens,
               std::span<float> logits);
+
+  // The general step: tokens for several sequences (prefill chunks and decode tokens alike) in
+  // one forward pass, so each weight is read once for all of them. Logits come out for the
+  // chunks that want them, in chunk order: [wanting chunks (all_positions: each token), vocab].
+  // On any error every sequence is left as it was.
+  struct Chunk {
+    int seq;
+    std::span<const int32_t> tokens;
+    enum class Logits { None, Last, All } logits = Logits::Last;
+  };
+  void forward(std::span<const Chunk> chunks, std::span<float> logits);
+  // Rows of logits forward() writes for these chunks.
+  static int64_t logit_rows(std::span<const Chunk> chunks);
+
+  // Prepares `seq` to continue with `prompt`: keeps the longest prefix it already holds (or,
+  // when it holds nothing, maps the longest cached prefix from other sequences), always
+  // leaving at least one prompt token to compute. Returns the prompt positions reused. Throws
+  // Error(CapacityExceeded), changing nothing, when the rest of the prompt cannot fit.
+  int reuse_prefix(int seq, std::span<const int32_t> prompt);
 
   // Throws the error generate() would throw for this request before doing any work: bad
   // sampling parameters, an empty prompt, out-of-vocabulary ids, a prompt over the context.
@@ -104,12 +125,15 @@ class Engine {
 
   struct CacheStats {
     int used_blocks, total_blocks, block_size, sequences;
+    int cached_blocks;                       // unused, kept for prefix hits, evictable
+    int64_t prefix_hit_blocks, prefix_miss_blocks, evictions;
+    size_t bytes_per_position;
   };
   CacheStats cache_stats() const;
 
  private:
-  void prefill_locked(int seq, std::span<const int32_t> tokens, std::span<float> logits,
-                      bool all_positions);
+  void forward_locked(std::span<const Chunk> chunks, std::span<float> logits);
+  int reuse_prefix_locked(int seq, std::span<const int32_t> prompt);
   void check_sequence_locked(int seq) const;
   void check_tokens(std::span<const int32_t> tokens) const;
 
@@ -119,7 +143,6 @@ class Engine {
   std::unique_ptr<Model> model_;
   std::unique_ptr<KVCache> cache_;
   std::unique_ptr<DecoderScratch> scratch_;
-  std::vector<std::vector<int32_t>> sequence_tokens_;  // indexed by sequence id
   int max_context_ = 0;
   mutable std::mutex mutex_;
 };

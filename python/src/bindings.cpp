@@ -176,7 +176,18 @@ PYBIND11_MODULE(_core, m) {
       .def("create_sequence", &Engine::create_sequence)
       .def("free_sequence", &Engine::free_sequence, py::arg("seq"))
       .def("sequence_tokens", &Engine::sequence_tokens, py::arg("seq"))
-      .def("truncate_sequence", &Engine::truncate_sequence, py::arg("seq"), py::arg("length"))
+      .def("truncate_sequence", &Engine::truncate_sequence, py::arg("seq"), py::arg("length"),
+           "Drops positions from the end; returns the new length (shorter than asked when the "
+           "cut falls in a block shared with another sequence).")
+      .def("reuse_prefix",
+           [](Engine& e, int seq, const std::vector<int64_t>& prompt) {
+             const std::vector<int32_t> ids = as_ids(prompt);
+             py::gil_scoped_release release;
+             return e.reuse_prefix(seq, ids);
+           },
+           py::arg("seq"), py::arg("prompt"),
+           "Keep the longest prefix of `prompt` the sequence holds (or map one from the prefix "
+           "cache); returns the positions reused.")
       .def("cache_stats",
            [](const Engine& e) {
              const auto s = e.cache_stats();
@@ -185,6 +196,11 @@ PYBIND11_MODULE(_core, m) {
              d["total_blocks"] = s.total_blocks;
              d["block_size"] = s.block_size;
              d["sequences"] = s.sequences;
+             d["cached_blocks"] = s.cached_blocks;
+             d["prefix_hit_blocks"] = s.prefix_hit_blocks;
+             d["prefix_miss_blocks"] = s.prefix_miss_blocks;
+             d["evictions"] = s.evictions;
+             d["bytes_per_position"] = s.bytes_per_position;
              return d;
            })
       .def("prefill",

@@ -64,36 +64,33 @@ Engine::~Engine() = default;
 
 int Engine::create_sequence() {
   std::lock_guard<std::mutex> lock(mutex_);
-  const int seq = cache_->create_sequence();
-  if (static_cast<size_t>(seq) >= sequence_tokens_.size()) sequence_tokens_.resize(seq + 1);
-  sequence_tokens_[seq].clear();
-  return seq;
+  return cache_->create_sequence();
 }
 
 void Engine::free_sequence(int seq) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_sequence_locked(seq);
   cache_->free_sequence(seq);
-  sequence_tokens_[seq].clear();
 }
 
 std::vector<int32_t> Engine::sequence_tokens(int seq) const {
   std::lock_guard<std::mutex> lock(mutex_);
   check_sequence_locked(seq);
-  return sequence_tokens_[seq];
+  return cache_->tokens(seq);
 }
 
-void Engine::truncate_sequence(int seq, int length) {
+int Engine::truncate_sequence(int seq, int length) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_sequence_locked(seq);
-  cache_->truncate(seq, length);
-  sequence_tokens_[seq].resize(static_cast<size_t>(length));
+  return cache_->truncate(seq, length);
 }
 
 Engine::CacheStats Engine::cache_stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
+  const auto& prefix = cache_->prefix_stats();
   return {cache_->used_blocks(), cache_->shape().n_blocks, cache_->shape().block_size,
-          cache_->sequence_count()};
+          cache_->sequence_count(), cache_->cached_blocks(), prefix.hit_blocks,
+          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position()};
 }
 
 void Engine::check_sequence_locked(int seq) const {
@@ -111,122 +108,158 @@ void Engine::check_tokens(std::span<const int32_t> tokens) const {
   }
 }
 
-void Engine::prefill(int seq, std::span<const int32_t> tokens, std::span<float> logits,
-                     bool all_positions) {
-  const int64_t vocab = config().vocab_size;
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  if (n == 0) fail(ErrorKind::InvalidArgument, "prefill needs at least one token");
-  check_tokens(tokens);
-  if (static_cast<int64_t>(logits.size()) != (all_positions ? n : 1) * vocab) {
-    fail(ErrorKind::InvalidArgument, "prefill: logits buffer holds ", logits.size(),
-         " floats, needs ", (all_positions ? n : 1) * vocab);
+int64_t Engine::logit_rows(std::span<const Chunk> chunks) {
+  int64_t rows = 0;
+  for (const Chunk& c : chunks) {
+    rows += c.logits == Chunk::Logits::All ? static_cast<int64_t>(c.tokens.size())
+                                           : c.logits == Chunk::Logits::Last ? 1 : 0;
   }
-  std::lock_guard<std::mutex> lock(mutex_);
-  prefill_locked(seq, tokens, logits, all_positions);
+  return rows;
 }
 
-void Engine::prefill_locked(int seq, std::span<const int32_t> tokens, std::span<float> logits,
-                            bool all_positions) {
-  const int64_t vocab = config().vocab_size;
-  const int64_t n = static_cast<int64_t>(tokens.size());
-  check_sequence_locked(seq);
-  const int start = cache_->length(seq);
-  if (start + n > max_context_) {
-    fail(ErrorKind::CapacityExceeded, "the prompt needs ", start + n, " positions (", n, " new + ",
-         start, " cached) but the context holds ", max_context_,
-         "; shorten the prompt or start a new conversation");
-  }
-  cache_->grow(seq, static_cast<int>(n));
-  try {
-    const int chunk = scratch_->max_tokens;
-    std::vector<int32_t> positions, logit_rows;
-    std::vector<KVSlot> slots;
-    for (int64_t begin = 0; begin < n; begin += chunk) {
-      const int64_t end = std::min<int64_t>(n, begin + chunk);
-      positions.clear();
-      slots.clear();
-      for (int64_t i = begin; i < end; ++i) {
-        positions.push_back(static_cast<int32_t>(start + i));
-        slots.push_back({cache_->block_table(seq).data(), static_cast<int32_t>(start + i)});
-      }
-      ForwardBatch batch;
-      batch.tokens = tokens.subspan(static_cast<size_t>(begin), static_cast<size_t>(end - begin));
-      batch.positions = positions;
-      batch.slots = slots;
-      std::span<float> out;
-      logit_rows.clear();
-      if (all_positions) {
-        for (int64_t i = 0; i < end - begin; ++i) logit_rows.push_back(static_cast<int32_t>(i));
-        out = logits.subspan(static_cast<size_t>(begin * vocab), static_cast<size_t>((end - begin) * vocab));
-      } else if (end == n) {
-        logit_rows.push_back(static_cast<int32_t>(end - begin - 1));
-        out = logits;
-      }
-      batch.logit_rows = logit_rows;
-      decoder_forward(*model_, *backend_, *cache_, batch, *scratch_, out);
-    }
-  } catch (...) {
-    cache_->truncate(seq, start);  // leave the sequence as it was
-    throw;
-  }
-  auto& history = sequence_tokens_[seq];
-  history.insert(history.end(), tokens.begin(), tokens.end());
+void Engine::prefill(int seq, std::span<const int32_t> tokens, std::span<float> logits,
+                     bool all_positions) {
+  if (tokens.empty()) fail(ErrorKind::InvalidArgument, "prefill needs at least one token");
+  const Chunk chunk{seq, tokens, all_positions ? Chunk::Logits::All : Chunk::Logits::Last};
+  forward(std::span(&chunk, 1), logits);
 }
 
 void Engine::decode(std::span<const int> seqs, std::span<const int32_t> tokens,
                     std::span<float> logits) {
-  const int64_t vocab = config().vocab_size;
-  const size_t n = seqs.size();
-  if (n == 0 || tokens.size() != n || logits.size() != n * static_cast<size_t>(vocab)) {
+  if (seqs.empty() || tokens.size() != seqs.size() ||
+      logits.size() != seqs.size() * static_cast<size_t>(config().vocab_size)) {
     fail(ErrorKind::InvalidArgument, "decode: need one token per sequence and [n_sequences, vocab] logits");
   }
-  check_tokens(tokens);
-  if (std::set<int>(seqs.begin(), seqs.end()).size() != n) {
-    fail(ErrorKind::InvalidArgument, "decode: a sequence appears twice in one batch");
+  std::vector<Chunk> chunks;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    check_sequence_locked(seqs[i]);
+    if (cache_->length(seqs[i]) == 0) {
+      fail(ErrorKind::InvalidArgument, "decode: sequence ", seqs[i], " is empty; prefill it first");
+    }
+    chunks.push_back({seqs[i], tokens.subspan(i, 1), Chunk::Logits::Last});
   }
+  forward(chunks, logits);
+}
+
+void Engine::forward(std::span<const Chunk> chunks, std::span<float> logits) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (int seq : seqs) {
-    check_sequence_locked(seq);
-    if (cache_->length(seq) == 0) {
-      fail(ErrorKind::InvalidArgument, "decode: sequence ", seq, " is empty; prefill it first");
+  forward_locked(chunks, logits);
+}
+
+void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logits) {
+  const int64_t vocab = config().vocab_size;
+  if (chunks.empty()) fail(ErrorKind::InvalidArgument, "forward: no tokens");
+  if (static_cast<int64_t>(logits.size()) != logit_rows(chunks) * vocab) {
+    fail(ErrorKind::InvalidArgument, "forward: logits buffer holds ", logits.size(),
+         " floats, needs ", logit_rows(chunks) * vocab);
+  }
+  // Everything is checked before anything changes.
+  std::set<int> seen;
+  int needed_blocks = 0;
+  for (const Chunk& c : chunks) {
+    check_sequence_locked(c.seq);
+    if (!seen.insert(c.seq).second) {
+      fail(ErrorKind::InvalidArgument, "forward: sequence ", c.seq, " appears twice in one pass");
     }
-    if (cache_->length(seq) + 1 > max_context_) {
-      fail(ErrorKind::CapacityExceeded, "sequence ", seq, " has reached the context limit of ",
-           max_context_, " positions");
+    if (c.tokens.empty()) fail(ErrorKind::InvalidArgument, "forward: an empty chunk");
+    check_tokens(c.tokens);
+    const int64_t start = cache_->length(c.seq), n = static_cast<int64_t>(c.tokens.size());
+    if (start + n > max_context_) {
+      fail(ErrorKind::CapacityExceeded, "the prompt needs ", start + n, " positions (", n,
+           " new + ", start, " cached) but the context holds ", max_context_,
+           "; shorten the prompt or start a new conversation");
+    }
+    needed_blocks += cache_->blocks_needed(c.seq, static_cast<int>(n));
+  }
+  if (needed_blocks > cache_->free_blocks()) {
+    fail(ErrorKind::CapacityExceeded, "the KV cache is full: this step needs ", needed_blocks,
+         " blocks of ", cache_->shape().block_size, " positions but only ", cache_->free_blocks(),
+         " of ", cache_->shape().n_blocks, " are free (or cached and unused); end other "
+         "sequences or give the engine a larger kv_cache_tokens");
+  }
+
+  // One entry per token, in chunk order; passes of at most the scratch size.
+  struct Entry {
+    int seq;
+    int32_t token, position;
+    bool logits;
+  };
+  std::vector<Entry> entries;
+  std::vector<int> starts;
+  for (const Chunk& c : chunks) {
+    const int start = cache_->length(c.seq);
+    starts.push_back(start);
+    for (size_t i = 0; i < c.tokens.size(); ++i) {
+      const bool wants = c.logits == Chunk::Logits::All ||
+                         (c.logits == Chunk::Logits::Last && i + 1 == c.tokens.size());
+      entries.push_back({c.seq, c.tokens[i], static_cast<int32_t>(start + i), wants});
     }
   }
-  std::vector<int> starts;
   try {
-    for (int seq : seqs) {
-      starts.push_back(cache_->length(seq));
-      cache_->grow(seq, 1);
-    }
-    const size_t chunk = static_cast<size_t>(scratch_->max_tokens);
-    std::vector<int32_t> positions;
+    for (const Chunk& c : chunks) cache_->append(c.seq, c.tokens);
+    const size_t pass_size = static_cast<size_t>(scratch_->max_tokens);
+    std::vector<int32_t> tokens, positions, logit_rows;
     std::vector<KVSlot> slots;
-    for (size_t begin = 0; begin < n; begin += chunk) {
-      const size_t end = std::min(n, begin + chunk);
+    size_t logits_done = 0;
+    for (size_t begin = 0; begin < entries.size(); begin += pass_size) {
+      const size_t end = std::min(entries.size(), begin + pass_size);
+      tokens.clear();
       positions.clear();
       slots.clear();
+      logit_rows.clear();
       for (size_t i = begin; i < end; ++i) {
-        positions.push_back(starts[i]);
-        slots.push_back({cache_->block_table(seqs[i]).data(), starts[i]});
+        const Entry& e = entries[i];
+        tokens.push_back(e.token);
+        positions.push_back(e.position);
+        slots.push_back({cache_->block_table(e.seq).data(), e.position});
+        if (e.logits) logit_rows.push_back(static_cast<int32_t>(i - begin));
       }
       ForwardBatch batch;
-      batch.tokens = tokens.subspan(begin, end - begin);
+      batch.tokens = tokens;
       batch.positions = positions;
       batch.slots = slots;
-      std::vector<int32_t> logit_rows(end - begin);
-      for (size_t i = 0; i < logit_rows.size(); ++i) logit_rows[i] = static_cast<int32_t>(i);
       batch.logit_rows = logit_rows;
       decoder_forward(*model_, *backend_, *cache_, batch, *scratch_,
-                      logits.subspan(begin * vocab, (end - begin) * vocab));
+                      logits.subspan(logits_done * vocab, logit_rows.size() * vocab));
+      logits_done += logit_rows.size();
     }
   } catch (...) {
-    for (size_t i = 0; i < starts.size(); ++i) cache_->truncate(seqs[i], starts[i]);
+    for (size_t i = 0; i < chunks.size(); ++i) {  // leave every sequence as it was
+      if (cache_->length(chunks[i].seq) > starts[i]) cache_->truncate(chunks[i].seq, starts[i]);
+    }
     throw;
   }
-  for (size_t i = 0; i < n; ++i) sequence_tokens_[seqs[i]].push_back(tokens[i]);
+  for (const Chunk& c : chunks) cache_->publish(c.seq);
+}
+
+int Engine::reuse_prefix(int seq, std::span<const int32_t> prompt) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return reuse_prefix_locked(seq, prompt);
+}
+
+int Engine::reuse_prefix_locked(int seq, std::span<const int32_t> prompt) {
+  check_sequence_locked(seq);
+  if (prompt.empty()) fail(ErrorKind::InvalidArgument, "the prompt is empty");
+  const std::vector<int32_t>& held = cache_->tokens(seq);
+  const size_t limit = std::min(held.size(), prompt.size() - 1);
+  size_t common = 0;
+  while (common < limit && held[common] == prompt[common]) ++common;
+  // Refuse before dropping anything when the rest of the prompt cannot fit.
+  const int block_size = cache_->shape().block_size;
+  const int kept_blocks = static_cast<int>((common + block_size - 1) / block_size);
+  const int needed_blocks =
+      static_cast<int>((prompt.size() + block_size - 1) / block_size) - kept_blocks;
+  const int held_blocks = static_cast<int>(cache_->block_table(seq).size());
+  if (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks) {
+    fail(ErrorKind::CapacityExceeded, "the KV cache is full: the prompt needs ", needed_blocks,
+         " more blocks of ", block_size, " positions but only ",
+         cache_->free_blocks() + held_blocks - kept_blocks,
+         " can be had; end other sequences or give the engine a larger kv_cache_tokens");
+  }
+  int reused = cache_->truncate(seq, static_cast<int>(common));
+  if (reused == 0) reused = cache_->map_cached_prefix(seq, prompt);
+  return reused;
 }
 
 void Engine::check_request(const GenerationRequest& request) const {
@@ -259,27 +292,10 @@ GenerationResult Engine::generate(int seq, const GenerationRequest& request,
   const auto prefill_start = std::chrono::steady_clock::now();
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    check_sequence_locked(seq);
-    // Reuse the longest cached prefix; at least one prompt token is recomputed for its logits.
-    const std::vector<int32_t>& cached = sequence_tokens_[seq];
-    const size_t limit = std::min(cached.size(), request.prompt.size() - 1);
-    size_t common = 0;
-    while (common < limit && cached[common] == request.prompt[common]) ++common;
-    // Refuse before dropping anything when the rest of the prompt cannot fit.
-    const int block_size = cache_->shape().block_size;
-    const int kept_blocks = static_cast<int>((common + block_size - 1) / block_size);
-    const int needed_blocks = (prompt_tokens + block_size - 1) / block_size - kept_blocks;
-    const int held_blocks = static_cast<int>(cache_->block_table(seq).size());
-    if (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks) {
-      fail(ErrorKind::CapacityExceeded, "the KV cache is full: the prompt needs ", needed_blocks,
-           " more blocks of ", block_size, " positions but only ",
-           cache_->free_blocks() + held_blocks - kept_blocks,
-           " can be had; end other sequences or give the engine a larger kv_cache_tokens");
-    }
-    cache_->truncate(seq, static_cast<int>(common));
-    sequence_tokens_[seq].resize(common);
-    result.cached_tokens = static_cast<int>(common);
-    prefill_locked(seq, std::span(request.prompt).subspan(common), logits, false);
+    result.cached_tokens = reuse_prefix_locked(seq, request.prompt);
+    const Chunk rest{seq, std::span(request.prompt).subspan(static_cast<size_t>(result.cached_tokens)),
+                     Chunk::Logits::Last};
+    forward_locked(std::span(&rest, 1), logits);
   }
   result.prefill_seconds = seconds_since(prefill_start);
 

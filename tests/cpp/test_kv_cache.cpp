@@ -248,4 +248,169 @@ TEST_CASE(random_stress_keeps_the_books_balanced) {
   CHECK_EQ(cache.sequence_count(), 0);
 }
 
+// ---- prefix caching ------------------------------------------------------------------------
+
+namespace {
+
+std::vector<int32_t> tokens_from(int first, int n) {
+  std::vector<int32_t> t;
+  for (int i = 0; i < n; ++i) t.push_back(first + i);
+  return t;
+}
+
+// A sequence that holds `tokens` with their keys "written" and published.
+int filled(KVCache& cache, const std::vector<int32_t>& tokens) {
+  const int seq = cache.create_sequence();
+  cache.append(seq, tokens);
+  cache.publish(seq);
+  return seq;
+}
+
+}  // namespace
+
+TEST_CASE(published_blocks_outlive_their_sequence_and_are_mapped_again) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const auto prompt = tokens_from(100, 10);  // 2 full blocks of 4 + 2 tokens
+  const int a = filled(cache, prompt);
+  const std::vector<int32_t> a_blocks = cache.block_table(a);
+  cache.free_sequence(a);
+  CHECK_EQ(cache.used_blocks(), 0);
+  CHECK_EQ(cache.cached_blocks(), 2);  // the full ones; the partial block is simply free
+  CHECK_EQ(cache.free_blocks(), kBlocks);  // cached blocks can still be had
+
+  const int b = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(b, prompt), 8);
+  CHECK(cache.block_table(b) == std::vector<int32_t>(a_blocks.begin(), a_blocks.begin() + 2));
+  CHECK(cache.tokens(b) == std::vector<int32_t>(prompt.begin(), prompt.begin() + 8));
+  CHECK_EQ(cache.cached_blocks(), 0);  // in use again
+  CHECK_EQ(cache.prefix_stats().hit_blocks, 2);
+  CHECK_EQ(cache.prefix_stats().miss_blocks, 0);
+}
+
+TEST_CASE(mapping_stops_at_the_first_different_block_and_leaves_one_token) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  cache.free_sequence(filled(cache, tokens_from(0, 12)));  // 3 full blocks cached
+  auto diverging = tokens_from(0, 12);
+  diverging[5] = 999;  // second block differs
+  const int b = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(b, diverging), 4);
+  CHECK_EQ(cache.prefix_stats().miss_blocks, 1);  // (12 - 1) / 4 = 2 lookups, 1 hit
+  // The same 12 tokens again: only 2 of the 3 cached blocks, one token must be computed.
+  const int c = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(c, tokens_from(0, 12)), 8);
+  // A block's hash covers everything before it: the same block after another prefix misses.
+  auto shifted = tokens_from(0, 12);
+  shifted[0] = 777;
+  const int d = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(d, shifted), 0);
+}
+
+TEST_CASE(truncating_into_a_shared_block_rounds_down_and_an_owned_one_is_unpublished) {
+  auto backend = cpu();
+  KVCache cache(*backend, small_shape());
+  const auto prompt = tokens_from(50, 9);
+  const int a = filled(cache, prompt);  // 2 full blocks published + 1 partial
+  const int b = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(b, prompt), 8);  // shares a's 2 full blocks
+  // b cannot rewrite the tail of a block a also uses: it keeps only the blocks before it.
+  CHECK_EQ(cache.truncate(b, 6), 4);
+  CHECK_EQ(cache.length(b), 4);
+  CHECK_EQ(cache.length(a), 9);  // untouched
+  cache.free_sequence(b);
+  // a owns its blocks alone now: truncating into one makes it unfit for the cache.
+  CHECK_EQ(cache.truncate(a, 6), 6);
+  cache.append(a, std::vector<int32_t>{1, 2});  // rewrites positions 6 and 7
+  cache.publish(a);
+  const int c = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(c, prompt), 4);  // the second block no longer matches
+  const auto rewritten = cache.tokens(a);
+  const int d = cache.create_sequence();
+  auto longer = rewritten;
+  longer.push_back(3);
+  CHECK_EQ(cache.map_cached_prefix(d, longer), 8);  // but a's new content does
+}
+
+TEST_CASE(unused_cached_blocks_are_evicted_least_recently_used) {
+  auto backend = cpu();
+  KVCacheShape shape = small_shape();
+  shape.n_blocks = 4;
+  KVCache cache(*backend, shape);
+  cache.free_sequence(filled(cache, tokens_from(0, 8)));    // blocks A0 A1, released first
+  cache.free_sequence(filled(cache, tokens_from(100, 8)));  // blocks B0 B1
+  CHECK_EQ(cache.cached_blocks(), 4);
+  CHECK_EQ(cache.used_blocks(), 0);
+  const int c = cache.create_sequence();
+  cache.append(c, tokens_from(500, 12));  // 3 blocks: evicts A0, A1, B0
+  CHECK_EQ(cache.prefix_stats().evictions, 3);
+  CHECK_EQ(cache.cached_blocks(), 1);
+  auto a_again = tokens_from(0, 8);
+  a_again.push_back(1);
+  const int d = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(d, a_again), 0);
+  // Over capacity: throws and changes nothing.
+  const int e = cache.create_sequence();
+  CHECK_THROWS_WITH(cache.append(e, tokens_from(0, 9)), ErrorKind::CapacityExceeded, "KV cache");
+  CHECK_EQ(cache.length(e), 0);
+  CHECK_EQ(cache.cached_blocks(), 1);
+}
+
+TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
+  auto backend = cpu();
+  KVCacheShape shape = small_shape();
+  shape.n_blocks = 24;
+  KVCache cache(*backend, shape);
+  std::mt19937 rng(7);
+  std::vector<int> live;
+  // A few prompt families so prefixes repeat.
+  std::vector<std::vector<int32_t>> families;
+  for (int f = 0; f < 4; ++f) families.push_back(tokens_from(1000 * f, 30));
+  for (int step = 0; step < 4000; ++step) {
+    const int action = static_cast<int>(rng() % 4);
+    if (action == 0 || live.empty()) {
+      const int seq = cache.create_sequence();
+      const auto& family = families[rng() % families.size()];
+      const auto prompt = std::vector<int32_t>(family.begin(), family.begin() + 1 + rng() % 29);
+      const int mapped = cache.map_cached_prefix(seq, prompt);
+      CHECK(mapped % kBlockSize == 0 && mapped < static_cast<int>(prompt.size()));
+      try {
+        cache.append(seq, std::span(prompt).subspan(static_cast<size_t>(mapped)));
+        cache.publish(seq);
+        live.push_back(seq);
+      } catch (const Error&) {
+        cache.free_sequence(seq);
+      }
+    } else if (action == 1) {
+      const size_t i = rng() % live.size();
+      cache.free_sequence(live[i]);
+      live.erase(live.begin() + static_cast<ptrdiff_t>(i));
+    } else if (action == 2) {
+      const int seq = live[rng() % live.size()];
+      const int asked = static_cast<int>(rng() % (cache.length(seq) + 1));
+      const int got = cache.truncate(seq, asked);
+      CHECK(got <= asked && asked - got < kBlockSize);
+    } else {
+      const int seq = live[rng() % live.size()];
+      try {
+        cache.append(seq, tokens_from(static_cast<int>(rng() % 5000), 1 + static_cast<int>(rng() % 6)));
+        cache.publish(seq);
+      } catch (const Error&) {
+      }
+    }
+    // Every block is held, cached or free; held blocks are exactly the union of the tables.
+    std::set<int32_t> held;
+    for (int seq : live) {
+      CHECK_EQ(static_cast<int>(cache.block_table(seq).size()), blocks_for(cache.length(seq)));
+      held.insert(cache.block_table(seq).begin(), cache.block_table(seq).end());
+    }
+    CHECK_EQ(cache.used_blocks(), static_cast<int>(held.size()));
+    CHECK(cache.cached_blocks() <= cache.free_blocks());
+  }
+  for (int seq : live) cache.free_sequence(seq);
+  CHECK_EQ(cache.used_blocks(), 0);
+  CHECK_EQ(cache.free_blocks(), shape.n_blocks);
+  CHECK(cache.prefix_stats().hit_blocks > 0);
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -136,7 +136,9 @@ def test_sessions_are_independent_and_freed(llm):
     assert a.cached_tokens > 0 and b.cached_tokens > 0
     a.close()
     b.close()
-    assert llm.engine.cache_stats() == before
+    after = llm.engine.cache_stats()
+    # Every block is back: unused (their full blocks stay cached for later prefix hits).
+    assert (after["used_blocks"], after["sequences"]) == (before["used_blocks"], before["sequences"])
     with pytest.raises(RuntimeError, match="closed"):
         a.send("again")
 
