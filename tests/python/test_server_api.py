@@ -659,3 +659,34 @@ def test_a_full_queue_answers_429(tiny_llm):
             del reading, queued
         wait_until(lambda: no_leaks(tiny_llm, state), what="everything to be freed")
         assert chat_live(url, max_tokens=2)["usage"]["completion_tokens"] == 2
+
+
+# ---- the two LLM hooks the server is built on ------------------------------------------------
+
+def test_stream_on_a_caller_owned_sequence_keeps_and_reuses_it(tiny_llm):
+    prompt = tiny_llm.chat_prompt_ids(HELLO)
+    seq = tiny_llm.engine.create_sequence()
+    try:
+        first = tiny_llm.stream(prompt, sequence=seq, max_tokens=4)
+        first.text()
+        held = tiny_llm.engine.sequence_tokens(seq)
+        assert held == prompt + first.completion.token_ids[:-1]  # kept after the stream ended
+        second = tiny_llm.stream(prompt, sequence=seq, max_tokens=4)
+        second.text()
+        assert second.completion.cached_tokens == len(prompt) - 1  # all but the last token
+        assert second.completion.token_ids == first.completion.token_ids
+    finally:
+        tiny_llm.engine.free_sequence(seq)
+    assert tiny_llm.engine.cache_stats()["sequences"] == 0
+
+
+def test_stream_cancel_from_another_thread_ends_the_iteration(tiny_llm):
+    stream = tiny_llm.stream(tiny_llm.chat_prompt_ids(HELLO), max_tokens=3000)
+    pieces = []
+    for piece in stream:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            threading.Thread(target=stream.cancel).start()
+    assert stream.completion.finish_reason == "cancelled"
+    assert 2 <= stream.completion.completion_tokens < 3000
+    assert tiny_llm.engine.cache_stats()["sequences"] == 0  # its own sequence was freed
