@@ -11,6 +11,7 @@
 #include "opencamp/model.h"
 #include "opencamp/model_config.h"
 #include "opencamp/sampler.h"
+#include "opencamp/scheduler.h"
 #include "opencamp/tensor.h"
 #include "opencamp/thread_pool.h"
 #include "opencamp/version.h"

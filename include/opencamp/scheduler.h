@@ -1,0 +1,117 @@
+// Continuous batching: one loop on its own thread runs every request the engine serves. Each
+// step is one forward pass holding the next token of every running sequence (so each weight is
+// read once for all of them) plus chunks of new prompts up to a per-step token budget (so a
+// long prompt never stalls the running streams for more than a step). Requests are admitted
+// first come, first served while sequences and KV blocks allow; when the KV cache runs out
+// mid-flight the newest running request is preempted and recomputed later. Cancellation takes
+// effect at the next step and frees the request's cache.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "opencamp/engine.h"
+#include "opencamp/generation.h"
+
+namespace opencamp {
+
+struct SchedulerOptions {
+  int max_running = 16;        // sequences decoding together
+  int step_tokens = 256;       // tokens per forward pass: decode tokens first, then prompt chunks
+  size_t max_waiting = 4096;   // queued requests beyond this are refused (CapacityExceeded)
+  // A request whose reader has this many tokens unread sits out the next steps (keeping its
+  // cache) until the reader catches up: a stalled client costs no compute.
+  size_t max_unread_tokens = 256;
+};
+
+class Scheduler;
+
+// The caller's side of one request: tokens as they come, cancellation, the final result.
+class ScheduledRequest {
+ public:
+  // Blocks until the next token or the end: nullopt once finished and drained (then, or on an
+  // error, wait() tells why). timeout_seconds < 0 waits without limit; on timeout returns
+  // nullopt with timed_out() true.
+  std::optional<TokenEvent> next(double timeout_seconds = -1.0);
+  bool timed_out() const { return timed_out_; }
+  // Stops the request at the next step; its sequence's blocks are freed (or stay cached).
+  void cancel();
+  // Waits for the end (the request no longer waits for its tokens to be read); rethrows the
+  // error that ended the request, if any.
+  const GenerationResult& wait();
+  bool finished() const;
+  double queue_seconds() const;  // waiting before admission (for time to first token)
+
+ private:
+  friend class Scheduler;
+  Scheduler* scheduler_ = nullptr;
+  std::atomic<bool> cancelled_{false};
+  mutable std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<TokenEvent> queue_;
+  bool done_ = false;
+  bool timed_out_ = false;
+  bool waiting_for_end_ = false;  // wait() was called: unread tokens do not pause the request
+  std::exception_ptr error_;
+  GenerationResult result_;
+  double queue_seconds_ = 0.0;
+};
+
+class Scheduler {
+ public:
+  Scheduler(Engine& engine, const SchedulerOptions& options = {});
+  ~Scheduler();  // cancels what is left and stops the loop
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  // Queues a request (checked first: a bad request throws here). With `seq` >= 0 the request
+  // continues that sequence (a chat session: it keeps what the sequence already holds), which
+  // the caller owns and which stays alive afterwards; otherwise the scheduler makes a sequence
+  // (mapping any cached prefix) and frees it at the end, its full blocks staying cached.
+  std::shared_ptr<ScheduledRequest> submit(GenerationRequest request, int seq = -1);
+
+  struct Stats {
+    int running = 0, waiting = 0;
+    int64_t steps = 0, preemptions = 0;
+    int64_t prompt_tokens = 0, cached_tokens = 0, generated_tokens = 0;
+    int64_t batch_tokens = 0;  // tokens through the engine, for the mean batch size
+  };
+  Stats stats() const;
+  const SchedulerOptions& options() const { return options_; }
+
+ private:
+  struct Active;  // a request the loop is working on
+  void loop();
+  bool step();    // one forward pass; false when there was nothing to do
+  void admit();
+  void finish(Active& a, FinishReason reason);
+  void fail(Active& a, std::exception_ptr error);
+  void preempt_newest();
+  void wake();
+
+  Engine& engine_;
+  SchedulerOptions options_;
+  mutable std::mutex mutex_;  // waiting_, stats_, stopping_
+  std::condition_variable work_;
+  std::deque<std::unique_ptr<Active>> waiting_;
+  std::vector<std::unique_ptr<Active>> running_;  // the loop thread's alone
+  Stats stats_;
+  bool stopping_ = false;
+  bool woken_ = false;  // something changed since the loop last found nothing to do
+  // After a preemption nothing new is admitted until a request ends: otherwise a re-admitted
+  // request could be preempted again and again without anyone making progress.
+  bool admission_paused_ = false;
+  uint64_t next_arrival_ = 0;
+  std::thread thread_;
+  friend class ScheduledRequest;
+};
+
+}  // namespace opencamp

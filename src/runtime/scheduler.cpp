@@ -1,0 +1,409 @@
+#include "opencamp/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <set>
+
+#include "opencamp/error.h"
+
+namespace opencamp {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+}  // namespace
+
+// ---- the caller's side ---------------------------------------------------------------------
+
+std::optional<TokenEvent> ScheduledRequest::next(double timeout_seconds) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  timed_out_ = false;
+  auto ready = [this] { return !queue_.empty() || done_; };
+  if (timeout_seconds < 0) {
+    changed_.wait(lock, ready);
+  } else if (!changed_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), ready)) {
+    timed_out_ = true;
+    return std::nullopt;
+  }
+  if (!queue_.empty()) {
+    const TokenEvent event = queue_.front();
+    queue_.pop_front();
+    if (scheduler_ != nullptr) scheduler_->wake();  // it may have paused this request for us
+    return event;
+  }
+  if (error_) std::rethrow_exception(error_);
+  return std::nullopt;
+}
+
+void ScheduledRequest::cancel() {
+  cancelled_.store(true);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (scheduler_ != nullptr) scheduler_->wake();  // null once the request has ended
+}
+
+const GenerationResult& ScheduledRequest::wait() {
+  std::unique_lock<std::mutex> lock(mutex_);
+  if (!done_ && !waiting_for_end_) {
+    waiting_for_end_ = true;  // tokens pile up unread from now on: never pause for them
+    if (scheduler_ != nullptr) scheduler_->wake();
+  }
+  changed_.wait(lock, [this] { return done_; });
+  if (error_) std::rethrow_exception(error_);
+  return result_;
+}
+
+bool ScheduledRequest::finished() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return done_;
+}
+
+double ScheduledRequest::queue_seconds() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return queue_seconds_;
+}
+
+// ---- the loop's side -----------------------------------------------------------------------
+
+struct Scheduler::Active {
+  std::shared_ptr<ScheduledRequest> handle;
+  GenerationRequest request;
+  uint64_t arrival = 0;
+  int seq = -1;
+  bool owns_sequence = false;
+  bool admitted_once = false;
+  // What must be in the cache before the next token is sampled: the prompt, plus the tokens
+  // generated before a preemption (they are recomputed, not generated again).
+  std::vector<int32_t> prompt;
+  size_t prefilled = 0;     // positions of `prompt` in the cache
+  bool decoding = false;    // the prompt is in; last_token is still to be fed
+  int32_t last_token = 0;
+  size_t cache_length = 0;  // positions the sequence holds
+  std::unique_ptr<Sampler> sampler;
+  std::vector<int32_t> history;  // prompt and generated tokens, for penalties
+  std::set<int32_t> stop_ids;
+  GenerationResult result;
+  Clock::time_point submitted, admitted, first_token;
+  bool done = false;
+
+  void emit(int32_t token, bool is_stop) {
+    {
+      std::lock_guard<std::mutex> lock(handle->mutex_);
+      handle->queue_.push_back({token, is_stop});
+    }
+    handle->changed_.notify_all();
+  }
+};
+
+Scheduler::Scheduler(Engine& engine, const SchedulerOptions& options)
+    : engine_(engine), options_(options) {
+  if (options.max_running < 1 || options.step_tokens < 1) {
+    opencamp::fail(ErrorKind::InvalidArgument, "max_running and step_tokens must be >= 1");
+  }
+  thread_ = std::thread([this] { loop(); });
+}
+
+Scheduler::~Scheduler() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake();
+  thread_.join();
+  for (auto& a : running_) finish(*a, FinishReason::Cancelled);
+  for (auto& a : waiting_) finish(*a, FinishReason::Cancelled);
+}
+
+std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, int seq) {
+  engine_.check_request(request);
+  auto active = std::make_unique<Active>();
+  active->handle = std::make_shared<ScheduledRequest>();
+  active->handle->scheduler_ = this;
+  active->request = std::move(request);
+  active->seq = seq;
+  active->prompt = active->request.prompt;
+  active->history = active->request.prompt;
+  active->sampler = std::make_unique<Sampler>(active->request.sampling);
+  active->stop_ids.insert(active->request.stop_token_ids.begin(), active->request.stop_token_ids.end());
+  if (!active->request.ignore_eos) {
+    active->stop_ids.insert(engine_.config().eos_token_ids.begin(), engine_.config().eos_token_ids.end());
+  }
+  active->result.prompt_tokens = static_cast<int>(active->request.prompt.size());
+  active->submitted = Clock::now();
+  auto handle = active->handle;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (stopping_) opencamp::fail(ErrorKind::Internal, "the scheduler is shutting down");
+    if (waiting_.size() >= options_.max_waiting) {
+      opencamp::fail(ErrorKind::CapacityExceeded, "too many requests are waiting (", waiting_.size(),
+                     "); try again later");
+    }
+    active->arrival = next_arrival_++;
+    waiting_.push_back(std::move(active));
+    stats_.waiting = static_cast<int>(waiting_.size());
+  }
+  wake();
+  return handle;
+}
+
+void Scheduler::wake() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    woken_ = true;
+  }
+  work_.notify_all();
+}
+
+Scheduler::Stats Scheduler::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_;
+}
+
+void Scheduler::loop() {
+  bool idle = false;  // the last step found nothing it could do
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      if (idle) {
+        work_.wait(lock, [this] { return stopping_ || woken_; });
+      } else {
+        work_.wait(lock, [this] { return stopping_ || !waiting_.empty() || !running_.empty(); });
+      }
+      woken_ = false;
+      if (stopping_) return;
+    }
+    try {
+      idle = !step();
+    } catch (...) {
+      // A failure outside any one request's forward pass: end them all, keep serving.
+      for (auto& a : running_) fail(*a, std::current_exception());
+      running_.clear();
+    }
+  }
+}
+
+void Scheduler::finish(Active& a, FinishReason reason) {
+  if (a.done) return;
+  a.done = true;
+  admission_paused_ = false;  // blocks came back
+  a.result.finish_reason = reason;
+  const Clock::time_point now = Clock::now();
+  if (!a.result.tokens.empty()) a.result.decode_seconds = seconds_between(a.first_token, now);
+  if (a.seq >= 0 && a.owns_sequence) {
+    try {
+      engine_.free_sequence(a.seq);
+    } catch (...) {
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(a.handle->mutex_);
+    a.handle->result_ = a.result;
+    a.handle->done_ = true;
+    a.handle->scheduler_ = nullptr;
+  }
+  a.handle->changed_.notify_all();
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.generated_tokens += static_cast<int64_t>(a.result.tokens.size());
+}
+
+void Scheduler::fail(Active& a, std::exception_ptr error) {
+  if (a.done) return;
+  {
+    std::lock_guard<std::mutex> lock(a.handle->mutex_);
+    a.handle->error_ = error;
+  }
+  finish(a, FinishReason::Cancelled);
+}
+
+void Scheduler::admit() {
+  if (admission_paused_ && !running_.empty()) return;
+  admission_paused_ = false;
+  while (static_cast<int>(running_.size()) < options_.max_running) {
+    std::unique_ptr<Active> a;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (waiting_.empty()) return;
+      a = std::move(waiting_.front());
+      waiting_.pop_front();
+      stats_.waiting = static_cast<int>(waiting_.size());
+    }
+    if (a->handle->cancelled_.load()) {
+      finish(*a, FinishReason::Cancelled);
+      continue;
+    }
+    try {
+      if (a->seq < 0) {
+        a->seq = engine_.create_sequence();
+        a->owns_sequence = true;
+      }
+      const int reused = engine_.reuse_prefix(a->seq, a->prompt);
+      a->prefilled = static_cast<size_t>(reused);
+      a->cache_length = a->prefilled;
+      if (!a->admitted_once) {
+        a->admitted_once = true;
+        a->result.cached_tokens = reused;
+        a->admitted = Clock::now();
+        std::lock_guard<std::mutex> lock(a->handle->mutex_);
+        a->handle->queue_seconds_ = seconds_between(a->submitted, a->admitted);
+        std::lock_guard<std::mutex> stats_lock(mutex_);
+        stats_.prompt_tokens += static_cast<int64_t>(a->prompt.size());
+        stats_.cached_tokens += reused;
+      }
+    } catch (const Error& e) {
+      if (e.kind() == ErrorKind::CapacityExceeded && !running_.empty()) {
+        // Not now: it waits (first in line) for running requests to free their blocks.
+        std::lock_guard<std::mutex> lock(mutex_);
+        waiting_.push_front(std::move(a));
+        stats_.waiting = static_cast<int>(waiting_.size());
+        return;
+      }
+      fail(*a, std::current_exception());
+      continue;
+    } catch (...) {
+      fail(*a, std::current_exception());
+      continue;
+    }
+    running_.push_back(std::move(a));
+  }
+}
+
+void Scheduler::preempt_newest() {
+  auto newest = std::max_element(running_.begin(), running_.end(),
+                                 [](const auto& x, const auto& y) { return x->arrival < y->arrival; });
+  std::unique_ptr<Active> a = std::move(*newest);
+  running_.erase(newest);
+  // Its blocks go back (full ones stay cached, so the recomputation is mostly prefix hits);
+  // what it generated so far becomes part of what it recomputes.
+  if (a->owns_sequence) {
+    engine_.free_sequence(a->seq);
+    a->seq = -1;
+    a->owns_sequence = false;
+  } else {
+    engine_.truncate_sequence(a->seq, 0);
+  }
+  a->prompt = a->request.prompt;
+  a->prompt.insert(a->prompt.end(), a->result.tokens.begin(), a->result.tokens.end());
+  a->prefilled = 0;
+  a->decoding = false;
+  std::lock_guard<std::mutex> lock(mutex_);
+  waiting_.push_front(std::move(a));
+  stats_.waiting = static_cast<int>(waiting_.size());
+  stats_.preemptions += 1;
+  admission_paused_ = true;
+}
+
+bool Scheduler::step() {
+  // Requests cancelled while waiting end here; running ones below.
+  {
+    std::vector<std::unique_ptr<Active>> cancelled;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = waiting_.begin(); it != waiting_.end();) {
+        if ((*it)->handle->cancelled_.load()) {
+          cancelled.push_back(std::move(*it));
+          it = waiting_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      stats_.waiting = static_cast<int>(waiting_.size());
+    }
+    for (auto& a : cancelled) finish(*a, FinishReason::Cancelled);
+  }
+  for (auto& a : running_) {
+    if (a->handle->cancelled_.load()) finish(*a, FinishReason::Cancelled);
+  }
+  std::erase_if(running_, [](const auto& a) { return a->done; });
+  admit();
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.running = static_cast<int>(running_.size());
+  }
+  if (running_.empty()) return false;
+
+  // The step: every decoding sequence's next token, then prompt chunks in arrival order.
+  std::vector<Engine::Chunk> chunks;
+  std::vector<Active*> owners;
+  int budget = options_.step_tokens;
+  for (auto& a : running_) {
+    if (!a->decoding) continue;
+    {
+      std::lock_guard<std::mutex> lock(a->handle->mutex_);
+      if (a->handle->queue_.size() >= options_.max_unread_tokens && !a->handle->waiting_for_end_) {
+        continue;  // its reader is behind
+      }
+    }
+    chunks.push_back({a->seq, std::span(&a->last_token, 1), Engine::Chunk::Logits::Last});
+    owners.push_back(a.get());
+    budget -= 1;
+  }
+  for (auto& a : running_) {
+    if (a->decoding || budget <= 0) continue;
+    const size_t n = std::min(a->prompt.size() - a->prefilled, static_cast<size_t>(budget));
+    const bool completes = a->prefilled + n == a->prompt.size();
+    chunks.push_back({a->seq, std::span(a->prompt).subspan(a->prefilled, n),
+                      completes ? Engine::Chunk::Logits::Last : Engine::Chunk::Logits::None});
+    owners.push_back(a.get());
+    budget -= static_cast<int>(n);
+  }
+  if (chunks.empty()) return false;  // every running request waits for its reader
+  const int64_t vocab = engine_.config().vocab_size;
+  std::vector<float> logits(static_cast<size_t>(Engine::logit_rows(chunks) * vocab));
+  try {
+    engine_.forward(chunks, logits);
+  } catch (const Error& e) {
+    if (e.kind() == ErrorKind::CapacityExceeded && running_.size() > 1) {
+      preempt_newest();  // then try again with one sequence fewer
+      return true;
+    }
+    for (Active* a : owners) fail(*a, std::current_exception());
+    std::erase_if(running_, [](const auto& a) { return a->done; });
+    return true;
+  }
+  int64_t batch_tokens = 0;
+  for (const auto& c : chunks) batch_tokens += static_cast<int64_t>(c.tokens.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.steps += 1;
+    stats_.batch_tokens += batch_tokens;
+  }
+
+  size_t row = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    Active& a = *owners[i];
+    a.cache_length += chunks[i].tokens.size();
+    if (!a.decoding) a.prefilled += chunks[i].tokens.size();
+    if (chunks[i].logits == Engine::Chunk::Logits::None) continue;
+    std::span<float> row_logits(logits.data() + row * vocab, static_cast<size_t>(vocab));
+    ++row;
+    const int32_t token = a.sampler->sample(row_logits, a.history);
+    if (!a.decoding) {  // the prompt is in: this is its first token (or the first after a preemption)
+      a.decoding = true;
+      if (a.result.tokens.empty()) {
+        a.first_token = Clock::now();
+        a.result.prefill_seconds = seconds_between(a.admitted, a.first_token);
+      }
+    }
+    const bool is_stop = a.stop_ids.count(token) > 0;
+    a.result.tokens.push_back(token);
+    a.emit(token, is_stop);
+    if (is_stop) {
+      finish(a, FinishReason::Stop);
+    } else if (static_cast<int>(a.result.tokens.size()) >= a.request.max_tokens ||
+               static_cast<int>(a.cache_length) + 1 > engine_.max_context()) {
+      finish(a, FinishReason::Length);
+    } else {
+      a.last_token = token;
+      a.history.push_back(token);
+    }
+  }
+  std::erase_if(running_, [](const auto& a) { return a->done; });
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.running = static_cast<int>(running_.size());
+  return true;
+}
+
+}  // namespace opencamp
