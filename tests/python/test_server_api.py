@@ -456,6 +456,11 @@ def test_metrics_are_prometheus_text(client):
     assert metric(text, "opencamp_kv_cache_blocks_total") > 0
     assert 0 < metric(text, "opencamp_kv_cache_usage_ratio") < 1  # a finished chat is kept
     assert "# TYPE opencamp_time_to_first_token_seconds histogram" in text
+    stats = client.app.state.opencamp.llm.engine.cache_stats()  # the engine's prefix cache
+    assert metric(text, "opencamp_kv_cache_prefix_hit_blocks_total") == stats["prefix_hit_blocks"]
+    assert metric(text, "opencamp_kv_cache_prefix_miss_blocks_total") == \
+        stats["prefix_miss_blocks"] > 0
+    assert "# TYPE opencamp_kv_cache_evictions_total counter" in text
     assert 'opencamp_model_info{model="tiny-chat",backend=' in text
 
 

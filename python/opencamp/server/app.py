@@ -431,6 +431,23 @@ async def metrics(request: Request) -> Response:
             "# HELP opencamp_kv_cache_usage_ratio Fraction of the KV cache pool in use.",
             "# TYPE opencamp_kv_cache_usage_ratio gauge",
             f"opencamp_kv_cache_usage_ratio {used / total if total else 0.0:.6f}",
+        ]
+        # The engine's prefix cache: full blocks kept after their sequence ended, shared by
+        # later prompts that start the same way.
+        for key, name, kind, text in [
+            ("cached_blocks", "opencamp_kv_cache_blocks_cached", "gauge",
+             "Blocks kept for prefix reuse by the engine (reclaimable)."),
+            ("prefix_hit_blocks", "opencamp_kv_cache_prefix_hit_blocks_total", "counter",
+             "Prompt blocks found in the engine's prefix cache."),
+            ("prefix_miss_blocks", "opencamp_kv_cache_prefix_miss_blocks_total", "counter",
+             "Prompt blocks not found in the engine's prefix cache."),
+            ("evictions", "opencamp_kv_cache_evictions_total", "counter",
+             "Cached blocks evicted to make room."),
+        ]:
+            if key in stats:
+                extra += [f"# HELP {name} {text}", f"# TYPE {name} {kind}",
+                          f"{name} {stats[key]}"]
+        extra += [
             "# HELP opencamp_model_info The model served, and how.",
             "# TYPE opencamp_model_info gauge",
             f'opencamp_model_info{{model="{state.options.model_name}",backend="{llm.backend}",'
