@@ -53,6 +53,33 @@ py::dict config_dict(const ModelConfig& c) {
   return d;
 }
 
+GenerationRequest make_request(const std::vector<int64_t>& prompt, int max_tokens, float temperature,
+                               int top_k, float top_p, float min_p, float repetition_penalty,
+                               float presence_penalty, float frequency_penalty,
+                               std::optional<uint64_t> seed,
+                               const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
+  GenerationRequest request;
+  request.prompt = as_ids(prompt);
+  request.max_tokens = max_tokens;
+  request.sampling.temperature = temperature;
+  request.sampling.top_k = top_k;
+  request.sampling.top_p = top_p;
+  request.sampling.min_p = min_p;
+  request.sampling.repetition_penalty = repetition_penalty;
+  request.sampling.presence_penalty = presence_penalty;
+  request.sampling.frequency_penalty = frequency_penalty;
+  request.sampling.seed = seed;
+  request.stop_token_ids = as_ids(stop_token_ids);
+  request.ignore_eos = ignore_eos;
+  return request;
+}
+
+// (token, is_stop), or None at the end / on timeout: the same for both kinds of stream.
+py::object event_or_none(const std::optional<TokenEvent>& event) {
+  if (!event) return py::none();
+  return py::make_tuple(event->token, event->is_stop);
+}
+
 py::dict result_dict(const GenerationResult& r) {
   py::dict d;
   d["tokens"] = r.tokens;
@@ -125,8 +152,7 @@ PYBIND11_MODULE(_core, m) {
                py::gil_scoped_release release;
                event = s.next(timeout ? *timeout : -1.0);
              }
-             if (!event) return py::none();
-             return py::make_tuple(event->token, event->is_stop);
+             return event_or_none(event);
            },
            py::arg("timeout") = py::none(),
            "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
@@ -247,20 +273,10 @@ PYBIND11_MODULE(_core, m) {
               float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
               float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
               const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
-             GenerationRequest request;
-             request.prompt = as_ids(prompt);
-             request.max_tokens = max_tokens;
-             request.sampling.temperature = temperature;
-             request.sampling.top_k = top_k;
-             request.sampling.top_p = top_p;
-             request.sampling.min_p = min_p;
-             request.sampling.repetition_penalty = repetition_penalty;
-             request.sampling.presence_penalty = presence_penalty;
-             request.sampling.frequency_penalty = frequency_penalty;
-             request.sampling.seed = seed;
-             request.stop_token_ids = as_ids(stop_token_ids);
-             request.ignore_eos = ignore_eos;
-             return std::make_shared<GenerationStream>(e, seq, std::move(request));
+             return std::make_shared<GenerationStream>(
+                 e, seq, make_request(prompt, max_tokens, temperature, top_k, top_p, min_p,
+                                      repetition_penalty, presence_penalty, frequency_penalty,
+                                      seed, stop_token_ids, ignore_eos));
            },
            py::keep_alive<0, 1>(),  // the engine outlives its streams
            py::arg("seq"), py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256,
@@ -270,4 +286,88 @@ PYBIND11_MODULE(_core, m) {
            py::arg("seed") = py::none(), py::arg("stop_token_ids") = std::vector<int64_t>{},
            py::arg("ignore_eos") = false,
            "Start generating on a C++ thread; returns a GenerationStream.");
+
+  py::class_<ScheduledRequest, std::shared_ptr<ScheduledRequest>>(m, "ScheduledRequest")
+      .def("next",
+           [](ScheduledRequest& r, std::optional<double> timeout) -> py::object {
+             std::optional<TokenEvent> event;
+             {
+               py::gil_scoped_release release;
+               event = r.next(timeout ? *timeout : -1.0);
+             }
+             return event_or_none(event);
+           },
+           py::arg("timeout") = py::none(),
+           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
+           "check timed_out).")
+      .def_property_readonly("timed_out", &ScheduledRequest::timed_out)
+      .def("cancel", &ScheduledRequest::cancel)
+      .def_property_readonly("finished", &ScheduledRequest::finished)
+      .def_property_readonly("queue_seconds", &ScheduledRequest::queue_seconds)
+      .def("wait",
+           [](ScheduledRequest& r) {
+             GenerationResult result;
+             double queued;
+             {
+               py::gil_scoped_release release;
+               result = r.wait();
+               queued = r.queue_seconds();
+             }
+             py::dict d = result_dict(result);
+             d["queue_seconds"] = queued;
+             return d;
+           },
+           "Wait for the end; returns tokens, finish_reason, prompt_tokens, cached_tokens, "
+           "queue_seconds, prefill_seconds, decode_seconds.");
+
+  py::class_<Scheduler>(m, "Scheduler")
+      .def(py::init([](Engine& engine, int max_running, int step_tokens, size_t max_waiting,
+                       size_t max_unread_tokens) {
+             SchedulerOptions options;
+             options.max_running = max_running;
+             options.step_tokens = step_tokens;
+             options.max_waiting = max_waiting;
+             options.max_unread_tokens = max_unread_tokens;
+             return std::make_unique<Scheduler>(engine, options);
+           }),
+           py::keep_alive<1, 2>(),  // the engine outlives its scheduler
+           py::arg("engine"), py::arg("max_running") = SchedulerOptions{}.max_running,
+           py::arg("step_tokens") = SchedulerOptions{}.step_tokens,
+           py::arg("max_waiting") = SchedulerOptions{}.max_waiting,
+           py::arg("max_unread_tokens") = SchedulerOptions{}.max_unread_tokens)
+      .def("submit",
+           [](Scheduler& scheduler, const std::vector<int64_t>& prompt, int seq, int max_tokens,
+              float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
+              float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
+              const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
+             return scheduler.submit(make_request(prompt, max_tokens, temperature, top_k, top_p, min_p,
+                                                  repetition_penalty, presence_penalty,
+                                                  frequency_penalty, seed, stop_token_ids, ignore_eos),
+                                     seq);
+           },
+           py::keep_alive<0, 1>(),  // the scheduler outlives its requests' handles
+           py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
+           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
+           py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f,
+           py::arg("seed") = py::none(), py::arg("stop_token_ids") = std::vector<int64_t>{},
+           py::arg("ignore_eos") = false,
+           "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one); "
+           "returns a ScheduledRequest.")
+      .def("stats",
+           [](const Scheduler& scheduler) {
+             const auto s = scheduler.stats();
+             py::dict d;
+             d["running"] = s.running;
+             d["waiting"] = s.waiting;
+             d["steps"] = s.steps;
+             d["preemptions"] = s.preemptions;
+             d["prompt_tokens"] = s.prompt_tokens;
+             d["cached_tokens"] = s.cached_tokens;
+             d["generated_tokens"] = s.generated_tokens;
+             d["batch_tokens"] = s.batch_tokens;
+             return d;
+           })
+      .def_property_readonly("max_running", [](const Scheduler& s) { return s.options().max_running; })
+      .def_property_readonly("step_tokens", [](const Scheduler& s) { return s.options().step_tokens; });
 }
