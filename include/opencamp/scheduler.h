@@ -30,6 +30,10 @@ struct SchedulerOptions {
   // A request whose reader has this many tokens unread sits out the next steps (keeping its
   // cache) until the reader catches up: a stalled client costs no compute.
   size_t max_unread_tokens = 256;
+  // Finished conversations whose sequences stay alive (least recently used first out): a new
+  // request that continues one takes it over and reuses every token it holds, not only whole
+  // cached blocks. They give their blocks back as soon as anything else needs them.
+  size_t max_idle_sequences = 32;
 };
 
 class Scheduler;
@@ -72,6 +76,10 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
+  // Ends every request (cancelled), stops the loop and frees the idle sequences; later
+  // submits are refused. The destructor does this too.
+  void shutdown();
+
   // Queues a request (checked first: a bad request throws here). With `seq` >= 0 the request
   // continues that sequence (a chat session: it keeps what the sequence already holds), which
   // the caller owns and which stays alive afterwards; otherwise the scheduler makes a sequence
@@ -79,7 +87,7 @@ class Scheduler {
   std::shared_ptr<ScheduledRequest> submit(GenerationRequest request, int seq = -1);
 
   struct Stats {
-    int running = 0, waiting = 0;
+    int running = 0, waiting = 0, idle = 0;
     int64_t steps = 0, preemptions = 0;
     int64_t prompt_tokens = 0, cached_tokens = 0, generated_tokens = 0;
     int64_t batch_tokens = 0;  // tokens through the engine, for the mean batch size
@@ -95,6 +103,11 @@ class Scheduler {
   void finish(Active& a, FinishReason reason);
   void fail(Active& a, std::exception_ptr error);
   void preempt_newest();
+  // Frees the least recently used idle sequence; false when there is none.
+  bool free_oldest_idle();
+  // Takes over the idle sequence sharing the longest prefix with `prompt` (at least a block's
+  // worth), or returns -1.
+  int take_idle_sequence(const std::vector<int32_t>& prompt);
   void wake();
 
   Engine& engine_;
@@ -103,6 +116,11 @@ class Scheduler {
   std::condition_variable work_;
   std::deque<std::unique_ptr<Active>> waiting_;
   std::vector<std::unique_ptr<Active>> running_;  // the loop thread's alone
+  struct Idle {
+    int seq;
+    std::vector<int32_t> tokens;  // what it holds
+  };
+  std::deque<Idle> idle_;  // the loop thread's alone; most recently finished at the back
   Stats stats_;
   bool stopping_ = false;
   bool woken_ = false;  // something changed since the loop last found nothing to do

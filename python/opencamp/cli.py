@@ -227,6 +227,30 @@ def _generation_config_defaults(folder) -> dict:
     return {k: config[k] for k in wanted if isinstance(config.get(k), (int, float))}
 
 
+def _parse_bytes(text: str) -> int:
+    """'2GiB', '500MB', '1.5G', '1048576' -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not match:
+        raise click.ClickException(f"cannot read {text!r} as a size: use e.g. 2GiB, 500MB, 1048576")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or unit == "" else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or 8 GiB if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def _kv_bytes_per_token(config: dict) -> int:
     return config["num_layers"] * config["num_kv_heads"] * config["head_dim"] * 2 * 4  # f32 K+V
 
@@ -259,10 +283,15 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--served-model-name", default=None,
               help="The model id clients send and /v1/models lists (default: the --model value, "
                    "or a folder's name).")
-@click.option("--parallel", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Generations running at once; more requests wait in a FIFO queue.")
+@click.option("--max-running", "--parallel", "parallel", type=click.IntRange(min=1), default=8,
+              show_default=True,
+              help="Sequences decoding together in one batch (continuous batching); more "
+                   "requests wait in a FIFO queue.")
 @click.option("--kv-cache-tokens", type=click.IntRange(min=1), default=None,
-              help="Positions in the shared KV cache (default: --parallel x the context).")
+              help="Positions in the shared KV cache (default: --max-running x the context, "
+                   "within half the available memory).")
+@click.option("--kv-cache-memory", default=None,
+              help="The KV cache as a memory budget instead, e.g. 2GiB or 500MB.")
 @click.option("--max-waiting", type=click.IntRange(min=0), default=256, show_default=True,
               help="Queued requests beyond which new ones get HTTP 429.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
@@ -278,7 +307,7 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
-          served_model_name, parallel, kv_cache_tokens, max_waiting, max_request_bytes,
+          served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
           temperature, top_k, top_p, min_p, repetition_penalty, max_tokens, log_level) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
@@ -297,7 +326,15 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     except Exception as e:  # noqa: BLE001 - a broken config.json: say so, no traceback
         raise click.ClickException(str(e)) from None
     context = max_context or config["max_position_embeddings"]
-    kv_tokens = kv_cache_tokens or parallel * context
+    per_token = _kv_bytes_per_token(config)
+    if kv_cache_tokens and kv_cache_memory:
+        raise click.ClickException("give --kv-cache-tokens or --kv-cache-memory, not both")
+    if kv_cache_memory:
+        kv_tokens = _parse_bytes(kv_cache_memory) // per_token
+    elif kv_cache_tokens:
+        kv_tokens = kv_cache_tokens
+    else:  # a whole context per running sequence, within half the memory left
+        kv_tokens = max(context, min(parallel * context, _available_memory() // 2 // per_token))
     if kv_tokens < context:
         raise click.ClickException(f"--kv-cache-tokens ({kv_tokens}) must hold at least one whole "
                                    f"context ({context} positions, --max-context)")
@@ -319,11 +356,11 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     bound_host, bound_port = sock.getsockname()[:2]
     shown_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     url = f"http://{shown_host}:{bound_port}"
-    kv_gib = kv_tokens * _kv_bytes_per_token(config) / 2**30
+    kv_gib = kv_tokens * per_token / 2**30
     click.echo(f"opencamp {__version__} serving {name} on {url}  (chat page: {url}/ , "
                f"API: {url}/v1)", err=True)
     click.echo(f"context {context} positions, KV cache {kv_tokens} positions ({kv_gib:.2f} GiB), "
-               f"{parallel} generations at once", err=True)
+               f"up to {parallel} sequences per batch", err=True)
     if api_key is None and bound_host not in ("127.0.0.1", "::1", "localhost"):
         click.echo("warning: listening beyond this machine without --api-key", err=True)
 

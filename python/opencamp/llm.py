@@ -4,6 +4,7 @@ text into token ids and streamed token ids back into text."""
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -27,8 +28,13 @@ class Completion:
     finish_reason: str  # "stop" (stop token or stop string), "length" (max_tokens / context)
     prompt_tokens: int
     cached_tokens: int  # prompt tokens reused from the KV cache instead of recomputed
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    prefill_seconds: float = 0.0  # admitted -> first token
+    decode_seconds: float = 0.0   # first token -> end
+    queue_seconds: float = 0.0    # waiting for the scheduler to admit it
+
+    @property
+    def time_to_first_token(self) -> float:
+        return self.queue_seconds + self.prefill_seconds
 
     @property
     def completion_tokens(self) -> int:
@@ -104,11 +110,8 @@ class Stream(_ClosedOnExit):
     dropping it) stops the generation within one decode step.
     """
 
-    def __init__(self, llm: "LLM", seq: int, prompt_ids: list[int], options: SamplingOptions,
-                 owns_sequence: bool, on_finish=None):
-        self._llm = llm
-        self._seq = seq
-        self._owns_sequence = owns_sequence
+    def __init__(self, llm: "LLM", prompt_ids: list[int], options: SamplingOptions,
+                 sequence: int | None = None, scheduler=None, on_finish=None):
         self._on_finish = on_finish
         # Without a tokenizer (an ids-only model) the stream yields no text, only token ids.
         self._decoder = IncrementalDecoder(llm.tokenizer) if llm._tokenizer is not None else None
@@ -118,10 +121,11 @@ class Stream(_ClosedOnExit):
         self._stopped_by_string = False
         self.completion: Completion | None = None
         self._prompt_tokens = len(prompt_ids)
-        self._generation = llm.engine.generate(
-            seq, prompt_ids, max_tokens=options.max_tokens, temperature=options.temperature,
-            top_k=options.top_k, top_p=options.top_p, min_p=options.min_p,
-            repetition_penalty=options.repetition_penalty,
+        # The request joins the scheduler's batch; its tokens arrive through a C++ queue.
+        self._generation = (scheduler or llm.scheduler).submit(
+            prompt_ids, seq=-1 if sequence is None else sequence, max_tokens=options.max_tokens,
+            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
+            min_p=options.min_p, repetition_penalty=options.repetition_penalty,
             presence_penalty=options.presence_penalty,
             frequency_penalty=options.frequency_penalty, seed=options.seed,
             stop_token_ids=list(options.stop_token_ids), ignore_eos=options.ignore_eos)
@@ -131,11 +135,7 @@ class Stream(_ClosedOnExit):
 
     def __next__(self) -> str:
         while self.completion is None:
-            try:
-                event = self._generation.next()
-            except BaseException:  # the engine failed mid-generation: release, then report
-                self._release_sequence()
-                raise
+            event = self._generation.next()  # raises the engine's error, if one ended it
             if event is None:  # the engine finished on its own
                 piece, _ = self._stopper.push(self._decoder.flush() if self._decoder else "")
                 piece += self._stopper.flush()
@@ -163,16 +163,8 @@ class Stream(_ClosedOnExit):
         self._text.append(piece)
         return piece
 
-    def _release_sequence(self) -> None:
-        if self._owns_sequence:
-            self._owns_sequence = False
-            self._llm.engine.free_sequence(self._seq)
-
     def _finish(self) -> None:
-        try:
-            result = self._generation.wait()
-        finally:
-            self._release_sequence()
+        result = self._generation.wait()
         finish_reason = result["finish_reason"]
         if self._stopped_by_string:
             finish_reason = "stop"
@@ -180,7 +172,7 @@ class Stream(_ClosedOnExit):
             text="".join(self._text), token_ids=list(self._token_ids),
             finish_reason=finish_reason, prompt_tokens=self._prompt_tokens,
             cached_tokens=result["cached_tokens"], prefill_seconds=result["prefill_seconds"],
-            decode_seconds=result["decode_seconds"])
+            decode_seconds=result["decode_seconds"], queue_seconds=result["queue_seconds"])
         if self._on_finish is not None:
             self._on_finish(self.completion)
 
@@ -217,7 +209,7 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike, backend: str = "auto", dtype: str = "auto",
                  threads: int | None = None, max_context: int | None = None,
-                 kv_cache_tokens: int | None = None):
+                 kv_cache_tokens: int | None = None, max_running: int = 16):
         self.model_dir: Path = resolve_model(model)
         # A folder without tokenizer.json still runs on token ids (tests use such models).
         self._tokenizer = (Tokenizer.from_model_dir(self.model_dir)
@@ -225,6 +217,19 @@ class LLM:
         self.engine = _core.Engine(str(self.model_dir), backend=backend, dtype=dtype,
                                    threads=threads or 0, max_context=max_context or 0,
                                    kv_cache_tokens=kv_cache_tokens or 0)
+        self._max_running = max_running
+        self._scheduler = None
+        self._scheduler_lock = threading.Lock()
+
+    @property
+    def scheduler(self):
+        """The continuous-batching loop (C++) every generation of this LLM runs in: requests
+        from any thread join one batch, so each step reads the weights once for all of them.
+        Started on first use; up to `max_running` sequences decode together."""
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = _core.Scheduler(self.engine, max_running=self._max_running)
+            return self._scheduler
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -263,25 +268,20 @@ class LLM:
         return [int(t) for t in prompt]
 
     def stream(self, prompt: str | Sequence[int], *, sequence: int | None = None,
-               **options) -> Stream:
+               scheduler=None, **options) -> Stream:
         """Start generating from raw text (special tokens added as the tokenizer does) or ids.
 
-        By default the generation runs on a fresh engine sequence that is freed when the stream
-        ends. `sequence` runs it on a caller-owned one instead (from engine.create_sequence()):
-        the engine reuses the longest prefix that sequence already holds in the KV cache
-        (`completion.cached_tokens`), and the sequence is kept afterwards, holding the prompt
-        and the answer, for the caller to reuse or free. One stream at a time per sequence.
+        The request joins the scheduler's batch on a fresh sequence that maps any cached prefix
+        and is freed when the stream ends (its full blocks stay cached). `sequence` runs it on
+        a caller-owned one instead (from engine.create_sequence()): the engine keeps the
+        longest prefix that sequence already holds (`completion.cached_tokens`), and the
+        sequence is kept afterwards, holding the prompt and the answer, for the caller to reuse
+        or free. One stream at a time per sequence. `scheduler`: another _core.Scheduler on
+        this engine (a server's, with its own limits) instead of this LLM's.
         """
         sampling = SamplingOptions.build(**options)
-        ids = self._prompt_ids(prompt)
-        if sequence is not None:
-            return Stream(self, sequence, ids, sampling, owns_sequence=False)
-        seq = self.engine.create_sequence()
-        try:
-            return Stream(self, seq, ids, sampling, owns_sequence=True)
-        except BaseException:
-            self.engine.free_sequence(seq)
-            raise
+        return Stream(self, self._prompt_ids(prompt), sampling, sequence=sequence,
+                      scheduler=scheduler)
 
     def complete(self, prompt: str | Sequence[int], **options) -> Completion:
         stream = self.stream(prompt, **options)
@@ -325,6 +325,7 @@ class Session(_ClosedOnExit):
         if system is not None:
             self.messages.append({"role": "system", "content": system})
         self.last: Completion | None = None
+        self._answering: Stream | None = None
         self._seq: int | None = llm.engine.create_sequence()
 
     def send(self, text: str, stream: bool = False, **options) -> str | Stream:
@@ -339,8 +340,11 @@ class Session(_ClosedOnExit):
             self.messages = pending + [{"role": "assistant", "content": completion.text}]
             self.last = completion
 
-        s = Stream(self.llm, self._seq, prompt_ids, sampling, owns_sequence=False,
-                   on_finish=remember)
+        if self._answering is not None and self._answering.completion is None:
+            raise RuntimeError("the previous answer is still streaming; read it to the end or "
+                               "close it before sending the next message")
+        s = Stream(self.llm, prompt_ids, sampling, sequence=self._seq, on_finish=remember)
+        self._answering = s
         return s if stream else s.text()
 
     @property
@@ -350,5 +354,7 @@ class Session(_ClosedOnExit):
 
     def close(self) -> None:
         if self._seq is not None:
+            if self._answering is not None:
+                self._answering.close()  # its request must end before its sequence goes
             self.llm.engine.free_sequence(self._seq)
             self._seq = None

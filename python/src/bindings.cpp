@@ -360,6 +360,7 @@ PYBIND11_MODULE(_core, m) {
              py::dict d;
              d["running"] = s.running;
              d["waiting"] = s.waiting;
+             d["idle"] = s.idle;
              d["steps"] = s.steps;
              d["preemptions"] = s.preemptions;
              d["prompt_tokens"] = s.prompt_tokens;
@@ -368,6 +369,8 @@ PYBIND11_MODULE(_core, m) {
              d["batch_tokens"] = s.batch_tokens;
              return d;
            })
+      .def("shutdown", &Scheduler::shutdown, py::call_guard<py::gil_scoped_release>(),
+           "End every request, stop the loop, free the idle sequences.")
       .def_property_readonly("max_running", [](const Scheduler& s) { return s.options().max_running; })
       .def_property_readonly("step_tokens", [](const Scheduler& s) { return s.options().step_tokens; });
 }

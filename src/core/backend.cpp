@@ -73,6 +73,9 @@ std::vector<BackendInfo> builtin_backends() {
 #ifdef OPENCAMP_HAVE_AVX
   for (auto& info : avx_backend_infos()) backends.push_back(std::move(info));
 #endif
+#ifdef OPENCAMP_HAVE_CUDA
+  backends.push_back(cuda_backend_info());
+#endif
   std::stable_sort(backends.begin(), backends.end(),
                    [](const BackendInfo& a, const BackendInfo& b) { return a.score > b.score; });
   return backends;

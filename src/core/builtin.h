@@ -15,6 +15,9 @@ BackendInfo cpu_backend_info();
 std::vector<BackendInfo> avx_backend_infos();  // "avx" and one per instruction set
 std::string avx_isa_in_use();                  // what "avx" runs here ("none" without AVX2)
 #endif
+#ifdef OPENCAMP_HAVE_CUDA
+BackendInfo cuda_backend_info();  // cuda/cuda_backend.cpp
+#endif
 
 Architecture llama_architecture();
 Architecture qwen2_architecture();

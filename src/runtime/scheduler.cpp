@@ -106,15 +106,63 @@ Scheduler::Scheduler(Engine& engine, const SchedulerOptions& options)
   thread_ = std::thread([this] { loop(); });
 }
 
-Scheduler::~Scheduler() {
+Scheduler::~Scheduler() { shutdown(); }
+
+void Scheduler::shutdown() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stopping_ = true;
   }
   wake();
-  thread_.join();
+  if (thread_.joinable()) thread_.join();
   for (auto& a : running_) finish(*a, FinishReason::Cancelled);
-  for (auto& a : waiting_) finish(*a, FinishReason::Cancelled);
+  running_.clear();
+  std::deque<std::unique_ptr<Active>> waiting;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    waiting.swap(waiting_);
+    stats_.waiting = 0;
+    stats_.running = 0;
+  }
+  for (auto& a : waiting) finish(*a, FinishReason::Cancelled);
+  while (free_oldest_idle()) {
+  }
+}
+
+bool Scheduler::free_oldest_idle() {
+  if (idle_.empty()) return false;
+  try {
+    engine_.free_sequence(idle_.front().seq);
+  } catch (...) {
+  }
+  idle_.pop_front();
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.idle = static_cast<int>(idle_.size());
+  return true;
+}
+
+int Scheduler::take_idle_sequence(const std::vector<int32_t>& prompt) {
+  size_t best = idle_.size(), best_common = 0;
+  for (size_t i = 0; i < idle_.size(); ++i) {
+    const auto& held = idle_[i].tokens;
+    const size_t limit = std::min(held.size(), prompt.size() - 1);
+    size_t common = 0;
+    while (common < limit && held[common] == prompt[common]) ++common;
+    if (common > best_common) {
+      best = i;
+      best_common = common;
+    }
+  }
+  // Shorter shared starts (a system prompt) come as cached blocks without taking the sequence
+  // away from the conversation it holds.
+  if (best == idle_.size() || best_common < static_cast<size_t>(engine_.cache_stats().block_size)) {
+    return -1;
+  }
+  const int seq = idle_[best].seq;
+  idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(best));
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.idle = static_cast<int>(idle_.size());
+  return seq;
 }
 
 std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, int seq) {
@@ -193,9 +241,22 @@ void Scheduler::finish(Active& a, FinishReason reason) {
   const Clock::time_point now = Clock::now();
   if (!a.result.tokens.empty()) a.result.decode_seconds = seconds_between(a.first_token, now);
   if (a.seq >= 0 && a.owns_sequence) {
-    try {
-      engine_.free_sequence(a.seq);
-    } catch (...) {
+    bool kept = false;
+    if (reason != FinishReason::Cancelled && options_.max_idle_sequences > 0) {
+      try {  // kept for a request that continues this conversation
+        idle_.push_back({a.seq, engine_.sequence_tokens(a.seq)});
+        kept = true;
+        while (idle_.size() > options_.max_idle_sequences) free_oldest_idle();
+        std::lock_guard<std::mutex> lock(mutex_);
+        stats_.idle = static_cast<int>(idle_.size());
+      } catch (...) {
+      }
+    }
+    if (!kept) {
+      try {
+        engine_.free_sequence(a.seq);
+      } catch (...) {
+      }
     }
   }
   {
@@ -236,10 +297,19 @@ void Scheduler::admit() {
     }
     try {
       if (a->seq < 0) {
-        a->seq = engine_.create_sequence();
+        a->seq = take_idle_sequence(a->prompt);
+        if (a->seq < 0) a->seq = engine_.create_sequence();
         a->owns_sequence = true;
       }
-      const int reused = engine_.reuse_prefix(a->seq, a->prompt);
+      int reused;
+      for (;;) {  // idle conversations give their blocks back before anyone waits
+        try {
+          reused = engine_.reuse_prefix(a->seq, a->prompt);
+          break;
+        } catch (const Error& e) {
+          if (e.kind() != ErrorKind::CapacityExceeded || !free_oldest_idle()) throw;
+        }
+      }
       a->prefilled = static_cast<size_t>(reused);
       a->cache_length = a->prefilled;
       if (!a->admitted_once) {
@@ -355,6 +425,7 @@ bool Scheduler::step() {
   try {
     engine_.forward(chunks, logits);
   } catch (const Error& e) {
+    if (e.kind() == ErrorKind::CapacityExceeded && free_oldest_idle()) return true;  // retry
     if (e.kind() == ErrorKind::CapacityExceeded && running_.size() > 1) {
       preempt_newest();  // then try again with one sequence fewer
       return true;

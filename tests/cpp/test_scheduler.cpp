@@ -80,24 +80,44 @@ TEST_CASE(concurrent_requests_give_exactly_what_each_gives_alone) {
     const auto stats = scheduler.stats();
     CHECK(stats.steps > 0);
     CHECK(stats.batch_tokens > stats.steps);  // steps really held several tokens
-    CHECK_EQ(engine.cache_stats().used_blocks, 0);
+    CHECK_EQ(stats.idle, static_cast<int>(engine.cache_stats().sequences));  // kept for reuse
   }
 }
 
-TEST_CASE(a_shared_prefix_is_mapped_from_the_cache_for_later_requests) {
-  Engine engine(fixture("tiny-llama"), options());
-  Scheduler scheduler(engine);
-  const auto system = prompt_of(40, 1, engine.config().vocab_size);  // 2 full blocks of 16
+TEST_CASE(a_shared_prefix_is_reused_by_later_requests) {
+  const int vocab = 256;
+  const auto system = prompt_of(40, 1, vocab);  // 2 full blocks of 16, and 8 more tokens
   auto first = system;
   first.push_back(7);
   auto second = system;
   second.push_back(9);
-  wait_for(*scheduler.submit(greedy(first, 3)));
-  auto handle = scheduler.submit(greedy(second, 5));
-  const GenerationResult& result = wait_for(*handle);
-  CHECK_EQ(result.cached_tokens, 32);
-  CHECK(result.tokens == alone("tiny-llama", greedy(second, 5)));
-  CHECK_EQ(scheduler.stats().cached_tokens, 32);
+  for (size_t idle : {size_t{32}, size_t{0}}) {
+    Engine engine(fixture("tiny-llama"), options());
+    SchedulerOptions so;
+    so.max_idle_sequences = idle;
+    Scheduler scheduler(engine, so);
+    wait_for(*scheduler.submit(greedy(first, 3)));
+    const auto handle = scheduler.submit(greedy(second, 5));
+    const GenerationResult& result = wait_for(*handle);
+    // With the first conversation kept, every shared token; without, its cached whole blocks.
+    const int expected = idle ? 40 : 32;
+    CHECK_EQ(result.cached_tokens, expected);
+    CHECK(result.tokens == alone("tiny-llama", greedy(second, 5)));
+    CHECK_EQ(scheduler.stats().cached_tokens, expected);
+  }
+}
+
+TEST_CASE(idle_conversations_give_their_blocks_back_when_needed) {
+  Engine engine(fixture("tiny-llama"), options(96));  // 6 blocks
+  Scheduler scheduler(engine);
+  const int vocab = engine.config().vocab_size;
+  for (int i = 0; i < 4; ++i) wait_for(*scheduler.submit(greedy(prompt_of(30, 20 + i, vocab), 10)));
+  CHECK(scheduler.stats().idle >= 1);
+  // A request needing the whole cache still runs: idle conversations make room.
+  const auto handle = scheduler.submit(greedy(prompt_of(80, 99, vocab), 10));
+  const GenerationResult& big = wait_for(*handle);
+  CHECK_EQ(big.tokens.size(), size_t(10));
+  CHECK(big.tokens == alone("tiny-llama", greedy(prompt_of(80, 99, vocab), 10)));
 }
 
 TEST_CASE(a_session_sequence_continues_and_stays_alive) {
@@ -106,7 +126,7 @@ TEST_CASE(a_session_sequence_continues_and_stays_alive) {
   const int vocab = engine.config().vocab_size;
   const int session = engine.create_sequence();
   const auto turn1 = prompt_of(11, 2, vocab);
-  const GenerationResult first = wait_for(*scheduler.submit(greedy(turn1, 4), session));
+  const GenerationResult first = wait_for(*scheduler.submit(greedy(turn1, 4), session));  // a copy
   CHECK_EQ(first.cached_tokens, 0);
   auto turn2 = turn1;
   turn2.insert(turn2.end(), first.tokens.begin(), first.tokens.end());
@@ -132,7 +152,9 @@ TEST_CASE(cancelling_stops_a_request_and_frees_its_blocks) {
   CHECK(cancelled.finish_reason == FinishReason::Cancelled);
   CHECK(cancelled.tokens.size() < 100);
   CHECK(wait_for(*short_request).finish_reason == FinishReason::Length);
-  CHECK_EQ(engine.cache_stats().used_blocks, 0);
+  // The cancelled request's sequence is gone; only the finished one is kept for reuse.
+  CHECK_EQ(engine.cache_stats().sequences, 1);
+  CHECK_EQ(scheduler.stats().idle, 1);
   CHECK(scheduler.stats().generated_tokens < 100);  // it sat out instead of running ahead
   // A request cancelled before it ever ran ends without tokens.
   SchedulerOptions one;
@@ -164,7 +186,7 @@ TEST_CASE(a_full_kv_cache_preempts_the_newest_and_recomputes_it_later) {
     CHECK_MSG(result.tokens == alone("tiny-llama", requests[i]), "request " << i << " differs after preemption");
   }
   CHECK(scheduler.stats().preemptions > 0);
-  CHECK_EQ(engine.cache_stats().used_blocks, 0);
+  CHECK_EQ(static_cast<int>(engine.cache_stats().sequences), scheduler.stats().idle);
 }
 
 TEST_CASE(requests_that_can_never_run_fail_clearly) {
@@ -216,6 +238,16 @@ TEST_CASE(hundreds_of_random_requests_with_cancellations_all_end_and_free_everyt
   const auto stats = scheduler.stats();
   CHECK_EQ(stats.running, 0);
   CHECK_EQ(stats.waiting, 0);
+  CHECK_EQ(static_cast<int>(engine.cache_stats().sequences), stats.idle);
+}
+
+TEST_CASE(after_the_scheduler_every_block_is_free) {
+  Engine engine(fixture("tiny-qwen2"), options(512));
+  {
+    Scheduler scheduler(engine);
+    for (int i = 0; i < 20; ++i) scheduler.submit(greedy(prompt_of(10 + i, i, 200), 5));
+    wait_for(*scheduler.submit(greedy(prompt_of(7, 1, 200), 5)));
+  }
   CHECK_EQ(engine.cache_stats().used_blocks, 0);
   CHECK_EQ(engine.cache_stats().sequences, 0);
 }

@@ -111,7 +111,8 @@ def test_bad_sampling_parameters_raise_clear_errors(llm):
         llm.generate("hi", stop=[""])
     with pytest.raises(TypeError, match="unknown sampling option"):
         llm.generate("hi", temprature=0.5)
-    assert llm.engine.cache_stats()["sequences"] == 0  # nothing leaked
+    # nothing leaked: the only sequences left are finished conversations kept for reuse
+    assert llm.engine.cache_stats()["sequences"] == llm.scheduler.stats()["idle"]
 
 
 def test_prompt_longer_than_context_is_refused(llm):
@@ -119,7 +120,7 @@ def test_prompt_longer_than_context_is_refused(llm):
     with pytest.raises(opencamp.OpencampError, match=f"{llm.max_context + 1}.*{llm.max_context}") as info:
         llm.generate(ids)
     assert info.value.kind == "capacity_exceeded"
-    assert llm.engine.cache_stats()["sequences"] == 0
+    assert llm.engine.cache_stats()["sequences"] == llm.scheduler.stats()["idle"]
 
 
 def test_out_of_vocabulary_ids_are_refused(llm):

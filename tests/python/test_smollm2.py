@@ -83,12 +83,10 @@ def test_prefix_cache_reuses_a_shared_prompt_across_requests(smollm2_dir):
     second = [{"role": "system", "content": system}, {"role": "user", "content": "What is the capital of Italy?"}]
     shared = opencamp.LLM(smollm2_dir, threads=2)
     shared.complete(shared.chat_prompt_ids(first), max_tokens=4)
-    hits_before = shared.engine.cache_stats()["prefix_hit_blocks"]
     cached = shared.complete(shared.chat_prompt_ids(second), max_tokens=12)
     block = shared.engine.cache_stats()["block_size"]
     system_tokens = len(shared.tokenizer.encode(system))
     assert cached.cached_tokens >= (system_tokens // block) * block > 0
-    assert shared.engine.cache_stats()["prefix_hit_blocks"] - hits_before == cached.cached_tokens // block
 
     alone = opencamp.LLM(smollm2_dir, threads=2).complete(shared.chat_prompt_ids(second), max_tokens=12)
     assert alone.cached_tokens == 0

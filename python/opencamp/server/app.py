@@ -52,10 +52,9 @@ class ServerOptions:
     model_name: str  # the id clients send as "model" and /v1/models lists
     model_aliases: tuple[str, ...] = ()  # other names accepted for it (e.g. the path given)
     api_key: str | None = None  # when set, /v1/* and /metrics need "Authorization: Bearer KEY"
-    parallel: int = 4  # generations running at once; more wait in a FIFO queue
+    parallel: int = 4  # sequences decoding together (--max-running); more wait in a FIFO queue
     max_waiting: int = 256  # queued requests beyond which new ones get 429
     max_request_bytes: int = 1 << 20  # request bodies above this get 413
-    max_idle_sequences: int = 32  # finished conversations kept in the KV cache for reuse
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -90,8 +89,7 @@ class ServerState:
 
     def _set_model(self, llm: LLM) -> None:
         scheduler = Scheduler(llm, parallel=self.options.parallel,
-                              max_waiting=self.options.max_waiting,
-                              max_idle_sequences=self.options.max_idle_sequences)
+                              max_waiting=self.options.max_waiting)
         scheduler.on_finish = self._record
         self.llm, self.scheduler = llm, scheduler
 
@@ -135,23 +133,32 @@ class ServerState:
 
     def _add_gauges(self) -> None:
         m = self.metrics
-        sched = lambda attr: (lambda: getattr(self.scheduler, attr) if self.scheduler else 0)  # noqa: E731
-        m.add_gauge("opencamp_requests_running", "Generations running now.", sched("running"))
-        m.add_gauge("opencamp_requests_waiting", "Requests queued for a free slot.",
-                    sched("waiting"))
+
+        def stat(key):
+            return lambda: self.scheduler.stats()[key] if self.scheduler else 0
+
+        def mean_batch():
+            if not self.scheduler:
+                return 0.0
+            s = self.scheduler.stats()
+            return s["batch_tokens"] / s["steps"] if s["steps"] else 0.0
+
+        m.add_gauge("opencamp_requests_running", "Requests in the engine's batch now.",
+                    stat("running"))
+        m.add_gauge("opencamp_requests_waiting", "Requests queued for a place in the batch.",
+                    stat("waiting"))
         m.add_gauge("opencamp_model_ready", "1 once the model is loaded.",
                     lambda: 1 if self.llm is not None else 0)
         m.add_gauge("opencamp_kv_cache_blocks_total", "Blocks in the KV cache pool.",
-                    sched("total_blocks"))
-        m.add_gauge("opencamp_kv_cache_blocks_reserved",
-                    "Blocks reserved by running requests (prompt + max_tokens).",
-                    sched("reserved_blocks"))
-        m.add_gauge("opencamp_kv_cache_blocks_idle",
-                    "Blocks held by finished conversations kept for prefix reuse.",
-                    sched("idle_blocks"))
-        m.add_gauge("opencamp_cached_conversations",
-                    "Finished conversations kept in the KV cache for prefix reuse.",
-                    sched("idle_sequences"))
+                    lambda: self.scheduler.total_blocks if self.scheduler else 0)
+        m.add_gauge("opencamp_scheduler_steps", "Forward passes the batching loop has run.",
+                    stat("steps"))
+        m.add_gauge("opencamp_scheduler_preemptions",
+                    "Requests pushed back to the queue to recompute later when the KV cache "
+                    "filled up.", stat("preemptions"))
+        m.add_gauge("opencamp_scheduler_mean_batch_tokens",
+                    "Tokens per forward pass on average (decode tokens and prompt chunks).",
+                    mean_batch)
 
     def _record(self, generation: Generation, completion: Completion | None) -> None:
         """Called on the event loop when a generation ends, whoever was still listening."""

@@ -1,0 +1,132 @@
+// Memory-bound kernels: embedding rows, RMSNorm, residual add, SiLU * up, and rope fused with
+// the KV-cache store. Each honours the strides it is given, as the cpu oracle does.
+#include "kernels/common.cuh"
+
+namespace opencamp::cuda {
+namespace {
+
+// One block per token: out[t, :] = table[ids[t], :].
+__global__ void embedding_kernel(EmbeddingArgs a) {
+  const int64_t t = blockIdx.x;
+  const int64_t row = static_cast<int64_t>(a.ids[t]) * a.table_row;
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+    a.out[t * a.out_row + d * a.out_col] = load_element(a.table, a.table_type, row + d * a.table_col);
+  }
+}
+
+// One block per (row, head): the sum of squares, then the scaled row.
+__global__ void rmsnorm_kernel(RmsNormArgs a) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const float* in = a.x + r * a.x_s0 + h * a.x_s1;
+  float* result = a.out + r * a.out_s0 + h * a.out_s1;
+  float sum_squares = 0.0f;
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+    const float v = in[d * a.x_s2];
+    sum_squares += v * v;
+  }
+  sum_squares = block_sum(sum_squares, scratch);  // synchronises: every read precedes a write
+  const float inverse_rms = 1.0f / sqrtf(sum_squares / static_cast<float>(a.dim) + a.eps);
+  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+    result[d * a.out_s2] = in[d * a.x_s2] * inverse_rms * a.weight[d * a.weight_stride];
+  }
+}
+
+__global__ void add_kernel(ElementwiseArgs a) {
+  const int64_t total = a.rows * a.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / a.cols, c = i % a.cols;
+    a.out[r * a.out_row + c * a.out_col] = a.a[r * a.a_row + c * a.a_col] + a.b[r * a.b_row + c * a.b_col];
+  }
+}
+
+__global__ void silu_mul_kernel(ElementwiseArgs a) {
+  const int64_t total = a.rows * a.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / a.cols, c = i % a.cols;
+    const float g = a.a[r * a.a_row + c * a.a_col];
+    a.out[r * a.out_row + c * a.out_col] = g / (1.0f + expf(-g)) * a.b[r * a.b_row + c * a.b_col];
+  }
+}
+
+// Element offset of (token t, kv head h, dim d) in the cache.
+__device__ __forceinline__ int64_t cache_offset(const DeviceCache& cache, const DeviceSlots& slots,
+                                                int64_t t, int64_t h, int64_t d) {
+  const int32_t position = slots.positions[t];
+  const int64_t block = slots.tables[slots.table_offsets[t] + position / slots.block_size];
+  return block * cache.s0 + (position % slots.block_size) * cache.s1 + h * cache.s2 + d * cache.s3;
+}
+
+// One block per token: rotate up to two tensors, then store keys and values.
+__global__ void rope_store_kernel(RopeStoreArgs a) {
+  const int64_t t = blockIdx.x;
+  const int64_t half = a.head_dim / 2;
+  if (a.positions != nullptr) {
+    const float position = static_cast<float>(a.positions[t]);
+    for (int s = 0; s < 2; ++s) {
+      if (a.rotated[s] == nullptr) continue;
+      float* base = a.rotated[s] + t * a.rot_s0[s];
+      const bool also_store = a.store && a.store_keys_rotated && s == 1;
+      for (int64_t item = threadIdx.x; item < a.rot_heads[s] * half; item += blockDim.x) {
+        const int64_t h = item / half, i = item % half;
+        // f32 angle, as transformers and the cpu oracle compute it.
+        const float angle = position * a.inv_freq[i * a.inv_freq_stride];
+        const float c = cosf(angle), sn = sinf(angle);
+        float* first = base + h * a.rot_s1[s] + i * a.rot_s2[s];
+        float* second = base + h * a.rot_s1[s] + (i + half) * a.rot_s2[s];
+        const float x0 = *first, x1 = *second;
+        const float y0 = x0 * c - x1 * sn, y1 = x1 * c + x0 * sn;
+        *first = y0;
+        *second = y1;
+        if (also_store) {
+          a.cache.keys[cache_offset(a.cache, a.slots, t, h, i)] = y0;
+          a.cache.keys[cache_offset(a.cache, a.slots, t, h, i + half)] = y1;
+        }
+      }
+    }
+  }
+  if (!a.store) return;
+  __syncthreads();  // values (or unrotated keys) are read after every rotation, as in sequence
+  for (int64_t item = threadIdx.x; item < a.kv_heads * a.head_dim; item += blockDim.x) {
+    const int64_t h = item / a.head_dim, d = item % a.head_dim;
+    const int64_t at = cache_offset(a.cache, a.slots, t, h, d);
+    if (!a.store_keys_rotated) a.cache.keys[at] = a.keys[t * a.k_s0 + h * a.k_s1 + d * a.k_s2];
+    a.cache.values[at] = a.values[t * a.v_s0 + h * a.v_s1 + d * a.v_s2];
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_embedding(const EmbeddingArgs& args, cudaStream_t stream) {
+  if (args.tokens > 0) embedding_kernel<<<static_cast<unsigned>(args.tokens), 256, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rmsnorm(const RmsNormArgs& args, cudaStream_t stream) {
+  const int64_t items = args.rows * args.heads;
+  if (items > 0) rmsnorm_kernel<<<static_cast<unsigned>(items), 128, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_add(const ElementwiseArgs& args, cudaStream_t stream) {
+  if (args.rows * args.cols > 0) {
+    add_kernel<<<blocks_for(args.rows * args.cols, 256, 4096), 256, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_silu_mul(const ElementwiseArgs& args, cudaStream_t stream) {
+  if (args.rows * args.cols > 0) {
+    silu_mul_kernel<<<blocks_for(args.rows * args.cols, 256, 4096), 256, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rope_store(const RopeStoreArgs& args, cudaStream_t stream) {
+  if (args.tokens > 0) rope_store_kernel<<<static_cast<unsigned>(args.tokens), 128, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace opencamp::cuda
