@@ -159,7 +159,7 @@ class Fingerprint {
   uint64_t hash_ = 0xcbf29ce484222325ull;
 };
 
-enum OpCode { kEmbedding = 1, kRmsNorm, kMatmul, kRope, kKvStore, kAttention, kSiluMul, kAdd, kToHost };
+enum OpCode { kEmbedding = 1, kRmsNorm, kMatmul, kRope, kKvStore, kAttention, kSiluMul, kAdd, kToHost, kSample };
 
 struct NormOp {
   Tensor out, x, weight;  // [R, D] f32 each (weight [D])
@@ -331,8 +331,8 @@ class CudaBackend::Impl {
   std::span<const int32_t> pass_tokens, pass_positions;
   std::span<const KVSlot> pass_slots;
   int uncaught_at_begin = 0;
-  bool graph_shaped = false;  // decode-like: attention is sized by key_bound (graphs or not)
-  int64_t pass_key_bound = 0;
+  bool graph_shaped = false;  // decode-like (<= 16 tokens, all with logits): may be graphed
+  int64_t pass_key_bound = 0;  // key_bound() of the pass: attention is sized by it
   Mode mode = Mode::Eager;
   bool launched = false;  // this pass's graph ran; its remaining ops run eagerly
   GraphKey key;
@@ -465,6 +465,25 @@ class CudaBackend::Impl {
     replay = nullptr;
   }
 
+  // The first op that needs results on the host (a copy out, sampling) ends the graphed part of
+  // a pass: the graph runs (captured first, or checked against the capture), the rest is eager.
+  // Outside graphed passes it only flushes the fusion queue.
+  void finish_graphed_part(const char* op, uint64_t fingerprint) {
+    if (!graph_mode()) {
+      flush_pending();
+      return;
+    }
+    if (mode == Mode::Capture) {
+      recorded.push_back(fingerprint);
+    } else {
+      if (op_index >= replay->ops.size() || replay->ops[op_index] != fingerprint) {
+        graph_contract_broken(op, "it reads other data than the pass captured for this batch shape");
+      }
+      ++op_index;
+    }
+    launch_graph();
+  }
+
   // ---- the pass ----
 
   void begin_forward(const ForwardInfo& batch) {
@@ -495,7 +514,7 @@ class CudaBackend::Impl {
     replay = nullptr;
     op_index = 0;
     graph_shaped = T >= 1 && static_cast<int64_t>(T) <= kMaxGraphTokens && batch.n_logit_rows == static_cast<int64_t>(T);
-    pass_key_bound = graph_shaped ? key_bound(max_keys) : max_keys;
+    pass_key_bound = key_bound(max_keys);
     if (graph_shaped && graphs_enabled && last_block_size > 0) {
       key = GraphKey{static_cast<int64_t>(T), pass_key_bound, last_block_size, generation};
       auto it = graphs.find(key);
@@ -745,10 +764,12 @@ class CudaBackend::Impl {
     for (const KVSlot& slot : slots) max_keys = std::max<int64_t>(max_keys, slot.position + 1);
 
     if (T <= kMaxGraphTokens) {  // one token per work item, keys split over blocks
-      const bool pass_sized = in_pass && graph_shaped && same_span(slots, pass_slots);
-      const int64_t bound = pass_sized ? pass_key_bound : max_keys;
-      const int64_t blocks = T * Hkv * ((group + a.heads_per_item - 1) / a.heads_per_item);
-      const int64_t wanted = std::clamp<int64_t>((2 * context->multiprocessors() + blocks - 1) / blocks, 1, kMaxSplits);
+      // The split of a token's keys depends only on the (power-of-two) bound and the model, not on
+      // the batch: a token gets the same arithmetic alone and batched, eagerly and in a graph.
+      const int64_t bound = key_bound(max_keys);
+      const int64_t blocks_per_token = Hkv * ((group + a.heads_per_item - 1) / a.heads_per_item);
+      const int64_t wanted =
+          std::clamp<int64_t>((2 * context->multiprocessors() + blocks_per_token - 1) / blocks_per_token, 1, kMaxSplits);
       const int64_t per_split = std::max(kMinKeysPerSplit, round_up((bound + wanted - 1) / wanted, 32));
       a.keys_per_split = static_cast<int>(per_split);
       a.splits = static_cast<int>(std::max<int64_t>(1, (bound + per_split - 1) / per_split));
@@ -1096,20 +1117,7 @@ void CudaBackend::to_host(void* host, const Tensor& source) {
   s.rethrow_deferred();
   expect_device(source, "to_host", "source");
   expect(source.is_contiguous(), "to_host", "the source must be contiguous");
-  if (s.graph_mode()) {  // the first copy out ends the graphed part of the pass
-    const uint64_t fingerprint = Fingerprint(kToHost).add(source).value();
-    if (s.mode == Impl::Mode::Capture) {
-      s.recorded.push_back(fingerprint);
-    } else {
-      if (s.op_index >= s.replay->ops.size() || s.replay->ops[s.op_index] != fingerprint) {
-        s.graph_contract_broken("to_host", "it copies other data than the pass captured for this batch shape");
-      }
-      ++s.op_index;
-    }
-    s.launch_graph();
-  } else {
-    s.flush_pending();
-  }
+  s.finish_graphed_part("to_host", Fingerprint(kToHost).add(source).value());
   OPENCAMP_CUDA_CHECK(cudaMemcpyAsync(host, source.data, source.nbytes(), cudaMemcpyDeviceToHost, s.stream()));
   OPENCAMP_CUDA_CHECK(cudaStreamSynchronize(s.stream()));
 }
@@ -1152,8 +1160,7 @@ std::vector<int32_t> CudaBackend::argmax(const Tensor& logits) {
   s.context->activate();
   s.rethrow_deferred();
   const int rows = expect_logits(logits, "argmax");
-  if (s.graph_mode()) s.graph_contract_broken("argmax", "sampling is not part of a graphed pass");
-  s.flush_pending();
+  s.finish_graphed_part("argmax", Fingerprint(kSample).add(logits).value());
   const int64_t vocab = logits.shape[logits.ndim - 1];
   const int64_t row_stride = logits.ndim == 2 ? logits.stride[0] : vocab;
   s.token_ids.reserve(static_cast<size_t>(rows) * sizeof(int32_t));
@@ -1180,8 +1187,7 @@ std::vector<int32_t> CudaBackend::sample(const Tensor& logits, std::span<const D
     }
     params.push_back(SampleRowParams{r.temperature, r.top_k, r.top_p, r.min_p, r.draw});
   }
-  if (s.graph_mode()) s.graph_contract_broken("sample", "sampling is not part of a graphed pass");
-  s.flush_pending();
+  s.finish_graphed_part("sample", Fingerprint(kSample).add(logits).value());
   const int64_t vocab = logits.shape[logits.ndim - 1];
   const int64_t row_stride = logits.ndim == 2 ? logits.stride[0] : vocab;
   s.sampling_params.upload(params.data(), params.size() * sizeof(SampleRowParams));
@@ -1215,8 +1221,7 @@ void CudaBackend::apply_penalties(const Tensor& logits, std::span<const int32_t>
   std::vector<int32_t> packed;  // [tokens n][counts n]
   for (const auto& [token, count] : counts) packed.push_back(token);
   for (const auto& [token, count] : counts) packed.push_back(count);
-  if (s.graph_mode()) s.graph_contract_broken("apply_penalties", "sampling is not part of a graphed pass");
-  s.flush_pending();
+  s.finish_graphed_part("apply_penalties", Fingerprint(kSample).add(logits).value());
   s.penalty_tokens.upload(packed.data(), packed.size() * sizeof(int32_t));
   const int32_t* device = static_cast<const int32_t*>(s.penalty_tokens.device());
   const int n = static_cast<int>(counts.size());

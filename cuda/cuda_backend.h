@@ -107,8 +107,9 @@ class CudaBackend final : public Backend {
 
   // ---- beyond Backend ----
 
-  // Token ids chosen on the GPU from logits left on the device by a pass (e.g. the decoder
-  // scratch's logits rows), so only the ids cross to the host.
+  // Token ids chosen on the GPU from logits on the device (e.g. the decoder scratch's logits
+  // rows), so only the ids cross to the host. Inside a graphed pass, like to_host, the first of
+  // these ends the graphed part (a sampling step can replace the logits copy).
   std::vector<int32_t> argmax(const Tensor& logits);  // [R, V] f32 -> R ids
   std::vector<int32_t> sample(const Tensor& logits,   // [R, V] f32, modified by nothing
                               std::span<const DeviceSampling> rows);  // [R]

@@ -1,5 +1,5 @@
-// Device helpers shared by the kernels: bf16 conversions that round as the host does, warp and
-// block reductions.
+// Device helpers shared by the kernels: bf16 conversions that round as the host does, warp
+// reductions.
 #pragma once
 
 #include <cstdint>
@@ -42,18 +42,6 @@ __device__ __forceinline__ float warp_max(float value) {
     value = fmaxf(value, __shfl_xor_sync(kFullMask, value, offset));
   }
   return value;
-}
-
-// Sum over the block (blockDim.x a multiple of 32, <= 1024); every thread gets the result.
-// `scratch` holds 32 floats; the call synchronises the block.
-__device__ __forceinline__ float block_sum(float value, float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  value = warp_sum(value);
-  __syncthreads();  // scratch may still be read by a previous call
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  value = lane < warps ? scratch[lane] : 0.0f;
-  return warp_sum(value);
 }
 
 inline unsigned blocks_for(int64_t work, int threads, int64_t cap = 65535) {

@@ -14,20 +14,24 @@ __global__ void embedding_kernel(EmbeddingArgs a) {
   }
 }
 
-// One block per (row, head): the sum of squares, then the scaled row.
+// One warp per (row, head): the sum of squares, then the scaled row. The sum is taken in the
+// same order as the decode matmul's fused norm (lanes stride 32, then a butterfly), so fused and
+// separate norms give identical bits.
 __global__ void rmsnorm_kernel(RmsNormArgs a) {
-  __shared__ float scratch[32];
-  const int64_t r = blockIdx.x / a.heads, h = blockIdx.x % a.heads;
+  const int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (item >= a.rows * a.heads) return;
+  const int64_t r = item / a.heads, h = item % a.heads;
   const float* in = a.x + r * a.x_s0 + h * a.x_s1;
   float* result = a.out + r * a.out_s0 + h * a.out_s1;
   float sum_squares = 0.0f;
-  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+  for (int64_t d = lane; d < a.dim; d += 32) {
     const float v = in[d * a.x_s2];
     sum_squares += v * v;
   }
-  sum_squares = block_sum(sum_squares, scratch);  // synchronises: every read precedes a write
+  sum_squares = warp_sum(sum_squares);  // every lane has read its values before any writes
   const float inverse_rms = 1.0f / sqrtf(sum_squares / static_cast<float>(a.dim) + a.eps);
-  for (int64_t d = threadIdx.x; d < a.dim; d += blockDim.x) {
+  for (int64_t d = lane; d < a.dim; d += 32) {
     result[d * a.out_s2] = in[d * a.x_s2] * inverse_rms * a.weight[d * a.weight_stride];
   }
 }
@@ -105,8 +109,8 @@ cudaError_t launch_embedding(const EmbeddingArgs& args, cudaStream_t stream) {
 }
 
 cudaError_t launch_rmsnorm(const RmsNormArgs& args, cudaStream_t stream) {
-  const int64_t items = args.rows * args.heads;
-  if (items > 0) rmsnorm_kernel<<<static_cast<unsigned>(items), 128, 0, stream>>>(args);
+  const int64_t items = args.rows * args.heads;  // four per block of 128 threads
+  if (items > 0) rmsnorm_kernel<<<static_cast<unsigned>((items + 3) / 4), 128, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
