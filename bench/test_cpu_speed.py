@@ -16,7 +16,6 @@ Not part of the pass/fail suite (timing never is).
 """
 from __future__ import annotations
 
-import ctypes
 import time
 from pathlib import Path
 
@@ -29,30 +28,6 @@ from opencamp.bench import prefill_flops, synthetic_prompt
 CASES = [("prefill", 128), ("prefill", 512), ("decode", 128)]
 DECODE_CONTEXT = 64  # tokens in the cache before the timed decode steps
 REPORT: list[str] = []
-
-
-@pytest.fixture(scope="session")
-def gguf_dir(smollm2_dir) -> Path:
-    """The shared Q4_1 GGUF converted to BF16 and F32 by llama.cpp (once, cached)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: "
-                                    "the llama.cpp half of the comparison is skipped")
-    from conftest_paths import SHARED, SMOLLM2  # noqa: F401  (see bench/conftest.py)
-
-    out = smollm2_dir.parent / "gguf"
-    out.mkdir(exist_ok=True)
-    source = SHARED / f"{SMOLLM2}.Q4_1.gguf"
-    for name, ftype in [("bf16", llama_cpp.LLAMA_FTYPE_MOSTLY_BF16), ("f32", llama_cpp.LLAMA_FTYPE_ALL_F32)]:
-        target = out / f"{SMOLLM2}.{name}.gguf"
-        if target.exists():
-            continue
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.allow_requantize = True  # Q4_1/Q8_0 -> dequantised -> bf16 / f32
-        partial = target.with_suffix(".partial")
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params)) != 0:
-            pytest.fail(f"llama.cpp could not convert {source} to {name}")
-        partial.rename(target)
-    return out
 
 
 @pytest.fixture(scope="session")

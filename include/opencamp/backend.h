@@ -53,6 +53,12 @@ class Backend {
   // instead of three or two); models then concatenate them at load time.
   virtual bool fuses_projections() const { return false; }
 
+  // True when the backend wants each KV-cache block's keys stored [head][dim][position] (a
+  // vector over positions per dim), the layout decode attention reads fastest on SIMD CPUs.
+  // The keys view keeps its logical shape [n_blocks, block_size, n_kv_heads, head_dim]; only
+  // its strides change, so every backend reads either layout through them.
+  virtual bool transposed_keys() const { return false; }
+
   // The precision activations are rounded to when multiplied by weights of `weight_dtype`:
   // F32 (exact products, the reference) or BF16 (bf16 x bf16 dot products, as llama.cpp and
   // PyTorch's bf16 kernels do: faster, about 3 significant digits per product).

@@ -28,6 +28,7 @@ KVCache::KVCache(Backend& backend, const KVCacheShape& shape) : shape_(shape) {
                             shape.n_kv_heads * shape.head_dim;
   storage_ = backend.allocate(static_cast<size_t>(per_layer) * 2 * shape.n_layers * sizeof(float));
   float* base = static_cast<float*>(storage_->data());
+  const bool transposed_keys = backend.transposed_keys();
   for (int layer = 0; layer < shape.n_layers; ++layer) {
     KVLayerView view;
     for (Tensor* t : {&view.keys, &view.values}) {
@@ -35,6 +36,10 @@ KVCache::KVCache(Backend& backend, const KVCacheShape& shape) : shape_(shape) {
                               {shape.n_blocks, shape.block_size, shape.n_kv_heads, shape.head_dim},
                               backend.device());
       base += per_layer;
+    }
+    if (transposed_keys) {  // physically [block][head][dim][position]
+      const int64_t bs = shape.block_size, hd = shape.head_dim;
+      view.keys.stride = {bs * shape.n_kv_heads * hd, 1, hd * bs, bs};
     }
     layers_.push_back(view);
   }

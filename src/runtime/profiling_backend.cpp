@@ -59,6 +59,7 @@ class ProfilingBackend final : public Backend {
     return timed("prepare_weight", [&] { return inner_->prepare_weight(source, dtype, use, owned); });
   }
   bool fuses_projections() const override { return inner_->fuses_projections(); }
+  bool transposed_keys() const override { return inner_->transposed_keys(); }
   DType matmul_activation_dtype(DType weight_dtype) const override {
     return inner_->matmul_activation_dtype(weight_dtype);
   }

@@ -467,6 +467,17 @@ struct PagedSetup {
 };
 
 // Sequences of the given lengths; the batch holds tokens (seq, pos) listed in `batch`.
+// The same keys in the layout `backend` keeps its cache in: [head][dim][position] per block
+// when it asks for transposed keys (Backend::transposed_keys), else as they are.
+HostTensor keys_for(const Backend& backend, const HostTensor& keys) {
+  if (!backend.transposed_keys()) return keys;
+  HostTensor t = keys;
+  const int64_t bs = keys.shape[1], heads = keys.shape[2], hd = keys.shape[3];
+  t.stride = {bs * heads * hd, 1, hd * bs, bs};
+  for (int64_t i = 0; i < keys.numel(); ++i) t.set(i, keys.get(i));
+  return t;
+}
+
 std::shared_ptr<PagedSetup> make_paged(std::mt19937& rng, int64_t block_size, int64_t Hkv, int64_t hd,
                                        const std::vector<int>& lengths,
                                        const std::vector<std::pair<int, int>>& batch) {
@@ -535,7 +546,7 @@ std::vector<OpCase> kv_store_cases() {
     c.shape = fmt("T=%lld Hkv=%lld hd=%lld block=%lld", (long long)T, (long long)s.Hkv,
                   (long long)s.hd, (long long)s.block_size);
     c.run = [=](Backend& b) {
-      HostTensor keys = p->keys, values = p->values;
+      HostTensor keys = keys_for(b, p->keys), values = p->values;
       DeviceTensor d_keys = upload(b, keys), d_values = upload(b, values);
       DeviceTensor d_k = upload(b, *k), d_v = upload(b, *v);
       const std::vector<KVSlot> slots = p->slots();
@@ -597,6 +608,12 @@ std::vector<OpCase> attention_cases() {
       // Long contexts with few query groups: backends split the keys over threads and merge.
       {6, 2, 64, 16, {901}, {{0, 900}}, "long decode"},
       {9, 3, 32, 16, {1200, 40, 700}, {{0, 1199}, {1, 39}, {2, 699}}, "long batched decode"},
+      // Decode shapes of real models (blocks of 16, head_dim 64 / 128 / 16): few rows per KV
+      // head, partial last blocks; ratio 8 has more rows than a register tile holds.
+      {9, 3, 64, 16, {37, 5}, {{0, 36}, {1, 4}}, "decode hd 64"},
+      {16, 2, 128, 16, {50}, {{0, 49}}, "decode gqa 8 hd 128"},
+      {4, 1, 16, 16, {17, 33, 16}, {{0, 16}, {1, 32}, {2, 15}}, "decode mqa hd 16"},
+      {12, 4, 64, 16, {300}, prefill(0, 260, 300), "prefill tail hd 64"},
   };
   for (const Shape& s : shapes) {
     std::mt19937 rng(static_cast<unsigned>(600 + s.H * 10 + s.hd));
@@ -612,7 +629,7 @@ std::vector<OpCase> attention_cases() {
                   (long long)s.block_size, s.lengths.size());
     c.run = [=](Backend& b) {
       HostTensor out = make_tensor(DType::F32, {T, s.H, s.hd});
-      DeviceTensor d_keys = upload(b, p->keys), d_values = upload(b, p->values);
+      DeviceTensor d_keys = upload(b, keys_for(b, p->keys)), d_values = upload(b, p->values);
       DeviceTensor d_q = upload(b, *q), d_out = upload(b, out);
       const std::vector<KVSlot> slots = p->slots();
       b.attention(d_out.view, d_q.view, KVLayerView{d_keys.view, d_values.view}, slots, scale);

@@ -43,6 +43,7 @@ class AvxBackend final : public CpuBackend {
 
   std::string name() const override { return name_; }
   bool fuses_projections() const override { return true; }
+  bool transposed_keys() const override { return true; }
   DType matmul_activation_dtype(DType weight_dtype) const override {
     return weight_dtype == DType::BF16 && kernels_->matmul_bf16_dot ? DType::BF16 : DType::F32;
   }
@@ -152,20 +153,24 @@ class AvxBackend final : public CpuBackend {
   void kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
                 std::span<const KVSlot> slots) override {
     const Tensor& pool_keys = cache.keys;
-    const int64_t row = pool_keys.shape[2] * pool_keys.shape[3];  // Hkv * hd
-    const bool contiguous_rows = keys.ndim == 3 && values.ndim == 3 && unit_inner(keys) &&
-                                 unit_inner(values) && keys.stride[1] == keys.shape[2] &&
-                                 values.stride[1] == values.shape[2] && pool_keys.is_contiguous() &&
-                                 cache.values.is_contiguous() && keys.shape[1] * keys.shape[2] == row &&
-                                 values.shape == keys.shape &&
-                                 keys.shape[0] == static_cast<int64_t>(slots.size());
-    if (!contiguous_rows) return CpuBackend::kv_store(cache, keys, values, slots);
+    const int64_t heads = pool_keys.shape[2], hd = pool_keys.shape[3];
+    const bool fast = keys.ndim == 3 && values.ndim == 3 && unit_inner(keys) && unit_inner(values) &&
+                      keys.shape[1] == heads && keys.shape[2] == hd && values.shape == keys.shape &&
+                      keys.shape[0] == static_cast<int64_t>(slots.size()) &&
+                      cache.values.is_contiguous() && pool_keys.stride[3] > 0;
+    if (!fast) return CpuBackend::kv_store(cache, keys, values, slots);
     const int64_t block_size = pool_keys.shape[1];
     for (size_t t = 0; t < slots.size(); ++t) {
-      const int64_t offset = (slots[t].block_table[slots[t].position / block_size] * block_size +
-                              slots[t].position % block_size) * row;
-      std::memcpy(pool_keys.ptr<float>() + offset, keys.ptr<float>() + t * keys.stride[0], row * sizeof(float));
-      std::memcpy(cache.values.ptr<float>() + offset, values.ptr<float>() + t * values.stride[0], row * sizeof(float));
+      const int64_t block = slots[t].block_table[slots[t].position / block_size];
+      const int64_t slot = slots[t].position % block_size;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* k = keys.ptr<float>() + t * keys.stride[0] + h * keys.stride[1];
+        float* key_out = pool_keys.ptr<float>() + block * pool_keys.stride[0] + slot * pool_keys.stride[1] +
+                         h * pool_keys.stride[2];
+        for (int64_t d = 0; d < hd; ++d) key_out[d * pool_keys.stride[3]] = k[d];
+        std::memcpy(static_cast<float*>(cache.values.at({block, slot, h})),
+                    values.ptr<float>() + t * values.stride[0] + h * values.stride[1], hd * sizeof(float));
+      }
     }
   }
 
@@ -175,8 +180,7 @@ class AvxBackend final : public CpuBackend {
     const int64_t Hkv = cache.keys.shape[2];
     if (queries.ndim != 3 || out.ndim != 3 || !unit_inner(queries) || !unit_inner(out) ||
         out.shape != queries.shape || hd > avx::kMaxHeadDim || hd != cache.keys.shape[3] ||
-        Hq % Hkv != 0 || T != static_cast<int64_t>(slots.size()) || !cache.keys.is_contiguous() ||
-        !cache.values.is_contiguous()) {
+        Hq % Hkv != 0 || T != static_cast<int64_t>(slots.size()) || !cache.values.is_contiguous()) {
       return CpuBackend::attention(out, queries, cache, slots, scale);
     }
     // Groups of query rows (token, head) that share a sequence and a KV head, lanes at a time:
@@ -220,11 +224,16 @@ class AvxBackend final : public CpuBackend {
       args.outputs = output_rows_.data() + g.first_row;
       args.positions = row_positions_.data() + g.first_row;
       args.block_table = g.block_table;
-      args.keys = cache.keys.ptr<float>();
+      const Tensor& k = cache.keys;
+      args.keys = k.ptr<float>();
+      args.key_block_stride = k.stride[0];
+      args.key_position_stride = k.stride[1];
+      args.key_head_offset = g.kv_head * k.stride[2];
+      args.key_dim_stride = k.stride[3];
       args.values = cache.values.ptr<float>();
-      args.block_stride = block_size * Hkv * hd;
-      args.position_stride = Hkv * hd;
-      args.kv_head_offset = g.kv_head * hd;
+      args.value_block_stride = block_size * Hkv * hd;
+      args.value_position_stride = Hkv * hd;
+      args.value_head_offset = g.kv_head * hd;
       args.head_dim = static_cast<int>(hd);
       args.block_size = static_cast<int>(block_size);
       args.scale = scale;

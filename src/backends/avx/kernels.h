@@ -33,11 +33,14 @@ struct AttentionArgs {
   float* const* outputs;           // [rows] -> [head_dim]
   const int32_t* positions;        // [rows]: row r attends to keys [0, positions[r]]
   const int32_t* block_table;      // the sequence's blocks
-  const float* keys;               // the layer's key pool
-  const float* values;             // the layer's value pool
-  int64_t block_stride;            // elements between blocks of the pool
-  int64_t position_stride;         // elements between positions of a block
-  int64_t kv_head_offset;          // elements from a position to this KV head
+  // Key (position j, dim d) of this KV head: keys + block(j) * key_block_stride +
+  // (j % block_size) * key_position_stride + key_head_offset + d * key_dim_stride. Keys stored
+  // [head][dim][position] (key_position_stride 1) let few-row groups run lanes over positions.
+  const float* keys;
+  int64_t key_block_stride, key_position_stride, key_dim_stride, key_head_offset;
+  // Values: [position][head][dim] within a block (dims contiguous).
+  const float* values;
+  int64_t value_block_stride, value_position_stride, value_head_offset;
   int head_dim;                    // <= kMaxHeadDim
   int block_size;
   float scale;
