@@ -74,18 +74,24 @@ def last_reply(page):
 
 def send(page, text, done="finished"):
     """Type a message and press Enter; wait until the reply is done. Returns how many times
-    the reply's text changed while it streamed."""
+    the reply's text changed while it streamed (counted from before the message is sent: a
+    cached prompt can answer in a few milliseconds)."""
     before = page.locator(".message.assistant").count()
+    page.evaluate("""() => {
+        window.__updates = 0;
+        if (window.__observer) window.__observer.disconnect();
+        window.__observer = new MutationObserver((records) => {
+            for (const r of records) {
+                const node = r.target.nodeType === Node.ELEMENT_NODE ? r.target : r.target.parentElement;
+                if (node && node.closest('.message.assistant .content')) window.__updates += 1;
+            }
+        });
+        window.__observer.observe(document.getElementById('messages'),
+                                  {childList: true, subtree: true, characterData: true});
+    }""")
     page.fill("#prompt", text)
     page.press("#prompt", "Enter")
     page.wait_for_function(f"document.querySelectorAll('.message.assistant').length > {before}")
-    page.evaluate("""() => {
-        const content = [...document.querySelectorAll('.message.assistant')].pop()
-            .querySelector('.content');
-        window.__updates = 0;
-        new MutationObserver(() => { window.__updates += 1; })
-            .observe(content, {childList: true, subtree: true, characterData: true});
-    }""")
     if done is not None:
         wait_done(page, done)
     return page.evaluate("window.__updates")
