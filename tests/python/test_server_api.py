@@ -699,3 +699,54 @@ def test_stream_cancel_from_another_thread_ends_the_iteration(tiny_llm):
     assert 2 <= stream.completion.completion_tokens < 3000
     # its own sequence was freed (a cancelled answer is not kept for reuse)
     assert tiny_llm.engine.cache_stats()["sequences"] == tiny_llm.scheduler.stats()["idle"]
+
+
+def test_a_hundred_random_clients_with_disconnects_leave_nothing_behind(tiny_llm):
+    """Streams and plain requests of random lengths, a third of them hanging up early: every
+    one that stays gets a whole answer, and afterwards nothing runs, waits or leaks."""
+    import random
+
+    app = make_app(tiny_llm, parallel=4)
+    rng = random.Random(5)
+    plans = [(rng.random() < 0.6, rng.random() < 0.33, rng.randint(1, 40), rng.randint(1, 9))
+             for _ in range(100)]
+    outcomes: list[str] = []
+
+    def client(url, stream, leave, max_tokens, words):
+        body = {"messages": [{"role": "user", "content": "word " * words}],
+                "max_tokens": max_tokens, "stream": stream, "ignore_eos": True}
+        with httpx.Client(timeout=120) as http:
+            if stream:
+                with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                    assert response.status_code == 200
+                    content = 0
+                    for line in response.iter_lines():
+                        if '"content":"' in line and '"role"' not in line:
+                            content += 1
+                            if leave and content >= 1:
+                                outcomes.append("left")
+                                return  # hangs up mid-stream
+                        if line == "data: [DONE]":
+                            outcomes.append("whole" if content >= 1 else "empty")
+                            return
+            elif leave:
+                try:
+                    http.post(url + "/v1/chat/completions", json=body, timeout=0.05)
+                except httpx.TimeoutException:
+                    pass
+                outcomes.append("left")
+            else:
+                answer = http.post(url + "/v1/chat/completions", json=body).json()
+                ok = answer["usage"]["completion_tokens"] == max_tokens
+                outcomes.append("whole" if ok else "short")
+
+    with live_app(app) as url:
+        threads = [threading.Thread(target=client, args=(url, *plan)) for plan in plans]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        state = app.state.opencamp
+        wait_until(lambda: no_leaks(tiny_llm, state), what="every request to end and free its cache")
+    assert len(outcomes) == 100
+    assert outcomes.count("whole") == sum(1 for stream, leave, *_ in plans if not leave)

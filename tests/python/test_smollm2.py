@@ -115,3 +115,29 @@ def test_golden_answer_on_every_backend_and_dtype(smollm2_dir, backend, dtype):
     assert model.backend == backend and model.dtype == dtype
     completion = model.complete(model.chat_prompt_ids(QUESTION), max_tokens=16)
     assert completion.token_ids == SMOLLM2_ANSWER_IDS
+
+
+def test_concurrent_chats_answer_exactly_as_each_alone(smollm2_dir):
+    """Four different questions streamed at once share every forward pass of the scheduler,
+    chunked prompts included; each answer is token for token what the question gets alone."""
+    questions = ["What is the capital of France?", "What is the capital of Japan?",
+                 "Name three primary colors.", "What is 12 times 12?"]
+    batched = opencamp.LLM(smollm2_dir, threads=2)
+    streams = [batched.chat([{"role": "user", "content": q}], max_tokens=24, stream=True)
+               for q in questions]
+    texts = ["" for _ in questions]
+    pending = set(range(len(streams)))
+    while pending:  # read them round-robin, as a server's clients would
+        for i in sorted(pending):
+            piece = next(streams[i], None)
+            if piece is None:
+                pending.discard(i)
+            else:
+                texts[i] += piece
+    assert batched.scheduler.stats()["batch_tokens"] > batched.scheduler.stats()["steps"]
+    alone = opencamp.LLM(smollm2_dir, threads=2, max_running=1)
+    for question, stream in zip(questions, streams):
+        expected = alone.complete(alone.chat_prompt_ids([{"role": "user", "content": question}]),
+                                  max_tokens=24)
+        assert stream.completion.token_ids == expected.token_ids, question
+    assert "Paris" in texts[0] and "Tokyo" in texts[1]
