@@ -19,6 +19,14 @@ struct TokenEvent {
   bool is_stop;  // the token that ended generation (EOS / stop id); not part of the text
 };
 
+// The consumer's side of a token queue (GenerationStream, ScheduledRequest): waits, under
+// `lock`, until `queue` has a token or `done` is set, at most timeout_seconds (< 0: no limit).
+// Returns the token popped, or nullopt when finished and drained, or on timeout with
+// timed_out set; the caller then reports its error, if any.
+std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
+                                    std::condition_variable& ready, std::deque<TokenEvent>& queue,
+                                    const bool& done, double timeout_seconds, bool& timed_out);
+
 class GenerationStream {
  public:
   // Starts generating on a new thread right away; a request Engine::check_request refuses

@@ -80,6 +80,28 @@ py::object event_or_none(const std::optional<TokenEvent>& event) {
   return py::make_tuple(event->token, event->is_stop);
 }
 
+// next / timed_out / cancel / finished, the same for both kinds of token stream.
+template <class Stream>
+py::class_<Stream, std::shared_ptr<Stream>> bind_token_stream(
+    py::class_<Stream, std::shared_ptr<Stream>> cls) {
+  cls.def("next",
+           [](Stream& s, std::optional<double> timeout) -> py::object {
+             std::optional<TokenEvent> event;
+             {
+               py::gil_scoped_release release;
+               event = s.next(timeout ? *timeout : -1.0);
+             }
+             return event_or_none(event);
+           },
+           py::arg("timeout") = py::none(),
+           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
+           "check timed_out).")
+      .def_property_readonly("timed_out", &Stream::timed_out)
+      .def("cancel", &Stream::cancel)
+      .def_property_readonly("finished", &Stream::finished);
+  return cls;
+}
+
 py::dict result_dict(const GenerationResult& r) {
   py::dict d;
   d["tokens"] = r.tokens;
@@ -144,22 +166,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("load_config", [](const std::filesystem::path& dir) { return config_dict(load_model_config(dir)); },
         py::arg("model_dir"));
 
-  py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream")
-      .def("next",
-           [](GenerationStream& s, std::optional<double> timeout) -> py::object {
-             std::optional<TokenEvent> event;
-             {
-               py::gil_scoped_release release;
-               event = s.next(timeout ? *timeout : -1.0);
-             }
-             return event_or_none(event);
-           },
-           py::arg("timeout") = py::none(),
-           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
-           "check timed_out).")
-      .def_property_readonly("timed_out", &GenerationStream::timed_out)
-      .def("cancel", &GenerationStream::cancel)
-      .def_property_readonly("finished", &GenerationStream::finished)
+  bind_token_stream(py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream"))
       .def("wait",
            [](GenerationStream& s) {
              GenerationResult result;
@@ -287,22 +294,7 @@ PYBIND11_MODULE(_core, m) {
            py::arg("ignore_eos") = false,
            "Start generating on a C++ thread; returns a GenerationStream.");
 
-  py::class_<ScheduledRequest, std::shared_ptr<ScheduledRequest>>(m, "ScheduledRequest")
-      .def("next",
-           [](ScheduledRequest& r, std::optional<double> timeout) -> py::object {
-             std::optional<TokenEvent> event;
-             {
-               py::gil_scoped_release release;
-               event = r.next(timeout ? *timeout : -1.0);
-             }
-             return event_or_none(event);
-           },
-           py::arg("timeout") = py::none(),
-           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
-           "check timed_out).")
-      .def_property_readonly("timed_out", &ScheduledRequest::timed_out)
-      .def("cancel", &ScheduledRequest::cancel)
-      .def_property_readonly("finished", &ScheduledRequest::finished)
+  bind_token_stream(py::class_<ScheduledRequest, std::shared_ptr<ScheduledRequest>>(m, "ScheduledRequest"))
       .def_property_readonly("queue_seconds", &ScheduledRequest::queue_seconds)
       .def("wait",
            [](ScheduledRequest& r) {

@@ -52,24 +52,32 @@ void GenerationStream::run(Engine& engine, int seq, GenerationRequest request) {
   ready_.notify_all();
 }
 
-std::optional<TokenEvent> GenerationStream::next(double timeout_seconds) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  timed_out_ = false;
-  auto ready = [this] { return !queue_.empty() || done_; };
+std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
+                                    std::condition_variable& ready, std::deque<TokenEvent>& queue,
+                                    const bool& done, double timeout_seconds, bool& timed_out) {
+  timed_out = false;
+  auto has_news = [&] { return !queue.empty() || done; };
   if (timeout_seconds < 0) {
-    ready_.wait(lock, ready);
-  } else if (!ready_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), ready)) {
-    timed_out_ = true;
+    ready.wait(lock, has_news);
+  } else if (!ready.wait_for(lock, std::chrono::duration<double>(timeout_seconds), has_news)) {
+    timed_out = true;
     return std::nullopt;
   }
-  if (!queue_.empty()) {
-    TokenEvent event = queue_.front();
-    queue_.pop_front();
-    drained_.notify_one();
-    return event;
+  if (queue.empty()) return std::nullopt;
+  const TokenEvent event = queue.front();
+  queue.pop_front();
+  return event;
+}
+
+std::optional<TokenEvent> GenerationStream::next(double timeout_seconds) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  const auto event = pop_token(lock, ready_, queue_, done_, timeout_seconds, timed_out_);
+  if (event) {
+    drained_.notify_one();  // room in the queue for a paused generation
+  } else if (!timed_out_ && error_) {
+    std::rethrow_exception(error_);
   }
-  if (error_) std::rethrow_exception(error_);
-  return std::nullopt;
+  return event;
 }
 
 const GenerationResult& GenerationStream::wait() {

@@ -21,22 +21,13 @@ double seconds_between(Clock::time_point a, Clock::time_point b) {
 
 std::optional<TokenEvent> ScheduledRequest::next(double timeout_seconds) {
   std::unique_lock<std::mutex> lock(mutex_);
-  timed_out_ = false;
-  auto ready = [this] { return !queue_.empty() || done_; };
-  if (timeout_seconds < 0) {
-    changed_.wait(lock, ready);
-  } else if (!changed_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), ready)) {
-    timed_out_ = true;
-    return std::nullopt;
-  }
-  if (!queue_.empty()) {
-    const TokenEvent event = queue_.front();
-    queue_.pop_front();
+  const auto event = pop_token(lock, changed_, queue_, done_, timeout_seconds, timed_out_);
+  if (event) {
     if (scheduler_ != nullptr) scheduler_->wake();  // it may have paused this request for us
-    return event;
+  } else if (!timed_out_ && error_) {
+    std::rethrow_exception(error_);
   }
-  if (error_) std::rethrow_exception(error_);
-  return std::nullopt;
+  return event;
 }
 
 void ScheduledRequest::cancel() {
