@@ -26,7 +26,9 @@ struct Tensor {
   DType dtype = DType::F32;
   int ndim = 0;
   std::array<int64_t, kMaxDims> shape{};   // numpy order: shape[ndim - 1] is the innermost
-  std::array<int64_t, kMaxDims> stride{};  // in elements, not bytes
+  // In elements, not bytes. A block format (dtype.h) is addressed in elements too: views and
+  // offsets must start on a block boundary (a row holds whole blocks).
+  std::array<int64_t, kMaxDims> stride{};
   void* data = nullptr;
   Device device = Device::CPU;
   Layout layout = Layout::Strided;
@@ -37,7 +39,8 @@ struct Tensor {
 
   bool empty() const { return data == nullptr; }
   int64_t numel() const;
-  size_t nbytes() const { return static_cast<size_t>(numel()) * dtype_size(dtype); }
+  // Bytes of the elements (a block format's rows hold whole blocks).
+  size_t nbytes() const { return dtype_bytes(dtype, numel()); }
   bool is_contiguous() const;
   int64_t dim(int i) const { return shape[i < 0 ? ndim + i : i]; }
 

@@ -166,6 +166,64 @@ PYBIND11_MODULE(_core, m) {
   m.def("load_config", [](const std::filesystem::path& dir) { return config_dict(load_model_config(dir)); },
         py::arg("model_dir"));
 
+  // The weight formats' reference conversions (the definitions every kernel is tested against).
+  m.def("dtypes", [] {
+    py::list out;
+    for (int i = 0; i < kDTypeCount; ++i) {
+      const DTypeTraits& t = dtype_traits(static_cast<DType>(i));
+      py::dict d;
+      d["name"] = t.name;
+      d["block_elements"] = t.block_elements;
+      d["block_bytes"] = t.block_bytes;
+      d["can_quantize"] = t.from_f32 != nullptr;
+      out.append(d);
+    }
+    return out;
+  }, "Every element type and block format: name, values per block, bytes per block.");
+  auto parse_dtype_name = [](const std::string& name) {
+    const std::optional<DType> dtype = dtype_from_name(name);
+    if (!dtype) throw Error(ErrorKind::InvalidArgument, "unknown dtype '" + name + "'");
+    return *dtype;
+  };
+  m.def("dequantize",
+        [parse_dtype_name](py::array_t<uint8_t, py::array::c_style | py::array::forcecast> data,
+                           const std::string& dtype_name) {
+          const DType dtype = parse_dtype_name(dtype_name);
+          const DTypeTraits& t = dtype_traits(dtype);
+          if (t.to_f32 == nullptr) throw Error(ErrorKind::InvalidArgument, dtype_name + " values are not numbers");
+          if (static_cast<size_t>(data.size()) % t.block_bytes != 0) {
+            throw Error(ErrorKind::InvalidArgument, std::to_string(data.size()) + " bytes are not whole " +
+                                                        dtype_name + " blocks of " + std::to_string(t.block_bytes));
+          }
+          const int64_t count = static_cast<int64_t>(data.size() / t.block_bytes) * t.block_elements;
+          py::array_t<float> out(count);
+          const uint8_t* in = data.data();
+          float* values = out.mutable_data();
+          {
+            py::gil_scoped_release release;
+            t.to_f32(in, values, count);
+          }
+          return out;
+        },
+        py::arg("data"), py::arg("dtype"), "Raw blocks (uint8) of `dtype` -> float32 values.");
+  m.def("quantize",
+        [parse_dtype_name](py::array_t<float, py::array::c_style | py::array::forcecast> values,
+                           const std::string& dtype_name) {
+          const DType dtype = parse_dtype_name(dtype_name);
+          const DTypeTraits& t = dtype_traits(dtype);
+          if (t.from_f32 == nullptr) throw Error(ErrorKind::Unsupported, "cannot write " + dtype_name);
+          const size_t bytes = dtype_bytes(dtype, values.size());
+          py::array_t<uint8_t> out(static_cast<py::ssize_t>(bytes));
+          const float* in = values.data();
+          uint8_t* blocks = out.mutable_data();
+          {
+            py::gil_scoped_release release;
+            t.from_f32(in, blocks, values.size());
+          }
+          return out;
+        },
+        py::arg("values"), py::arg("dtype"), "float32 values -> raw blocks (uint8) of `dtype`.");
+
   bind_token_stream(py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream"))
       .def("wait",
            [](GenerationStream& s) {

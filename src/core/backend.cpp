@@ -17,7 +17,7 @@ Tensor Backend::prepare_weight(const Tensor& source, DType dtype, WeightUse,
                                std::vector<std::shared_ptr<Buffer>>& owned) {
   if (!source.is_contiguous()) fail(ErrorKind::Internal, "weights must be contiguous");
   if (source.dtype == dtype && device() == Device::CPU) return source;  // zero-copy
-  auto buffer = allocate(static_cast<size_t>(source.numel()) * dtype_size(dtype));
+  auto buffer = allocate(dtype_bytes(dtype, source.numel()));
   owned.push_back(buffer);
   Tensor converted = source;
   converted.dtype = dtype;

@@ -60,7 +60,7 @@ Tensor Tensor::rows(int64_t begin, int64_t end) const {
   }
   Tensor t = *this;
   t.shape[0] = end - begin;
-  t.data = static_cast<char*>(data) + begin * stride[0] * static_cast<int64_t>(dtype_size(dtype));
+  t.data = static_cast<char*>(data) + dtype_bytes(dtype, begin * stride[0]);
   return t;
 }
 
@@ -70,7 +70,7 @@ Tensor Tensor::columns(int64_t begin, int64_t count) const {
   }
   Tensor t = *this;
   t.shape[1] = count;
-  t.data = static_cast<char*>(data) + begin * stride[1] * static_cast<int64_t>(dtype_size(dtype));
+  t.data = static_cast<char*>(data) + dtype_bytes(dtype, begin * stride[1]);
   return t;
 }
 
@@ -89,7 +89,7 @@ void* Tensor::at(std::initializer_list<int64_t> index) const {
   int64_t offset = 0;
   int d = 0;
   for (int64_t i : index) offset += i * stride[d++];
-  return static_cast<char*>(data) + offset * static_cast<int64_t>(dtype_size(dtype));
+  return static_cast<char*>(data) + dtype_bytes(dtype, offset);
 }
 
 std::string shape_string(const Tensor& tensor) {

@@ -72,7 +72,7 @@ Model::Model(const std::filesystem::path& model_dir, Backend& backend, const std
 
   auto prepare_matrix = [&](const Tensor& source) {
     Tensor t = backend.prepare_weight(source, weight_dtype_, WeightUse::Matrix, owned_);
-    weight_bytes_ += static_cast<size_t>(t.numel()) * dtype_size(t.dtype);
+    weight_bytes_ += t.nbytes();
     return t;
   };
   auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
@@ -119,11 +119,11 @@ Model::Model(const std::filesystem::path& model_dir, Backend& backend, const std
       cols = k;
     }
     const DType stacked_dtype = same_dtype ? sources.front().dtype : DType::F32;
-    auto buffer = std::make_shared<HostBuffer>(static_cast<size_t>(rows * cols) * dtype_size(stacked_dtype));
+    auto buffer = std::make_shared<HostBuffer>(dtype_bytes(stacked_dtype, rows * cols));
     char* next = static_cast<char*>(buffer->data());
     for (const Tensor& source : sources) {
       convert_dtype(source.data, source.dtype, next, stacked_dtype, source.numel());
-      next += static_cast<size_t>(source.numel()) * dtype_size(stacked_dtype);
+      next += dtype_bytes(stacked_dtype, source.numel());
     }
     const Tensor host = Tensor::contiguous(buffer->data(), stacked_dtype, {rows, cols});
     const Tensor prepared = prepare_matrix(host);

@@ -131,6 +131,7 @@ inline const char* safetensors_dtype_name(opencamp::DType dtype) {
     case opencamp::DType::BF16: return "BF16";
     case opencamp::DType::F16: return "F16";
     case opencamp::DType::I32: return "I32";
+    default: break;  // safetensors holds no block formats
   }
   return "?";
 }

@@ -50,7 +50,8 @@ class AvxBackend final : public CpuBackend {
 
   Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
                         std::vector<std::shared_ptr<Buffer>>& owned) override {
-    if (use == WeightUse::Table || source.ndim != 2) {
+    // Block formats stay row-major (the cpu kernels read them) until they have kernels here.
+    if (use == WeightUse::Table || source.ndim != 2 || is_block_format(dtype)) {
       return Backend::prepare_weight(source, dtype, use, owned);
     }
     return pack(source, dtype, owned);
@@ -58,7 +59,7 @@ class AvxBackend final : public CpuBackend {
 
   void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override {
     if (!unit_inner(out) || table.layout != Layout::Strided || table.stride[1] != 1 ||
-        table.dtype == DType::F16 || out.ndim != 2 || out.shape[1] != table.shape[1] ||
+        (table.dtype != DType::F32 && table.dtype != DType::BF16) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
         out.shape[0] != static_cast<int64_t>(ids.size())) {
       return CpuBackend::embedding(out, table, ids);
     }

@@ -74,9 +74,18 @@ void CpuBackend::embedding(const Tensor& out, const Tensor& table, std::span<con
            table.shape[0], ")");
     }
   }
+  const bool dequantize_rows = is_block_format(table.dtype);
+  expect(!dequantize_rows || table.stride[1] == 1, "embedding", "a quantised table must have contiguous rows");
+  if (dequantize_rows) dtype_bytes(table.dtype, table.shape[1]);  // throws unless rows are whole blocks
   pool_->parallel_for(static_cast<int64_t>(ids.size()), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dequantize_rows ? static_cast<size_t>(table.shape[1]) : 0);
     for (int64_t t = begin; t < end; ++t) {
-      for (int64_t d = 0; d < out.shape[1]; ++d) f32_at2(out, t, d) = get2(table, ids[t], d);
+      if (dequantize_rows) {
+        dtype_traits(table.dtype).to_f32(table.at({ids[t]}), row.data(), table.shape[1]);
+        for (int64_t d = 0; d < out.shape[1]; ++d) f32_at2(out, t, d) = row[static_cast<size_t>(d)];
+      } else {
+        for (int64_t d = 0; d < out.shape[1]; ++d) f32_at2(out, t, d) = get2(table, ids[t], d);
+      }
     }
   });
 }
@@ -119,14 +128,23 @@ void CpuBackend::matmul(const Tensor& out, const Tensor& x, const Tensor& weight
          "the weight was packed for another backend; prepare it with this backend");
   const int64_t n_tokens = x.shape[0], n_out = weight.shape[0], n_in = x.shape[1];
   const bool unit_strides = x.stride[1] == 1 && weight.stride[1] == 1;
+  // Block formats (and f16) are dequantised one weight row at a time, then multiplied in f32:
+  // the definition every quantised kernel is tested against.
+  const bool dequantize_rows = weight.dtype != DType::F32 && weight.dtype != DType::BF16;
+  expect(!dequantize_rows || weight.stride[1] == 1, "matmul", "a quantised weight must have contiguous rows");
+  if (dequantize_rows) dtype_bytes(weight.dtype, n_in);  // throws unless rows are whole blocks
   // Split over output features: each weight row is read once for all tokens. One sequential
   // f32 accumulator per output keeps the oracle's rounding simple to reason about.
   pool_->parallel_for(n_out, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dequantize_rows ? static_cast<size_t>(n_in) : 0);
     for (int64_t n = begin; n < end; ++n) {
       const float b = bias ? get1(*bias, n) : 0.0f;
+      if (dequantize_rows) dtype_traits(weight.dtype).to_f32(weight.at({n}), row.data(), n_in);
       for (int64_t t = 0; t < n_tokens; ++t) {
         float sum = 0.0f;
-        if (unit_strides && weight.dtype == DType::F32) {
+        if (dequantize_rows) {
+          for (int64_t k = 0; k < n_in; ++k) sum += f32_at2(x, t, k) * row[static_cast<size_t>(k)];
+        } else if (unit_strides && weight.dtype == DType::F32) {
           sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const float*>(weight.at({n})), n_in);
         } else if (unit_strides && weight.dtype == DType::BF16) {
           sum = dot_contiguous(&f32_at2(x, t, 0), static_cast<const uint16_t*>(weight.at({n})), n_in);
