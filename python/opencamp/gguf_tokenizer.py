@@ -182,15 +182,16 @@ def derive_merges(vocab: Mapping[str, int], ranks: Mapping[str, float]) -> list[
     SentencePiece repeatedly joins the adjacent pair whose joined piece scores best; a BPE model
     joins the pair of lowest merge rank. So every way a token splits into two vocabulary pieces
     becomes a merge, ranked by the token's score (best first; for equal scores the longer left,
-    then right, piece first; then the order found), the order transformers gives them too.
+    then right, piece first; then the vocabulary's order), the order transformers gives them too.
     """
-    candidates = []  # (score, len left, len right, order, left, right)
+    candidates = []  # (score, len left, len right, -order, left, right): sorted, best first
     for token, rank in ranks.items():
-        splits = [(token[:cut], token[cut:]) for cut in range(1, len(token))]
-        splits = [(left, right) for left, right in splits if left in vocab and right in vocab]
-        splits.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-        for left, right in splits:
-            candidates.append((rank, len(left), len(right), -len(candidates), left, right))
+        for cut in range(1, len(token)):
+            left = token[:cut]
+            if left in vocab:
+                right = token[cut:]
+                if right in vocab:
+                    candidates.append((rank, cut, len(token) - cut, -len(candidates), left, right))
     candidates.sort(reverse=True)
     return [(left, right) for *_, left, right in candidates]
 
@@ -229,9 +230,9 @@ def build(metadata: Mapping[str, Any], name: str = "the GGUF file") -> GGUFToken
 
     architecture = metadata.get("general.architecture")
     if model_kind == "gpt2":
-        backend, add_bos_default = _byte_level_bpe(metadata, tokens, whole, name)
+        backend, vocab, add_bos_default = _byte_level_bpe(metadata, tokens, whole, name)
     elif model_kind == "llama":
-        backend = _sentencepiece_bpe(metadata, tokens, special_ids["unk_token"],
+        backend, vocab = _sentencepiece_bpe(metadata, tokens, special_ids["unk_token"],
                                      gemma=architecture in GEMMA_ARCHITECTURES, name=name)
         add_bos_default = True  # llama.cpp's and transformers' default for SentencePiece files
     else:
@@ -240,7 +241,6 @@ def build(metadata: Mapping[str, Any], name: str = "the GGUF file") -> GGUFToken
             "'gpt2' (byte-level BPE) and 'llama' (SentencePiece) ones. Put the model's "
             "tokenizer.json (and tokenizer_config.json) next to the GGUF file to use it instead")
 
-    vocab = backend.get_vocab(with_added_tokens=False)
     added = []
     for index, special in sorted(whole.items()):
         token = tokens[index]
@@ -258,7 +258,7 @@ def build(metadata: Mapping[str, Any], name: str = "the GGUF file") -> GGUFToken
 
 
 def _byte_level_bpe(metadata: Mapping[str, Any], tokens: list[str], whole: Mapping[int, bool],
-                    name: str) -> tuple[tokenizers.Tokenizer, bool]:
+                    name: str) -> tuple[tokenizers.Tokenizer, dict[str, int], bool]:
     pre_name = metadata.get("tokenizer.ggml.pre", "default")
     pre = PRE_TOKENIZERS.get(pre_name)
     if pre is None:
@@ -288,11 +288,11 @@ def _byte_level_bpe(metadata: Mapping[str, Any], tokens: list[str], whole: Mappi
             pre_tokenizers.Split(Regex(pre.split), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
-    return backend, pre.add_bos
+    return backend, vocab, pre.add_bos
 
 
 def _sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], unk: int | None, *,
-                       gemma: bool, name: str) -> tokenizers.Tokenizer:
+                       gemma: bool, name: str) -> tuple[tokenizers.Tokenizer, dict[str, int]]:
     count = len(tokens)
     if gemma:
         # Gemma files store tokens of two or more spaces as spaces, but Gemma's normalizer turns
@@ -329,7 +329,7 @@ def _sentencepiece_bpe(metadata: Mapping[str, Any], tokens: list[str], unk: int 
         if prefix:
             steps.append(decoders.Strip(content=" ", left=1, right=0))
         backend.decoder = decoders.Sequence(steps)
-    return backend
+    return backend, vocab
 
 
 
