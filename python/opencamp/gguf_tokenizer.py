@@ -114,8 +114,11 @@ def _strings(metadata: Mapping[str, Any], key: str, name: str) -> list[str]:
     value = metadata.get(key)
     if value is None:
         raise TokenizerError(f"{name} has no {key}, so it carries no tokenizer")
-    if isinstance(value, (str, bytes)) or not all(isinstance(item, str) for item in value):
+    if isinstance(value, (str, bytes)):
         raise TokenizerError(f"{name}: {key} must be an array of strings")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):  # the reader gives bytes for a string that is not UTF-8
+            raise TokenizerError(f"{name}: {key}[{index}] is not a UTF-8 string ({item!r:.60})")
     return list(value)
 
 

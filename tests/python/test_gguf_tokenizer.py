@@ -265,6 +265,7 @@ def test_raw_utf8_spellings_become_byte_level() -> None:
     ({"tokenizer.ggml.eos_token_id": 10**6}, "eos_token_id = 1000000 is outside"),
     ({"tokenizer.ggml.merges": ["a b c"]}, "'a b c' is not two tokens"),
     ({"tokenizer.ggml.merges": None}, "no tokenizer.ggml.merges"),
+    ({"tokenizer.ggml.tokens": ["<s>", b"\xff\xfe"]}, r"tokens\[1\] is not a UTF-8 string"),
 ])
 def test_malformed_metadata_is_a_clear_error(change: dict, problem: str) -> None:
     metadata = byte_level_metadata("gpt-2")
