@@ -526,10 +526,11 @@ def info(as_json, model, revision) -> None:
         "architectures": [{"model_type": t, "description": d} for t, d in architectures()],
     }
     if model is not None:
+        path = _resolve(model, revision)
         try:
-            data["model"] = describe_model(_resolve(model, revision))
+            data["model"] = describe_model(path)
         except Exception as e:  # noqa: BLE001 - an unreadable file: say so, no traceback
-            raise click.ClickException(f"cannot read {model}: {e}") from None
+            raise click.ClickException(f"cannot read {path}: {e}") from None
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
