@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <cstring>
 #include <memory>
 #include <optional>
 
@@ -111,6 +112,64 @@ py::dict result_dict(const GenerationResult& r) {
   d["prefill_seconds"] = r.prefill_seconds;
   d["decode_seconds"] = r.decode_seconds;
   return d;
+}
+
+// A GGUF string as str, or as bytes when it is not valid UTF-8 (never altered).
+py::object gguf_string(std::string_view s) {
+  PyObject* text = PyUnicode_DecodeUTF8(s.data(), static_cast<py::ssize_t>(s.size()), "strict");
+  if (text) return py::reinterpret_steal<py::object>(text);
+  PyErr_Clear();
+  return py::bytes(s.data(), s.size());
+}
+
+template <class T>
+py::object gguf_numeric_array(const GgufValue& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.count));
+  if (v.bytes > 0) std::memcpy(out.mutable_data(), v.data, static_cast<size_t>(v.bytes));
+  return std::move(out);
+}
+
+// A metadata value as Python: int, float, bool, str; arrays of strings as lists, numeric and
+// bool arrays as numpy arrays of the matching dtype.
+py::object gguf_value(const GgufValue& v) {
+  if (v.is_array()) {
+    switch (v.element_type) {
+      case GgufType::U8: return gguf_numeric_array<uint8_t>(v);
+      case GgufType::I8: return gguf_numeric_array<int8_t>(v);
+      case GgufType::U16: return gguf_numeric_array<uint16_t>(v);
+      case GgufType::I16: return gguf_numeric_array<int16_t>(v);
+      case GgufType::U32: return gguf_numeric_array<uint32_t>(v);
+      case GgufType::I32: return gguf_numeric_array<int32_t>(v);
+      case GgufType::U64: return gguf_numeric_array<uint64_t>(v);
+      case GgufType::I64: return gguf_numeric_array<int64_t>(v);
+      case GgufType::F32: return gguf_numeric_array<float>(v);
+      case GgufType::F64: return gguf_numeric_array<double>(v);
+      case GgufType::Bool: return gguf_numeric_array<bool>(v);
+      case GgufType::String: {
+        py::list out(v.strings.size());
+        for (size_t i = 0; i < v.strings.size(); ++i) out[i] = gguf_string(v.strings[i]);
+        return std::move(out);
+      }
+      case GgufType::Array: break;  // refused by the reader
+    }
+    throw Error(ErrorKind::Internal, "nested GGUF array");
+  }
+  switch (v.type) {
+    case GgufType::Bool: return py::bool_(v.boolean());
+    case GgufType::F32: case GgufType::F64: return py::float_(v.number());
+    case GgufType::String: return gguf_string(v.string());
+    case GgufType::U64: {
+      uint64_t value;
+      std::memcpy(&value, v.data, sizeof value);
+      return py::int_(value);
+    }
+    default: return py::int_(*v.integer());
+  }
+}
+
+std::shared_ptr<GgufFile> open_gguf(const std::filesystem::path& path) {
+  py::gil_scoped_release release;
+  return GgufFile::open(path);
 }
 
 }  // namespace
@@ -223,6 +282,31 @@ PYBIND11_MODULE(_core, m) {
           return out;
         },
         py::arg("values"), py::arg("dtype"), "float32 values -> raw blocks (uint8) of `dtype`.");
+
+  // GGUF files, read by the C++ reader (the same validation and errors as model loading).
+  m.def("read_gguf_metadata",
+        [](const std::filesystem::path& path) {
+          const std::shared_ptr<GgufFile> file = open_gguf(path);
+          py::dict out;
+          for (const auto& [key, value] : file->metadata()) out[py::str(key)] = gguf_value(value);
+          return out;
+        },
+        py::arg("path"),
+        "Every metadata key of a GGUF file -> int, float, bool, str (bytes where a string is not "
+        "UTF-8), list of str, or a numpy array for numeric and bool arrays (token scores, types).");
+  m.def("gguf_tensors",
+        [](const std::filesystem::path& path) {
+          const std::shared_ptr<GgufFile> file = open_gguf(path);
+          py::list out;
+          for (const GgufTensor& t : file->tensors()) {
+            std::vector<int64_t> shape(t.shape.begin(), t.shape.begin() + t.ndim);
+            out.append(py::make_tuple(t.name, ggml_type_name(t.ggml_type), shape));
+          }
+          return out;
+        },
+        py::arg("path"),
+        "The tensors of a GGUF file: (name, ggml type name such as \"Q4_K\", shape in numpy "
+        "order, i.e. [rows, row length] for a matrix).");
 
   bind_token_stream(py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream"))
       .def("wait",

@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -29,6 +30,12 @@ namespace fs = std::filesystem;
 
 inline fs::path fixtures_dir() { return fs::path(OPENCAMP_FIXTURES); }
 inline fs::path fixture(const std::string& name) { return fixtures_dir() / name; }
+// The shared real-model folder: $OPENCAMP_SHARED_MODELS, else ../shared/models next to the
+// repository (as tests/run_all.sh and the Python tests find it).
+inline fs::path shared_models_dir() {
+  if (const char* env = std::getenv("OPENCAMP_SHARED_MODELS")) return fs::path(env);
+  return fixtures_dir().parent_path().parent_path().parent_path() / "shared" / "models";
+}
 
 // A fresh directory under the system temp dir, removed (with its contents) on destruction.
 class TempDir {
