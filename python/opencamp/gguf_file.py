@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
 GGUF_MAGIC = b"GGUF"
@@ -18,27 +18,18 @@ def is_gguf_file(path: str | os.PathLike) -> bool:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """Every metadata key of a GGUF file -> its value (str, int, float, bool, or a list of those;
-    large numeric arrays may come as numpy arrays)."""
+    """Every metadata key of a GGUF file -> its value (str, int, float, bool, a list of str, or a
+    numpy array for numeric arrays), read by the C++ reader with its checks and errors."""
     from . import _core
 
-    reader = getattr(_core, "read_gguf_metadata", None)
-    if reader is not None:
-        return reader(str(path))
-    return _read_metadata_with_gguf_package(Path(path))
+    return _core.read_gguf_metadata(str(path))
 
 
-def _read_metadata_with_gguf_package(path: Path) -> dict[str, Any]:
-    # Interim, until opencamp._core.read_gguf_metadata (the C++ reader) lands.
-    import gguf
+def tensor_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many tensors of a GGUF file have each ggml type: {"Q4_1": 210, "F32": 61, ...}."""
+    from . import _core
 
-    reader = gguf.GGUFReader(str(path))
-    metadata: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        metadata[key] = field.contents()
-    return metadata
+    return dict(Counter(ggml_type for _, ggml_type, _ in _core.gguf_tensors(str(path))))
 
 
 # llama.cpp's general.file_type values (llama_ftype): the type most of a file's tensors have.

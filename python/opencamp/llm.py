@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import _core
-from .gguf_file import describe_gguf, read_metadata
+from .gguf_file import describe_gguf, read_metadata, tensor_types
 from .hub import resolve_model
 from .streaming import IncrementalDecoder, StopMatcher
 from .tokenizer import Tokenizer
@@ -29,7 +29,8 @@ def describe_model(path: Path, gguf_metadata: dict | None = None) -> dict:
         metadata = read_metadata(path) if gguf_metadata is None else gguf_metadata
         described = describe_gguf(metadata)
         return {"path": str(path), "format": "gguf",
-                "architecture": described.pop("gguf_architecture", None), **described}
+                "architecture": described.pop("gguf_architecture", None), **described,
+                "tensor_types": tensor_types(path)}
     info = {"path": str(path), "format": "safetensors", "architecture": None}
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))

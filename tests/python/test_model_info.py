@@ -35,3 +35,26 @@ def test_info_with_a_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["info", "--model", str(tmp_path / "nothing")])
     assert result.exit_code == 1
     assert "no such folder or file" in result.output
+
+
+def test_info_describes_a_gguf_file(smollm2_gguf: Path) -> None:
+    result = CliRunner().invoke(main, ["info", "--json", "--model", str(smollm2_gguf)])
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    assert model == {
+        "path": str(smollm2_gguf), "format": "gguf", "architecture": "llama",
+        "name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "file_type": "Q4_1",
+        # token_embd Q8_0, the layer matrices Q4_1, the norms F32 (../shared/models/README.md).
+        "tensor_types": {"Q8_0": 1, "Q4_1": 210, "F32": 61}}
+
+
+def test_file_type_names_agree_with_the_gguf_package() -> None:
+    import gguf
+
+    from opencamp.gguf_file import FILE_TYPES
+
+    for file_type in gguf.LlamaFileType:
+        if file_type.value in FILE_TYPES:
+            assert file_type.name.removeprefix("MOSTLY_").removeprefix("ALL_") == \
+                FILE_TYPES[file_type.value]
+    assert {3, 7, 15, 17, 18, 32} <= set(FILE_TYPES)
