@@ -238,16 +238,19 @@ class LLM:
                  threads: int | None = None, max_context: int | None = None,
                  kv_cache_tokens: int | None = None, max_running: int = 16):
         self.model_path: Path = resolve_model(model)  # a Hugging Face folder or a GGUF file
-        self._gguf_metadata = read_metadata(self.model_path) if self.model_path.is_file() else None
-        if self._gguf_metadata is not None:
-            self._tokenizer = Tokenizer.from_gguf(self.model_path, metadata=self._gguf_metadata)
-        elif (self.model_path / "tokenizer.json").exists():
-            self._tokenizer = Tokenizer.from_model_dir(self.model_path)
-        else:  # a folder without tokenizer.json still runs on token ids (tests use such models)
-            self._tokenizer = None
+        # The engine first: it refuses what it cannot run before a big vocabulary is built.
         self.engine = _core.Engine(str(self.model_path), backend=backend, dtype=dtype,
                                    threads=threads or 0, max_context=max_context or 0,
                                    kv_cache_tokens=kv_cache_tokens or 0)
+        self._gguf_metadata = read_metadata(self.model_path) if self.model_path.is_file() else None
+        # A model without a tokenizer still runs on token ids (tests use such models).
+        self._tokenizer = None
+        if self._gguf_metadata is not None:
+            if ("tokenizer.ggml.tokens" in self._gguf_metadata
+                    or (self.model_path.parent / "tokenizer.json").exists()):
+                self._tokenizer = Tokenizer.from_gguf(self.model_path, metadata=self._gguf_metadata)
+        elif (self.model_path / "tokenizer.json").exists():
+            self._tokenizer = Tokenizer.from_model_dir(self.model_path)
         self._max_running = max_running
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
@@ -265,7 +268,8 @@ class LLM:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            raise ValueError(f"{self.model_path} has no tokenizer.json, so this model only takes "
+            raise ValueError(f"{self.model_path} has no tokenizer (no tokenizer.json, no GGUF "
+                             "vocabulary), so this model only takes "
                              "token ids; add the tokenizer files to use text")
         return self._tokenizer
 
