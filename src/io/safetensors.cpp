@@ -180,7 +180,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
     if (std::filesystem::is_directory(model_dir)) {
       for (const auto& entry : std::filesystem::directory_iterator(model_dir)) {
         const std::string ext = entry.path().extension().string();
-        if (ext == ".bin" || ext == ".pt" || ext == ".gguf" || ext == ".pth" || ext == ".safetensors") {
+        if (ext == ".bin" || ext == ".pt" || ext == ".pth" || ext == ".safetensors") {
           found += (found.empty() ? "" : ", ") + entry.path().filename().string();
         }
       }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <algorithm>
 #include <fstream>
 #include <optional>
 #include <string>
@@ -136,6 +137,98 @@ class GgufWriter {
   Bytes metadata_;
   uint64_t metadata_count_ = 0;
   std::vector<PendingTensor> tensors_;
+};
+
+// An existing GGUF file, metadata and tensors copied out, to be edited and written again.
+struct GgufCopy {
+  using Bytes = GgufWriter::Bytes;
+  struct Entry {
+    std::string key;
+    uint32_t type;
+    Bytes payload;  // as the writer's raw() takes it
+  };
+  struct Tensor {
+    std::string name;
+    uint32_t type;
+    std::vector<uint64_t> ne;
+    Bytes data;
+  };
+  std::vector<Entry> metadata;
+  std::vector<Tensor> tensors;
+
+  static GgufCopy read(const std::filesystem::path& path) {
+    auto file = opencamp::GgufFile::open(path);
+    GgufCopy copy;
+    for (const auto& [key, v] : file->metadata()) {
+      Bytes payload;
+      auto append = [&](const void* p, size_t n) {
+        const auto* b = static_cast<const unsigned char*>(p);
+        payload.insert(payload.end(), b, b + n);
+      };
+      auto append_string = [&](std::string_view s) {
+        const uint64_t n = s.size();
+        append(&n, 8);
+        append(s.data(), s.size());
+      };
+      if (v.is_array()) {
+        const auto element = static_cast<uint32_t>(v.element_type);
+        append(&element, 4);
+        append(&v.count, 8);
+        if (v.element_type == opencamp::GgufType::String) {
+          for (std::string_view s : v.strings) append_string(s);
+        } else {
+          append(v.data, v.bytes);
+        }
+      } else if (v.type == opencamp::GgufType::String) {
+        append_string(v.string());
+      } else {
+        append(v.data, v.bytes);
+      }
+      copy.metadata.push_back({key, static_cast<uint32_t>(v.type), payload});
+    }
+    for (const auto& t : file->tensors()) {
+      std::vector<uint64_t> ne;
+      for (int d = t.ndim - 1; d >= 0; --d) ne.push_back(static_cast<uint64_t>(t.shape[d]));
+      copy.tensors.push_back({t.name, t.ggml_type, ne, Bytes(t.data, t.data + t.nbytes)});
+    }
+    return copy;
+  }
+
+  Entry* find(const std::string& key) {
+    for (auto& e : metadata) if (e.key == key) return &e;
+    return nullptr;
+  }
+  Tensor* tensor(const std::string& name) {
+    for (auto& t : tensors) if (t.name == name) return &t;
+    return nullptr;
+  }
+  void remove(const std::string& key) {
+    std::erase_if(metadata, [&](const Entry& e) { return e.key == key; });
+  }
+  void remove_tensor(const std::string& name) {
+    std::erase_if(tensors, [&](const Tensor& t) { return t.name == name; });
+  }
+  // Replaces (or adds) a key with a writer-encoded value: set("k", 4, GgufWriter::encode<uint32_t>(7)).
+  void set(const std::string& key, uint32_t type, const Bytes& payload) {
+    if (Entry* e = find(key)) {
+      e->type = type;
+      e->payload = payload;
+    } else {
+      metadata.push_back({key, type, payload});
+    }
+  }
+  void set_string(const std::string& key, const std::string& value) {
+    Bytes b = GgufWriter::encode<uint64_t>(value.size());
+    b.insert(b.end(), value.begin(), value.end());
+    set(key, 8, b);
+  }
+
+  void write(const std::filesystem::path& path) const {
+    GgufWriter w;
+    for (const auto& e : metadata) w.raw(e.key, e.type, e.payload);
+    for (const auto& t : tensors) w.tensor(t.name, t.type, t.ne, t.data);
+    w.write(path);
+  }
 };
 
 }  // namespace opencamp_test
