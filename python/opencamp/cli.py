@@ -91,11 +91,12 @@ def _resolve(model: str, revision: str | None):
 
 
 def _describe(llm) -> str:
-    """'llama Q4_1 GGUF file.gguf (bf16 in memory)' / 'llama safetensors FOLDER (bf16)'."""
+    """'llama from FILE.gguf (Q4_1 GGUF), weights q4_1 (mixed: ...)' / 'llama from FOLDER
+    (safetensors), weights bf16'."""
     info = llm.model_info
     kind = f"{info['file_type']} GGUF" if info["format"] == "gguf" and info.get("file_type") \
         else info["format"]
-    return f"{info['architecture']} {kind} {info['path']} ({info['dtype']} in memory)"
+    return f"{info['architecture']} from {info['path']} ({kind}), weights {info['dtype']}"
 
 
 class _Progress:

@@ -304,7 +304,9 @@ def resolve_model(model: str | os.PathLike, *, revision: str | None = None,
     if path.is_dir():
         return _local_folder(path.resolve(), str(model))
     if path.exists():
-        return _local_file(path.resolve(), str(model))
+        # Not resolved: a Hugging Face cache's snapshot file is a link to a blob without its
+        # name, and the folder it is in is where a tokenizer.json would be.
+        return _local_file(path.absolute(), str(model))
     if isinstance(model, str):
         repo_id, tag = split_tag(model)
         if looks_like_repo_id(repo_id):

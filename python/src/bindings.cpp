@@ -222,8 +222,14 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
-  m.def("load_config", [](const std::filesystem::path& dir) { return config_dict(load_model_config(dir)); },
-        py::arg("model_dir"));
+  m.def("load_config",
+        [](const std::filesystem::path& path) {
+          // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
+          if (std::filesystem::is_regular_file(path)) return config_dict(gguf_model_config(*open_gguf(path)));
+          return config_dict(load_model_config(path));
+        },
+        py::arg("model_path"),
+        "The hyper-parameters of a Hugging Face folder (config.json) or a GGUF file (metadata).");
 
   // The weight formats' reference conversions (the definitions every kernel is tested against).
   m.def("dtypes", [] {

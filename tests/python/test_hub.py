@@ -172,6 +172,15 @@ def test_gguf_file(tmp_path: Path) -> None:
     assert resolve_model(str(gguf)) == gguf.resolve()
 
 
+def test_a_linked_gguf_keeps_its_own_path(tmp_path: Path) -> None:
+    # As in a Hugging Face cache: snapshots/COMMIT/model.gguf -> blobs/SHA (a name without .gguf).
+    blob = write_gguf(tmp_path / "blobs" / "3f2a9c")
+    link = tmp_path / "snapshots" / "abc" / "model-Q4_K_M.gguf"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    assert resolve_model(link) == link
+
+
 def test_folder_with_one_gguf_is_that_file(tmp_path: Path) -> None:
     gguf = write_gguf(tmp_path / "model-Q8_0.gguf")
     write_gguf(tmp_path / "mmproj-model-f16.gguf")  # a vision projector, not a model
