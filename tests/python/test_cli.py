@@ -1,4 +1,5 @@
 """The `opencamp` command: generate and chat on the real SmolLM2, and its errors."""
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,20 @@ def test_chat_is_multi_turn_and_reuses_the_cache(smollm2_dir):
     assert len(stats) == 2
     assert "(0 cached)" in stats[0]
     assert "(0 cached)" not in stats[1]  # the second turn reused the first turn's tokens
+
+
+def test_chat_reset_starts_a_new_conversation(smollm2_dir):
+    conversation = f"{SMOLLM2_QUESTION}\n/reset\n{SMOLLM2_QUESTION}\n/exit\n"
+    result = CliRunner().invoke(main, ["chat", "--model", str(smollm2_dir), "--threads", "2",
+                                       "--max-tokens", "24"], input=conversation)
+    assert result.exit_code == 0, result.output
+    assert "(new conversation)" in result.stderr
+    assert result.stdout.count("The capital of France is Paris.") == 2
+    stats = [line for line in result.stderr.splitlines() if line.startswith("[")]
+    assert len(stats) == 2
+    # After /reset the question is a first turn again: the 37-token prompt of the reference,
+    # not the first turn's history plus the question (as without /reset).
+    assert [re.search(r"prompt (\d+) ", line).group(1) for line in stats] == ["37", "37"]
 
 
 def test_missing_model_is_a_clean_error(tmp_path):
