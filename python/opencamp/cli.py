@@ -255,12 +255,11 @@ def _kv_bytes_per_token(config: dict) -> int:
     return config["num_layers"] * config["num_kv_heads"] * config["head_dim"] * 2 * 4  # f32 K+V
 
 
-def _kv_cache_positions(config: dict, context: int, parallel: int, kv_cache_tokens: int | None,
+def _kv_cache_positions(per_token: int, context: int, parallel: int, kv_cache_tokens: int | None,
                         kv_cache_memory: str | None, available_memory: int) -> int:
     """Positions of the shared KV cache `opencamp serve` gives the engine: --kv-cache-tokens, or
-    --kv-cache-memory over the bytes one position takes, or by default a whole context per
-    running sequence within half the available memory (but at least one context)."""
-    per_token = _kv_bytes_per_token(config)
+    --kv-cache-memory over the `per_token` bytes one position takes, or by default a whole
+    context per running sequence within half the available memory (but at least one context)."""
     if kv_cache_tokens and kv_cache_memory:
         raise click.ClickException("give --kv-cache-tokens or --kv-cache-memory, not both")
     if kv_cache_memory:
@@ -349,7 +348,7 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
         raise click.ClickException(str(e)) from None
     context = max_context or config["max_position_embeddings"]
     per_token = _kv_bytes_per_token(config)
-    kv_tokens = _kv_cache_positions(config, context, parallel, kv_cache_tokens, kv_cache_memory,
+    kv_tokens = _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
                                     _available_memory())
     defaults = _generation_config_defaults(folder)
     overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

@@ -166,7 +166,7 @@ def test_kv_cache_sizes_from_a_memory_budget_and_by_default(smollm2_tokenizer_di
 
     def positions(kv_cache_tokens=None, kv_cache_memory=None, available=64 << 30,
                   context=2048, parallel=8):
-        return _kv_cache_positions(smollm2, context, parallel, kv_cache_tokens, kv_cache_memory,
+        return _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
                                    available)
 
     assert positions(kv_cache_memory="2GiB") == (2 << 30) // per_token
