@@ -62,6 +62,10 @@ def run(model: str, backend: str = "auto", dtype: str = "auto", threads: int | N
             # gen_tokens + 1 tokens: the first comes from the prefill's logits, each later one
             # costs exactly one decode step.
             result = engine.generate(seq, prompt, max_tokens=gen_tokens + 1, ignore_eos=True).wait()
+            decode_steps = len(result["tokens"]) - 1
+            if decode_steps != gen_tokens:  # the speed below would be for other work
+                raise RuntimeError(f"decode stopped after {decode_steps} of {gen_tokens} steps "
+                                   f"({result['finish_reason']})")
             decode_seconds = min(decode_seconds, result["decode_seconds"])
         finally:
             engine.free_sequence(seq)
@@ -79,6 +83,7 @@ def run(model: str, backend: str = "auto", dtype: str = "auto", threads: int | N
         "machine": platform.processor() or platform.machine(),
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
+        "decode_steps": decode_steps,  # taken, as timed (== gen_tokens, checked above)
         "prefill_seconds": prefill_seconds,
         "prefill_tokens_per_s": prompt_tokens / prefill_seconds,
         "prefill_gflop_per_s": prefill_flops(config, prompt_tokens) / prefill_seconds / 1e9,

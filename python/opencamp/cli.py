@@ -278,6 +278,27 @@ def _kv_bytes_per_token(config: dict) -> int:
     return config["num_layers"] * config["num_kv_heads"] * config["head_dim"] * 2 * 4  # f32 K+V
 
 
+def _kv_cache_positions(per_token: int, context: int, parallel: int, kv_cache_tokens: int | None,
+                        kv_cache_memory: str | None, available_memory: int) -> int:
+    """Positions of the shared KV cache `opencamp serve` gives the engine: --kv-cache-tokens, or
+    --kv-cache-memory over the `per_token` bytes one position takes, or by default a whole
+    context per running sequence within half the available memory (but at least one context)."""
+    if kv_cache_tokens and kv_cache_memory:
+        raise click.ClickException("give --kv-cache-tokens or --kv-cache-memory, not both")
+    if kv_cache_memory:
+        kv_tokens = _parse_bytes(kv_cache_memory) // per_token
+    elif kv_cache_tokens:
+        kv_tokens = kv_cache_tokens
+    else:
+        kv_tokens = max(context, min(parallel * context, available_memory // 2 // per_token))
+    if kv_tokens < context:
+        given = (f"--kv-cache-memory {kv_cache_memory} ({kv_tokens} positions of "
+                 f"{per_token} bytes)" if kv_cache_memory else f"--kv-cache-tokens ({kv_tokens})")
+        raise click.ClickException(f"{given} must hold at least one whole context ({context} "
+                                   f"positions, --max-context)")
+    return kv_tokens
+
+
 def _bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -350,17 +371,8 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
         raise click.ClickException(str(e)) from None
     context = max_context or config["max_position_embeddings"]
     per_token = _kv_bytes_per_token(config)
-    if kv_cache_tokens and kv_cache_memory:
-        raise click.ClickException("give --kv-cache-tokens or --kv-cache-memory, not both")
-    if kv_cache_memory:
-        kv_tokens = _parse_bytes(kv_cache_memory) // per_token
-    elif kv_cache_tokens:
-        kv_tokens = kv_cache_tokens
-    else:  # a whole context per running sequence, within half the memory left
-        kv_tokens = max(context, min(parallel * context, _available_memory() // 2 // per_token))
-    if kv_tokens < context:
-        raise click.ClickException(f"--kv-cache-tokens ({kv_tokens}) must hold at least one whole "
-                                   f"context ({context} positions, --max-context)")
+    kv_tokens = _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
+                                    _available_memory())
     defaults = _generation_config_defaults(path)
     overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, max_tokens=max_tokens)

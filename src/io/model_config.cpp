@@ -193,6 +193,15 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
            act->is_string() ? act->as_string() : std::string("?"), "' is not supported (only silu)");
     }
   }
+  // Pre-quantised checkpoints (GPTQ, AWQ, bitsandbytes, FP8, ...) keep packed integer tensors
+  // in place of the weights: say so, rather than report the weights as not matching config.json.
+  if (const json::Value* quant = reader.find("quantization_config")) {
+    const json::Value* method = quant->find("quant_method");
+    fail(ErrorKind::Unsupported, source, ": quantization_config",
+         method && method->is_string() ? " (quant_method '" + method->as_string() + "')" : std::string(),
+         ": pre-quantised checkpoints are not supported; use the unquantised model (safetensors in "
+         "F32, BF16 or F16)");
+  }
   config.rope = parse_rope(reader, root);
   config.bos_token_id = reader.int_or("bos_token_id", -1);
   reader.token_ids("eos_token_id", config.eos_token_ids);

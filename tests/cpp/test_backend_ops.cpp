@@ -750,12 +750,52 @@ TEST_CASE(cpu_oracle_matches_double_reference) {
   CHECK_EQ(ops.size(), size_t(8));  // every op of backend.h is covered
 }
 
-// Every usable backend (the oracle itself included, on a 3-thread pool) against the oracle.
-TEST_CASE(every_usable_backend_matches_cpu_oracle) {
+namespace {
+
+// What is wrong with `backend` against the oracle's `expected` outputs of `cases`, one line per
+// case at fault: an error over its bound, a write outside its view, or an op the backend does
+// not implement (Unsupported) or fails on. Empty when it matches everywhere.
+std::vector<std::string> problems_against_oracle(Backend& backend, const std::vector<OpCase>& cases,
+                                                 const std::vector<Output>& expected) {
+  const std::string name = backend.name();
+  std::vector<std::string> problems;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const OpCase& c = cases[i];
+    if (c.oracle_only && name != "cpu") continue;
+    const std::string what = name + " " + c.op + " " + c.shape;
+    Output out;
+    try {
+      out = c.run(backend);
+    } catch (const Error& e) {
+      // A usable backend implements every op of backend.h: an op it leaves Unsupported would
+      // make the engine fail on it, so it is a failure here, naming the op.
+      problems.push_back(what + ": " + (e.kind() == ErrorKind::Unsupported ? "not implemented: " : "error: ") +
+                         e.what());
+      continue;
+    }
+    const double bound = c.weight_dtype == DType::BF16 ? kBF16Bound : kF32Bound;
+    const double err = normalised_error(out.values, widen(expected[i].values));
+    std::printf("  %-10s %-62s %-6s err %.2e (bound %.0e)\n", c.op.c_str(), c.shape.c_str(), name.c_str(),
+                err, bound);
+    if (!(err <= bound)) problems.push_back(what + ": error " + std::to_string(err) + " > " + std::to_string(bound));
+    if (!out.padding_intact) problems.push_back(what + ": wrote outside its view");
+  }
+  return problems;
+}
+
+std::vector<Output> oracle_outputs(const std::vector<OpCase>& cases) {
   auto oracle = create_backend("cpu", {});
-  const std::vector<OpCase> cases = all_cases();
   std::vector<Output> expected;
   for (const OpCase& c : cases) expected.push_back(c.run(*oracle));
+  return expected;
+}
+
+}  // namespace
+
+// Every usable backend (the oracle itself included, on a 3-thread pool) against the oracle.
+TEST_CASE(every_usable_backend_matches_cpu_oracle) {
+  const std::vector<OpCase> cases = all_cases();
+  const std::vector<Output> expected = oracle_outputs(cases);
   const std::vector<std::string> names = usable_backends();
   CHECK(std::find(names.begin(), names.end(), "cpu") != names.end());
   for (const std::string& name : names) {
@@ -763,24 +803,32 @@ TEST_CASE(every_usable_backend_matches_cpu_oracle) {
     options.pool = &test_pool();
     auto backend = create_backend(name, options);
     CHECK_EQ(backend->name(), name);
-    for (size_t i = 0; i < cases.size(); ++i) {
-      const OpCase& c = cases[i];
-      if (c.oracle_only && name != "cpu") continue;
-      Output out;
-      try {
-        out = c.run(*backend);
-      } catch (const Error& e) {
-        if (e.kind() != ErrorKind::Unsupported || name == "cpu") throw;
-        std::printf("  %-10s %-62s %-6s skipped: %s\n", c.op.c_str(), c.shape.c_str(), name.c_str(), e.what());
-        continue;
-      }
-      const double bound = c.weight_dtype == DType::BF16 ? kBF16Bound : kF32Bound;
-      const double err = normalised_error(out.values, widen(expected[i].values));
-      std::printf("  %-10s %-62s %-6s err %.2e (bound %.0e)\n", c.op.c_str(), c.shape.c_str(),
-                  name.c_str(), err, bound);
-      CHECK_MSG(err <= bound, name << " " << c.op << " " << c.shape << ": error " << err << " > " << bound);
-      CHECK_MSG(out.padding_intact, name << " " << c.op << " " << c.shape << ": wrote outside its view");
+    for (const std::string& problem : problems_against_oracle(*backend, cases, expected)) {
+      CHECK_MSG(false, problem);
     }
+  }
+}
+
+// The comparison above cannot pass a backend that implements nothing: every op of backend.h is
+// reported as not implemented, by name.
+TEST_CASE(a_backend_that_implements_nothing_fails_the_oracle_comparison) {
+  struct Bare final : Backend {
+    std::string name() const override { return "bare"; }
+  };
+  Bare bare;
+  const std::vector<OpCase> cases = all_cases();
+  const std::vector<std::string> problems = problems_against_oracle(bare, cases, oracle_outputs(cases));
+  std::set<std::string> ops;
+  for (const OpCase& c : cases) {
+    if (!c.oracle_only) ops.insert(c.op);
+  }
+  CHECK_EQ(ops.size(), size_t(8));
+  for (const std::string& op : ops) {
+    const bool named = std::any_of(problems.begin(), problems.end(), [&](const std::string& p) {
+      return p.find("bare " + op + " ") == 0 && p.find("not implemented") != std::string::npos &&
+             p.find("'" + op + "'") != std::string::npos;
+    });
+    CHECK_MSG(named, "op " << op << " is not reported as not implemented");
   }
 }
 

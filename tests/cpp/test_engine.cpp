@@ -1,6 +1,7 @@
 // The engine end to end on the committed tiny models (tests/fixtures/tiny-*), whose
 // reference.safetensors were made by Hugging Face transformers: logits in f32 and bf16, greedy
-// generation through the decode path, and the engine's own consistency (prefill == token by
+// generation through the decode path (plain, and under transformers' repetition penalty, which
+// counts the prompt's tokens too), and the engine's own consistency (prefill == token by
 // token decode, batched decode == alone, chunked prefill, prefix reuse, limits, streaming).
 // Every check runs on every usable backend.
 #include <algorithm>
@@ -41,6 +42,10 @@ struct Reference {
   std::vector<float> logits_bf16;        // [T, V] weights rounded to bf16
   std::vector<int32_t> greedy_prompt;
   std::vector<int32_t> greedy_tokens;    // [16]
+  float repetition_penalty = 1.0f;
+  std::vector<int32_t> penalty_prompt;
+  std::vector<int32_t> penalty_tokens;   // [16] greedy under the repetition penalty
+  std::vector<float> penalty_logits;     // [16, V] each step's logits after the penalty
 };
 
 const Reference& reference(const std::string& model) {
@@ -54,6 +59,10 @@ const Reference& reference(const std::string& model) {
   r.logits_bf16 = tensor_floats(*file, "logits_bf16_weights");
   r.greedy_prompt = tensor_ints(*file, "greedy_prompt");
   r.greedy_tokens = tensor_ints(*file, "greedy_tokens");
+  r.repetition_penalty = tensor_floats(*file, "repetition_penalty").at(0);
+  r.penalty_prompt = tensor_ints(*file, "penalty_prompt");
+  r.penalty_tokens = tensor_ints(*file, "penalty_tokens");
+  r.penalty_logits = tensor_floats(*file, "penalty_logits");
   return cache.emplace(model, std::move(r)).first->second;
 }
 
@@ -123,6 +132,9 @@ TEST_CASE(reference_fixtures_read) {
     CHECK_EQ(r.logits_bf16.size(), r.logits.size());
     CHECK_EQ(r.greedy_tokens.size(), size_t(16));
     CHECK(!r.greedy_prompt.empty());
+    CHECK_EQ(r.penalty_tokens.size(), size_t(16));
+    CHECK_EQ(r.penalty_logits.size(), size_t(16) * static_cast<size_t>(config.vocab_size));
+    CHECK(r.repetition_penalty > 1.0f);
   }
 }
 
@@ -184,6 +196,39 @@ TEST_CASE(greedy_generation_matches_hf) {
       const int other = engine.create_sequence();
       CHECK(engine.generate(other, with_eos).tokens == r.greedy_tokens);
     }
+  });
+}
+
+// transformers' RepetitionPenaltyLogitsProcessor penalises every token of the sequence, the
+// prompt's included. The fixture's prompt is chosen so that a penalty blind to the prompt, or
+// none, gives other tokens. Step by step, the engine's logits after apply_penalties equal the
+// processor's output; and generate() with repetition_penalty yields transformers' tokens.
+TEST_CASE(repetition_penalty_matches_hf_prompt_included) {
+  for_each_model([](const std::string& model, const std::string& backend) {
+    const Reference& r = reference(model);
+    Engine engine(fixture(model), options_for(backend));
+    const size_t V = vocab(engine);
+    const int seq = engine.create_sequence();
+    std::vector<int32_t> history = r.penalty_prompt;
+    std::vector<float> logits = prefill_last(engine, seq, r.penalty_prompt);
+    double worst = 0.0;
+    for (size_t step = 0; step < r.penalty_tokens.size(); ++step) {
+      apply_penalties(logits, history, r.repetition_penalty, 0.0f, 0.0f);
+      worst = std::max(worst, max_abs_diff(logits, std::span(r.penalty_logits).subspan(step * V, V)));
+      const int32_t token = r.penalty_tokens[step];
+      CHECK_MSG(argmax(logits) == token, model << " on " << backend << ": step " << step);
+      history.push_back(token);
+      logits = decode_one(engine, seq, token);
+    }
+    std::printf("  %-10s %-5s penalised logits vs HF: max abs %.3g\n", model.c_str(), backend.c_str(),
+                worst);
+    CHECK_MSG(worst <= kF32Tolerance, model << " on " << backend << ": penalised logits, max abs " << worst);
+
+    GenerationRequest request = greedy_request(r.penalty_prompt);
+    request.sampling.repetition_penalty = r.repetition_penalty;
+    const GenerationResult result = engine.generate(engine.create_sequence(), request);
+    CHECK_MSG(result.tokens == r.penalty_tokens,
+              model << " on " << backend << ": tokens under repetition_penalty differ from HF");
   });
 }
 

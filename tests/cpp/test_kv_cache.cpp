@@ -361,6 +361,28 @@ TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
   KVCacheShape shape = small_shape();
   shape.n_blocks = 24;
   KVCache cache(*backend, shape);
+  // Appends `tokens`; false when the cache is full. Only a full cache may refuse, only with
+  // CapacityExceeded, and only when the new blocks outnumber the free ones; a refused append
+  // changes nothing.
+  int full_appends = 0;
+  auto append_or_full = [&](KVCache& c, int seq, std::span<const int32_t> tokens) {
+    const int length = c.length(seq);
+    const int needed = blocks_for(length + static_cast<int>(tokens.size())) - blocks_for(length);
+    const bool room = needed <= c.free_blocks();
+    try {
+      c.append(seq, tokens);
+    } catch (const Error& e) {
+      CHECK_MSG(e.kind() == ErrorKind::CapacityExceeded, "append failed with " << opencamp_test::kind_name(e.kind())
+                                                                                 << ": " << e.what());
+      CHECK_MSG(!room, "append refused with " << needed << " blocks needed and " << c.free_blocks() << " free");
+      CHECK_EQ(c.length(seq), length);
+      ++full_appends;
+      return false;
+    }
+    CHECK_MSG(room, "append succeeded with " << needed << " blocks needed and only " << c.free_blocks()
+                                             << " free before");
+    return true;
+  };
   std::mt19937 rng(7);
   std::vector<int> live;
   // A few prompt families so prefixes repeat.
@@ -374,11 +396,10 @@ TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
       const auto prompt = std::vector<int32_t>(family.begin(), family.begin() + 1 + rng() % 29);
       const int mapped = cache.map_cached_prefix(seq, prompt);
       CHECK(mapped % kBlockSize == 0 && mapped < static_cast<int>(prompt.size()));
-      try {
-        cache.append(seq, std::span(prompt).subspan(static_cast<size_t>(mapped)));
+      if (append_or_full(cache, seq, std::span(prompt).subspan(static_cast<size_t>(mapped)))) {
         cache.publish(seq);
         live.push_back(seq);
-      } catch (const Error&) {
+      } else {
         cache.free_sequence(seq);
       }
     } else if (action == 1) {
@@ -392,10 +413,8 @@ TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
       CHECK(got <= asked && asked - got < kBlockSize);
     } else {
       const int seq = live[rng() % live.size()];
-      try {
-        cache.append(seq, tokens_from(static_cast<int>(rng() % 5000), 1 + static_cast<int>(rng() % 6)));
+      if (append_or_full(cache, seq, tokens_from(static_cast<int>(rng() % 5000), 1 + static_cast<int>(rng() % 6)))) {
         cache.publish(seq);
-      } catch (const Error&) {
       }
     }
     // Every block is held, cached or free; held blocks are exactly the union of the tables.
@@ -411,6 +430,7 @@ TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
   CHECK_EQ(cache.used_blocks(), 0);
   CHECK_EQ(cache.free_blocks(), shape.n_blocks);
   CHECK(cache.prefix_stats().hit_blocks > 0);
+  CHECK(full_appends > 0);  // the cache really ran full, and said so the right way
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

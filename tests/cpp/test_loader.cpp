@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <map>
 #include <numbers>
 
@@ -123,6 +124,59 @@ TEST_CASE(sliding_window_qwen2_is_unsupported) {
   edit_config(tmp.path(), "\"use_sliding_window\": false", "\"use_sliding_window\": true");
   CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::Unsupported, "config.json",
                     "use_sliding_window");
+}
+
+TEST_CASE(activations_other_than_silu_are_unsupported) {
+  TempDir tmp("loader");
+  copy_fixture("tiny-llama", tmp.path());
+  for (const std::string act : {"gelu", "gelu_pytorch_tanh", "relu"}) {
+    write_text(tmp / "config.json", replace_once(read_text(fixture("tiny-llama") / "config.json"),
+                                                 "\"hidden_act\": \"silu\"", "\"hidden_act\": \"" + act + "\""));
+    CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::Unsupported, "config.json", "hidden_act",
+                      "'" + act + "'", "only silu");
+    CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::Unsupported, "hidden_act", act);
+  }
+  edit_config(tmp.path(), "\"hidden_act\": \"relu\"", "\"hidden_act\": 7");
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::Unsupported, "hidden_act", "only silu");
+}
+
+// Pre-quantised Hugging Face checkpoints (GPTQ / AWQ / bitsandbytes / FP8: a quantization_config
+// in config.json, packed integer tensors in the safetensors) are refused as such, not reported
+// as a mismatch between weights and config; so are quantised tensor dtypes without one.
+TEST_CASE(quantised_safetensors_checkpoints_are_unsupported) {
+  TempDir tmp("loader");
+  copy_fixture("tiny-llama", tmp.path());
+  // GPTQ layout: q_proj.weight replaced by 4-bit codes packed in I32 plus f16 scales.
+  auto tensors = read_all_tensors(fixture("tiny-llama") / "model.safetensors");
+  std::erase_if(tensors, [](const RawTensor& t) { return t.name == "model.layers.0.self_attn.q_proj.weight"; });
+  tensors.push_back({"model.layers.0.self_attn.q_proj.qweight", "I32", {4, 32}, std::vector<unsigned char>(512, 0), ""});
+  tensors.push_back({"model.layers.0.self_attn.q_proj.scales", "F16", {1, 32}, std::vector<unsigned char>(64, 0), ""});
+  tensors.push_back({"model.layers.0.self_attn.q_proj.qzeros", "I32", {1, 4}, std::vector<unsigned char>(16, 0), ""});
+  write_safetensors(tmp / "model.safetensors", tensors);
+  edit_config(tmp.path(), "\"hidden_act\": \"silu\",",
+              "\"hidden_act\": \"silu\", \"quantization_config\": {\"quant_method\": \"gptq\", \"bits\": 4, "
+              "\"group_size\": 32},");
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::Unsupported, "config.json",
+                    "quantization_config", "'gptq'", "unquantised");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::Unsupported, "quantization_config",
+                    "gptq");
+  // A null quantization_config means none: the unquantised weights load.
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"hidden_act\": \"silu\",", "\"hidden_act\": \"silu\", \"quantization_config\": null,");
+  CHECK_NOTHROW(Engine(tmp.path(), engine_options()));
+
+  // FP8 and bitsandbytes-style byte tensors where a weight should be, without a
+  // quantization_config: the tensor and its dtype are named.
+  copy_fixture("tiny-llama", tmp.path());
+  for (const std::string dtype : {"F8_E4M3", "U8"}) {
+    tensors = read_all_tensors(fixture("tiny-llama") / "model.safetensors");
+    RawTensor* up = find_raw(tensors, "model.layers.1.mlp.up_proj.weight");
+    up->dtype = dtype;
+    up->bytes.resize(up->bytes.size() / 4);
+    write_safetensors(tmp / "model.safetensors", tensors);
+    CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel,
+                      "model.layers.1.mlp.up_proj.weight", dtype, "cannot load", "F32, BF16, F16");
+  }
 }
 
 // ---- weights ----------------------------------------------------------------------------------
@@ -426,7 +480,11 @@ TEST_CASE(head_dim_from_config_or_derived) {
   edit_config(tmp.path(), "\"head_dim\": 8,", "");
   const ModelConfig derived = load_model_config(tmp.path());
   CHECK_EQ(derived.head_dim, 8);
-  CHECK_NOTHROW(Engine(tmp.path(), engine_options()));
+  Engine engine(tmp.path(), engine_options());
+  auto reference = SafetensorsFile::open(fixture("tiny-llama") / "reference.safetensors");
+  const double err = max_abs_diff(all_logits(engine, tensor_ints(*reference, "input_ids")),
+                                  tensor_floats(*reference, "logits"));
+  CHECK_MSG(err <= 1e-4, "derived head_dim: logits differ from transformers' by " << err);
 }
 
 TEST_CASE(eos_token_ids_int_list_and_generation_config_union) {
@@ -488,6 +546,77 @@ TEST_CASE(f32_bf16_f16_storage_give_the_same_logits) {
   CHECK(max_abs_diff(all_logits(f32_as_bf16, ids), logits["BF16"]) <= 1e-6);
   CHECK(f16_vs_f32 <= 2e-2);       // f16 keeps 11 significant bits
   CHECK(f16_vs_f32 > 0.0);         // and it did change something: the f16 file was really used
+}
+
+namespace {
+
+// The address ranges at which `file` is mapped into this process (from /proc/self/maps).
+std::vector<std::pair<uintptr_t, uintptr_t>> mappings_of(const fs::path& file) {
+  const std::string wanted = fs::canonical(file).string();
+  std::ifstream maps("/proc/self/maps");
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;
+  for (std::string line; std::getline(maps, line);) {
+    const size_t path_at = line.find('/');
+    if (path_at == std::string::npos || line.substr(path_at) != wanted) continue;
+    unsigned long begin = 0, end = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx", &begin, &end) == 2) ranges.emplace_back(begin, end);
+  }
+  return ranges;
+}
+
+// True when all of the tensor's bytes lie inside one of `ranges`.
+bool maps_into(const Tensor& t, const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.data);
+  return std::any_of(ranges.begin(), ranges.end(), [&](const auto& range) {
+    return begin >= range.first && begin + t.nbytes() <= range.second;
+  });
+}
+
+}  // namespace
+
+// dtype "auto" on a checkpoint already in the weights' precision loads without copying: the
+// weights the engine computes with are the memory-mapped bytes of model.safetensors (all of them
+// on the cpu oracle; the embedding table on backends that repack their matrices into panels).
+// A conversion (f32 file, dtype "bf16") does copy; closing the engine unmaps the file.
+TEST_CASE(checkpoint_precision_weights_are_the_mapped_file_zero_copy) {
+  TempDir tmp("loader");
+  std::vector<RawTensor> bf16;
+  for (const RawTensor& t : read_all_tensors(fixture("tiny-llama") / "model.safetensors")) {
+    bf16.push_back(convert_f32_tensor(t, "BF16"));
+  }
+  copy_fixture("tiny-llama", tmp / "bf16");
+  write_safetensors(tmp / "bf16" / "model.safetensors", bf16);
+  const fs::path file = tmp / "bf16" / "model.safetensors";
+  {
+    Engine engine(tmp / "bf16", engine_options());  // the cpu oracle
+    CHECK(engine.weight_dtype() == DType::BF16);
+    const auto ranges = mappings_of(file);
+    CHECK(!ranges.empty());
+    const ModelWeights& w = engine.model().weights();
+    CHECK(maps_into(w.embed, ranges));
+    CHECK(maps_into(w.lm_head, ranges));  // untied in tiny-llama
+    for (const LayerWeights& layer : w.layers) {
+      for (const Tensor* m : {&layer.wq, &layer.wk, &layer.wv, &layer.wo, &layer.w_gate, &layer.w_up, &layer.w_down}) {
+        CHECK(m->dtype == DType::BF16);
+        CHECK(maps_into(*m, ranges));
+      }
+    }
+  }
+  CHECK(mappings_of(file).empty());  // the engine's end unmapped it
+  for (const std::string& backend : usable_backends()) {
+    EngineOptions options = engine_options();
+    options.backend = backend;
+    Engine engine(tmp / "bf16", options);
+    if (engine.model().weights().embed.device != Device::CPU) continue;  // a GPU holds its own copy
+    CHECK_MSG(maps_into(engine.model().weights().embed, mappings_of(file)),
+              backend << ": the bf16 embedding table was copied");
+  }
+  // The f32 fixture run as bf16 is converted: a copy, not the file.
+  Engine converted(fixture("tiny-llama"), engine_options("bf16"));
+  const auto f32_ranges = mappings_of(fixture("tiny-llama") / "model.safetensors");
+  CHECK(!f32_ranges.empty());
+  CHECK(!maps_into(converted.model().weights().embed, f32_ranges));
+  CHECK(!maps_into(converted.model().weights().layers[0].wq, f32_ranges));
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -183,7 +183,27 @@ def parse_sse(text: str) -> list:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one series in Prometheus text; 0 when absent."""
+    """The value of one series in Prometheus text. A series that is not there is an error: a
+    misspelt or removed metric must fail the test, not read as 0."""
+    value = _series(text, name, labels)
+    if value is None:
+        present = sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                          if line and not line.startswith("#")})
+        raise AssertionError(f"no series {name}{labels or ''} in /metrics; the metrics there: "
+                             f"{', '.join(present)}")
+    return value
+
+
+def count(text: str, name: str, **labels: str) -> float:
+    """A labelled counter's value: 0 while that label set has not been counted (Prometheus shows
+    a labelled series only once it exists), but the counter itself must be declared."""
+    if f"# TYPE {name} counter" not in text.splitlines():
+        raise AssertionError(f"/metrics declares no counter {name}")
+    value = _series(text, name, labels)
+    return 0.0 if value is None else value
+
+
+def _series(text: str, name: str, labels: dict) -> float | None:
     label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
     wanted = f"{name}{{{label_text}}}" if labels else name
     for line in text.splitlines():
@@ -192,7 +212,7 @@ def metric(text: str, name: str, **labels: str) -> float:
         series, _, value = line.rpartition(" ")
         if series == wanted:
             return float(value)
-    return 0.0
+    return None
 
 
 def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):

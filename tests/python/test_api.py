@@ -1,12 +1,15 @@
 """The Python API's contract: sampling, streaming, stops, errors, threads."""
+import gc
+import json
+import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
 
 import opencamp
 from conftest import FIXTURES, SMOLLM2_QUESTION
+from serverkit import wait_until
 
 QUESTION = [{"role": "user", "content": SMOLLM2_QUESTION}]
 
@@ -77,26 +80,57 @@ def test_logits_match_prefill_of_engine(llm):
     assert int(logits[-1].argmax()) == 504  # "The", the golden answer's first token
 
 
-def test_generation_releases_the_gil(llm):
-    """Another Python thread keeps running while the engine generates."""
-    done = threading.Event()
-    ticks = 0
+def test_waiting_for_a_token_releases_the_gil(llm):
+    """A thread blocked in the engine, waiting for its next token, lets other Python threads run.
 
-    def count():
-        nonlocal ticks
-        while not done.is_set():
-            ticks += 1
-            time.sleep(0.001)
+    No clock: the request waited on cannot get a token until this thread cancels the one
+    holding the only slot, which it can do only while the waiting thread is inside next()
+    without the GIL. (Were the GIL held there, next() would sit out its safety timeout.)"""
+    prompt = llm.tokenizer.encode("Once upon a time")
+    scheduler = opencamp._core.Scheduler(llm.engine, max_running=1, max_unread_tokens=2)
+    try:
+        # Never read: it pauses after two tokens and keeps the only slot.
+        ahead = scheduler.submit(prompt, max_tokens=400, ignore_eos=True)
+        behind = scheduler.submit(prompt, max_tokens=1, ignore_eos=True)
+        wait_until(lambda: scheduler.stats()["running"] == 1 and scheduler.stats()["waiting"] == 1,
+                   what="one request running, one waiting")
+        entered, outcome = threading.Event(), {}
 
-    counter = threading.Thread(target=count)
-    counter.start()
-    start = time.perf_counter()
-    llm.complete("Once upon a time", max_tokens=6, ignore_eos=True)
-    elapsed = time.perf_counter() - start
-    done.set()
-    counter.join()
-    # With the GIL held through generation the counter could not have run at all.
-    assert ticks > 0.2 * elapsed / 0.001 * 0.1
+        def wait_for_token():
+            entered.set()
+            outcome["event"] = behind.next(timeout=120)  # the timeout only guards against a hang
+            outcome["timed_out"] = behind.timed_out
+
+        waiter = threading.Thread(target=wait_for_token)
+        waiter.start()
+        assert entered.wait(120)
+        ahead.cancel()  # Python running on this thread while the other waits in C++
+        waiter.join(180)
+        assert outcome["timed_out"] is False and outcome["event"] is not None
+        assert ahead.wait()["finish_reason"] == "cancelled"
+    finally:
+        scheduler.shutdown()
+
+
+def test_leaving_a_with_block_or_dropping_a_stream_stops_it_and_frees_its_cache(llm):
+    # Unread, a request pauses at the scheduler's max_unread_tokens (256), so these 400-token
+    # generations cannot end by themselves: only the stream's end can stop them.
+    blocks = llm.engine.cache_stats()["used_blocks"]
+    with llm.generate("Once upon a time", max_tokens=400, ignore_eos=True, stream=True) as stream:
+        next(stream)
+    assert stream.completion.finish_reason == "cancelled"
+    assert stream.completion.completion_tokens < 400
+    assert llm.engine.cache_stats()["used_blocks"] == blocks
+
+    generated = llm.scheduler.stats()["generated_tokens"]
+    dropped = llm.generate("Once upon a time", max_tokens=400, ignore_eos=True, stream=True)
+    next(dropped)
+    wait_until(lambda: llm.scheduler.stats()["running"] == 1, what="the generation to run")
+    del dropped
+    gc.collect()  # CPython closes it at `del` already
+    wait_until(lambda: llm.scheduler.stats()["running"] == 0, what="the dropped stream to stop")
+    assert llm.engine.cache_stats()["used_blocks"] == blocks
+    assert llm.scheduler.stats()["generated_tokens"] - generated < 400
 
 
 def test_bad_sampling_parameters_raise_clear_errors(llm):
@@ -156,6 +190,21 @@ def test_unknown_architecture_lists_supported_ones(tmp_path):
     with pytest.raises(opencamp.OpencampError, match="gpt2.*llama, qwen2, qwen3") as info:
         opencamp.LLM(tmp_path)
     assert info.value.kind == "invalid_model"
+
+
+def test_unsupported_activation_and_quantised_checkpoints_are_refused(tmp_path):
+    shutil.copytree(FIXTURES / "tiny-llama", tmp_path / "gelu")
+    config = json.loads((tmp_path / "gelu" / "config.json").read_text())
+    (tmp_path / "gelu" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(opencamp.OpencampError, match="hidden_act 'gelu' is not supported") as info:
+        opencamp.LLM(tmp_path / "gelu")
+    assert info.value.kind == "unsupported"
+    shutil.copytree(FIXTURES / "tiny-llama", tmp_path / "awq")
+    (tmp_path / "awq" / "config.json").write_text(json.dumps(
+        {**config, "quantization_config": {"quant_method": "awq", "bits": 4}}))
+    with pytest.raises(opencamp.OpencampError, match="quantization_config.*'awq'.*unquantised") as info:
+        opencamp.LLM(tmp_path / "awq")
+    assert info.value.kind == "unsupported"
 
 
 def test_truncated_weights_name_the_file(tmp_path):

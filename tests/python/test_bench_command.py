@@ -1,6 +1,7 @@
 """`opencamp bench`: one JSON object with the speeds, decode timed on its own for exactly the
 requested number of steps (never cut short by an end-of-sequence token)."""
 import json
+import shutil
 
 from click.testing import CliRunner
 
@@ -21,25 +22,31 @@ def test_bench_json_reports_prefill_and_decode(tmp_path):
                 "prefill_gflop_per_s", "weight_bytes"):
         assert report[key] > 0, key
     assert report["backend"] == "cpu" and report["dtype"] == "f32" and report["threads"] == 1
-    assert report["prompt_tokens"] == 9 and report["gen_tokens"] == 5
+    assert report["prompt_tokens"] == 9 and report["gen_tokens"] == 5 and report["decode_steps"] == 5
     # GB/s is the weights read per decoded token times tokens/s.
     assert abs(report["decode_gb_per_s"] - report["decode_tokens_per_s"] * report["weight_bytes"] / 1e9) < 1e-9
 
 
-def test_bench_decode_never_stops_at_eos():
-    """tiny-qwen2's EOS id is 1; a prompt of 1s makes EOS likely, yet every step is taken."""
+def test_bench_decode_never_stops_at_eos(tmp_path):
+    """On a model whose first greedy token after bench's prompt is its EOS, bench still takes
+    and times exactly the requested decode steps."""
     import opencamp
-
-    llm = opencamp.LLM(FIXTURES / "tiny-qwen2", backend="cpu", threads=1)
     from opencamp import bench
 
-    report = bench.run(str(llm.model_dir), prompt_tokens=4, gen_tokens=12, repeat=1, llm=llm)
-    assert report["gen_tokens"] == 12
-    # The same engine call bench makes: exactly gen_tokens + 1 tokens, whatever they are.
-    seq = llm.engine.create_sequence()
-    result = llm.engine.generate(seq, [1, 1, 1, 1], max_tokens=13, ignore_eos=True).wait()
-    llm.engine.free_sequence(seq)
-    assert len(result["tokens"]) == 13 and result["finish_reason"] == "length"
+    model = tmp_path / "eos-first"
+    shutil.copytree(FIXTURES / "tiny-qwen2", model)
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    prompt = synthetic_prompt(4, vocab)
+    first = int(opencamp.LLM(model, backend="cpu", threads=1).logits(prompt)[-1].argmax())
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((model / name).read_text())
+        (model / name).write_text(json.dumps({**config, "eos_token_id": first}))
+    llm = opencamp.LLM(model, backend="cpu", threads=1)
+    # Left alone, generation ends at once.
+    alone = llm.complete(prompt, max_tokens=13)
+    assert alone.token_ids == [first] and alone.finish_reason == "stop"
+    report = bench.run(str(model), prompt_tokens=4, gen_tokens=12, repeat=1, llm=llm)
+    assert report["decode_steps"] == 12 and report["gen_tokens"] == 12
 
 
 def test_bench_refuses_more_tokens_than_the_context():

@@ -1,4 +1,5 @@
 """The `opencamp` command: generate and chat on the real SmolLM2, and its errors."""
+import re
 import shutil
 import subprocess
 import sys
@@ -24,16 +25,30 @@ def test_generate_raw_prompt_respects_max_tokens(smollm2_dir):
     assert "[3 tokens, length" in result.stderr
 
 
-def test_chat_is_multi_turn_and_reuses_the_cache(smollm2_dir):
-    conversation = f"{SMOLLM2_QUESTION}\nAnd of Germany?\n/exit\n"
+def run_chat(smollm2_dir, *lines):
+    """`opencamp chat` on SmolLM2 fed `lines`; the result and its statistics lines (stderr)."""
     result = CliRunner().invoke(main, ["chat", "--model", str(smollm2_dir), "--threads", "2",
-                                       "--max-tokens", "24"], input=conversation)
+                                       "--max-tokens", "24"], input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
+    return result, [line for line in result.stderr.splitlines() if line.startswith("[")]
+
+
+def test_chat_is_multi_turn_and_reuses_the_cache(smollm2_dir):
+    result, stats = run_chat(smollm2_dir, SMOLLM2_QUESTION, "And of Germany?", "/exit")
     assert "The capital of France is Paris." in result.stdout
-    stats = [line for line in result.stderr.splitlines() if line.startswith("[")]
     assert len(stats) == 2
     assert "(0 cached)" in stats[0]
     assert "(0 cached)" not in stats[1]  # the second turn reused the first turn's tokens
+
+
+def test_chat_reset_starts_a_new_conversation(smollm2_dir):
+    result, stats = run_chat(smollm2_dir, SMOLLM2_QUESTION, "/reset", SMOLLM2_QUESTION, "/exit")
+    assert "(new conversation)" in result.stderr
+    assert result.stdout.count("The capital of France is Paris.") == 2
+    assert len(stats) == 2
+    # After /reset the question is a first turn again: the 37-token prompt of the reference,
+    # not the first turn's history plus the question (as without /reset).
+    assert [re.search(r"prompt (\d+) ", line).group(1) for line in stats] == ["37", "37"]
 
 
 def test_missing_model_is_a_clean_error(tmp_path):

@@ -12,9 +12,12 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+import click
+
 import opencamp
-from opencamp.cli import CPU_FEATURES, DEFAULT_SERVE_MODEL, main
-from serverkit import ServeProcess, make_tiny_chat_model, opencamp_executable
+from opencamp.cli import (CPU_FEATURES, DEFAULT_SERVE_MODEL, _kv_bytes_per_token,
+                          _kv_cache_positions, main)
+from serverkit import ServeProcess, make_tiny_chat_model, metric, opencamp_executable
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,47 @@ def test_serve_exits_with_an_error_when_loading_fails(tmp_path, tiny_dir):
     assert result.returncode == 1
     assert "cannot load the model" in result.stderr
     assert "model.safetensors" in result.stderr
+
+
+def test_kv_cache_sizes_from_a_memory_budget_and_by_default(smollm2_tokenizer_dir):
+    smollm2 = opencamp._core.load_config(str(smollm2_tokenizer_dir))
+    per_token = _kv_bytes_per_token(smollm2)
+    assert per_token == 30 * 3 * 64 * 2 * 4 == 46080  # "46 KB per position" (README)
+
+    def positions(kv_cache_tokens=None, kv_cache_memory=None, available=64 << 30,
+                  context=2048, parallel=8):
+        return _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
+                                   available)
+
+    assert positions(kv_cache_memory="2GiB") == (2 << 30) // per_token
+    assert positions(kv_cache_memory="500MB") == 500_000_000 // per_token
+    assert positions(kv_cache_tokens=5000) == 5000
+    # By default a whole context per running sequence, within half the available memory, and
+    # never less than one context.
+    assert positions() == 8 * 2048
+    assert positions(available=1 << 30) == (1 << 29) // per_token  # 11650 < 8 x 2048
+    assert positions(available=1 << 20) == 2048
+    with pytest.raises(click.ClickException, match="not both"):
+        positions(kv_cache_tokens=5000, kv_cache_memory="1GiB")
+    with pytest.raises(click.ClickException,
+                       match=r"--kv-cache-memory 10MB \(217 positions of 46080 bytes\) must hold "
+                             r"at least one whole context \(2048"):
+        positions(kv_cache_memory="10MB")
+    with pytest.raises(click.ClickException, match="cannot read 'lots'"):
+        positions(kv_cache_memory="lots")
+
+
+@pytest.mark.parametrize("args, positions", [
+    (["--kv-cache-memory", "1MiB"], (1 << 20) // (2 * 2 * 16 * 2 * 4)),  # 512 bytes a position
+    ([], 3 * 512),  # --parallel contexts (memory is plentiful for this model)
+], ids=["memory-budget", "default"])
+def test_serve_gives_the_engine_the_kv_cache_it_announces(tiny_dir, args, positions):
+    process = ServeProcess(["--model", str(tiny_dir), "--threads", "1", "--max-context", "512",
+                            "--parallel", "3", *args])
+    try:
+        url = process.wait_ready()
+        text = httpx.get(url + "/metrics", timeout=60).text
+        assert metric(text, "opencamp_kv_cache_blocks_total") * 16 == positions  # 16 a block
+    finally:
+        assert process.stop() == 0
+    assert f"KV cache {positions} positions" in process.output

@@ -1,6 +1,7 @@
 """opencamp against HF transformers on the committed tiny random models (one per architecture).
 
-The references were computed by tests/fixtures/make_tiny_models.py with transformers in f32.
+The references were computed by tests/fixtures/make_tiny_models.py with transformers (f32
+weights, computed in f64 and rounded to f32).
 """
 import numpy as np
 import pytest
@@ -81,3 +82,16 @@ def test_decode_path_agrees_with_prefill(tiny):
     finally:
         engine.free_sequence(seq)
     assert np.abs(np.stack(rows) - ref["logits"]).max() < F32_TOLERANCE
+
+
+def test_repetition_penalty_matches_transformers_prompt_included(tiny):
+    """transformers' repetition penalty counts the prompt's tokens too; on this prompt neither
+    a penalty blind to the prompt nor none at all gives these tokens (the fixture script
+    checks), so the whole path from the Python option to the sampler is exercised."""
+    _, llm, ref = tiny
+    penalty = float(ref["repetition_penalty"][0])
+    completion = llm.complete(ref["penalty_prompt"].tolist(), max_tokens=16, ignore_eos=True,
+                              repetition_penalty=penalty)
+    assert completion.token_ids == ref["penalty_tokens"].tolist()
+    plain = llm.complete(ref["penalty_prompt"].tolist(), max_tokens=16, ignore_eos=True)
+    assert plain.token_ids != ref["penalty_tokens"].tolist()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -92,6 +94,8 @@ def test_models_lists_the_served_model(client):
 
 
 def test_chat_completion_shape_and_usage(client):
+    scheduler = client.app.state.opencamp.scheduler
+    cached_before = scheduler.stats()["cached_tokens"]
     response = chat(client, max_tokens=5)
     assert response.status_code == 200
     body = response.json()
@@ -106,7 +110,14 @@ def test_chat_completion_shape_and_usage(client):
     assert usage["completion_tokens"] == 5
     assert usage["prompt_tokens"] > 5
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
-    assert usage["prompt_tokens_details"]["cached_tokens"] >= 0
+    # Exactly the prompt tokens the engine took from its cache for this request.
+    assert usage["prompt_tokens_details"]["cached_tokens"] == \
+        scheduler.stats()["cached_tokens"] - cached_before
+    # The same request again takes over the finished conversation: all its prompt tokens but
+    # the last (whose logits the answer needs) come from the cache.
+    again = chat(client, max_tokens=5).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+    assert again["choices"] == body["choices"]
 
 
 def test_chat_stream_follows_openai_chunk_sequence(client):
@@ -465,24 +476,27 @@ def test_metrics_are_prometheus_text(client):
     assert 'opencamp_model_info{model="tiny-chat",backend=' in text
 
 
-def test_next_turn_reuses_the_conversation_cache(client, tiny_llm):
+def test_next_turn_reuses_the_conversation_cache(client, tiny_llm, tiny_dir):
     system = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
     turn1 = [system, {"role": "user", "content": "Tell me about the sea."}]
     first = client.post("/v1/chat/completions", json={"messages": turn1, "max_tokens": 12}).json()
     answer = first["choices"][0]["message"]["content"]
     # Some other conversation in between must not evict ours (the pool keeps several).
-    chat(client, max_tokens=3)
+    other = chat(client, max_tokens=3).json()
     turn2 = turn1 + [{"role": "assistant", "content": answer},
                      {"role": "user", "content": "And about rivers?"}]
     second = client.post("/v1/chat/completions", json={"messages": turn2, "max_tokens": 4}).json()
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= first["usage"]["prompt_tokens"]  # the whole first turn was reused
     assert cached < second["usage"]["prompt_tokens"]
-    # And the answer is the one a cold cache gives.
-    cold = tiny_llm.complete(tiny_llm.chat_prompt_ids(turn2), max_tokens=4)
+    # And the answer is the one a cold cache gives: a separate engine that holds nothing.
+    cold_llm = opencamp.LLM(tiny_dir, threads=2, max_context=TINY_CONTEXT)
+    cold = cold_llm.complete(cold_llm.chat_prompt_ids(turn2), max_tokens=4)
+    assert cold.cached_tokens == 0
     assert second["choices"][0]["message"]["content"] == cold.text
     text = client.get("/metrics").text
-    assert metric(text, "opencamp_prompt_tokens_cached_total") >= cached
+    assert metric(text, "opencamp_prompt_tokens_cached_total") == sum(
+        r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (first, other, second))
 
 
 def test_cached_conversations_are_evicted_when_the_cache_is_needed(tmp_path, tiny_dir):
@@ -511,6 +525,57 @@ def live(tiny_llm):
         yield url, app.state.opencamp
 
 
+class HeldStream:
+    """A generation the server started, whose reader stops after `after` pieces until the server
+    cancels (or closes) it. Unread, the request soon sits out the engine's steps (the scheduler
+    pauses a request with max_unread_tokens unread), so it keeps running, holding its place in
+    the batch, for as long as a test needs, however fast this machine generates. `holding` is
+    set when the reader stops."""
+
+    def __init__(self, stream, after: int):
+        self.inner, self.after, self.pieces = stream, after, 0
+        self.holding = threading.Event()
+        self._released = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pieces == self.after:
+            self.holding.set()
+            # Only guards against a hang: a correct server cancels within the test's steps.
+            if not self._released.wait(120):
+                raise AssertionError("the server never cancelled a held generation")
+        self.pieces += 1
+        return next(self.inner)
+
+    def cancel(self):
+        self._released.set()
+        self.inner.cancel()
+
+    def close(self):
+        self._released.set()
+        self.inner.close()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def held_streams(tiny_llm, monkeypatch):
+    """Every generation the server starts from here on is a HeldStream (after 5 pieces); the
+    list of them, in the order they started."""
+    real_stream = tiny_llm.stream
+    held: list[HeldStream] = []
+
+    def stream(*args, **kwargs):
+        held.append(HeldStream(real_stream(*args, **kwargs), after=5))
+        return held[-1]
+
+    monkeypatch.setattr(tiny_llm, "stream", stream)
+    return held
+
+
 def _read_stream(url, body, chunks_wanted=None, results=None, timeout=120):
     """Stream a chat; stop reading after `chunks_wanted` content chunks (None: read it all)."""
     with httpx.Client(timeout=timeout) as http:
@@ -529,27 +594,35 @@ def _read_stream(url, body, chunks_wanted=None, results=None, timeout=120):
     return events
 
 
-def test_client_disconnect_cancels_generation_and_frees_the_cache(live, tiny_llm):
+def _post_then_hang_up(url, body, until):
+    """POST a chat over a bare socket, wait for `until()` (the server is working on it), then
+    close the connection before any answer arrived."""
+    address = urlsplit(url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n"
+                     f"\r\n".encode() + payload)
+        wait_until(until, what="the server to be generating the answer")
+
+
+def test_client_disconnect_cancels_generation_and_frees_the_cache(live, tiny_llm, held_streams):
     url, state = live
     body = {"messages": HELLO, "stream": True, "max_tokens": 3000}
     before = state.metrics.generation_tokens.value()
-    _read_stream(url, body, chunks_wanted=3)
+    _read_stream(url, body, chunks_wanted=3)  # the server holds at 5 pieces: it is still running
     wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled") == 1,
                what="the generation to be cancelled")
     wait_until(lambda: no_leaks(tiny_llm, state), what="the sequence to be freed")
     generated = state.metrics.generation_tokens.value() - before
     assert 3 <= generated < 3000  # stopped long before max_tokens
     # Not streamed: the same holds when the client hangs up while waiting for the answer.
-    def hang_up():
-        try:
-            httpx.post(url + "/v1/chat/completions",
-                       json={"messages": HELLO, "max_tokens": 3000}, timeout=0.5)
-        except httpx.TimeoutException:
-            pass
-    hang_up()
+    _post_then_hang_up(url, {"messages": HELLO, "max_tokens": 3000},
+                       until=lambda: len(held_streams) == 2 and held_streams[1].holding.is_set())
     wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled") == 2,
                what="the second generation to be cancelled")
     wait_until(lambda: no_leaks(tiny_llm, state), what="the sequence to be freed")
+    assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == 0
 
 
 def _first_content(response):
@@ -561,11 +634,12 @@ def _first_content(response):
             return lines
 
 
-def test_queued_client_that_leaves_gives_up_its_place(live, tiny_llm):
+def test_queued_client_that_leaves_gives_up_its_place(live, tiny_llm, held_streams):
     url, state = live
     long_body = {"messages": HELLO, "stream": True, "max_tokens": 3000}
     post = "POST", url + "/v1/chat/completions"
-    # Both slots (parallel=2) busy with long generations: a third request has to wait.
+    # Both slots (parallel=2) busy with generations held open until their clients leave: a
+    # third request has to wait.
     with httpx.Client(timeout=60) as a, httpx.Client(timeout=60) as b, \
             httpx.Client(timeout=60) as c:
         with a.stream(*post, json=long_body) as first, b.stream(*post, json=long_body) as second:
@@ -580,8 +654,15 @@ def test_queued_client_that_leaves_gives_up_its_place(live, tiny_llm):
             wait_until(lambda: state.metrics.requests.value(endpoint="chat",
                                                             finish_reason="cancelled") == 1,
                        what="the queued request to end as cancelled")
+            queued_completion = held_streams[2].completion
+            assert queued_completion.finish_reason == "cancelled"
+            assert queued_completion.token_ids == []
             del reading
     wait_until(lambda: no_leaks(tiny_llm, state), what="everything to be freed")
+    # All three ended as cancelled (their metrics land on the event loop after the engine ends
+    # them): none ran to its max_tokens.
+    wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled") == 3,
+               what="the two held generations to end as cancelled")
     assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == 0
     assert chat_live(url, max_tokens=2)["usage"]["completion_tokens"] == 2
 
@@ -650,7 +731,7 @@ def test_the_page_and_its_assets_are_served_from_the_package(client):
     assert "https://" not in page.text  # nothing from a CDN
 
 
-def test_a_full_queue_answers_429(tiny_llm):
+def test_a_full_queue_answers_429(tiny_llm, held_streams):
     app = make_app(tiny_llm, parallel=1, max_waiting=1)
     state = app.state.opencamp
     long_body = {"messages": HELLO, "stream": True, "max_tokens": 3000}

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from conftest import REPO, SMOLLM2_QUESTION
-from serverkit import ServeProcess, metric, wait_until
+from serverkit import ServeProcess, count, wait_until
 
 CHROMIUM = os.environ.get("OPENCAMP_CHROMIUM") or shutil.which("chromium") \
     or shutil.which("chromium-browser")
@@ -167,8 +167,8 @@ def test_changed_settings_apply_to_the_second_turn(page):
 
 def test_the_stop_button_stops_a_long_generation(page, server):
     def cancelled():
-        return metric(httpx.get(server + "/metrics").text, "opencamp_requests_total",
-                      endpoint="chat", finish_reason="cancelled")
+        return count(httpx.get(server + "/metrics").text, "opencamp_requests_total",
+                     endpoint="chat", finish_reason="cancelled")
 
     before = cancelled()
     page.fill("#max-tokens", "900")

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from conftest import SMOLLM2_QUESTION
-from serverkit import ServeProcess, metric, wait_until
+from serverkit import ServeProcess, count, metric, wait_until
 
 KEY = "test-key-123"
 NAME = "smollm2"
@@ -51,14 +51,24 @@ def test_models_are_listed(client):
     assert [m.id for m in client.models.list().data] == [NAME]
 
 
-def test_non_streamed_answer(client):
+def test_non_streamed_answer(client, server):
+    _, url = server
+    cached_before = metric(metrics(url), "opencamp_prompt_tokens_cached_total")
     answer = client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0,
                                             max_tokens=24)
     assert answer.choices[0].message.content == "The capital of France is Paris."
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage.prompt_tokens == 37  # the reference prompt of the capital question
     assert answer.usage.completion_tokens == 8  # seven answer tokens and <|im_end|>
-    assert answer.usage.prompt_tokens_details.cached_tokens >= 0
+    # usage reports exactly the prompt tokens the engine took from its cache
+    cached = answer.usage.prompt_tokens_details.cached_tokens
+    assert cached == metric(metrics(url), "opencamp_prompt_tokens_cached_total") - cached_before
+    # Asked again, the finished conversation is taken over: every prompt token but the last
+    # (whose logits the answer needs) comes from the cache, and the answer is the same.
+    again = client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0,
+                                           max_tokens=24)
+    assert again.usage.prompt_tokens_details.cached_tokens == 37 - 1
+    assert again.choices[0].message.content == answer.choices[0].message.content
 
 
 def test_streamed_answer(client):
@@ -115,8 +125,11 @@ def test_errors_reach_the_client_as_openai_exceptions(client, server):
 
 def test_closing_streams_early_frees_the_server(client, server):
     _, url = server
-    before = metric(metrics(url), "opencamp_requests_total", endpoint="chat",
-                    finish_reason="cancelled")
+    before = count(metrics(url), "opencamp_requests_total", endpoint="chat",
+                   finish_reason="cancelled")
+    # Every earlier request has ended: the blocks in use now are the finished conversations the
+    # server keeps for a next turn.
+    blocks_before = metric(metrics(url), "opencamp_kv_cache_blocks_used")
     # Fill every slot (--parallel 4) with generations that would run for many minutes.
     streams = []
     for i in range(4):
@@ -128,12 +141,15 @@ def test_closing_streams_early_frees_the_server(client, server):
     for stream in streams:
         next(stream)
         stream.close()
-    wait_until(lambda: metric(metrics(url), "opencamp_requests_total", endpoint="chat",
-                              finish_reason="cancelled") == before + 4,
+    wait_until(lambda: count(metrics(url), "opencamp_requests_total", endpoint="chat",
+                             finish_reason="cancelled") == before + 4,
                timeout=120, what="the four generations to stop")
     text = metrics(url)
     assert metric(text, "opencamp_requests_running") == 0
-    assert metric(text, "opencamp_kv_cache_blocks_reserved") == 0
+    assert metric(text, "opencamp_requests_waiting") == 0
+    # The cancelled generations gave every block back (a cancelled answer is not kept; one
+    # that took over a kept conversation sharing its system prompt took that one's blocks).
+    assert metric(text, "opencamp_kv_cache_blocks_used") <= blocks_before
     # Were they still running, this would queue behind an hour of generation.
     answer = client.chat.completions.create(model=NAME, messages=QUESTION, temperature=0,
                                             max_tokens=24)
