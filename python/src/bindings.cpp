@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <cstring>
 #include <memory>
 #include <optional>
 
@@ -113,6 +114,64 @@ py::dict result_dict(const GenerationResult& r) {
   return d;
 }
 
+// A GGUF string as str, or as bytes when it is not valid UTF-8 (never altered).
+py::object gguf_string(std::string_view s) {
+  PyObject* text = PyUnicode_DecodeUTF8(s.data(), static_cast<py::ssize_t>(s.size()), "strict");
+  if (text) return py::reinterpret_steal<py::object>(text);
+  PyErr_Clear();
+  return py::bytes(s.data(), s.size());
+}
+
+template <class T>
+py::object gguf_numeric_array(const GgufValue& v) {
+  py::array_t<T> out(static_cast<py::ssize_t>(v.count));
+  if (v.bytes > 0) std::memcpy(out.mutable_data(), v.data, static_cast<size_t>(v.bytes));
+  return std::move(out);
+}
+
+// A metadata value as Python: int, float, bool, str; arrays of strings as lists, numeric and
+// bool arrays as numpy arrays of the matching dtype.
+py::object gguf_value(const GgufValue& v) {
+  if (v.is_array()) {
+    switch (v.element_type) {
+      case GgufType::U8: return gguf_numeric_array<uint8_t>(v);
+      case GgufType::I8: return gguf_numeric_array<int8_t>(v);
+      case GgufType::U16: return gguf_numeric_array<uint16_t>(v);
+      case GgufType::I16: return gguf_numeric_array<int16_t>(v);
+      case GgufType::U32: return gguf_numeric_array<uint32_t>(v);
+      case GgufType::I32: return gguf_numeric_array<int32_t>(v);
+      case GgufType::U64: return gguf_numeric_array<uint64_t>(v);
+      case GgufType::I64: return gguf_numeric_array<int64_t>(v);
+      case GgufType::F32: return gguf_numeric_array<float>(v);
+      case GgufType::F64: return gguf_numeric_array<double>(v);
+      case GgufType::Bool: return gguf_numeric_array<bool>(v);
+      case GgufType::String: {
+        py::list out(v.strings.size());
+        for (size_t i = 0; i < v.strings.size(); ++i) out[i] = gguf_string(v.strings[i]);
+        return std::move(out);
+      }
+      case GgufType::Array: break;  // refused by the reader
+    }
+    throw Error(ErrorKind::Internal, "nested GGUF array");
+  }
+  switch (v.type) {
+    case GgufType::Bool: return py::bool_(v.boolean());
+    case GgufType::F32: case GgufType::F64: return py::float_(v.number());
+    case GgufType::String: return gguf_string(v.string());
+    case GgufType::U64: {
+      uint64_t value;
+      std::memcpy(&value, v.data, sizeof value);
+      return py::int_(value);
+    }
+    default: return py::int_(*v.integer());
+  }
+}
+
+std::shared_ptr<GgufFile> open_gguf(const std::filesystem::path& path) {
+  py::gil_scoped_release release;
+  return GgufFile::open(path);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -163,8 +222,14 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
-  m.def("load_config", [](const std::filesystem::path& dir) { return config_dict(load_model_config(dir)); },
-        py::arg("model_dir"));
+  m.def("load_config",
+        [](const std::filesystem::path& path) {
+          // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
+          if (std::filesystem::is_regular_file(path)) return config_dict(gguf_model_config(*open_gguf(path)));
+          return config_dict(load_model_config(path));
+        },
+        py::arg("model_path"),
+        "The hyper-parameters of a Hugging Face folder (config.json) or a GGUF file (metadata).");
 
   // The weight formats' reference conversions (the definitions every kernel is tested against).
   m.def("dtypes", [] {
@@ -224,6 +289,31 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("values"), py::arg("dtype"), "float32 values -> raw blocks (uint8) of `dtype`.");
 
+  // GGUF files, read by the C++ reader (the same validation and errors as model loading).
+  m.def("read_gguf_metadata",
+        [](const std::filesystem::path& path) {
+          const std::shared_ptr<GgufFile> file = open_gguf(path);
+          py::dict out;
+          for (const auto& [key, value] : file->metadata()) out[py::str(key)] = gguf_value(value);
+          return out;
+        },
+        py::arg("path"),
+        "Every metadata key of a GGUF file -> int, float, bool, str (bytes where a string is not "
+        "UTF-8), list of str, or a numpy array for numeric and bool arrays (token scores, types).");
+  m.def("gguf_tensors",
+        [](const std::filesystem::path& path) {
+          const std::shared_ptr<GgufFile> file = open_gguf(path);
+          py::list out;
+          for (const GgufTensor& t : file->tensors()) {
+            std::vector<int64_t> shape(t.shape.begin(), t.shape.begin() + t.ndim);
+            out.append(py::make_tuple(t.name, ggml_type_name(t.ggml_type), shape));
+          }
+          return out;
+        },
+        py::arg("path"),
+        "The tensors of a GGUF file: (name, ggml type name such as \"Q4_K\", shape in numpy "
+        "order, i.e. [rows, row length] for a matrix).");
+
   bind_token_stream(py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream"))
       .def("wait",
            [](GenerationStream& s) {
@@ -256,7 +346,18 @@ PYBIND11_MODULE(_core, m) {
            py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk)
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("backend", &Engine::backend_name)
-      .def_property_readonly("dtype", [](const Engine& e) { return std::string(dtype_name(e.weight_dtype())); })
+      .def_property_readonly("dtype", [](const Engine& e) { return e.model().weight_format(); },
+                             "The weights' format: \"bf16\", or for a mixed file the main one with the "
+                             "count of matrices per format, e.g. \"q4_k (mixed: 169 q4_k, 43 q6_k)\".")
+      .def_property_readonly("weight_types",
+                             [](const Engine& e) {
+                               py::dict d;
+                               for (const auto& [dtype, use] : e.model().weight_types()) {
+                                 d[py::str(dtype_name(dtype))] = py::make_tuple(use.tensors, use.bytes);
+                               }
+                               return d;
+                             },
+                             "{format: (matrices, bytes)} over the weight matrices, embedding included.")
       .def_property_readonly("matmul_activation_dtype",
                              [](const Engine& e) { return std::string(dtype_name(e.matmul_activation_dtype())); },
                              "What matmuls round activations to: f32 (exact products) or bf16 (bf16 dot "

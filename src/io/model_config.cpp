@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "io/json.h"
+#include "opencamp/gguf.h"
 #include "io/mapped_file.h"
 #include "opencamp/error.h"
 
@@ -127,6 +128,29 @@ RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
   return rope;
 }
 
+void check_heads(const ModelConfig& config, const std::string& source, const char* heads_key,
+                 const char* kv_heads_key) {
+  if (config.num_kv_heads <= 0 || config.num_heads % config.num_kv_heads != 0) {
+    fail(ErrorKind::InvalidModel, source, ": ", heads_key, " (", config.num_heads,
+         ") must be a multiple of ", kv_heads_key, " (", config.num_kv_heads, ")");
+  }
+}
+
+void check_head_dim(const ModelConfig& config, const std::string& source) {
+  if (config.head_dim % 2 != 0) {
+    fail(ErrorKind::InvalidModel, source, ": head_dim ", config.head_dim, " must be even for rope");
+  }
+}
+
+void check_special_ids(const ModelConfig& config, const std::string& source) {
+  for (int id : config.eos_token_ids) {
+    if (id >= config.vocab_size) {
+      fail(ErrorKind::InvalidModel, source, ": eos_token_id ", id, " is outside the vocabulary (",
+           config.vocab_size, ")");
+    }
+  }
+}
+
 }  // namespace
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
@@ -147,10 +171,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   config.num_layers = reader.positive_int("num_hidden_layers");
   config.num_heads = reader.positive_int("num_attention_heads");
   config.num_kv_heads = reader.int_or("num_key_value_heads", config.num_heads, 1);
-  if (config.num_heads % config.num_kv_heads != 0) {
-    fail(ErrorKind::InvalidModel, source, ": num_attention_heads (", config.num_heads,
-         ") must be a multiple of num_key_value_heads (", config.num_kv_heads, ")");
-  }
+  check_heads(config, source, "num_attention_heads", "num_key_value_heads");
   if (reader.find("head_dim")) {
     config.head_dim = reader.positive_int("head_dim");
   } else if (config.hidden_size % config.num_heads == 0) {
@@ -159,9 +180,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
     fail(ErrorKind::InvalidModel, source, ": hidden_size (", config.hidden_size,
          ") is not a multiple of num_attention_heads (", config.num_heads, ") and head_dim is absent");
   }
-  if (config.head_dim % 2 != 0) {
-    fail(ErrorKind::InvalidModel, source, ": head_dim ", config.head_dim, " must be even for rope");
-  }
+  check_head_dim(config, source);
   config.max_position_embeddings = reader.int_or("max_position_embeddings", 2048, 1);
   config.rms_norm_eps = static_cast<float>(reader.number_or(root, "rms_norm_eps", 1e-6));
   config.tie_word_embeddings = reader.bool_or("tie_word_embeddings", false);
@@ -195,7 +214,7 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 ModelConfig load_model_config(const std::filesystem::path& dir) {
   if (!std::filesystem::is_directory(dir)) {
     fail(ErrorKind::InvalidModel, "model directory ", dir.string(),
-         " does not exist; pass a folder holding config.json and model.safetensors");
+         " does not exist; pass a folder holding config.json and model.safetensors, or a .gguf file");
   }
   const auto config_path = dir / "config.json";
   if (!std::filesystem::exists(config_path)) {
@@ -218,12 +237,118 @@ ModelConfig load_model_config(const std::filesystem::path& dir) {
       }
     }
   }
-  for (int id : config.eos_token_ids) {
-    if (id >= config.vocab_size) {
-      fail(ErrorKind::InvalidModel, config_path.string(), ": eos_token_id ", id,
-           " is outside the vocabulary (", config.vocab_size, ")");
+  check_special_ids(config, config_path.string());
+  return config;
+}
+
+namespace {
+
+// `{arch}.key` of a GGUF file, as an int within [minimum, 1e9].
+class GgufConfigReader {
+ public:
+  GgufConfigReader(const GgufFile& file, std::string arch) : file_(file), arch_(std::move(arch)) {}
+
+  std::string key(const char* suffix) const { return arch_ + "." + suffix; }
+  int required_int(const char* suffix, int minimum = 1) const {
+    return checked(key(suffix), file_.integer(key(suffix)), minimum);
+  }
+  std::optional<int> optional_int(const std::string& full_key, int minimum = 0) const {
+    const std::optional<int64_t> v = file_.optional_integer(full_key);
+    if (!v) return std::nullopt;
+    return checked(full_key, *v, minimum);
+  }
+  int checked(const std::string& full_key, int64_t v, int minimum) const {
+    if (v < minimum || v > 1000000000) {
+      fail(ErrorKind::InvalidModel, file_.path().string(), ": metadata key ", full_key, " is ", v,
+           "; expected an integer >= ", minimum);
+    }
+    return static_cast<int>(v);
+  }
+
+ private:
+  const GgufFile& file_;
+  std::string arch_;
+};
+
+}  // namespace
+
+ModelConfig gguf_model_config(const GgufFile& file) {
+  const std::string source = file.path().string();
+  ModelConfig config;
+  config.model_type = file.string("general.architecture");
+  const GgufConfigReader r(file, config.model_type);
+  config.num_layers = r.required_int("block_count");
+  config.hidden_size = r.required_int("embedding_length");
+  config.intermediate_size = r.required_int("feed_forward_length");
+  config.num_heads = r.required_int("attention.head_count");
+  config.num_kv_heads = r.optional_int(r.key("attention.head_count_kv"), 1).value_or(config.num_heads);
+  check_heads(config, source, r.key("attention.head_count").c_str(), r.key("attention.head_count_kv").c_str());
+  const std::optional<int> key_length = r.optional_int(r.key("attention.key_length"), 1);
+  const std::optional<int> value_length = r.optional_int(r.key("attention.value_length"), 1);
+  if (key_length) {
+    config.head_dim = *key_length;
+  } else if (config.hidden_size % config.num_heads == 0) {
+    config.head_dim = config.hidden_size / config.num_heads;
+  } else {
+    fail(ErrorKind::InvalidModel, source, ": ", r.key("embedding_length"), " (", config.hidden_size,
+         ") is not a multiple of ", r.key("attention.head_count"), " (", config.num_heads, ") and ",
+         r.key("attention.key_length"), " is absent");
+  }
+  if (value_length && *value_length != config.head_dim) {
+    fail(ErrorKind::Unsupported, source, ": ", r.key("attention.value_length"), " (", *value_length,
+         ") differs from the key length (", config.head_dim, "); opencamp needs them equal");
+  }
+  check_head_dim(config, source);
+  if (const std::optional<int> rotary = r.optional_int(r.key("rope.dimension_count"), 0);
+      rotary && *rotary != config.head_dim) {
+    fail(ErrorKind::Unsupported, source, ": ", r.key("rope.dimension_count"), " is ", *rotary,
+         " but heads have ", config.head_dim, " dimensions; partial rotary embeddings are not supported");
+  }
+  config.max_position_embeddings = r.required_int("context_length");
+  config.rms_norm_eps = static_cast<float>(file.number(r.key("attention.layer_norm_rms_epsilon")));
+
+  // RoPE: the base, and linear scaling (llama.cpp writes Llama 3's scaling as the rope_freqs
+  // tensor instead, which the model applies).
+  config.rope.theta = file.optional_number(r.key("rope.freq_base")).value_or(10000.0);
+  const std::string scaling = file.optional_string(r.key("rope.scaling.type")).value_or("none");
+  const std::optional<double> old_linear = file.optional_number(r.key("rope.scale_linear"));
+  if (scaling == "linear" || (scaling == "none" && old_linear && *old_linear != 1.0)) {
+    config.rope.type = RopeType::Linear;
+    config.rope.factor = scaling == "linear" ? file.number(r.key("rope.scaling.factor")) : *old_linear;
+    if (!(config.rope.factor > 0)) {
+      fail(ErrorKind::InvalidModel, source, ": linear rope scaling needs a positive ",
+           r.key("rope.scaling.factor"));
+    }
+  } else if (scaling != "none") {
+    fail(ErrorKind::Unsupported, source, ": ", r.key("rope.scaling.type"), " is '", scaling,
+         "'; opencamp supports none and linear rope scaling in GGUF files");
+  }
+
+  // The vocabulary: {arch}.vocab_size when written, else the tokenizer's token list.
+  if (const std::optional<int> vocab = r.optional_int(r.key("vocab_size"), 1)) {
+    config.vocab_size = *vocab;
+  } else if (const GgufValue* tokens = file.optional_array("tokenizer.ggml.tokens", GgufType::String)) {
+    config.vocab_size = r.checked("tokenizer.ggml.tokens (its length)", static_cast<int64_t>(tokens->count), 1);
+  } else {
+    fail(ErrorKind::InvalidModel, source, ": neither ", r.key("vocab_size"),
+         " nor tokenizer.ggml.tokens says how large the vocabulary is");
+  }
+  config.bos_token_id = r.optional_int("tokenizer.ggml.bos_token_id").value_or(-1);
+  // End of generation: EOS, and the end-of-turn / end-of-message ids where they differ.
+  for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                          "tokenizer.ggml.eom_token_id"}) {
+    if (const std::optional<int> id = r.optional_int(key)) {
+      if (std::find(config.eos_token_ids.begin(), config.eos_token_ids.end(), *id) == config.eos_token_ids.end()) {
+        config.eos_token_ids.push_back(*id);
+      }
     }
   }
+  check_special_ids(config, source);
+
+  // What the tensors say: an absent output matrix means the embedding is reused (tied); biases.
+  config.tie_word_embeddings = file.find_tensor("output.weight") == nullptr;
+  config.attention_bias = file.find_tensor("blk.0.attn_q.bias") != nullptr;
+  config.mlp_bias = file.find_tensor("blk.0.ffn_up.bias") != nullptr;
   return config;
 }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <set>
 
+#include "io/file_tensor.h"
 #include "io/json.h"
 #include "io/mapped_file.h"
 #include "opencamp/error.h"
@@ -14,6 +15,7 @@ namespace opencamp {
 namespace {
 
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;  // the format's own limit
+constexpr const char* kSafetensorsSupported = ", which opencamp cannot load (supported: F32, BF16, F16)";
 
 bool parse_dtype(const std::string& name, DType& dtype) {
   if (name == "F32") dtype = DType::F32;
@@ -110,23 +112,8 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
            " and dtype ", dtype_value->as_string(), " needs ", numel * dtype_size(dtype),
            " bytes but data_offsets span ", end - begin);
     }
-    Tensor view = Tensor::contiguous(nullptr, dtype, {1});
-    tensor.stride = view.stride;
-    int64_t stride = 1;
-    for (int d = tensor.ndim - 1; d >= 0; --d) {
-      tensor.stride[d] = stride;
-      stride *= tensor.shape[d];
-    }
-    const unsigned char* where = data_start + begin;
-    if (reinterpret_cast<uintptr_t>(where) % dtype_size(dtype) != 0) {
-      // Misaligned data cannot be viewed in place; copy it once.
-      auto copy = std::make_shared<HostBuffer>(end - begin);
-      std::memcpy(copy->data(), where, end - begin);
-      result->copies_.push_back(copy);
-      where = static_cast<const unsigned char*>(copy->data());
-    }
-    tensor.data = const_cast<unsigned char*>(where);  // read-only mapping: never written
-    result->tensors_.emplace(name, tensor);
+    result->tensors_.emplace(name, tensor_from_file(data_start + begin, dtype, tensor.ndim,
+                                                    tensor.shape, result->copies_));
   }
   return result;
 }
@@ -147,7 +134,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
     if (!weight_map || !weight_map->is_object()) {
       fail(ErrorKind::InvalidModel, store.source_, ": missing the \"weight_map\" object");
     }
-    std::map<std::string, const SafetensorsFile*> shards;
+    std::map<std::string, std::shared_ptr<SafetensorsFile>> shards;
     for (const auto& [name, shard_value] : weight_map->as_object()) {
       if (!shard_value.is_string()) {
         fail(ErrorKind::InvalidModel, store.source_, ": weight_map entry '", name, "' is not a file name");
@@ -164,36 +151,36 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
           fail(ErrorKind::InvalidModel, store.source_, " lists shard '", shard,
                "', which is missing from ", model_dir.string(), "; download the complete model");
         }
-        store.files_.push_back(SafetensorsFile::open(model_dir / shard_path));
-        it = shards.emplace(shard, store.files_.back().get()).first;
+        auto opened = SafetensorsFile::open(model_dir / shard_path);
+        store.files_.push_back(opened);
+        it = shards.emplace(shard, opened).first;
       }
       const Tensor* tensor = it->second->find(name);
       if (!tensor) {
         if (it->second->unsupported_.count(name)) {
           store.unsupported_[name] = it->second->path().string() + " stores it as " +
-                                     it->second->unsupported_.at(name);
+                                     it->second->unsupported_.at(name) + kSafetensorsSupported;
           continue;
         }
         fail(ErrorKind::InvalidModel, store.source_, " maps tensor '", name, "' to ", shard,
              ", which does not contain it");
       }
-      store.tensors_[name] = {*tensor, it->second};
+      store.tensors_[name] = {*tensor, it->second->path().string()};
     }
   } else if (std::filesystem::exists(single_path)) {
     store.source_ = single_path.string();
-    store.files_.push_back(SafetensorsFile::open(single_path));
-    for (const auto& [name, tensor] : store.files_.back()->tensors()) {
-      store.tensors_[name] = {tensor, store.files_.back().get()};
-    }
-    for (const auto& [name, dtype] : store.files_.back()->unsupported_) {
-      store.unsupported_[name] = single_path.string() + " stores it as " + dtype;
+    auto opened = SafetensorsFile::open(single_path);
+    store.files_.push_back(opened);
+    for (const auto& [name, tensor] : opened->tensors()) store.tensors_[name] = {tensor, single_path.string()};
+    for (const auto& [name, dtype] : opened->unsupported_) {
+      store.unsupported_[name] = single_path.string() + " stores it as " + dtype + kSafetensorsSupported;
     }
   } else {
     std::string found;
     if (std::filesystem::is_directory(model_dir)) {
       for (const auto& entry : std::filesystem::directory_iterator(model_dir)) {
         const std::string ext = entry.path().extension().string();
-        if (ext == ".bin" || ext == ".pt" || ext == ".gguf" || ext == ".pth" || ext == ".safetensors") {
+        if (ext == ".bin" || ext == ".pt" || ext == ".pth" || ext == ".safetensors") {
           found += (found.empty() ? "" : ", ") + entry.path().filename().string();
         }
       }
@@ -212,16 +199,15 @@ Tensor WeightStore::require(const std::string& name, std::initializer_list<int64
   if (it == tensors_.end()) {
     auto unsupported = unsupported_.find(name);
     if (unsupported != unsupported_.end()) {
-      fail(ErrorKind::InvalidModel, "tensor '", name, "': ", unsupported->second,
-           ", which opencamp cannot load (supported: F32, BF16, F16)");
+      fail(ErrorKind::InvalidModel, "tensor '", name, "': ", unsupported->second);
     }
     fail(ErrorKind::InvalidModel, "tensor '", name, "' is missing from ", source_,
-         "; the weights do not match config.json (wrong model_type or layer count?)");
+         "; the weights do not match ", shapes_from_, " (wrong architecture or layer count?)");
   }
-  const Tensor& tensor = it->second.first;
+  const Tensor& tensor = it->second.tensor;
   if (tensor.dtype == DType::I32) {  // readable (reference files), but never a weight
-    fail(ErrorKind::InvalidModel, "tensor '", name, "': ", it->second.second->path().string(),
-         " stores it as I32, which opencamp cannot load (supported: F32, BF16, F16)");
+    fail(ErrorKind::InvalidModel, "tensor '", name, "': ", it->second.file,
+         " stores it as I32, which opencamp cannot load as a weight");
   }
   bool matches = tensor.ndim == static_cast<int>(expected.size());
   int d = 0;
@@ -230,8 +216,8 @@ Tensor WeightStore::require(const std::string& name, std::initializer_list<int64
     std::string wanted = "[";
     d = 0;
     for (int64_t extent : expected) wanted += (d++ ? ", " : "") + std::to_string(extent);
-    fail(ErrorKind::InvalidModel, "tensor '", name, "' in ", it->second.second->path().string(),
-         " has shape ", shape_string(tensor), " but config.json implies ", wanted, "]");
+    fail(ErrorKind::InvalidModel, "tensor '", name, "' in ", it->second.file, " has shape ",
+         shape_string(tensor), " but ", shapes_from_, " implies ", wanted, "]");
   }
   return tensor;
 }

@@ -1,26 +1,101 @@
-// Loading: config -> architecture -> memory-mapped weights -> tensors prepared on the backend.
-// Every tensor is checked by name and shape against config.json before the model is usable.
+// Loading: checkpoint (HF folder or GGUF file) -> architecture -> memory-mapped weights ->
+// tensors prepared on the backend in the precision asked for. Every tensor is checked by name
+// and shape against the hyper-parameters before the model is usable.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <tuple>
+#include <optional>
 #include <numbers>
 
 #include "opencamp/backend.h"
 #include "opencamp/error.h"
 #include "opencamp/model.h"
 #include "opencamp/weights.h"
+#include "models/checkpoint.h"
 
 namespace opencamp {
 namespace {
 
-DType resolve_dtype(const std::string& requested, DType checkpoint_dtype) {
-  if (requested == "f32" || requested == "float32") return DType::F32;
-  if (requested == "bf16" || requested == "bfloat16") return DType::BF16;
-  if (requested != "auto") {
-    fail(ErrorKind::InvalidArgument, "dtype '", requested, "' is not supported; use auto, f32 or bf16");
+// The 32-value formats llama.cpp falls back to when a row is not a whole number of a K
+// format's 256-value super-blocks (llama_tensor_get_type): Q4_K -> Q5_0, Q5_K -> Q5_1,
+// Q6_K -> Q8_0, each at least as precise as the format asked for.
+DType row_fallback(DType dtype) {
+  switch (dtype) {
+    case DType::Q4_K: return DType::Q5_0;
+    case DType::Q5_K: return DType::Q5_1;
+    case DType::Q6_K: return DType::Q8_0;
+    default: return dtype;
   }
-  // Keep the checkpoint's precision: bf16 stays bf16; f16 widens to f32 (bf16 would lose bits).
-  return checkpoint_dtype == DType::BF16 ? DType::BF16 : DType::F32;
+}
+
+std::string quantized_dtype_names() {
+  std::string names;
+  for (int i = 0; i < kDTypeCount; ++i) {
+    const DTypeTraits& t = dtype_traits(static_cast<DType>(i));
+    if (t.block_elements > 1 && t.from_f32) names += std::string(", ") + t.name;
+  }
+  return names;
+}
+
+// How a requested dtype applies to each matrix the checkpoint has. "auto" keeps the file's
+// format (block formats as they are, bf16 as bf16, f32 and f16 as f32); "f32" / "bf16" hold
+// everything so (dequantising block formats); a block format ("q8_0", "q4_k", ...) quantises
+// every matrix to it, with llama.cpp's 32-value fallback for rows that do not fit a K format
+// and the auto rule for rows that fit no block at all.
+class Precision {
+ public:
+  explicit Precision(const std::string& requested) : requested_(requested) {
+    if (requested == "auto") return;
+    if (requested == "f32" || requested == "float32") {
+      fixed_ = DType::F32;
+    } else if (requested == "bf16" || requested == "bfloat16") {
+      fixed_ = DType::BF16;
+    } else if (const std::optional<DType> dtype = dtype_from_name(requested);
+               dtype && is_block_format(*dtype) && dtype_traits(*dtype).from_f32) {
+      quantize_ = *dtype;
+    } else {
+      fail(ErrorKind::InvalidArgument, "dtype '", requested, "' is not supported; use auto, f32, bf16",
+           quantized_dtype_names());
+    }
+  }
+
+  DType matrix(DType source, int64_t row_length) const {
+    if (fixed_) return *fixed_;
+    if (quantize_ && source != *quantize_) {
+      for (DType candidate : {*quantize_, row_fallback(*quantize_)}) {
+        if (row_length % dtype_traits(candidate).block_elements == 0) return candidate;
+      }
+    }
+    if (is_block_format(source)) return source;
+    return source == DType::BF16 ? DType::BF16 : DType::F32;
+  }
+
+  // Norm weights and biases stay f32, rounded to bf16 first when the weights are bf16, so an
+  // f32 checkpoint loaded as bf16 computes what the same checkpoint saved in bf16 would.
+  bool round_vectors_to_bf16(DType embedding_source) const {
+    return fixed_ == DType::BF16 || (requested_ == "auto" && embedding_source == DType::BF16);
+  }
+
+ private:
+  std::string requested_;
+  std::optional<DType> fixed_;
+  std::optional<DType> quantize_;
+};
+
+// llama.cpp's converter stores each head's rows of a llama attn_q / attn_k as (pair, half)
+// instead of Hugging Face's (half, pair): HF row h*hd + half*hd/2 + i is file row
+// h*hd + 2i + half. Rows are moved whole, so block formats are moved as they are.
+void deinterleave_rope_rows(const unsigned char* source, unsigned char* target, int64_t rows,
+                            size_t row_bytes, int64_t heads) {
+  const int64_t head_dim = rows / heads, half = head_dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t part = 0; part < 2; ++part) {
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t to = h * head_dim + part * half + i, from = h * head_dim + 2 * i + part;
+        std::memcpy(target + to * row_bytes, source + from * row_bytes, row_bytes);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -53,39 +128,72 @@ std::vector<float> rope_inverse_frequencies(const RopeConfig& rope, int head_dim
   return inv_freq;
 }
 
-Model::Model(const std::filesystem::path& model_dir, Backend& backend, const std::string& dtype)
-    : directory_(model_dir) {
-  config_ = load_model_config(model_dir);
-  const std::string config_path = (model_dir / "config.json").string();
-  const Architecture& architecture = find_architecture(config_.model_type, config_path);
-  architecture.validate(config_, config_path);
-  traits_ = architecture.traits(config_);
-  store_ = std::make_unique<WeightStore>(WeightStore::open(model_dir));
+Model::Model(const std::filesystem::path& model_path, Backend& backend, const std::string& dtype)
+    : path_(model_path) {
+  const Precision precision(dtype);  // a bad dtype fails before anything is read
+  Checkpoint checkpoint = open_checkpoint(model_path);
+  config_ = checkpoint.config;
+  traits_ = find_architecture(config_.model_type, checkpoint.config_source).traits(config_);
+  store_ = std::move(checkpoint.store);
+  const Checkpoint& names = checkpoint;
 
   const ModelConfig& c = config_;
   const int64_t D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
   const int64_t q_dim = static_cast<int64_t>(c.num_heads) * c.head_dim;
   const int64_t kv_dim = static_cast<int64_t>(c.num_kv_heads) * c.head_dim;
+  const int64_t q_heads = checkpoint.interleaved_rope_rows ? c.num_heads : 0;
+  const int64_t k_heads = checkpoint.interleaved_rope_rows ? c.num_kv_heads : 0;
 
-  const Tensor embed_source = store_->require("model.embed_tokens.weight", {V, D});
-  weight_dtype_ = resolve_dtype(dtype, embed_source.dtype);
-
-  auto prepare_matrix = [&](const Tensor& source) {
-    Tensor t = backend.prepare_weight(source, weight_dtype_, WeightUse::Matrix, owned_);
+  // A checkpoint tensor on the host, and the memory that holds it when it is not the file's.
+  struct HostTensor {
+    Tensor tensor;
+    std::shared_ptr<Buffer> memory;
+  };
+  // `heads` > 0: rows interleaved for llama.cpp's rope, put back in Hugging Face order.
+  auto source_matrix = [&](const std::string& name, int64_t rows, int64_t cols, int64_t heads) {
+    HostTensor source{store_->require(name, {rows, cols}), nullptr};
+    if (heads > 0) {
+      source.memory = std::make_shared<HostBuffer>(source.tensor.nbytes());
+      deinterleave_rope_rows(static_cast<const unsigned char*>(source.tensor.data),
+                             static_cast<unsigned char*>(source.memory->data()), rows,
+                             dtype_bytes(source.tensor.dtype, cols), heads);
+      source.tensor.data = source.memory->data();
+    }
+    return source;
+  };
+  auto count_weight = [&](DType held, const Tensor& source) {
+    WeightTypeUse& use = weight_types_[held];
+    use.tensors += 1;
+    use.bytes += dtype_bytes(held, source.numel());
+  };
+  auto prepare_matrix = [&](const HostTensor& source, DType held) {
+    Tensor t = backend.prepare_weight(source.tensor, held, WeightUse::Matrix, owned_);
+    if (source.memory && t.data == source.tensor.data) owned_.push_back(source.memory);  // zero-copy
     weight_bytes_ += t.nbytes();
     return t;
   };
-  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols) {
-    return prepare_matrix(store_->require(name, {rows, cols}));
+  auto matrix = [&](const std::string& name, int64_t rows, int64_t cols, int64_t heads = 0) {
+    const HostTensor source = source_matrix(name, rows, cols, heads);
+    const DType held = precision.matrix(source.tensor.dtype, cols);
+    count_weight(held, source.tensor);
+    return prepare_matrix(source, held);
   };
-  // Norm weights and biases are held as f32. With bf16 weights they are first rounded to bf16,
-  // so an f32 checkpoint loaded as bf16 computes what the same checkpoint saved in bf16 would.
-  auto vector_values = [&](const std::string& name, int64_t n) {
+
+  const Tensor embed_source = store_->require(names.name(ModelTensor::Embedding), {V, D});
+  const bool round_vectors = precision.round_vectors_to_bf16(embed_source.dtype);
+  // Norm weights and biases are held as f32 (see Precision::round_vectors_to_bf16).
+  auto vector_values = [&](const std::string& name, int64_t n, int64_t heads = 0) {
     const Tensor source = store_->require(name, {n});
     std::vector<float> values(static_cast<size_t>(n));
     convert_dtype(source.data, source.dtype, values.data(), DType::F32, n);
-    if (weight_dtype_ == DType::BF16) {
+    if (round_vectors) {
       for (float& v : values) v = bf16_to_f32(f32_to_bf16(v));
+    }
+    if (heads > 0) {
+      std::vector<float> ordered(values.size());
+      deinterleave_rope_rows(reinterpret_cast<const unsigned char*>(values.data()),
+                             reinterpret_cast<unsigned char*>(ordered.data()), n, sizeof(float), heads);
+      values = std::move(ordered);
     }
     return values;
   };
@@ -98,96 +206,123 @@ Model::Model(const std::filesystem::path& model_dir, Backend& backend, const std
     return prepared;
   };
   auto vector = [&](const std::string& name, int64_t n) { return host_vector(vector_values(name, n)); };
-  // Several checkpoint vectors end to end (the biases of a fused projection).
-  auto stacked_vector = [&](std::initializer_list<std::pair<std::string, int64_t>> parts) {
-    std::vector<float> values;
-    for (const auto& [name, n] : parts) {
-      const std::vector<float> part = vector_values(name, n);
-      values.insert(values.end(), part.begin(), part.end());
-    }
-    return host_vector(std::move(values));
+
+  // q/k/v or gate/up of one layer: one stacked matrix (and bias) when the backend fuses
+  // projections and every part is held in the same format; otherwise each part on its own
+  // (a Q4_K_M file holds v in Q6_K next to q and k in Q4_K: stacking them would mean
+  // converting one, which changes the weights). The decoder runs either, layer by layer.
+  struct Projection {
+    std::string name;  // without ".weight" / ".bias"
+    int64_t rows;
+    int64_t heads;     // > 0: rope rows to put back in order
+    Tensor* weight;    // where the separate matrix goes
+    Tensor* bias;      // where the separate bias goes (nullptr: no bias)
   };
-  // Several checkpoint matrices stacked by rows, as one matrix (a fused projection).
-  auto stacked_matrix = [&](std::initializer_list<std::tuple<std::string, int64_t, int64_t>> parts) {
-    std::vector<Tensor> sources;
-    int64_t rows = 0, cols = 0;
-    bool same_dtype = true;
-    for (const auto& [name, r, k] : parts) {
-      sources.push_back(store_->require(name, {r, k}));
-      same_dtype = same_dtype && sources.back().dtype == sources.front().dtype;
-      rows += r;
-      cols = k;
+  auto projections = [&](const std::vector<Projection>& parts, Tensor& fused, Tensor& fused_bias) {
+    std::vector<HostTensor> sources;
+    std::vector<DType> held;
+    for (const Projection& p : parts) {
+      sources.push_back(source_matrix(p.name + ".weight", p.rows, D, p.heads));
+      held.push_back(precision.matrix(sources.back().tensor.dtype, D));
+      count_weight(held.back(), sources.back().tensor);
     }
-    const DType stacked_dtype = same_dtype ? sources.front().dtype : DType::F32;
-    auto buffer = std::make_shared<HostBuffer>(dtype_bytes(stacked_dtype, rows * cols));
-    char* next = static_cast<char*>(buffer->data());
-    for (const Tensor& source : sources) {
-      convert_dtype(source.data, source.dtype, next, stacked_dtype, source.numel());
-      next += dtype_bytes(stacked_dtype, source.numel());
+    const bool one_format = std::all_of(held.begin(), held.end(), [&](DType d) { return d == held.front(); });
+    if (!backend.fuses_projections() || !one_format) {
+      for (size_t i = 0; i < parts.size(); ++i) {
+        *parts[i].weight = prepare_matrix(sources[i], held[i]);
+        if (parts[i].bias) *parts[i].bias = host_vector(vector_values(parts[i].name + ".bias", parts[i].rows, parts[i].heads));
+      }
+      return;
     }
-    const Tensor host = Tensor::contiguous(buffer->data(), stacked_dtype, {rows, cols});
-    const Tensor prepared = prepare_matrix(host);
-    if (prepared.data == host.data) owned_.push_back(buffer);
-    return prepared;
+    int64_t rows = 0;
+    for (const Projection& p : parts) rows += p.rows;
+    HostTensor stacked{{}, std::make_shared<HostBuffer>(dtype_bytes(held.front(), rows * D))};
+    char* next = static_cast<char*>(stacked.memory->data());
+    for (const HostTensor& source : sources) {
+      convert_dtype(source.tensor.data, source.tensor.dtype, next, held.front(), source.tensor.numel());
+      next += dtype_bytes(held.front(), source.tensor.numel());
+    }
+    stacked.tensor = Tensor::contiguous(stacked.memory->data(), held.front(), {rows, D});
+    fused = prepare_matrix(stacked, held.front());
+    if (parts.front().bias) {
+      std::vector<float> values;
+      for (const Projection& p : parts) {
+        const std::vector<float> part = vector_values(p.name + ".bias", p.rows, p.heads);
+        values.insert(values.end(), part.begin(), part.end());
+      }
+      fused_bias = host_vector(std::move(values));
+    }
   };
 
-  const bool fused = backend.fuses_projections();
-  weights_.embed = backend.prepare_weight(embed_source, weight_dtype_, WeightUse::Table, owned_);
+  const DType embed_held = precision.matrix(embed_source.dtype, D);
+  count_weight(embed_held, embed_source);
+  weights_.embed = backend.prepare_weight(embed_source, embed_held, WeightUse::Table, owned_);
   weights_.layers.resize(static_cast<size_t>(c.num_layers));
+  auto base = [&](int layer, LayerTensor t) { return names.name(layer, t, ""); };
   for (int i = 0; i < c.num_layers; ++i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
     LayerWeights& L = weights_.layers[static_cast<size_t>(i)];
-    const std::string q = p + "self_attn.q_proj.", k = p + "self_attn.k_proj.", v = p + "self_attn.v_proj.";
-    const std::string gate = p + "mlp.gate_proj.", up = p + "mlp.up_proj.";
-    L.attn_norm = vector(p + "input_layernorm.weight", D);
-    if (fused) {
-      L.wqkv = stacked_matrix({{q + "weight", q_dim, D}, {k + "weight", kv_dim, D}, {v + "weight", kv_dim, D}});
-      if (traits_.qkv_bias) L.bqkv = stacked_vector({{q + "bias", q_dim}, {k + "bias", kv_dim}, {v + "bias", kv_dim}});
-    } else {
-      L.wq = matrix(q + "weight", q_dim, D);
-      L.wk = matrix(k + "weight", kv_dim, D);
-      L.wv = matrix(v + "weight", kv_dim, D);
-      if (traits_.qkv_bias) {
-        L.bq = vector(q + "bias", q_dim);
-        L.bk = vector(k + "bias", kv_dim);
-        L.bv = vector(v + "bias", kv_dim);
-      }
-    }
-    L.wo = matrix(p + "self_attn.o_proj.weight", D, q_dim);
-    if (traits_.o_bias) L.bo = vector(p + "self_attn.o_proj.bias", D);
+    L.attn_norm = vector(names.name(i, LayerTensor::AttnNorm), D);
+    const bool qkv_bias = traits_.qkv_bias;
+    projections({{base(i, LayerTensor::Q), q_dim, q_heads, &L.wq, qkv_bias ? &L.bq : nullptr},
+                 {base(i, LayerTensor::K), kv_dim, k_heads, &L.wk, qkv_bias ? &L.bk : nullptr},
+                 {base(i, LayerTensor::V), kv_dim, 0, &L.wv, qkv_bias ? &L.bv : nullptr}},
+                L.wqkv, L.bqkv);
+    L.wo = matrix(names.name(i, LayerTensor::O), D, q_dim);
+    if (traits_.o_bias) L.bo = vector(names.name(i, LayerTensor::O, "bias"), D);
     if (traits_.qk_norm) {
-      L.q_norm = vector(p + "self_attn.q_norm.weight", c.head_dim);
-      L.k_norm = vector(p + "self_attn.k_norm.weight", c.head_dim);
+      L.q_norm = vector(names.name(i, LayerTensor::QNorm), c.head_dim);
+      L.k_norm = vector(names.name(i, LayerTensor::KNorm), c.head_dim);
     }
-    L.ffn_norm = vector(p + "post_attention_layernorm.weight", D);
-    if (fused) {
-      L.w_gate_up = stacked_matrix({{gate + "weight", F, D}, {up + "weight", F, D}});
-      if (traits_.mlp_bias) L.b_gate_up = stacked_vector({{gate + "bias", F}, {up + "bias", F}});
-    } else {
-      L.w_gate = matrix(gate + "weight", F, D);
-      L.w_up = matrix(up + "weight", F, D);
-      if (traits_.mlp_bias) {
-        L.b_gate = vector(gate + "bias", F);
-        L.b_up = vector(up + "bias", F);
-      }
-    }
-    L.w_down = matrix(p + "mlp.down_proj.weight", D, F);
-    if (traits_.mlp_bias) L.b_down = vector(p + "mlp.down_proj.bias", D);
+    L.ffn_norm = vector(names.name(i, LayerTensor::FfnNorm), D);
+    const bool mlp_bias = traits_.mlp_bias;
+    projections({{base(i, LayerTensor::Gate), F, 0, &L.w_gate, mlp_bias ? &L.b_gate : nullptr},
+                 {base(i, LayerTensor::Up), F, 0, &L.w_up, mlp_bias ? &L.b_up : nullptr}},
+                L.w_gate_up, L.b_gate_up);
+    L.w_down = matrix(names.name(i, LayerTensor::Down), D, F);
+    if (mlp_bias) L.b_down = vector(names.name(i, LayerTensor::Down, "bias"), D);
   }
-  weights_.final_norm = vector("model.norm.weight", D);
+  weights_.final_norm = vector(names.name(ModelTensor::FinalNorm), D);
   if (c.tie_word_embeddings) {  // the same checkpoint tensor, laid out for a matmul
-    weights_.lm_head = prepare_matrix(embed_source);
+    weights_.lm_head = prepare_matrix({embed_source, nullptr}, embed_held);
   } else {
-    weights_.lm_head = matrix("lm_head.weight", V, D);
+    weights_.lm_head = matrix(names.name(ModelTensor::Output), V, D);
   }
+  weight_dtype_ = std::max_element(weight_types_.begin(), weight_types_.end(), [](const auto& a, const auto& b) {
+                    return a.second.bytes < b.second.bytes;
+                  })->first;
 
-  const std::vector<float> inv_freq = rope_inverse_frequencies(c.rope, c.head_dim);
+  std::vector<float> inv_freq = rope_inverse_frequencies(c.rope, c.head_dim);
+  if (checkpoint.format == CheckpointFormat::Gguf && store_->contains(names.name(ModelTensor::RopeFactors))) {
+    // llama.cpp's Llama 3 rope scaling: each frequency divided by its factor.
+    const Tensor factors = store_->require(names.name(ModelTensor::RopeFactors), {c.head_dim / 2});
+    for (size_t i = 0; i < inv_freq.size(); ++i) {
+      const float factor = load_as_f32(factors.data, factors.dtype, static_cast<int64_t>(i));
+      if (!(factor > 0.0f)) {
+        fail(ErrorKind::InvalidModel, path_.string(), ": rope_freqs.weight[", i, "] is ", factor,
+             "; rope frequency factors must be positive");
+      }
+      inv_freq[i] /= factor;
+    }
+  }
   auto inv_freq_buffer = backend.allocate(inv_freq.size() * sizeof(float));
   owned_.push_back(inv_freq_buffer);
   weights_.rope_inv_freq = Tensor::contiguous(inv_freq_buffer->data(), DType::F32,
                                               {static_cast<int64_t>(inv_freq.size())},
                                               backend.device());
   backend.from_host(weights_.rope_inv_freq, inv_freq.data());
+}
+
+std::string Model::weight_format() const {
+  if (weight_types_.size() <= 1) return dtype_name(weight_dtype_);
+  std::vector<std::pair<DType, WeightTypeUse>> uses(weight_types_.begin(), weight_types_.end());
+  std::sort(uses.begin(), uses.end(), [](const auto& a, const auto& b) {
+    return a.second.tensors != b.second.tensors ? a.second.tensors > b.second.tensors : a.first < b.first;
+  });
+  std::string text = std::string(dtype_name(weight_dtype_)) + " (mixed:";
+  for (size_t i = 0; i < uses.size(); ++i) {
+    text += (i ? ", " : " ") + std::to_string(uses[i].second.tensors) + " " + dtype_name(uses[i].first);
+  }
+  return text + ")";
 }
 
 Model::~Model() = default;

