@@ -5,7 +5,7 @@
 // written here, so a wrong oracle cannot make every backend "pass".
 //
 // Adding a backend needs no change here: the cases loop over opencamp::usable_backends().
-// A backend that throws Unsupported for an op is reported as skipped, not failed.
+// A usable backend that throws Unsupported for an op fails the case, naming the op.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
