@@ -11,6 +11,8 @@ SIGTERM. Most run through Starlette's TestClient; what needs real sockets runs u
 from __future__ import annotations
 
 import json
+import socket
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,7 +21,7 @@ from starlette.testclient import TestClient
 import opencamp
 from opencamp.server import ServerOptions, create_app
 from opencamp.server.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH, APIError, parse_json_body
-from serverkit import TINY_CONTEXT, make_tiny_chat_model
+from serverkit import TINY_CONTEXT, live_app, make_tiny_chat_model, metric, parse_sse
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -148,3 +150,96 @@ def test_post_routes_take_only_json(client, content_type):
         response = client.post("/v1/chat/completions", content=body,
                                headers={"content-type": ok_type})
         assert response.status_code == 200, response.text
+
+
+# ---- Host header (DNS rebinding) ---------------------------------------------------------------
+
+def test_allowed_hosts_option(tiny_llm):
+    with TestClient(make_app(tiny_llm, allowed_hosts=("api.example", "other.example:8443")),
+                    base_url="http://api.example") as c:
+        ok_chat(c)
+        for host in ("evil.example", "api.example.evil.example", "other.example:8000"):
+            error = assert_openai_error(c.get("/health", headers={"host": host}), 403,
+                                        code="host_not_allowed", match="--allowed-hosts")
+            assert host in error["message"]
+        assert c.get("/health", headers={"host": "API.example:9999"}).status_code == 200
+        assert c.get("/health", headers={"host": "other.example:8443"}).status_code == 200
+        text = c.get("/metrics").text
+        assert 'opencamp_http_errors_total{status="403"} 3' in text.splitlines()
+    with TestClient(make_app(tiny_llm, allowed_hosts=("*",)), base_url="http://any.example") as c:
+        ok_chat(c)
+
+
+def _request(sock, method: str, path: str, host: str, body: bytes = b"",
+             content_type: str = "application/json") -> tuple[int, dict]:
+    """One HTTP/1.1 request on an open (keep-alive) socket; returns (status, JSON body)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body:
+        head += f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+    sock.sendall(head.encode() + b"\r\n" + body)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the server closed the connection; got {data!r}"
+        data += chunk
+    header, _, rest = data.partition(b"\r\n\r\n")
+    lines = header.decode("latin-1").split("\r\n")
+    fields = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(fields["content-length"])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection mid-body"
+        rest += chunk
+    return int(lines[0].split()[1]), json.loads(rest[:length])
+
+
+def test_loopback_server_refuses_foreign_host_names(tiny_llm):
+    with live_app(make_app(tiny_llm)) as url:
+        port = urlsplit(url).port
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert httpx.get(url + "/health", headers={"host": host}).status_code == 200, host
+        for host in (f"rebind.evil.example:{port}", "localhost.evil.example", f"127.0.0.2:{port}"):
+            response = httpx.post(url + "/v1/chat/completions", headers={"host": host},
+                                  json={"messages": HELLO, "max_tokens": 2})
+            assert_openai_error(response, 403, code="host_not_allowed", match=host)
+
+
+# ---- unexpected errors: a 500 in OpenAI's shape, and the connection goes on ------------------
+
+def test_unexpected_error_is_a_500_and_the_keep_alive_connection_survives(tiny_llm, monkeypatch):
+    import opencamp.server.app as server_app
+
+    def broken(state):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(server_app, "_model_card", broken)
+    with live_app(make_app(tiny_llm)) as url:
+        address = urlsplit(url)
+        with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+            status, body = _request(sock, "GET", "/v1/models", address.netloc)
+            assert status == 500
+            assert body["error"]["code"] == "internal_error"
+            assert "injected bug" in body["error"]["message"]
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+            # The same connection serves the next requests: the bad bodies of the issue too.
+            status, body = _request(sock, "POST", "/v1/chat/completions", address.netloc,
+                                    BAD_BODIES["lone surrogate in model"])
+            assert status == 400 and "surrogate" in body["error"]["message"]
+            status, body = _request(sock, "POST", "/v1/chat/completions", address.netloc,
+                                    json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+            assert status == 200 and body["usage"]["completion_tokens"] == 2
+        metrics = httpx.get(url + "/metrics").text
+        assert metric(metrics, "opencamp_http_errors_total", status="500") == 1
+        assert metric(metrics, "opencamp_http_errors_total", status="400") == 1
+
+
+def test_engine_refusal_at_start_is_400_not_500(client):
+    """repetition_penalty 1e300 passes the request checks but the engine refuses it
+    (invalid_argument) when the generation starts: a 400, and in a stream an error chunk."""
+    body = {"messages": HELLO, "max_tokens": 2, "repetition_penalty": 1e300}
+    error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
+    assert error["type"] == "invalid_request_error" and "repetition_penalty" in error["message"]
+    events = parse_sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["type"] == "invalid_request_error"
+    ok_chat(client)

@@ -55,6 +55,10 @@ class ServerOptions:
     parallel: int = 4  # sequences decoding together (--max-running); more wait in a FIFO queue
     max_waiting: int = 256  # queued requests beyond which new ones get 429
     max_request_bytes: int = 1 << 20  # request bodies above this get 413
+    # Host header names answered (exact names, or name:port; "*" for any). None: on a loopback
+    # address only localhost, 127.0.0.1 and [::1] (DNS rebinding sends a foreign name), on any
+    # other address every name (set --api-key there).
+    allowed_hosts: tuple[str, ...] | None = None
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -327,6 +331,8 @@ async def _generate(request: Request, kind: str) -> Response:
                                          endpoint=kind, arrived=arrived)
         except QueueFull as error:
             raise busy(error) from None
+        except Exception as error:  # noqa: BLE001 - the engine refused it: a 400 (or a 500)
+            raise _engine_error(error) from None
 
     if params.stream:
         return StreamingResponse(_sse_stream(start, writer), media_type="text/event-stream",
@@ -513,29 +519,79 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
                         status_code=error.status_code, headers=error.headers)
 
 
-async def _unexpected(request: Request, error: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}",
-                                 type="server_error", code="internal_error").to_dict(),
-                        status_code=500)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
-class _CountErrors:
-    """ASGI middleware: count every response with an error status in /metrics."""
+def _is_loopback(address: str) -> bool:
+    return address == "::1" or address.startswith("127.") or address == "localhost"
 
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """'Name:port' -> ('name', 'port'); '[::1]:8000' -> ('[::1]', '8000')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else None
+    name, colon, port = host.rpartition(":")
+    return (name, port) if colon and port.isdigit() else (host, None)
+
+
+class _Guard:
+    """ASGI middleware around the whole app: refuses Host headers this server does not answer
+    for, counts error statuses for /metrics, and answers an unexpected exception with a 500 in
+    OpenAI's shape without re-raising it, so the client's keep-alive connection survives."""
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    def _allowed(self, scope) -> tuple[bool, tuple[str, ...]]:
+        allowed = self.state.options.allowed_hosts
+        server = scope.get("server") or (None, None)
+        if allowed is None:
+            if server[0] is None or not _is_loopback(server[0]):
+                return True, ()
+            allowed = LOOPBACK_HOSTS  # on any port: a rebinding page sends its own name
+        if "*" in allowed:
+            return True, allowed
+        header = next((v for k, v in scope["headers"] if k == b"host"), None)
+        if header is None:  # HTTP/1.0 without Host: no browser sends that
+            return True, allowed
+        name, port = _split_host(header.decode("latin-1"))
+        names = {a.strip().lower() for a in allowed}
+        return (name in names or (port is not None and f"{name}:{port}" in names)), allowed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
-        async def counting_send(message):
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                self.metrics.http_errors.inc(status=str(message["status"]))
+        async def guarded_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    self.state.metrics.http_errors.inc(status=str(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        ok, allowed = self._allowed(scope)
+        if not ok:
+            host = next(v for k, v in scope["headers"] if k == b"host").decode("latin-1")
+            shown = ", ".join(dict.fromkeys(_split_host(a)[0] for a in allowed))
+            error = APIError(403, f"Host '{host}' is not allowed: this server answers for "
+                             f"{shown}. A web page that reached it under another name (DNS "
+                             "rebinding) is refused; to serve other names start it with "
+                             "--allowed-hosts NAME (or '*' for any).", code="host_not_allowed")
+            response = JSONResponse(error.to_dict(), status_code=403)
+            return await response(scope, receive, guarded_send)
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception as error:  # noqa: BLE001 - a bug on one request must not end others
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return  # mid-response: the server closes this connection, and goes on
+            body = APIError(500, f"internal error: {type(error).__name__}: {error}",
+                            type="server_error", code="internal_error").to_dict()
+            await JSONResponse(body, status_code=500)(scope, receive, guarded_send)
 
 
 def create_app(model: LLM | Callable[[], LLM], options: ServerOptions, *,
@@ -565,7 +621,7 @@ def create_app(model: LLM | Callable[[], LLM], options: ServerOptions, *,
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        APIError: _api_error, HTTPException: _http_error, Exception: _unexpected})
+        APIError: _api_error, HTTPException: _http_error})
     app.state.opencamp = state
-    app.add_middleware(_CountErrors, metrics=state.metrics)
+    app.add_middleware(_Guard, state=state)
     return app
