@@ -21,8 +21,8 @@ from starlette.testclient import TestClient
 
 import opencamp
 from opencamp.server import ServerOptions, create_app
-from serverkit import (TINY_CONTEXT, live_app, make_tiny_chat_model, metric, parse_sse,
-                       sse_events, wait_until)
+from serverkit import (TINY_CONTEXT, hold_streams, live_app, make_tiny_chat_model, metric,
+                       parse_sse, sse_events, wait_until)
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -525,55 +525,11 @@ def live(tiny_llm):
         yield url, app.state.opencamp
 
 
-class HeldStream:
-    """A generation the server started, whose reader stops after `after` pieces until the server
-    cancels (or closes) it. Unread, the request soon sits out the engine's steps (the scheduler
-    pauses a request with max_unread_tokens unread), so it keeps running, holding its place in
-    the batch, for as long as a test needs, however fast this machine generates. `holding` is
-    set when the reader stops."""
-
-    def __init__(self, stream, after: int):
-        self.inner, self.after, self.pieces = stream, after, 0
-        self.holding = threading.Event()
-        self._released = threading.Event()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.pieces == self.after:
-            self.holding.set()
-            # Only guards against a hang: a correct server cancels within the test's steps.
-            if not self._released.wait(120):
-                raise AssertionError("the server never cancelled a held generation")
-        self.pieces += 1
-        return next(self.inner)
-
-    def cancel(self):
-        self._released.set()
-        self.inner.cancel()
-
-    def close(self):
-        self._released.set()
-        self.inner.close()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.fixture
 def held_streams(tiny_llm, monkeypatch):
     """Every generation the server starts from here on is a HeldStream (after 5 pieces); the
     list of them, in the order they started."""
-    real_stream = tiny_llm.stream
-    held: list[HeldStream] = []
-
-    def stream(*args, **kwargs):
-        held.append(HeldStream(real_stream(*args, **kwargs), after=5))
-        return held[-1]
-
-    monkeypatch.setattr(tiny_llm, "stream", stream)
-    return held
+    return hold_streams(tiny_llm, monkeypatch, after=5)
 
 
 def _read_stream(url, body, chunks_wanted=None, results=None, timeout=120):

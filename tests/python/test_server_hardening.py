@@ -11,7 +11,9 @@ SIGTERM. Most run through Starlette's TestClient; what needs real sockets runs u
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 from urllib.parse import urlsplit
 
 import httpx
@@ -21,7 +23,8 @@ from starlette.testclient import TestClient
 import opencamp
 from opencamp.server import ServerOptions, create_app
 from opencamp.server.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH, APIError, parse_json_body
-from serverkit import TINY_CONTEXT, live_app, make_tiny_chat_model, metric, parse_sse
+from serverkit import (TINY_CONTEXT, ServeProcess, hold_streams, live_app, make_tiny_chat_model,
+                       metric, parse_sse, sse_events, wait_until)
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello there"}]
@@ -243,3 +246,150 @@ def test_engine_refusal_at_start_is_400_not_500(client):
     assert events[-1] == "[DONE]"
     assert events[-2]["error"]["type"] == "invalid_request_error"
     ok_chat(client)
+
+
+# ---- slow clients: header deadline, body timeout -----------------------------------------------
+
+def _closed_by_server(sock, wait: float = 60.0) -> bytes:
+    """Read until the server closes the connection (only a guard against a hang: the deadlines
+    under test are far shorter); returns what it sent."""
+    sock.settimeout(wait)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_slowloris_connections_are_closed_and_others_are_served(tiny_llm):
+    with live_app(make_app(tiny_llm), http_timeout=1.0) as url:
+        address = urlsplit(url)
+        slow = []
+        for i in range(45):
+            sock = socket.create_connection((address.hostname, address.port), timeout=60)
+            if i % 3 == 0:
+                pass  # says nothing at all
+            elif i % 3 == 1:
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: " +
+                             address.netloc.encode() + b"\r\nX-Trickle: ")  # never ends
+            else:  # one whole request, then the next one's headers never end
+                _request(sock, "GET", "/health", address.netloc)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x")
+            slow.append(sock)
+        # While they hang, a normal client is served.
+        assert httpx.post(url + "/v1/chat/completions", timeout=60,
+                          json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+        for sock in slow:
+            assert _closed_by_server(sock) == b""  # closed without an answer
+            sock.close()
+        assert httpx.get(url + "/health", timeout=60).status_code == 200
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(tiny_llm):
+    with live_app(make_app(tiny_llm, body_timeout=1.0)) as url:
+        address = urlsplit(url)
+        with socket.create_connection((address.hostname, address.port), timeout=60) as sock:
+            sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {address.netloc}\r\n"
+                         "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+                         '{"messages": '.encode())
+            answer = _closed_by_server(sock)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), answer
+        assert b"connection: close" in head.lower()
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_timeout" and "--http-timeout" in error["message"]
+        assert httpx.post(url + "/v1/chat/completions", timeout=60,
+                          json={"messages": HELLO, "max_tokens": 2}).status_code == 200
+
+
+# ---- graceful shutdown -------------------------------------------------------------------------
+
+def _stream_lines(url: str, body: dict, out: list) -> None:
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as response:
+        out.append(response.status_code)
+        out.extend(response.iter_lines())
+
+
+def test_shutdown_stops_admitting_lets_streams_finish_then_ends_the_rest(tiny_llm, monkeypatch):
+    app = make_app(tiny_llm, parallel=4)
+    state = app.state.opencamp
+    held = hold_streams(tiny_llm, monkeypatch, after=5)
+    with live_app(app) as url:
+        finishing, cut = [], []
+        threads = [threading.Thread(target=_stream_lines, args=(url, {
+            "messages": HELLO, "stream": True, "max_tokens": n}, out))
+            for out, n in ((finishing, 8), (cut, 3000))]
+        threads[0].start()
+        wait_until(lambda: len(held) == 1 and held[0].holding.is_set(), what="stream 1 to run")
+        threads[1].start()
+        wait_until(lambda: len(held) == 2 and held[1].holding.is_set(), what="stream 2 to run")
+        whole = []
+        threads.append(threading.Thread(target=lambda: whole.append(httpx.post(
+            url + "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3000},
+            timeout=120))))
+        threads[-1].start()
+        wait_until(lambda: len(held) == 3 and held[2].holding.is_set(), what="request 3 to run")
+
+        # What the server does on SIGTERM (runner.GracefulServer), with a deadline far away.
+        state.loop.call_soon_threadsafe(state.begin_shutdown, 3600.0)
+        wait_until(lambda: state.shutting_down, what="the shutdown to begin")
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json() == {"status": "shutting_down"}
+        assert_openai_error(httpx.post(url + "/v1/chat/completions",
+                                       json={"messages": HELLO, "max_tokens": 2}),
+                            503, code="server_shutting_down")
+        # A running stream may still finish on its own...
+        held[0].release()
+        threads[0].join(60)
+        events = sse_events(finishing[1:])
+        assert finishing[0] == 200 and events[-1] == "[DONE]"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
+        # ...and at the deadline the rest end with an error, streams with [DONE] after it.
+        state.loop.call_soon_threadsafe(state.end_running)
+        for thread in threads[1:]:
+            thread.join(60)
+        events = sse_events(cut[1:])
+        assert cut[0] == 200 and events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "server_shutting_down"
+        assert_openai_error(whole[0], 503, code="server_shutting_down")
+        wait_until(lambda: not state.scheduler.generations(), what="the generations to end")
+
+
+def test_serve_options_and_sigterm_ending_running_streams(tiny_dir):
+    """`opencamp serve` with --allowed-hosts and --http-timeout as given; then SIGTERM with a
+    stream running and --shutdown-timeout 0: the stream gets an error event and [DONE] rather
+    than a cut connection."""
+    server = ServeProcess(["--model", str(tiny_dir), "--threads", "2", "--max-running", "2",
+                           "--allowed-hosts", "localhost,127.0.0.1", "--allowed-hosts",
+                           "api.example", "--http-timeout", "1", "--shutdown-timeout", "0",
+                           "--log-level", "info"])
+    try:
+        url = server.wait_ready()
+        assert httpx.get(url + "/health", headers={"host": "api.example"}).status_code == 200
+        assert_openai_error(httpx.get(url + "/health", headers={"host": "evil.example"}), 403,
+                            code="host_not_allowed")
+        address = urlsplit(url)
+        with socket.create_connection((address.hostname, address.port), timeout=60) as silent:
+            assert _closed_by_server(silent) == b""  # --http-timeout 1: closed, unanswered
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", timeout=120, json={
+                "messages": HELLO, "stream": True, "max_tokens": 4000}) as response:
+            assert response.status_code == 200
+            iterator = response.iter_lines()
+            for line in iterator:
+                lines.append(line)
+                if '"content":"' in line and '"role"' not in line:
+                    break  # it is generating
+            server.process.send_signal(signal.SIGTERM)
+            lines.extend(iterator)
+        events = sse_events(lines)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["code"] == "server_shutting_down", events[-2]
+        assert server.process.wait(60) == -signal.SIGTERM  # uvicorn re-raises it once done
+        assert "shutting down: 1 request(s) running" in server.output
+    finally:
+        server.stop()

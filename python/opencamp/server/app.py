@@ -59,6 +59,7 @@ class ServerOptions:
     # address only localhost, 127.0.0.1 and [::1] (DNS rebinding sends a foreign name), on any
     # other address every name (set --api-key there).
     allowed_hosts: tuple[str, ...] | None = None
+    body_timeout: float = 30.0  # seconds a request body may take to arrive, else 408
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -85,6 +86,7 @@ class ServerState:
         self._on_ready = on_ready
         self._on_load_error = on_load_error
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.shutting_down = False
         if self._loader is None:
             self._set_model(model)
         self._add_gauges()
@@ -128,6 +130,31 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry when GET /health says ok",
                            type="server_error", code="model_loading")
         return self.llm, self.scheduler
+
+    def admit(self) -> tuple[LLM, Scheduler]:
+        """The model for a new generation request, or a 503 while loading or shutting down."""
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down; retry on another server or later",
+                           type="server_error", code="server_shutting_down")
+        return self.require_ready()
+
+    def begin_shutdown(self, deadline: float) -> None:
+        """Stop admitting generation requests (503), let the running ones finish for `deadline`
+        seconds, then end the rest with an error event (streams still get `data: [DONE]`).
+        Called on the event loop, by the server on SIGTERM or Ctrl-C."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        asyncio.get_running_loop().call_later(deadline, self.end_running)
+
+    def end_running(self) -> None:
+        """End every running generation now with a server_shutting_down error."""
+        if self.scheduler is None:
+            return
+        for generation in self.scheduler.generations():
+            generation.end_with(APIError(
+                503, "the server shut down before this generation finished",
+                type="server_error", code="server_shutting_down"))
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -221,12 +248,17 @@ async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
+    timeout = _state(request).options.body_timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout) as waited:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    if waited.cancelled_caught:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (opencamp "
+                       "serve --http-timeout)", code="request_timeout")
     return b"".join(chunks)
 
 
@@ -310,7 +342,7 @@ async def _generate(request: Request, kind: str) -> Response:
     body = parse_json_body(await _read_body(request))
     params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     _check_model(state, params.model)
-    llm, scheduler = state.require_ready()
+    llm, scheduler = state.admit()
     prompt_ids = await anyio.to_thread.run_sync(_prompt_ids, llm, params)
     options = _engine_options(state, llm, params, len(prompt_ids))
     max_tokens = options.pop("max_tokens")
@@ -435,6 +467,8 @@ async def get_model(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     state = _state(request)
+    if state.shutting_down:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
     if state.llm is not None:
         return JSONResponse({"status": "ok", "model": state.options.model_name})
     if state.load_error is not None:
@@ -502,6 +536,8 @@ async def index(request: Request) -> Response:
 
 async def _api_error(request: Request, error: APIError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status == 408:
+        headers = {"Connection": "close"}  # the rest of the body may still be on its way
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
 
