@@ -530,3 +530,25 @@ def test_fuzzed_requests_get_json_answers_and_the_server_keeps_serving(tiny_llm)
     assert len(statuses) == FUZZ_EXAMPLES
     # The generator really reaches both sides: served requests and each kind of refusal.
     assert {200, 400, 415} <= set(statuses), sorted(set(statuses))
+
+
+def test_a_request_admitted_before_the_deadline_does_not_start_after_it(tiny_llm, monkeypatch):
+    """A request admitted just before SIGTERM whose prompt is still being tokenized when the
+    deadline passes is ended too, instead of starting a generation nobody will wait for."""
+    import opencamp.server.app as server_app
+
+    app = make_app(tiny_llm)
+    state = app.state.opencamp
+    real_prompt_ids = server_app._prompt_ids
+
+    def prompt_ids_while_shutting_down(llm, params):
+        state.loop.call_soon_threadsafe(state.begin_shutdown, 0.0)
+        wait_until(lambda: state.shutdown_deadline_passed, what="the deadline to pass")
+        return real_prompt_ids(llm, params)
+
+    monkeypatch.setattr(server_app, "_prompt_ids", prompt_ids_while_shutting_down)
+    with TestClient(app) as c:
+        body = {"messages": HELLO, "max_tokens": 2}
+        assert_openai_error(c.post("/v1/chat/completions", json=body), 503,
+                            code="server_shutting_down")
+        assert not state.scheduler.generations()

@@ -87,6 +87,7 @@ class ServerState:
         self._on_load_error = on_load_error
         self.loop: asyncio.AbstractEventLoop | None = None
         self.shutting_down = False
+        self.shutdown_deadline_passed = False
         if self._loader is None:
             self._set_model(model)
         self._add_gauges()
@@ -148,13 +149,13 @@ class ServerState:
         asyncio.get_running_loop().call_later(deadline, self.end_running)
 
     def end_running(self) -> None:
-        """End every running generation now with a server_shutting_down error."""
+        """End every running generation now with a server_shutting_down error (and any that a
+        request admitted before the shutdown would still start)."""
+        self.shutdown_deadline_passed = True
         if self.scheduler is None:
             return
         for generation in self.scheduler.generations():
-            generation.end_with(APIError(
-                503, "the server shut down before this generation finished",
-                type="server_error", code="server_shutting_down"))
+            generation.end_with(_shut_down_error())
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -210,6 +211,11 @@ class ServerState:
 
 
 # ---- helpers -----------------------------------------------------------------------------
+
+def _shut_down_error() -> APIError:
+    return APIError(503, "the server shut down before this generation finished",
+                    type="server_error", code="server_shutting_down")
+
 
 def _state(request: Request) -> ServerState:
     return request.app.state.opencamp
@@ -358,6 +364,8 @@ async def _generate(request: Request, kind: str) -> Response:
         raise busy(error) from None
 
     async def start() -> Generation:
+        if state.shutdown_deadline_passed:  # admitted before the shutdown, too late to start
+            raise _shut_down_error()
         try:
             return await scheduler.start(prompt_ids, max_tokens, dict(options, max_tokens=max_tokens),
                                          endpoint=kind, arrived=arrived)
@@ -625,8 +633,9 @@ class _Guard:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
                 return  # mid-response: the server closes this connection, and goes on
-            body = APIError(500, f"internal error: {type(error).__name__}: {error}",
-                            type="server_error", code="internal_error").to_dict()
+            text = f"internal error: {type(error).__name__}: {error}"
+            text = text.encode("utf-8", "replace").decode("utf-8")  # whatever the error holds
+            body = APIError(500, text, type="server_error", code="internal_error").to_dict()
             await JSONResponse(body, status_code=500)(scope, receive, guarded_send)
 
 
