@@ -124,7 +124,8 @@ BAD_BODIES = {
     "10**400": b'{"messages": [], "temperature": ' + str(10**400).encode() + b"}",
     "1e400": b'{"messages": [], "temperature": 1e400}',
     "NaN": b'{"messages": [], "temperature": NaN}',
-    "lone surrogate in model": rb'{"model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+    "lone surrogate in model": rb'{"model": "\ud800", "messages": [{"role": "user", '
+                               rb'"content": "hi"}]}',
     "lone surrogate in content": rb'{"messages": [{"role": "user", "content": "\udc00"}]}',
     "not UTF-8": b'{"messages": [{"role": "user", "content": "\xff"}]}',
 }

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -544,7 +544,7 @@ async def index(request: Request) -> Response:
 
 async def _api_error(request: Request, error: APIError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    if error.status == 408:
+    if error.status in (408, 413):
         headers = {"Connection": "close"}  # the rest of the body may still be on its way
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
@@ -629,6 +629,8 @@ class _Guard:
             return await response(scope, receive, guarded_send)
         try:
             await self.app(scope, receive, guarded_send)
+        except ClientDisconnect:
+            return  # the client left while its body was read: nobody to answer
         except Exception as error:  # noqa: BLE001 - a bug on one request must not end others
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:
