@@ -405,8 +405,13 @@ FUZZ_EXAMPLES = 300  # seeded (derandomize), so every run tries the same 300 req
 def _fuzz_strategies():
     from hypothesis import strategies as st
 
-    any_text = st.text(st.characters(blacklist_categories=()), max_size=12)  # surrogates too
-    scalars = (st.none() | st.booleans() | st.integers() | st.floats() | any_text)
+    # Text with lone surrogates (rare among all code points, so some are planted), and integers
+    # beyond every limit (a 401-digit one, 2**64) besides what hypothesis draws.
+    odd_text = st.sampled_from(["\ud800", "\udfff", "a\udc00b", "\ud83d\ude00", "\x00", "\u2028"])
+    any_text = (st.text(st.characters(blacklist_categories=()), max_size=12) | odd_text |
+                st.tuples(st.text(max_size=4), odd_text).map("".join))
+    any_int = st.integers() | st.sampled_from([10**400, -(10**25), 2**64, 2**63 - 1, -1, 0])
+    scalars = (st.none() | st.booleans() | any_int | st.floats() | any_text)
     json_value = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
         any_text, inner, max_size=3), max_leaves=8)
     # A valid request (lengths small, so it generates a few tokens, not a whole context)...
@@ -480,7 +485,10 @@ def _fuzz_strategies():
                 raw[at] = byte
         return bytes(raw)
 
-    raw_body = encoded | mutated() | st.binary(max_size=40)
+    nested = st.tuples(st.sampled_from(["messages", "prompt", "model", "stop"]),
+                       st.integers(MAX_JSON_DEPTH - 2, 6000)).map(
+        lambda f: f'{{"{f[0]}": {"[" * f[1]}{"]" * f[1]}}}'.encode())
+    raw_body = encoded | mutated() | nested | st.binary(max_size=40)
     content_type = st.sampled_from(["application/json"] * 6 + [
         "application/json; charset=utf-8", "text/plain", "", "application/x-www-form-urlencoded"])
     path = st.sampled_from(["/v1/chat/completions", "/v1/completions"])
