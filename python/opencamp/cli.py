@@ -340,6 +340,17 @@ def _bind(host: str, port: int) -> socket.socket:
               help="Queued requests beyond which new ones get HTTP 429.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="Larger request bodies get HTTP 413.")
+@click.option("--allowed-hosts", multiple=True, metavar="NAMES",
+              help="Host header names to answer (comma-separated or repeated; name or name:port; "
+                   "'*' for any). Default: on a loopback address only localhost, 127.0.0.1 and "
+                   "[::1] (a web page using DNS rebinding sends its own name), else any.")
+@click.option("--http-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True,
+              help="Seconds a connection has to send a request's headers, and then its body "
+                   "(408); slower ones are closed.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="On SIGTERM or Ctrl-C, seconds running requests get to finish before they "
+                   "are ended with an error (streams still end with [DONE]).")
 @click.option("--temperature", type=float, default=None,
               help="Default when a request sets none (else the model's generation_config, else 1).")
 @click.option("--top-k", type=int, default=None, help="Default top-k (0: off).")
@@ -352,17 +363,17 @@ def _bind(host: str, port: int) -> socket.socket:
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
-          temperature, top_k, top_p, min_p, repetition_penalty, max_tokens, log_level) -> None:
+          allowed_hosts, http_timeout, shutdown_timeout, temperature, top_k, top_p, min_p,
+          repetition_penalty, max_tokens, log_level) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
     \b
     POST /v1/chat/completions, POST /v1/completions (streaming with SSE, or not)
     GET  /v1/models, /health (503 while loading), /metrics (Prometheus), / (chat page)
     """
-    import uvicorn
-
     from . import LLM, _core
     from .server import ServerOptions, create_app
+    from .server.runner import make_server
 
     path = _resolve(model, revision)
     try:
@@ -381,9 +392,12 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     # (a repo id with its tag, or smollm2).
     name = served_model_name or (os.path.basename(os.path.normpath(model))
                                  if os.path.exists(os.path.expanduser(model)) else model)
+    hosts = tuple(h.strip() for given in allowed_hosts for h in given.split(",") if h.strip()) \
+        or None
     options = ServerOptions(model_name=name, model_aliases=(model,), api_key=api_key,
                             parallel=parallel, max_waiting=max_waiting,
-                            max_request_bytes=max_request_bytes, defaults=defaults)
+                            max_request_bytes=max_request_bytes, defaults=defaults,
+                            allowed_hosts=hosts, body_timeout=http_timeout)
     try:
         options.sampling_defaults()
     except ValueError as e:
@@ -401,7 +415,7 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     if api_key is None and bound_host not in ("127.0.0.1", "::1", "localhost"):
         click.echo("warning: listening beyond this machine without --api-key", err=True)
 
-    server: uvicorn.Server | None = None
+    server = None
     exit_code = [0]
     loading = _Progress(f"loading {path} (backend {backend}, dtype {dtype})")
 
@@ -424,8 +438,8 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
             server.should_exit = True
 
     app = create_app(load, options, on_ready=ready, on_load_error=failed)
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,
-                                           timeout_keep_alive=30))
+    server = make_server(app, http_timeout=http_timeout, log_level=log_level,
+                         shutdown_timeout=shutdown_timeout)
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown

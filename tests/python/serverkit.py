@@ -81,14 +81,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_app(app, timeout: float = 30.0):
-    """Run an ASGI app with uvicorn on 127.0.0.1 in a thread; yields its base URL."""
-    import uvicorn
+def live_app(app, timeout: float = 30.0, http_timeout: float = 30.0,
+             shutdown_timeout: float = 0.0):
+    """Run an ASGI app on 127.0.0.1 in a thread, with the server `opencamp serve` runs
+    (opencamp.server.runner.make_server); yields its base URL."""
+    from opencamp.server.runner import make_server
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = make_server(app, http_timeout=http_timeout, log_level="warning",
+                         shutdown_timeout=shutdown_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout
@@ -102,6 +105,60 @@ def live_app(app, timeout: float = 30.0):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+class HeldStream:
+    """A generation the server started, whose reader stops after `after` pieces until the server
+    cancels (or closes) it. Unread, the request soon sits out the engine's steps (the scheduler
+    pauses a request with max_unread_tokens unread), so it keeps running, holding its place in
+    the batch, for as long as a test needs, however fast this machine generates. `holding` is
+    set when the reader stops."""
+
+    def __init__(self, stream, after: int):
+        self.inner, self.after, self.pieces = stream, after, 0
+        self.holding = threading.Event()
+        self._released = threading.Event()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.pieces == self.after:
+            self.holding.set()
+            # Only guards against a hang: a correct server cancels within the test's steps.
+            if not self._released.wait(120):
+                raise AssertionError("the server never cancelled a held generation")
+        self.pieces += 1
+        return next(self.inner)
+
+    def release(self):
+        """Let it go on to its end."""
+        self._released.set()
+
+    def cancel(self):
+        self._released.set()
+        self.inner.cancel()
+
+    def close(self):
+        self._released.set()
+        self.inner.close()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def hold_streams(llm, monkeypatch, after: int) -> list[HeldStream]:
+    """From here on every generation `llm` starts is a HeldStream (held after `after` pieces);
+    returns the list of them, in the order they started."""
+    real_stream = llm.stream
+    held: list[HeldStream] = []
+
+    def stream(*args, **kwargs):
+        held.append(HeldStream(real_stream(*args, **kwargs), after=after))
+        return held[-1]
+
+    monkeypatch.setattr(llm, "stream", stream)
+    return held
 
 
 def opencamp_executable() -> str:

@@ -21,11 +21,12 @@ from starlette.testclient import TestClient
 
 import opencamp
 from opencamp.server import ServerOptions, create_app
-from serverkit import (TINY_CONTEXT, live_app, make_tiny_chat_model, metric, parse_sse,
-                       sse_events, wait_until)
+from serverkit import (TINY_CONTEXT, hold_streams, live_app, make_tiny_chat_model, metric,
+                       parse_sse, sse_events, wait_until)
 
 MODEL = "tiny-chat"
 HELLO = [{"role": "user", "content": "Hello there"}]
+JSON_TYPE = {"content-type": "application/json"}  # POST routes take nothing else (415)
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +277,7 @@ def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pat
     (b"\xff\xfe", "not valid JSON"),
 ])
 def test_malformed_json_is_400(client, raw, pattern):
-    response = client.post("/v1/chat/completions", content=raw,
-                           headers={"content-type": "application/json"})
+    response = client.post("/v1/chat/completions", content=raw, headers=JSON_TYPE)
     assert_error(response, 400, match=pattern)
 
 
@@ -350,7 +350,7 @@ def test_request_body_size_is_limited(tiny_llm):
         def chunks():
             yield json.dumps(big).encode()
 
-        assert_error(c.post("/v1/chat/completions", content=chunks()), 413,
+        assert_error(c.post("/v1/chat/completions", content=chunks(), headers=JSON_TYPE), 413,
                      code="request_too_large")
         assert chat(c, max_tokens=2).status_code == 200  # and the server goes on
 
@@ -436,7 +436,7 @@ def test_bad_input_never_stops_the_server(client, tiny_llm):
                b'{"messages": [{"role": "user"}]}', b'{"max_tokens": -1, "messages": []}',
                "{\"messages\": [{\"role\": \"user\", \"content\": \"\\ud800\"}]}".encode()]
     for raw in garbage:
-        response = client.post("/v1/chat/completions", content=raw)
+        response = client.post("/v1/chat/completions", content=raw, headers=JSON_TYPE)
         assert 400 <= response.status_code < 500, (raw, response.text)
     assert chat(client, max_tokens=2).status_code == 200
 
@@ -525,55 +525,11 @@ def live(tiny_llm):
         yield url, app.state.opencamp
 
 
-class HeldStream:
-    """A generation the server started, whose reader stops after `after` pieces until the server
-    cancels (or closes) it. Unread, the request soon sits out the engine's steps (the scheduler
-    pauses a request with max_unread_tokens unread), so it keeps running, holding its place in
-    the batch, for as long as a test needs, however fast this machine generates. `holding` is
-    set when the reader stops."""
-
-    def __init__(self, stream, after: int):
-        self.inner, self.after, self.pieces = stream, after, 0
-        self.holding = threading.Event()
-        self._released = threading.Event()
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        if self.pieces == self.after:
-            self.holding.set()
-            # Only guards against a hang: a correct server cancels within the test's steps.
-            if not self._released.wait(120):
-                raise AssertionError("the server never cancelled a held generation")
-        self.pieces += 1
-        return next(self.inner)
-
-    def cancel(self):
-        self._released.set()
-        self.inner.cancel()
-
-    def close(self):
-        self._released.set()
-        self.inner.close()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-
 @pytest.fixture
 def held_streams(tiny_llm, monkeypatch):
     """Every generation the server starts from here on is a HeldStream (after 5 pieces); the
     list of them, in the order they started."""
-    real_stream = tiny_llm.stream
-    held: list[HeldStream] = []
-
-    def stream(*args, **kwargs):
-        held.append(HeldStream(real_stream(*args, **kwargs), after=5))
-        return held[-1]
-
-    monkeypatch.setattr(tiny_llm, "stream", stream)
-    return held
+    return hold_streams(tiny_llm, monkeypatch, after=5)
 
 
 def _read_stream(url, body, chunks_wanted=None, results=None, timeout=120):
@@ -693,7 +649,8 @@ def test_many_clients_at_once_are_queued_and_all_served(live, tiny_llm):
     def bad_client():
         start.wait()
         for raw in (b"{", b'{"messages": []}', b'{"messages": "x", "n": 3}'):
-            status = httpx.post(url + "/v1/chat/completions", content=raw, timeout=60).status_code
+            status = httpx.post(url + "/v1/chat/completions", content=raw, headers=JSON_TYPE,
+                                timeout=60).status_code
             if status != 400:
                 errors.append(("bad client", status))
 

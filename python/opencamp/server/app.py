@@ -23,7 +23,7 @@ from typing import Any, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -55,6 +55,11 @@ class ServerOptions:
     parallel: int = 4  # sequences decoding together (--max-running); more wait in a FIFO queue
     max_waiting: int = 256  # queued requests beyond which new ones get 429
     max_request_bytes: int = 1 << 20  # request bodies above this get 413
+    # Host header names answered (exact names, or name:port; "*" for any). None: on a loopback
+    # address only localhost, 127.0.0.1 and [::1] (DNS rebinding sends a foreign name), on any
+    # other address every name (set --api-key there).
+    allowed_hosts: tuple[str, ...] | None = None
+    body_timeout: float = 30.0  # seconds a request body may take to arrive, else 408
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -81,6 +86,8 @@ class ServerState:
         self._on_ready = on_ready
         self._on_load_error = on_load_error
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.shutting_down = False
+        self.shutdown_deadline_passed = False
         if self._loader is None:
             self._set_model(model)
         self._add_gauges()
@@ -124,6 +131,31 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry when GET /health says ok",
                            type="server_error", code="model_loading")
         return self.llm, self.scheduler
+
+    def admit(self) -> tuple[LLM, Scheduler]:
+        """The model for a new generation request, or a 503 while loading or shutting down."""
+        if self.shutting_down:
+            raise APIError(503, "the server is shutting down; retry on another server or later",
+                           type="server_error", code="server_shutting_down")
+        return self.require_ready()
+
+    def begin_shutdown(self, deadline: float) -> None:
+        """Stop admitting generation requests (503), let the running ones finish for `deadline`
+        seconds, then end the rest with an error event (streams still get `data: [DONE]`).
+        Called on the event loop, by the server on SIGTERM or Ctrl-C."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        asyncio.get_running_loop().call_later(deadline, self.end_running)
+
+    def end_running(self) -> None:
+        """End every running generation now with a server_shutting_down error (and any that a
+        request admitted before the shutdown would still start)."""
+        self.shutdown_deadline_passed = True
+        if self.scheduler is None:
+            return
+        for generation in self.scheduler.generations():
+            generation.end_with(_shut_down_error())
 
     def close(self) -> None:
         if self.scheduler is not None:
@@ -180,6 +212,11 @@ class ServerState:
 
 # ---- helpers -----------------------------------------------------------------------------
 
+def _shut_down_error() -> APIError:
+    return APIError(503, "the server shut down before this generation finished",
+                    type="server_error", code="server_shutting_down")
+
+
 def _state(request: Request) -> ServerState:
     return request.app.state.opencamp
 
@@ -198,6 +235,18 @@ def _check_auth(request: Request) -> None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
+def _check_content_type(request: Request) -> None:
+    """POST bodies must say they are JSON. A web page can send text/plain (or a form) to any
+    address without a CORS preflight; application/json needs one, which this server never
+    grants, so no page the user visits can drive the API."""
+    given = request.headers.get("content-type", "")
+    if given.split(";")[0].strip().lower() != "application/json":
+        shown = f"'{given}'" if given else "none"
+        raise APIError(415, f"Content-Type must be application/json (got {shown}): send the "
+                       "request body as JSON with 'Content-Type: application/json'.",
+                       code="unsupported_media_type")
+
+
 async def _read_body(request: Request) -> bytes:
     limit = _state(request).options.max_request_bytes
     too_large = APIError(413, f"the request body is larger than this server's limit of {limit} "
@@ -205,12 +254,17 @@ async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
+    timeout = _state(request).options.body_timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    with anyio.move_on_after(timeout) as waited:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    if waited.cancelled_caught:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s (opencamp "
+                       "serve --http-timeout)", code="request_timeout")
     return b"".join(chunks)
 
 
@@ -290,10 +344,11 @@ async def _generate(request: Request, kind: str) -> Response:
     arrived = time.perf_counter()
     state = _state(request)
     _check_auth(request)
+    _check_content_type(request)
     body = parse_json_body(await _read_body(request))
     params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     _check_model(state, params.model)
-    llm, scheduler = state.require_ready()
+    llm, scheduler = state.admit()
     prompt_ids = await anyio.to_thread.run_sync(_prompt_ids, llm, params)
     options = _engine_options(state, llm, params, len(prompt_ids))
     max_tokens = options.pop("max_tokens")
@@ -309,11 +364,15 @@ async def _generate(request: Request, kind: str) -> Response:
         raise busy(error) from None
 
     async def start() -> Generation:
+        if state.shutdown_deadline_passed:  # admitted before the shutdown, too late to start
+            raise _shut_down_error()
         try:
             return await scheduler.start(prompt_ids, max_tokens, dict(options, max_tokens=max_tokens),
                                          endpoint=kind, arrived=arrived)
         except QueueFull as error:
             raise busy(error) from None
+        except Exception as error:  # noqa: BLE001 - the engine refused it: a 400 (or a 500)
+            raise _engine_error(error) from None
 
     if params.stream:
         return StreamingResponse(_sse_stream(start, writer), media_type="text/event-stream",
@@ -416,6 +475,8 @@ async def get_model(request: Request) -> Response:
 
 async def health(request: Request) -> Response:
     state = _state(request)
+    if state.shutting_down:
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
     if state.llm is not None:
         return JSONResponse({"status": "ok", "model": state.options.model_name})
     if state.load_error is not None:
@@ -483,6 +544,8 @@ async def index(request: Request) -> Response:
 
 async def _api_error(request: Request, error: APIError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    if error.status in (408, 413):
+        headers = {"Connection": "close"}  # the rest of the body may still be on its way
     return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
 
 
@@ -500,29 +563,82 @@ async def _http_error(request: Request, error: HTTPException) -> Response:
                         status_code=error.status_code, headers=error.headers)
 
 
-async def _unexpected(request: Request, error: Exception) -> Response:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}",
-                                 type="server_error", code="internal_error").to_dict(),
-                        status_code=500)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 
-class _CountErrors:
-    """ASGI middleware: count every response with an error status in /metrics."""
+def _is_loopback(address: str) -> bool:
+    return address == "::1" or address.startswith("127.") or address == "localhost"
 
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
+
+def _split_host(host: str) -> tuple[str, str | None]:
+    """'Name:port' -> ('name', 'port'); '[::1]:8000' -> ('[::1]', '8000')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, _, rest = host.partition("]")
+        return name + "]", rest[1:] if rest.startswith(":") else None
+    name, colon, port = host.rpartition(":")
+    return (name, port) if colon and port.isdigit() else (host, None)
+
+
+class _Guard:
+    """ASGI middleware around the whole app: refuses Host headers this server does not answer
+    for, counts error statuses for /metrics, and answers an unexpected exception with a 500 in
+    OpenAI's shape without re-raising it, so the client's keep-alive connection survives."""
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    def _allowed(self, scope) -> tuple[bool, tuple[str, ...]]:
+        allowed = self.state.options.allowed_hosts
+        server = scope.get("server") or (None, None)
+        if allowed is None:
+            if server[0] is None or not _is_loopback(server[0]):
+                return True, ()
+            allowed = LOOPBACK_HOSTS  # on any port: a rebinding page sends its own name
+        if "*" in allowed:
+            return True, allowed
+        header = next((v for k, v in scope["headers"] if k == b"host"), None)
+        if header is None:  # HTTP/1.0 without Host: no browser sends that
+            return True, allowed
+        name, port = _split_host(header.decode("latin-1"))
+        names = {a.strip().lower() for a in allowed}
+        return (name in names or (port is not None and f"{name}:{port}" in names)), allowed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
-        async def counting_send(message):
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                self.metrics.http_errors.inc(status=str(message["status"]))
+        async def guarded_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    self.state.metrics.http_errors.inc(status=str(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        ok, allowed = self._allowed(scope)
+        if not ok:
+            host = next(v for k, v in scope["headers"] if k == b"host").decode("latin-1")
+            shown = ", ".join(dict.fromkeys(_split_host(a)[0] for a in allowed))
+            error = APIError(403, f"Host '{host}' is not allowed: this server answers for "
+                             f"{shown}. A web page that reached it under another name (DNS "
+                             "rebinding) is refused; to serve other names start it with "
+                             "--allowed-hosts NAME (or '*' for any).", code="host_not_allowed")
+            response = JSONResponse(error.to_dict(), status_code=403)
+            return await response(scope, receive, guarded_send)
+        try:
+            await self.app(scope, receive, guarded_send)
+        except ClientDisconnect:
+            return  # the client left while its body was read: nobody to answer
+        except Exception as error:  # noqa: BLE001 - a bug on one request must not end others
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                return  # mid-response: the server closes this connection, and goes on
+            text = f"internal error: {type(error).__name__}: {error}"
+            text = text.encode("utf-8", "replace").decode("utf-8")  # whatever the error holds
+            body = APIError(500, text, type="server_error", code="internal_error").to_dict()
+            await JSONResponse(body, status_code=500)(scope, receive, guarded_send)
 
 
 def create_app(model: LLM | Callable[[], LLM], options: ServerOptions, *,
@@ -552,7 +668,7 @@ def create_app(model: LLM | Callable[[], LLM], options: ServerOptions, *,
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
-        APIError: _api_error, HTTPException: _http_error, Exception: _unexpected})
+        APIError: _api_error, HTTPException: _http_error})
     app.state.opencamp = state
-    app.add_middleware(_CountErrors, metrics=state.metrics)
+    app.add_middleware(_Guard, state=state)
     return app

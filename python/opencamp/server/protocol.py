@@ -58,15 +58,90 @@ class GenerationParams:
 
 # ---- reading requests -------------------------------------------------------------------
 
+# Limits on a request body's JSON, far beyond what any real request needs, so that no body can
+# make the parser or later code recurse deeply, build huge integers or carry non-numbers.
+MAX_JSON_DEPTH = 64  # nested arrays/objects
+MAX_INT_DIGITS = 20  # enough for any 64-bit value (seeds); 10**400 is refused, not converted
+
+
+class _Refused(Exception):
+    """A JSON literal the parser hooks refuse; its message says which."""
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text) - text.startswith("-")
+    if digits > MAX_INT_DIGITS:
+        raise _Refused(f"it holds an integer of {digits} digits; integers here have at most "
+                       f"{MAX_INT_DIGITS}")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"the number {text[:40]} is out of range for a 64-bit float")
+    return value
+
+
+def _parse_constant(name: str):
+    raise _Refused(f"{name} is not a JSON number")
+
+
+def _check_nesting_and_text(body: Any, text: str) -> None:
+    """Depth and lone UTF-16 surrogates, checked once for the whole body. Both walks are skipped
+    when the raw text shows they cannot matter (few brackets; no \\u-escape in the D800-DFFF
+    range), which is nearly every real request."""
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH
+    escapes = "\\ud" in text or "\\uD" in text
+    if not (deep or escapes):
+        return
+    strings: list[str] = []
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            strings.append(value)
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise bad_request(f"the request body is nested more than {MAX_JSON_DEPTH} levels "
+                                  "deep", code="invalid_json")
+            if isinstance(value, dict):
+                strings.extend(value)
+                value = value.values()
+            stack.extend((item, depth + 1) for item in value)
+    try:
+        "".join(strings).encode("utf-8")  # fails on any lone surrogate, wherever it is
+    except UnicodeEncodeError:
+        raise bad_request("the request body holds an unpaired UTF-16 surrogate (a \\uD800-"
+                          "\\uDFFF escape without its pair), which is not text",
+                          code="invalid_json") from None
+
+
 def parse_json_body(raw: bytes) -> dict:
-    if not raw.strip():
+    """A request body as a JSON object, or a 400 saying what is wrong with it: not UTF-8, not
+    JSON, nested too deeply, integers too long, NaN/Infinity, unpaired surrogates."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise bad_request(f"the request body is not valid JSON: it is not UTF-8 ({error})",
+                          code="invalid_json") from None
+    if not text.strip():
         raise bad_request("the request body is empty: send a JSON object")
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {error}") from None
+        body = json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                          parse_constant=_parse_constant)
+    except json.JSONDecodeError as error:
+        raise bad_request(f"the request body is not valid JSON: {error}",
+                          code="invalid_json") from None
+    except _Refused as error:
+        raise bad_request(f"the request body is not accepted: {error}", code="invalid_json") \
+            from None
+    except RecursionError:
+        raise bad_request(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                          code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, not {type(body).__name__}")
+    _check_nesting_and_text(body, text)
     return body
 
 
@@ -145,21 +220,11 @@ def _stop(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise bad_request("stop must be a string or a list of strings", "stop")
-    stops = [_check_text(s, "stop") for s in stops if s != ""]  # OpenAI ignores empty ones
+    stops = [s for s in stops if s != ""]  # OpenAI ignores empty ones
     if len(stops) > MAX_STOP_STRINGS:
         raise bad_request(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}",
                           "stop")
     return stops
-
-
-def _check_text(text: str, param: str) -> str:
-    """JSON can carry lone UTF-16 surrogates ("\\ud800") that no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad_request(f"{param} holds an unpaired UTF-16 surrogate, which is not text",
-                          param) from None
-    return text
 
 
 def _token_ids(value: Any, name: str) -> list[int]:
@@ -198,7 +263,7 @@ def _refuse_unsupported(body: dict) -> None:
 def _message_content(content: Any, index: int) -> str:
     """A message's text: a string, or a list of text content parts (what newer clients send)."""
     if isinstance(content, str):
-        return _check_text(content, f"messages[{index}].content")
+        return content
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -209,7 +274,7 @@ def _message_content(content: Any, index: int) -> str:
             if not isinstance(part.get("text"), str):
                 raise bad_request(f"messages[{index}].content: a text part needs a string 'text'",
                                   f"messages[{index}].content")
-            texts.append(_check_text(part["text"], f"messages[{index}].content"))
+            texts.append(part["text"])
         return "".join(texts)
     raise bad_request(f"messages[{index}].content must be a string or a list of text parts",
                       f"messages[{index}].content")
@@ -240,13 +305,13 @@ def _messages(body: dict) -> list[dict]:
 def _prompt(body: dict) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return _check_text(prompt, "prompt")
+        return prompt
     if isinstance(prompt, list) and prompt:
         if all(_is_int(t) for t in prompt):
             return _token_ids(prompt, "prompt")
         if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             if isinstance(prompt[0], str):
-                return _check_text(prompt[0], "prompt")
+                return prompt[0]
             return _token_ids(prompt[0], "prompt")
         raise bad_request("prompt must be one string or one list of token ids: this server "
                           f"answers one prompt per request (got {len(prompt)})", "prompt")

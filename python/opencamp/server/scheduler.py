@@ -66,6 +66,12 @@ class Generation:
         if stream is not None:
             stream.cancel()
 
+    def end_with(self, error: BaseException) -> None:
+        """End it now with `error` as its last event (on the event loop): the reader's own
+        events that follow are never read."""
+        self.events.put_nowait(("error", error))
+        self.cancel()
+
     @property
     def cancelled(self) -> bool:
         return self._cancelled
@@ -95,6 +101,10 @@ class Scheduler:
 
     def stats(self) -> dict:
         return self.engine_scheduler.stats()
+
+    def generations(self) -> list[Generation]:
+        """The generations started and not yet finished."""
+        return list(self._live)
 
     @property
     def running(self) -> int:
