@@ -1,8 +1,11 @@
 #include "io/mapped_file.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 #include <fcntl.h>
@@ -13,6 +16,33 @@
 #include "opencamp/error.h"
 
 namespace opencamp {
+namespace {
+
+// Live mappings by start address: release_file_pages only ever advises pages of a file mapping
+// (MADV_DONTNEED on anonymous memory would zero it).
+std::mutex mappings_mutex;
+std::map<const unsigned char*, size_t>& live_mappings() {
+  static std::map<const unsigned char*, size_t> mappings;
+  return mappings;
+}
+
+}  // namespace
+
+void release_file_pages(const void* data, size_t bytes) {
+  const auto* begin = static_cast<const unsigned char*>(data);
+  {
+    std::lock_guard<std::mutex> lock(mappings_mutex);
+    const auto& mappings = live_mappings();
+    auto it = mappings.upper_bound(begin);
+    if (it == mappings.begin()) return;
+    --it;
+    if (begin + bytes > it->first + it->second) return;  // not (wholly) inside this mapping
+  }
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t first = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
+  const uintptr_t last = (reinterpret_cast<uintptr_t>(begin) + bytes) / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
 
 MappedFile::MappedFile(const std::filesystem::path& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -33,12 +63,19 @@ MappedFile::MappedFile(const std::filesystem::path& path) {
       fail(ErrorKind::InvalidModel, "cannot map ", path.string(), ": ", std::strerror(saved));
     }
     data_ = static_cast<const unsigned char*>(mapping);
+    std::lock_guard<std::mutex> lock(mappings_mutex);
+    live_mappings()[data_] = size_;
   }
   ::close(fd);  // the mapping keeps the file alive
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<unsigned char*>(data_), size_);
+  if (data_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> lock(mappings_mutex);
+    live_mappings().erase(data_);
+  }
+  ::munmap(const_cast<unsigned char*>(data_), size_);
 }
 
 std::string read_text_file(const std::filesystem::path& path) {

@@ -252,6 +252,24 @@ std::vector<OpCase> embedding_cases() {
           return ref;
         };
         cases.push_back(c);
+        // The same rows read from the table prepared as a matmul weight (a tied output layer),
+        // where the backend says it can; from its own table layout otherwise.
+        OpCase tied = c;
+        tied.op = "embedding";
+        tied.shape = "from a prepared matrix, " + c.shape;
+        tied.run = [=](Backend& b) {
+          std::vector<std::shared_ptr<Buffer>> owned;
+          const Tensor matrix = b.prepare_weight(host_view(*table), dtype, WeightUse::Matrix, owned);
+          const Tensor rows = b.embeds_from(matrix)
+                                  ? matrix
+                                  : b.prepare_weight(host_view(*table), dtype, WeightUse::Table, owned);
+          HostTensor out = make_tensor(DType::F32, {T, D}, pad);
+          DeviceTensor d_out = upload(b, out);
+          b.embedding(d_out.view, rows, *ids);
+          download(b, d_out, out);
+          return Output{out.values(), out.padding_intact()};
+        };
+        cases.push_back(tied);
       }
     }
   }

@@ -57,7 +57,14 @@ class AvxBackend final : public CpuBackend {
     return pack(source, dtype, owned);
   }
 
+  // Rows of a packed f32/bf16 matrix are gathered from their panel (one lane of each word).
+  bool embeds_from(const Tensor& matrix) const override {
+    if (matrix.layout == Layout::Packed) return matrix.dtype == DType::F32 || matrix.dtype == DType::BF16;
+    return CpuBackend::embeds_from(matrix);
+  }
+
   void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override {
+    if (table.layout == Layout::Packed) return packed_embedding(out, table, ids);
     if (!unit_inner(out) || table.layout != Layout::Strided || table.stride[1] != 1 ||
         (table.dtype != DType::F32 && table.dtype != DType::BF16) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
         out.shape[0] != static_cast<int64_t>(ids.size())) {
@@ -410,6 +417,35 @@ class AvxBackend final : public CpuBackend {
     return table;
   }
 
+  // out[t, :] = row ids[t] of a matrix packed by pack() (f32 [K][16] or bf16 [ceil(K/2)][16][2]
+  // panels of 16 rows).
+  void packed_embedding(const Tensor& out,    // [T, D] f32
+                        const Tensor& table,  // [V, D] packed f32 or bf16
+                        std::span<const int32_t> ids) {
+    if (!embeds_from(table) || !unit_inner(out) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
+        out.shape[0] != static_cast<int64_t>(ids.size())) {
+      fail(ErrorKind::InvalidArgument, name_, " backend, op embedding: out [T, D] f32 with contiguous rows "
+           "for a packed f32/bf16 table ", shape_string(table));
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= table.shape[0]) {
+        fail(ErrorKind::InvalidArgument, "token id ", id, " is outside the vocabulary [0, ", table.shape[0], ")");
+      }
+    }
+    const int64_t dim = table.shape[1], stride = panel_stride(table);
+    rows(static_cast<int64_t>(ids.size()), dim, [&](int64_t t) {
+      float* row = out.ptr<float>() + t * out.stride[0];
+      const int64_t panel = ids[t] / kPanel, lane = ids[t] % kPanel;
+      if (table.dtype == DType::F32) {
+        const float* values = table.ptr<float>() + panel * stride + lane;
+        for (int64_t c = 0; c < dim; ++c) row[c] = values[c * kPanel];
+      } else {
+        const uint16_t* values = table.ptr<uint16_t>() + panel * stride + lane * 2;
+        for (int64_t c = 0; c < dim; ++c) row[c] = bf16_to_f32(values[(c / 2) * 2 * kPanel + c % 2]);
+      }
+    });
+  }
+
   Tensor pack(const Tensor& source, DType dtype, std::vector<std::shared_ptr<Buffer>>& owned) {
     if (dtype != DType::F32 && dtype != DType::BF16) {
       fail(ErrorKind::InvalidArgument, name_, " backend holds weights as f32 or bf16, not ", dtype_name(dtype));
@@ -423,27 +459,40 @@ class AvxBackend final : public CpuBackend {
     auto buffer = allocate(static_cast<size_t>(panels * stride) * dtype_size(dtype));
     owned.push_back(buffer);
     packed.data = buffer->data();
-    const size_t row_bytes = static_cast<size_t>(k) * dtype_size(dtype);
+    // A panel is a transpose of 32-bit words: f32 [K][16] holds element c of row i at
+    // [c][i]; bf16 [ceil(K/2)][16][2] holds the pair of columns (2c, 2c + 1) of row i as one word
+    // at [c][i]. Rows are read in place when already in `dtype` (converted once otherwise), and
+    // each panel is written front to back, one 64-byte line per word column.
+    const int64_t words = dtype == DType::F32 ? k : k / 2;  // whole words in a row
+    const bool odd_tail = dtype == DType::BF16 && k % 2 != 0;
+    const size_t source_row_bytes = dtype_bytes(source.dtype, k);
     pool().parallel_for(panels, [&](int64_t begin, int64_t end) {
-      std::vector<unsigned char> row(row_bytes);  // one weight row in the target dtype
+      std::vector<unsigned char> converted(source.dtype == dtype ? 0 : kPanel * dtype_bytes(dtype, k + 1));
+      const unsigned char* rows[kPanel];
       for (int64_t p = begin; p < end; ++p) {
-        for (int64_t i = 0; i < kPanel; ++i) {
-          const int64_t r = p * kPanel + i;
-          if (r < n) {
-            convert_dtype(static_cast<const char*>(source.data) + r * k * dtype_size(source.dtype),
-                          source.dtype, row.data(), dtype, k);
-          } else {
-            std::fill(row.begin(), row.end(), 0);  // padding rows of the last panel
+        int64_t present = 0;  // rows of this panel that exist (the last panel pads with zeros)
+        for (int64_t i = 0; i < kPanel && p * kPanel + i < n; ++i, ++present) {
+          const unsigned char* row = static_cast<const unsigned char*>(source.data) + (p * kPanel + i) * source_row_bytes;
+          if (source.dtype != dtype) {
+            unsigned char* target = converted.data() + i * dtype_bytes(dtype, k + 1);
+            convert_dtype(row, source.dtype, target, dtype, k);
+            row = target;
           }
-          if (dtype == DType::F32) {  // [K][16]
-            const float* values = reinterpret_cast<const float*>(row.data());
-            float* panel = packed.ptr<float>() + p * stride;
-            for (int64_t c = 0; c < k; ++c) panel[c * kPanel + i] = values[c];
-          } else {  // [ceil(K/2)][16][2]
-            const uint16_t* values = reinterpret_cast<const uint16_t*>(row.data());
-            uint16_t* panel = packed.ptr<uint16_t>() + p * stride;
-            for (int64_t c = 0; c < k; ++c) panel[(c / 2) * 2 * kPanel + i * 2 + c % 2] = values[c];
-            if (k % 2) panel[(k / 2) * 2 * kPanel + i * 2 + 1] = 0;
+          rows[i] = row;
+        }
+        uint32_t* panel = reinterpret_cast<uint32_t*>(static_cast<unsigned char*>(packed.data) +
+                                                      p * stride * dtype_size(dtype));
+        for (int64_t c = 0; c < words; ++c) {
+          uint32_t* line = panel + c * kPanel;
+          for (int64_t i = 0; i < present; ++i) std::memcpy(&line[i], rows[i] + 4 * c, 4);
+          for (int64_t i = present; i < kPanel; ++i) line[i] = 0;
+        }
+        if (odd_tail) {  // the last column pairs with a zero
+          uint32_t* line = panel + words * kPanel;
+          for (int64_t i = 0; i < kPanel; ++i) {
+            uint16_t last = 0;
+            if (i < present) std::memcpy(&last, rows[i] + 2 * (k - 1), 2);
+            line[i] = last;  // low half: column k - 1; high half: zero padding
           }
         }
       }
