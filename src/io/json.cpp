@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <unordered_set>
 
 #include "opencamp/error.h"
 
@@ -40,9 +41,8 @@ Value Value::make_object(std::vector<std::pair<std::string, Value>> members) {
 
 const Value* Value::find(std::string_view key) const {
   if (type_ != Type::Object) return nullptr;
-  // Later duplicates win, as in Python's json module.
-  for (auto it = members_.rbegin(); it != members_.rend(); ++it) {
-    if (it->first == key) return &it->second;
+  for (const auto& member : members_) {  // keys are unique: the parser refuses duplicates
+    if (member.first == key) return &member.second;
   }
   return nullptr;
 }
@@ -126,6 +126,7 @@ class Parser {
   Value object(int depth) {
     ++pos_;  // '{'
     std::vector<std::pair<std::string, Value>> members;
+    std::unordered_set<std::string> keys;
     skip_space();
     if (peek() == '}') {
       ++pos_;
@@ -134,7 +135,14 @@ class Parser {
     for (;;) {
       skip_space();
       if (peek() != '"') error("expected a string key");
+      const size_t key_at = pos_;
       std::string key = string();
+      // Readers disagree on which duplicate wins (Python: the last, Rust serde: an error, some
+      // the first), so a header or config saying two things is refused, not guessed at.
+      if (!keys.insert(key).second) {
+        pos_ = key_at;
+        error("key \"" + key + "\" appears twice in one object");
+      }
       skip_space();
       if (peek() != ':') error("expected ':' after a key");
       ++pos_;
@@ -233,6 +241,35 @@ class Parser {
     }
   }
 
+  // One multi-byte UTF-8 character starting at pos_, appended to `out`; anything else (stray
+  // continuation bytes, overlong forms, surrogates, past U+10FFFF, truncation) is an error, so
+  // every string handed out is valid UTF-8 (names reach Python as str).
+  void utf8_sequence(std::string& out) {
+    const auto byte = [&](size_t i) { return static_cast<unsigned char>(text_[pos_ + i]); };
+    const unsigned char lead = byte(0);
+    size_t length = 0;
+    unsigned code = 0, minimum = 0;
+    if (lead >= 0xc2 && lead <= 0xdf) {
+      length = 2, code = lead & 0x1fu, minimum = 0x80;
+    } else if (lead >= 0xe0 && lead <= 0xef) {
+      length = 3, code = lead & 0x0fu, minimum = 0x800;
+    } else if (lead >= 0xf0 && lead <= 0xf4) {
+      length = 4, code = lead & 0x07u, minimum = 0x10000;
+    } else {
+      error("invalid UTF-8 byte inside a string");
+    }
+    if (pos_ + length > text_.size()) error("truncated UTF-8 sequence inside a string");
+    for (size_t i = 1; i < length; ++i) {
+      if ((byte(i) & 0xc0u) != 0x80u) error("invalid UTF-8 sequence inside a string");
+      code = (code << 6) | (byte(i) & 0x3fu);
+    }
+    if (code < minimum || code > 0x10ffff || (code >= 0xd800 && code < 0xe000)) {
+      error("invalid UTF-8 sequence inside a string");
+    }
+    out.append(text_.substr(pos_, length));
+    pos_ += length;
+  }
+
   std::string string() {
     ++pos_;  // opening quote
     std::string out;
@@ -241,6 +278,11 @@ class Parser {
       const char c = text_[pos_++];
       if (c == '"') return out;
       if (static_cast<unsigned char>(c) < 0x20) error("control character inside a string");
+      if (static_cast<unsigned char>(c) >= 0x80) {
+        --pos_;
+        utf8_sequence(out);
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
@@ -258,7 +300,9 @@ class Parser {
         case 't': out += '\t'; break;
         case 'u': {
           unsigned code = hex4();
-          if (code >= 0xd800 && code < 0xdc00 && text_.substr(pos_, 2) == "\\u") {
+          if (code >= 0xdc00 && code < 0xe000) error("unpaired low surrogate in a \\u escape");
+          if (code >= 0xd800 && code < 0xdc00) {
+            if (text_.substr(pos_, 2) != "\\u") error("unpaired high surrogate in a \\u escape");
             pos_ += 2;
             const unsigned low = hex4();
             if (low >= 0xdc00 && low < 0xe000) {

@@ -50,7 +50,8 @@ class Value {
 
 const char* type_name(Value::Type type);
 
-// Parses one JSON document. Throws opencamp::Error(InvalidModel) "<source>: malformed JSON at
+// Parses one JSON document (strict: strings must be valid UTF-8 with paired surrogate escapes,
+// an object may not repeat a key). Throws opencamp::Error(InvalidModel) "<source>: malformed JSON at
 // line L, column C: ...".
 Value parse(std::string_view text, const std::string& source);
 

@@ -212,18 +212,18 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 }
 
 ModelConfig load_model_config(const std::filesystem::path& dir) {
-  if (!std::filesystem::is_directory(dir)) {
+  if (!is_directory_path(dir)) {
     fail(ErrorKind::InvalidModel, "model directory ", dir.string(),
-         " does not exist; pass a folder holding config.json and model.safetensors, or a .gguf file");
+         path_exists(dir) ? " is not a directory" : " does not exist", "; pass a folder holding config.json and model.safetensors, or a .gguf file");
   }
   const auto config_path = dir / "config.json";
-  if (!std::filesystem::exists(config_path)) {
+  if (!path_exists(config_path)) {
     fail(ErrorKind::InvalidModel, "config.json is missing from ", dir.string(),
          "; a Hugging Face model directory needs config.json next to its weights");
   }
   ModelConfig config = parse_model_config(read_text_file(config_path), config_path.string());
   const auto generation_path = dir / "generation_config.json";
-  if (std::filesystem::exists(generation_path)) {
+  if (path_exists(generation_path)) {
     const std::string source = generation_path.string();
     const json::Value root = json::parse(read_text_file(generation_path), source);
     if (root.is_object()) {

@@ -8,6 +8,8 @@
 #include <map>
 #include <numbers>
 
+#include <sys/stat.h>
+
 #include "check.h"
 #include "opencamp/opencamp.h"
 #include "test_util.h"
@@ -617,6 +619,116 @@ TEST_CASE(checkpoint_precision_weights_are_the_mapped_file_zero_copy) {
   CHECK(!f32_ranges.empty());
   CHECK(!maps_into(converted.model().weights().embed, f32_ranges));
   CHECK(!maps_into(converted.model().weights().layers[0].wq, f32_ranges));
+}
+
+
+// ---- hardening: headers that say two things, bytes that belong to no tensor ------------------
+
+TEST_CASE(duplicate_tensor_names_are_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  // Two entries named "t" over the two halves of the data: neither may silently win.
+  write_raw_safetensors(path,
+                        "{\"t\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                        "\"t\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+                        std::string(8, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "\"t\"",
+                    "appears twice");
+  // In config.json too (Python's json would take the last, others the first).
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"vocab_size\"", "\"num_hidden_layers\": 1, \"vocab_size\"");
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::InvalidModel, "config.json",
+                    "num_hidden_layers", "appears twice");
+}
+
+TEST_CASE(invalid_utf8_and_lone_surrogates_are_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  // A tensor name with a bare 0xff byte, an overlong '/', a UTF-8-encoded surrogate, a cut-off
+  // sequence; and escapes of unpaired surrogates. Names reach Python as str: all are errors.
+  for (const std::string& name : {std::string("bad\xff"), std::string("over\xc0\xaflong"),
+                                 std::string("sur\xed\xa0\x80"), std::string("cut\xe2\x82"),
+                                 std::string("\\ud800x"), std::string("\\udc00")}) {
+    write_raw_safetensors(path, "{\"" + name + "\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+                          std::string(4, '\0'));
+    CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(),
+                      "malformed JSON");
+  }
+  // Valid multi-byte names and paired escapes still load.
+  write_raw_safetensors(path, "{\"caf\xc3\xa9.\xf0\x9f\x98\x80.\\ud83d\\ude00\":{\"dtype\":\"F32\",\"shape\":[1],"
+                              "\"data_offsets\":[0,4]}}", std::string(4, '\0'));
+  auto file = SafetensorsFile::open(path);
+  CHECK(file->find("caf\xc3\xa9.\xf0\x9f\x98\x80.\xf0\x9f\x98\x80") != nullptr);
+  // A model_type that is not UTF-8.
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"llama\"", "\"lla\xfe\x6d\x61\"");
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::InvalidModel, "config.json", "UTF-8");
+}
+
+TEST_CASE(overlapping_shifted_and_trailing_data_are_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  const std::string a = "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":";
+  const std::string b = ",\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":";
+  // b reads a's last 4 bytes.
+  write_raw_safetensors(path, "{" + a + "[0,8]}" + b + "[4,12]}}", std::string(12, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "'a'", "'b'",
+                    "overlap");
+  // Both name the same bytes.
+  write_raw_safetensors(path, "{" + a + "[0,8]}" + b + "[0,8]}}", std::string(8, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, "overlap");
+  // Shifted: nothing covers the first 4 bytes.
+  write_raw_safetensors(path, "{" + a + "[4,12]}" + b + "[12,20]}}", std::string(20, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(),
+                    "4 bytes at data offset 0", "'a'");
+  // Trailing garbage after the last tensor.
+  write_raw_safetensors(path, "{" + a + "[0,8]}" + b + "[8,16]}}", std::string(17, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "1 bytes after",
+                    "trailing");
+  // Exactly tiled (in any header order) loads.
+  write_raw_safetensors(path, "{\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}," + a + "[0,8]}}",
+                        std::string(16, '\0'));
+  CHECK_NOTHROW(SafetensorsFile::open(path));
+}
+
+TEST_CASE(shape_whose_byte_count_wraps_is_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  // 2^31 * 2^31 * 4 bytes = 2^64, which wraps to 0 in 64 bits: must not pass as an empty span.
+  write_raw_safetensors(path, "{\"big\":{\"dtype\":\"F32\",\"shape\":[2147483648,2147483648],"
+                              "\"data_offsets\":[0,0]}}");
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "'big'",
+                    "[2147483648");
+  write_raw_safetensors(path, "{\"big\":{\"dtype\":\"BF16\",\"shape\":[4294967296,4294967296,1,1],"
+                              "\"data_offsets\":[0,0]}}");
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, "'big'");
+}
+
+TEST_CASE(fifo_and_symlink_loop_are_refused_without_blocking) {
+  TempDir tmp("loader");
+  copy_fixture("tiny-llama", tmp.path());
+  // A FIFO no one writes to: open() without O_NONBLOCK would wait forever (ctest's timeout
+  // would then fail this test).
+  fs::remove(tmp / "model.safetensors");
+  CHECK(::mkfifo((tmp / "model.safetensors").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel,
+                    (tmp / "model.safetensors").string(), "FIFO", "not a regular file");
+  fs::remove(tmp / "config.json");
+  CHECK(::mkfifo((tmp / "config.json").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::InvalidModel, "config.json", "FIFO");
+  // A symlink loop: an Error naming it, not a std::filesystem exception.
+  fs::remove(tmp / "model.safetensors");
+  fs::create_symlink(tmp / "loop-b", tmp / "model.safetensors");
+  fs::create_symlink(tmp / "model.safetensors", tmp / "loop-b");
+  fs::remove(tmp / "config.json");
+  copy_fixture("tiny-llama", tmp / "copy");
+  fs::copy_file(tmp / "copy" / "config.json", tmp / "config.json");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel,
+                    (tmp / "model.safetensors").string(), "symlink loop");
+  fs::create_symlink(tmp / "loop-d", tmp / "loop-c");
+  fs::create_symlink(tmp / "loop-c", tmp / "loop-d");
+  CHECK_THROWS_WITH(Engine(tmp / "loop-c", engine_options()), ErrorKind::InvalidModel, "loop-c",
+                    "symlink loop");
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
