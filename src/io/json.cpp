@@ -59,6 +59,40 @@ const char* type_name(Value::Type type) {
   return "?";
 }
 
+size_t utf8_sequence_length(std::string_view text, size_t pos) {
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[pos + i]); };
+  const unsigned char lead = byte(0);
+  if (lead < 0x80) return 1;
+  size_t length = 0;
+  unsigned code = 0, minimum = 0;
+  if (lead >= 0xc2 && lead <= 0xdf) {
+    length = 2, code = lead & 0x1fu, minimum = 0x80;
+  } else if (lead >= 0xe0 && lead <= 0xef) {
+    length = 3, code = lead & 0x0fu, minimum = 0x800;
+  } else if (lead >= 0xf0 && lead <= 0xf4) {
+    length = 4, code = lead & 0x07u, minimum = 0x10000;
+  } else {
+    return 0;  // a continuation byte, or a lead byte no valid sequence has
+  }
+  if (pos + length > text.size()) return 0;
+  for (size_t i = 1; i < length; ++i) {
+    if ((byte(i) & 0xc0u) != 0x80u) return 0;
+    code = (code << 6) | (byte(i) & 0x3fu);
+  }
+  // Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8.
+  if (code < minimum || code > 0x10ffff || (code >= 0xd800 && code < 0xe000)) return 0;
+  return length;
+}
+
+bool is_valid_utf8(std::string_view text) {
+  for (size_t pos = 0; pos < text.size();) {
+    const size_t length = utf8_sequence_length(text, pos);
+    if (length == 0) return false;
+    pos += length;
+  }
+  return true;
+}
+
 namespace {
 
 constexpr int kMaxDepth = 256;
@@ -241,31 +275,11 @@ class Parser {
     }
   }
 
-  // One multi-byte UTF-8 character starting at pos_, appended to `out`; anything else (stray
-  // continuation bytes, overlong forms, surrogates, past U+10FFFF, truncation) is an error, so
-  // every string handed out is valid UTF-8 (names reach Python as str).
+  // One multi-byte UTF-8 character starting at pos_, appended to `out`: every string handed
+  // out is valid UTF-8 (names reach Python as str).
   void utf8_sequence(std::string& out) {
-    const auto byte = [&](size_t i) { return static_cast<unsigned char>(text_[pos_ + i]); };
-    const unsigned char lead = byte(0);
-    size_t length = 0;
-    unsigned code = 0, minimum = 0;
-    if (lead >= 0xc2 && lead <= 0xdf) {
-      length = 2, code = lead & 0x1fu, minimum = 0x80;
-    } else if (lead >= 0xe0 && lead <= 0xef) {
-      length = 3, code = lead & 0x0fu, minimum = 0x800;
-    } else if (lead >= 0xf0 && lead <= 0xf4) {
-      length = 4, code = lead & 0x07u, minimum = 0x10000;
-    } else {
-      error("invalid UTF-8 byte inside a string");
-    }
-    if (pos_ + length > text_.size()) error("truncated UTF-8 sequence inside a string");
-    for (size_t i = 1; i < length; ++i) {
-      if ((byte(i) & 0xc0u) != 0x80u) error("invalid UTF-8 sequence inside a string");
-      code = (code << 6) | (byte(i) & 0x3fu);
-    }
-    if (code < minimum || code > 0x10ffff || (code >= 0xd800 && code < 0xe000)) {
-      error("invalid UTF-8 sequence inside a string");
-    }
+    const size_t length = utf8_sequence_length(text_, pos_);
+    if (length == 0) error("invalid UTF-8 inside a string");
     out.append(text_.substr(pos_, length));
     pos_ += length;
   }

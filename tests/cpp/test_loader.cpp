@@ -731,4 +731,54 @@ TEST_CASE(fifo_and_symlink_loop_are_refused_without_blocking) {
                     "symlink loop");
 }
 
+// ---- hardening: hyper-parameters out of range ------------------------------------------------
+
+TEST_CASE(config_values_out_of_range_or_not_finite_are_refused) {
+  const std::string base = "{\"model_type\":\"llama\",\"vocab_size\":10,\"hidden_size\":8,"
+                           "\"intermediate_size\":16,\"num_attention_heads\":2,";
+  const std::string one_layer = base + "\"num_hidden_layers\":1,";
+  auto config = [&](const std::string& rest) { return parse_model_config(one_layer + rest + "}", "cfg.json"); };
+  CHECK_NOTHROW(config("\"rms_norm_eps\": 1e-6"));
+  // Three million layers: refused at once by name, before any per-layer bookkeeping is sized.
+  CHECK_THROWS_WITH(parse_model_config(base + "\"num_hidden_layers\": 3000000}", "cfg.json"),
+                    ErrorKind::InvalidModel, "cfg.json", "num_hidden_layers", "3000000", "2048");
+  CHECK_THROWS_WITH(config("\"vocab_size\": 100000000"), ErrorKind::InvalidModel, "appears twice");
+  CHECK_THROWS_WITH(parse_model_config("{\"model_type\":\"llama\",\"vocab_size\":100000000,\"hidden_size\":8,"
+                                       "\"intermediate_size\":16,\"num_attention_heads\":2,\"num_hidden_layers\":1}",
+                                       "cfg.json"),
+                    ErrorKind::InvalidModel, "vocab_size", "100000000");
+  CHECK_THROWS_WITH(config("\"max_position_embeddings\": 1000000000"), ErrorKind::InvalidModel,
+                    "max_position_embeddings", "1000000000");
+  CHECK_THROWS_WITH(config("\"head_dim\": 8192"), ErrorKind::InvalidModel, "head_dim", "8192");
+  // Norm epsilon and rope base: finite and positive (NaN gave NaN logits, then only EOS).
+  for (const char* eps : {"-1", "0", "NaN", "Infinity", "1e300"}) {
+    CHECK_THROWS_WITH(config(std::string("\"rms_norm_eps\": ") + eps), ErrorKind::InvalidModel,
+                      "cfg.json", "rms_norm_eps", "finite positive");
+  }
+  for (const char* theta : {"0", "-1", "NaN", "Infinity"}) {
+    CHECK_THROWS_WITH(config(std::string("\"rope_theta\": ") + theta), ErrorKind::InvalidModel,
+                      "cfg.json", "rope_theta", "finite positive");
+    CHECK_THROWS_WITH(config(std::string("\"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": ") +
+                             theta + "}"),
+                      ErrorKind::InvalidModel, "rope_theta");
+  }
+  // Rope scaling: the type must be a string (a number was read as "default"), factors finite.
+  CHECK_THROWS_WITH(config("\"rope_scaling\": {\"rope_type\": 3, \"factor\": 2}"), ErrorKind::InvalidModel,
+                    "cfg.json", "rope_type", "a number", "expected a string");
+  CHECK_THROWS_WITH(config("\"rope_scaling\": {\"type\": [\"linear\"], \"factor\": 2}"),
+                    ErrorKind::InvalidModel, "'type'", "an array");
+  CHECK_THROWS_WITH(config("\"rope_scaling\": {\"type\": \"linear\", \"factor\": Infinity}"),
+                    ErrorKind::InvalidModel, "factor", "finite positive");
+  const std::string llama3 = "\"rope_parameters\": {\"rope_type\": \"llama3\", \"factor\": 8, ";
+  CHECK_THROWS_WITH(config(llama3 + "\"low_freq_factor\": 1, \"high_freq_factor\": Infinity}"),
+                    ErrorKind::InvalidModel, "high_freq_factor", "finite positive");
+  CHECK_THROWS_WITH(config(llama3 + "\"original_max_position_embeddings\": 1e300}"),
+                    ErrorKind::InvalidModel, "original_max_position_embeddings");
+  // Through the engine as well, on a real fixture.
+  TempDir tmp("loader");
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": NaN");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "config.json", "rms_norm_eps");
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
