@@ -245,6 +245,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
 bool WeightStore::contains(const std::string& name) const { return tensors_.count(name) > 0; }
 
 Tensor WeightStore::require(const std::string& name, std::initializer_list<int64_t> expected) const {
+  required_.insert(name);
   auto it = tensors_.find(name);
   if (it == tensors_.end()) {
     auto unsupported = unsupported_.find(name);
@@ -270,6 +271,18 @@ Tensor WeightStore::require(const std::string& name, std::initializer_list<int64
          shape_string(tensor), " but ", shapes_from_, " implies ", wanted, "]");
   }
   return tensor;
+}
+
+std::vector<std::string> WeightStore::unrequired() const {
+  std::vector<std::string> result;
+  for (const auto& [name, entry] : tensors_) {
+    if (!required_.count(name)) result.push_back(name);
+  }
+  for (const auto& [name, why] : unsupported_) {
+    if (!required_.count(name)) result.push_back(name);
+  }
+  std::sort(result.begin(), result.end());
+  return result;
 }
 
 std::vector<std::string> WeightStore::names() const {

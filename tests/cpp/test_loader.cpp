@@ -781,4 +781,34 @@ TEST_CASE(config_values_out_of_range_or_not_finite_are_refused) {
   CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "config.json", "rms_norm_eps");
 }
 
+// ---- hardening: weights the model would ignore ------------------------------------------------
+
+TEST_CASE(tensors_the_model_does_not_use_are_refused_by_name) {
+  TempDir tmp("loader");
+  // qwen2 weights (q/k/v biases) under model_type llama: the biases would be dropped silently.
+  copy_fixture("tiny-qwen2", tmp.path());
+  edit_config(tmp.path(), "\"model_type\": \"qwen2\"", "\"model_type\": \"llama\"");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "model.safetensors",
+                    "'llama'", "model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_proj.bias",
+                    "attention_bias");
+  // With attention_bias the biases are read (llama's bias on o_proj is then required, and absent).
+  edit_config(tmp.path(), "\"model_type\": \"llama\"", "\"model_type\": \"llama\", \"attention_bias\": true");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "o_proj.bias", "missing");
+
+  // Any other extra tensor; rotary_emb buffers (derived from the config) are ignored by name.
+  TempDir llama("loader");
+  copy_fixture("tiny-llama", llama.path());
+  auto tensors = read_all_tensors(fixture("tiny-llama") / "model.safetensors");
+  tensors.push_back({"model.layers.0.self_attn.rotary_emb.inv_freq", "F32", {4}, std::vector<unsigned char>(16, 0), ""});
+  write_safetensors(llama / "model.safetensors", tensors);
+  CHECK_NOTHROW(Engine(llama.path(), engine_options()));
+  tensors.push_back({"model.layers.1.mlp.extra.weight", "F32", {2}, std::vector<unsigned char>(8, 0), ""});
+  tensors.push_back({"model.layers.5.input_layernorm.weight", "F32", {32}, std::vector<unsigned char>(128, 0), ""});
+  write_safetensors(llama / "model.safetensors", tensors);
+  const std::string message = CHECK_THROWS_WITH(Engine(llama.path(), engine_options()), ErrorKind::InvalidModel,
+                                                "2 tensors", "model.layers.1.mlp.extra.weight",
+                                                "model.layers.5.input_layernorm.weight");
+  CHECK(message.find("rotary_emb") == std::string::npos);
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
