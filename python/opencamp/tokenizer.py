@@ -228,9 +228,34 @@ def _check_binop(operator: str, left: Any, right: Any) -> None:
                 raise _too_large(f"{left} ** {right} (in digits)", digits)
     elif operator == "%" and isinstance(left, str):
         _check_format_string(left)
+        _refuse_over("'%' formatting", _inserted_size(left, right))
         if any(match.group(1) == "*" or match.group(2) == "*" for match in _PRINTF_SIZES.finditer(left)):
             # Widths given as arguments ('%*d' % (n, x)): the integers among them are checked.
             _check_arguments("'%' formatting", right if isinstance(right, tuple) else (right,))
+
+
+def _refuse_over(what: str, size: int | None) -> None:
+    if size is not None and size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+        raise _too_large(what, size)
+
+
+def _inserted_size(template: str, values: Any) -> int:
+    """A lower bound on the length of a format string filled with `values` (a value, a tuple, a
+    list or a mapping): its own text plus the strings it inserts, so that '%s%s' % (s, s) in a
+    loop cannot double a string past the limit."""
+    if isinstance(values, Mapping):
+        values = list(values.values())
+    elif not isinstance(values, (tuple, list)):
+        values = [values]
+    return len(template) + sum(len(value) for value in values if isinstance(value, str))
+
+
+def _check_result(what: str, result: Any) -> Any:
+    """The result of a filter or string method, refused when it is over the limit anyway (one
+    step past it at most: each input was within it)."""
+    if isinstance(result, _SIZED):
+        _refuse_over(what, len(result))
+    return result
 
 
 def _join_size(separator: Any, items: Any) -> int | None:
@@ -268,12 +293,18 @@ def _checked_filter(name: str, function):
                 raise _too_large("the join filter", size)
         if name == "format" and values:
             _check_format_string(values[0])
+            if isinstance(values[0], str):
+                _refuse_over("the format filter", _inserted_size(values[0], list(values[1:]) + list(kwargs.values())))
+        if name == "indent" and values and isinstance(values[0], str):
+            width = values[1] if len(values) > 1 else kwargs.get("width", 4)
+            width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+            _refuse_over("the indent filter", len(values[0]) + width * (values[0].count("\n") + 1))
         if name == "replace" and len(values) >= 3 and all(isinstance(v, str) for v in values[:3]):
             text, old, new = values[:3]
             size = len(text) + (text.count(old) if old else len(text) + 1) * max(len(new) - len(old), 0)
             if size > CHAT_TEMPLATE_OUTPUT_LIMIT:
                 raise _too_large("the replace filter", size)
-        return function(*args, **kwargs)
+        return _check_result(f"the {name} filter", function(*args, **kwargs))
 
     return checked
 
@@ -352,6 +383,7 @@ def _limited_environment_class():
                     _check_arguments(f"str.{name}()", list(args) + list(kwargs.values()))
                 elif name in ("format", "format_map"):
                     _check_format_string(owner)
+                    _refuse_over(f"str.{name}()", _inserted_size(owner, list(args) + list(kwargs.values())))
                 elif name == "join" and args:
                     size = _join_size(owner, list(args[0]) if isinstance(args[0], (list, tuple)) else None)
                     if size is not None and size > CHAT_TEMPLATE_OUTPUT_LIMIT:
@@ -361,6 +393,7 @@ def _limited_environment_class():
                     size = len(owner) + (owner.count(old) if old else len(owner) + 1) * max(len(new) - len(old), 0)
                     if size > CHAT_TEMPLATE_OUTPUT_LIMIT:
                         raise _too_large("str.replace()", size)
+                return _check_result(f"str.{name}()", super().call(__context, __obj, *args, **kwargs))
             return super().call(__context, __obj, *args, **kwargs)
 
         def limited_concat(self, values):

@@ -204,6 +204,12 @@ def word_tokenizer(template: str) -> Tokenizer:
     "{{ ('a' * 10000000).join(['x'] * 10000) }}",
     "{{ ('a' * 1000000)|replace('a', 'bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb') }}",
     "{% for i in range(100000) %}{{ 'x' * 200 }}{% endfor %}",
+    # Doubling a string by formatting it into itself, in a loop.
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = '%s%s' % (ns.s, ns.s) %}{% endfor %}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = '{}{}'.format(ns.s, ns.s) %}{% endfor %}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = [ns.s, ns.s]|join %}{% endfor %}",
+    "{{ ('\\n' * 10000000)|indent(100) }}",
 ])
 def test_template_output_limit(template: str) -> None:
     with pytest.raises(ChatTemplateError, match="output limit"):
