@@ -203,7 +203,8 @@ def _check_arguments(what: str, args: Iterable[Any]) -> None:
     """Refuse integer arguments (widths, counts, repetitions) beyond the output limit."""
     for value in args:
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > CHAT_TEMPLATE_OUTPUT_LIMIT:
-            raise _too_large(f"{what} with argument {value}", abs(value))
+            shown = value if value.bit_length() <= 64 else f"of {value.bit_length()} bits"
+            raise _too_large(f"{what} with argument {shown}", min(abs(value), 2**64))
         if isinstance(value, tuple):
             _check_arguments(what, value)
 
