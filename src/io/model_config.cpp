@@ -98,10 +98,14 @@ RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
   std::string type = "default";
   for (const char* key : {"rope_type", "type"}) {
     const json::Value* v = settings->find(key);
-    if (v && v->is_string()) {
-      type = v->as_string();
-      break;
+    if (!v || v->is_null()) continue;
+    if (!v->is_string()) {
+      fail(ErrorKind::InvalidModel, reader.source(), ": '", key, "' in '",
+           params ? "rope_parameters" : "rope_scaling", "' is ", json::type_name(v->type()),
+           ", expected a string such as \"default\", \"linear\" or \"llama3\"");
     }
+    type = v->as_string();
+    break;
   }
   if (type == "default") return rope;
   rope.factor = reader.number_or(*settings, "factor", 0.0);
@@ -114,8 +118,12 @@ RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
     rope.type = RopeType::Llama3;
     rope.low_freq_factor = reader.number_or(*settings, "low_freq_factor", 1.0);
     rope.high_freq_factor = reader.number_or(*settings, "high_freq_factor", 4.0);
-    rope.original_max_position = static_cast<int>(
-        reader.number_or(*settings, "original_max_position_embeddings", 8192));
+    const double original = reader.number_or(*settings, "original_max_position_embeddings", 8192);
+    if (!(original >= 1 && original <= ModelConfigLimits::kMaxContext) || original != std::floor(original)) {
+      fail(ErrorKind::InvalidModel, reader.source(), ": original_max_position_embeddings must be an "
+           "integer from 1 to ", ModelConfigLimits::kMaxContext);
+    }
+    rope.original_max_position = static_cast<int>(original);
     if (!(rope.high_freq_factor > rope.low_freq_factor) || rope.original_max_position <= 0) {
       fail(ErrorKind::InvalidModel, reader.source(),
            ": llama3 rope needs high_freq_factor > low_freq_factor and a positive "
@@ -151,7 +159,57 @@ void check_special_ids(const ModelConfig& config, const std::string& source) {
   }
 }
 
+void check_at_most(int value, int limit, const std::string& source, const char* field) {
+  if (value > limit) {
+    fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value, ", more than opencamp's limit of ",
+         limit, " (corrupt config?)");
+  }
+}
+
+void check_finite_positive(double value, const std::string& source, const char* field) {
+  if (!std::isfinite(value) || !(value > 0)) {
+    fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value,
+         "; it must be a finite positive number");
+  }
+}
+
 }  // namespace
+
+void validate_model_config(const ModelConfig& c, const std::string& source) {
+  using L = ModelConfigLimits;
+  check_at_most(c.vocab_size, L::kMaxVocab, source, "vocab_size");
+  check_at_most(c.hidden_size, L::kMaxHidden, source, "hidden_size (GGUF: embedding_length)");
+  check_at_most(c.intermediate_size, L::kMaxIntermediate, source, "intermediate_size (GGUF: feed_forward_length)");
+  check_at_most(c.num_layers, L::kMaxLayers, source, "num_hidden_layers (GGUF: block_count)");
+  check_at_most(c.num_heads, L::kMaxHeads, source, "num_attention_heads (GGUF: attention.head_count)");
+  check_at_most(c.num_kv_heads, L::kMaxHeads, source, "num_key_value_heads (GGUF: attention.head_count_kv)");
+  check_at_most(c.head_dim, L::kMaxHeadDim, source, "head_dim");
+  check_at_most(c.max_position_embeddings, L::kMaxContext, source, "max_position_embeddings (GGUF: context_length)");
+  for (const auto& [value, field] : {std::pair{c.vocab_size, "vocab_size"},
+                                     {c.hidden_size, "hidden_size (GGUF: embedding_length)"},
+                                     {c.intermediate_size, "intermediate_size (GGUF: feed_forward_length)"},
+                                     {c.num_layers, "num_hidden_layers (GGUF: block_count)"},
+                                     {c.num_heads, "num_attention_heads (GGUF: attention.head_count)"},
+                                     {c.num_kv_heads, "num_key_value_heads (GGUF: attention.head_count_kv)"},
+                                     {c.head_dim, "head_dim"},
+                                     {c.max_position_embeddings, "max_position_embeddings (GGUF: context_length)"}}) {
+    if (value < 1) fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value, "; it must be positive");
+  }
+  check_finite_positive(c.rms_norm_eps, source, "rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon)");
+  check_finite_positive(c.rope.theta, source, "rope_theta (GGUF: rope.freq_base)");
+  if (c.rope.type != RopeType::Default) check_finite_positive(c.rope.factor, source, "the rope scaling factor");
+  if (c.rope.type == RopeType::Llama3) {
+    check_finite_positive(c.rope.low_freq_factor, source, "low_freq_factor");
+    check_finite_positive(c.rope.high_freq_factor, source, "high_freq_factor");
+    if (!(c.rope.high_freq_factor > c.rope.low_freq_factor)) {
+      fail(ErrorKind::InvalidModel, source, ": llama3 rope needs high_freq_factor > low_freq_factor");
+    }
+    if (c.rope.original_max_position < 1 || c.rope.original_max_position > L::kMaxContext) {
+      fail(ErrorKind::InvalidModel, source, ": original_max_position_embeddings is ",
+           c.rope.original_max_position, "; it must be from 1 to ", L::kMaxContext);
+    }
+  }
+}
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
   const json::Value root = json::parse(json_text, source);
@@ -208,22 +266,23 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   for (const char* key : {"torch_dtype", "dtype"}) {
     if (const json::Value* v = reader.find(key); v && v->is_string()) config.torch_dtype = v->as_string();
   }
+  validate_model_config(config, source);
   return config;
 }
 
 ModelConfig load_model_config(const std::filesystem::path& dir) {
-  if (!std::filesystem::is_directory(dir)) {
+  if (!is_directory_path(dir)) {
     fail(ErrorKind::InvalidModel, "model directory ", dir.string(),
-         " does not exist; pass a folder holding config.json and model.safetensors, or a .gguf file");
+         path_exists(dir) ? " is not a directory" : " does not exist", "; pass a folder holding config.json and model.safetensors, or a .gguf file");
   }
   const auto config_path = dir / "config.json";
-  if (!std::filesystem::exists(config_path)) {
+  if (!path_exists(config_path)) {
     fail(ErrorKind::InvalidModel, "config.json is missing from ", dir.string(),
          "; a Hugging Face model directory needs config.json next to its weights");
   }
   ModelConfig config = parse_model_config(read_text_file(config_path), config_path.string());
   const auto generation_path = dir / "generation_config.json";
-  if (std::filesystem::exists(generation_path)) {
+  if (path_exists(generation_path)) {
     const std::string source = generation_path.string();
     const json::Value root = json::parse(read_text_file(generation_path), source);
     if (root.is_object()) {
@@ -344,6 +403,7 @@ ModelConfig gguf_model_config(const GgufFile& file) {
     }
   }
   check_special_ids(config, source);
+  validate_model_config(config, source);
 
   // What the tensors say: an absent output matrix means the embedding is reused (tied); biases.
   config.tie_word_embeddings = file.find_tensor("output.weight") == nullptr;

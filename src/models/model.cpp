@@ -99,6 +99,29 @@ void deinterleave_rope_rows(const unsigned char* source, unsigned char* target, 
   }
 }
 
+// A tensor the file has but the model does not read means the config describes another model
+// (qwen2's q/k/v biases under model_type llama, attention_bias left out): running without it
+// would give wrong answers that look right, so it is an error naming the tensors. Ignored by
+// name only: the rotary_emb buffers (inv_freq, position_ids) older transformers saved, which
+// the config determines, and lm_head.weight of a tied model (transformers ties it to the embedding too).
+void refuse_unused_tensors(const Checkpoint& checkpoint, const WeightStore& store) {
+  std::vector<std::string> unused;
+  for (const std::string& name : store.unrequired()) {
+    const bool rotary_buffer = name.find("rotary_emb.") != std::string::npos;
+    const bool tied_head = checkpoint.config.tie_word_embeddings && name == checkpoint.name(ModelTensor::Output);
+    if (!rotary_buffer && !tied_head) unused.push_back(name);
+  }
+  if (unused.empty()) return;
+  std::string listed;
+  for (size_t i = 0; i < unused.size() && i < 8; ++i) listed += (i ? ", " : "") + unused[i];
+  if (unused.size() > 8) listed += ", ... (" + std::to_string(unused.size()) + " in all)";
+  fail(ErrorKind::InvalidModel, store.source(), " has ", unused.size(), " tensor",
+       unused.size() == 1 ? "" : "s", " that a '", checkpoint.config.model_type, "' model with ",
+       checkpoint.config_source == store.source() ? "this metadata" : checkpoint.config_source,
+       " does not use: ", listed, ". The weights belong to another architecture, or the config "
+       "leaves out a part they have (attention_bias, mlp_bias, tie_word_embeddings, the layer count?)");
+}
+
 }  // namespace
 
 std::vector<float> rope_inverse_frequencies(const RopeConfig& rope, int head_dim) {
@@ -338,6 +361,8 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
       inv_freq[i] /= factor;
     }
   }
+  refuse_unused_tensors(checkpoint, *store);
+
   auto inv_freq_buffer = backend.allocate(inv_freq.size() * sizeof(float));
   owned_.push_back(inv_freq_buffer);
   weights_.rope_inv_freq = Tensor::contiguous(inv_freq_buffer->data(), DType::F32,

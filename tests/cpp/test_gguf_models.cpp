@@ -269,4 +269,42 @@ TEST_CASE(quantizing_safetensors_at_load_is_the_quantized_model) {
                     "auto, f32, bf16, q8_0, q4_0");
 }
 
+TEST_CASE(hardening_metadata_ranges_utf8_and_unused_tensors) {
+  TempDir tmp("gguf-models");
+  const fs::path source = tiny_gguf("tiny-llama.f32.gguf");
+  auto edited = [&](const std::function<void(GgufCopy&)>& edit) {
+    GgufCopy copy = GgufCopy::read(source);
+    edit(copy);
+    const fs::path path = tmp / "edited.gguf";
+    copy.write(path);
+    return path;
+  };
+  // The same range and finiteness checks as config.json (validate_model_config).
+  fs::path p = edited([](GgufCopy& c) { c.set("llama.block_count", 4, GgufWriter::encode<uint32_t>(3000000)); });
+  CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "block_count", "3000000");
+  p = edited([](GgufCopy& c) {
+    c.set("llama.attention.layer_norm_rms_epsilon", 6, GgufWriter::encode<float>(std::nanf("")));
+  });
+  CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, "layer_norm_rms_epsilon", "finite positive");
+  p = edited([](GgufCopy& c) { c.set("llama.rope.freq_base", 6, GgufWriter::encode<float>(-1.0f)); });
+  CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, "rope.freq_base", "finite positive");
+  // Strings that are not UTF-8: refused by position, their bytes never reach a message.
+  p = edited([](GgufCopy& c) { c.set_string("general.architecture", "lla\xffma"); });
+  std::string message = CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel,
+                                          "general.architecture", "not valid UTF-8");
+  CHECK(message.find('\xff') == std::string::npos);
+  p = edited([](GgufCopy& c) { c.tensors.back().name += "\xc0\xaf"; });
+  message = CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, "name of tensor #", "not valid UTF-8");
+  CHECK(message.find('\xc0') == std::string::npos);
+  // A tensor the model would not read.
+  p = edited([](GgufCopy& c) {
+    GgufCopy::Tensor extra = c.tensors.back();
+    extra.name = "blk.0.attn_q.bias_extra";
+    c.tensors.push_back(extra);
+  });
+  CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "blk.0.attn_q.bias_extra",
+                    "does not use");
+  CHECK_NOTHROW(Engine(edited([](GgufCopy&) {}), options()));  // the copy itself is sound
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
