@@ -837,7 +837,9 @@ std::vector<std::string> problems_against_oracle(Backend& backend, const std::ve
                          e.what());
       continue;
     }
-    const double bound = c.weight_dtype == DType::BF16 ? kBF16Bound : kF32Bound;
+    // bf16 weights, or a backend that rounds this weight format's activations to bf16.
+    const bool bf16_math = c.weight_dtype == DType::BF16 || backend.matmul_activation_dtype(c.weight_dtype) == DType::BF16;
+    const double bound = bf16_math ? kBF16Bound : kF32Bound;
     const double err = normalised_error(out.values, widen(expected[i].values));
     std::printf("  %-10s %-62s %-6s err %.2e (bound %.0e)\n", c.op.c_str(), c.shape.c_str(), name.c_str(),
                 err, bound);

@@ -48,7 +48,16 @@ class AvxBackend final : public CpuBackend {
   bool fuses_projections() const override { return true; }
   bool transposed_keys() const override { return true; }
   DType matmul_activation_dtype(DType weight_dtype) const override {
+    if (const avx::QuantKernels* quant = quant_kernels(weight_dtype)) {
+      return quant->matvec_bf16 || quant->matmul_bf16 ? DType::BF16 : DType::F32;
+    }
     return weight_dtype == DType::BF16 && kernels_->matmul_bf16_dot ? DType::BF16 : DType::F32;
+  }
+
+  // The kernels of a block format, or nullptr.
+  const avx::QuantKernels* quant_kernels(DType dtype) const {
+    const int format = static_cast<int>(dtype) - static_cast<int>(DType::Q8_0);
+    return format >= 0 && format < avx::kQuantFormats ? &kernels_->quant[format] : nullptr;
   }
 
   Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
@@ -148,8 +157,8 @@ class AvxBackend final : public CpuBackend {
   // time into an f32 panel and runs every token through the f32 tiles. False: not a shape the
   // kernels take (the cpu oracle runs it, or says what is wrong).
   bool quant_matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) {
-    const int format = static_cast<int>(weight.dtype) - static_cast<int>(DType::Q8_0);
-    if (format < 0 || format >= avx::kQuantFormats || weight.ndim != 2 || weight.stride[1] != 1 ||
+    const avx::QuantKernels* kernels = quant_kernels(weight.dtype);
+    if (!kernels || weight.ndim != 2 || weight.stride[1] != 1 ||
         weight.stride[0] != weight.shape[1] ||
         out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
         x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] || out.shape[1] != weight.shape[0] ||
@@ -159,7 +168,7 @@ class AvxBackend final : public CpuBackend {
       return false;
     }
     avx::QuantMatmulArgs args;
-    args.x = x.ptr<float>();
+    args.x = x.data;
     args.x_stride = x.stride[0];
     args.tokens = x.shape[0];
     args.k = x.shape[1];
@@ -169,10 +178,18 @@ class AvxBackend final : public CpuBackend {
     args.out = out.ptr<float>();
     args.out_stride = out.stride[0];
     args.bias = bias ? bias->ptr<float>() : nullptr;
-    const avx::QuantKernels& kernels = kernels_->quant[format];
     const bool single = args.tokens * args.n * args.k < kParallelMacs || pool().size() == 1;
     const bool decode = args.tokens < kQuantPrefillTokens;
-    const auto kernel = decode ? kernels.matvec : kernels.matmul;
+    const auto kernel = decode ? kernels->matvec : kernels->matmul;
+    if (decode ? kernels->matvec_bf16 : kernels->matmul_bf16) {
+      // Rounded to bf16 once (K is a multiple of 32: no padding), as the BF16 path does.
+      bf16_activations_.resize(static_cast<size_t>(args.tokens * args.k));
+      rows(args.tokens, args.k, [&](int64_t t) {
+        kernels_->to_bf16_row(bf16_activations_.data() + t * args.k, x.ptr<float>() + t * x.stride[0], args.k);
+      });
+      args.x = bf16_activations_.data();
+      args.x_stride = args.k;
+    }
     const int64_t items = decode ? args.n : panel_count(args.n);  // rows or 16-row panels
     if (single) {
       kernel(args, 0, items);

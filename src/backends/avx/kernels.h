@@ -56,8 +56,8 @@ struct AttentionArgs {
 
 // A matmul with weights in a GGUF block format, rows as the file stores them.
 struct QuantMatmulArgs {
-  const float* x;       // [T, K] f32 rows
-  int64_t x_stride;     // elements between rows of x
+  const void* x;        // [T, K] f32 rows, or bf16 rows for the kernels that take them
+  int64_t x_stride;     // elements (f32 or bf16) between rows of x
   int64_t tokens;       // T
   int64_t k;            // K: a multiple of the format's block length
   int64_t n;            // N
@@ -74,8 +74,10 @@ constexpr int kQuantFormats = 8;  // Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q
 struct QuantKernels {
   // Decode / few tokens: weight rows [row_begin, row_end), each streamed once per 4 tokens.
   void (*matvec)(const QuantMatmulArgs& args, int64_t row_begin, int64_t row_end);
+  bool matvec_bf16;  // takes bf16 activations (rounded as to_bf16_row does)
   // Prefill: output panels of kPanel rows [panel_begin, panel_end), each dequantised once.
   void (*matmul)(const QuantMatmulArgs& args, int64_t panel_begin, int64_t panel_end);
+  bool matmul_bf16;
 };
 
 struct KernelTable {
