@@ -392,8 +392,9 @@ std::vector<OpCase> matmul_cases() {
 
 // Block-format weights (GGUF's quantised rows): random weights through opencamp's quantiser,
 // the reference multiplies by their dequantised values (quants.cpp, itself checked against the
-// gguf package). Rows not a multiple of the 16-row panel, K of several blocks, T = 1, a few
-// (decode kernels), and enough for the prefill path (dequantised panels), with bias and padding.
+// gguf package). Rows not a multiple of the 16-row panel or of the rows decoded together, K of
+// several blocks, T = 1 and a few (decode kernels) and enough for the prefill path (dequantised
+// panels), with bias and padding.
 std::vector<OpCase> quantised_matmul_cases() {
   std::vector<OpCase> cases;
   struct Shape {
@@ -404,7 +405,8 @@ std::vector<OpCase> quantised_matmul_cases() {
                       DType::Q5_K, DType::Q6_K}) {
     const int64_t block = dtype_traits(dtype).block_elements;
     for (const Shape& s : {Shape{1, 3, 37, 0, 0, false}, Shape{3, 2, 13, 5, 3, true}, Shape{6, 1, 70, 0, 1, false},
-                           Shape{1, 5, 100, 2, 0, true}, Shape{17, 3, 35, 3, 2, true}, Shape{40, 2, 49, 0, 0, false}}) {
+                           Shape{1, 5, 100, 2, 0, true}, Shape{17, 3, 35, 3, 2, true}, Shape{40, 2, 49, 0, 0, false},
+                           Shape{2, 19, 21, 0, 0, true}}) {  // 19 blocks: more than one gather of scales
       const int64_t K = s.blocks * block, N = s.N;
       std::mt19937 rng(static_cast<unsigned>(900 + static_cast<int>(dtype) * 31 + s.T * 7 + K + N));
       auto x = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, K}, s.x_pad));
