@@ -41,6 +41,13 @@ Reference reference(const std::string& model, const std::string& file_stem) {
   return {tensor_ints(*file, model + ".input_ids"), tensor_floats(*file, file_stem + ".logits")};
 }
 
+// `f32_bound` for engines that multiply f32 activations; a backend whose quantised kernels round
+// activations to bf16 (avx on AVX512_BF16) moves these tiny models' logits by up to ~0.03, a
+// broken kernel by far more.
+double logit_tolerance(const Engine& engine, double f32_bound) {
+  return engine.matmul_activation_dtype() == DType::BF16 ? 0.1 : f32_bound;
+}
+
 // Whether any backend name other than "cpu" is usable here (the fused-projection checks).
 bool has_avx() {
   for (const std::string& name : usable_backends()) if (name == "avx") return true;
@@ -104,7 +111,7 @@ TEST_CASE(formats_stay_as_the_file_has_them_and_fuse_only_when_equal) {
   CHECK(m.wq.dtype == DType::Q4_K && m.wk.dtype == DType::Q4_K && m.wv.dtype == DType::Q6_K);
   CHECK(!m.w_gate_up.empty() && m.w_gate_up.dtype == DType::Q4_K);
   const Reference ref = reference("tiny-llama-256", "tiny-llama-256.q4_k_m");
-  CHECK(max_abs_diff(all_logits(mixed, ref.ids), ref.logits) < 2e-4);
+  CHECK(max_abs_diff(all_logits(mixed, ref.ids), ref.logits) < logit_tolerance(mixed, 2e-4));
   const std::string format = mixed.model().weight_format();
   CHECK_MSG(format.find("q4_k (mixed: ") == 0 && format.find(" q6_k") != std::string::npos, format);
 }
@@ -261,7 +268,7 @@ TEST_CASE(quantizing_safetensors_at_load_is_the_quantized_model) {
     if (types.count(DType::Q5_0)) CHECK_EQ(types.at(DType::Q5_0).tensors, 1);
     CHECK_EQ(quantized.model().weight_format(), std::string("q4_k (mixed: 8 q4_k, 1 q5_0)"));
     Engine expected(tmp / "expected", options(backend, "f32"));
-    CHECK(max_abs_diff(all_logits(quantized, ids), all_logits(expected, ids)) < 1e-4);
+    CHECK(max_abs_diff(all_logits(quantized, ids), all_logits(expected, ids)) < logit_tolerance(quantized, 1e-4));
   }
   Engine q8(tmp / "f32", options("cpu", "q8_0"));
   CHECK_EQ(q8.model().weight_format(), std::string("q8_0"));

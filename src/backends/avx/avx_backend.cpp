@@ -25,6 +25,9 @@ constexpr int64_t kParallelMacs = 1 << 15;
 constexpr int64_t kParallelElements = 1 << 14;
 // Split-K attention only when each part still reads this many keys.
 constexpr int64_t kMinKeysPerSplit = 256;
+// From this many tokens a block-format matmul dequantises weight panels once and reuses them
+// across the tokens; below, it streams the blocks once per 4 tokens.
+constexpr int64_t kQuantPrefillTokens = 16;
 
 int64_t panel_count(int64_t n) { return (n + kPanel - 1) / kPanel; }
 int64_t bf16_pairs(int64_t k) { return (k + 1) / 2; }
@@ -45,12 +48,21 @@ class AvxBackend final : public CpuBackend {
   bool fuses_projections() const override { return true; }
   bool transposed_keys() const override { return true; }
   DType matmul_activation_dtype(DType weight_dtype) const override {
+    if (const avx::QuantKernels* quant = quant_kernels(weight_dtype)) {
+      return quant->matvec_bf16 || quant->matmul_bf16 ? DType::BF16 : DType::F32;
+    }
     return weight_dtype == DType::BF16 && kernels_->matmul_bf16_dot ? DType::BF16 : DType::F32;
+  }
+
+  // The kernels of a block format, or nullptr.
+  const avx::QuantKernels* quant_kernels(DType dtype) const {
+    const int format = static_cast<int>(dtype) - static_cast<int>(DType::Q8_0);
+    return format >= 0 && format < avx::kQuantFormats ? &kernels_->quant[format] : nullptr;
   }
 
   Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
                         std::vector<std::shared_ptr<Buffer>>& owned) override {
-    // Block formats stay row-major (the cpu kernels read them) until they have kernels here.
+    // Block formats stay in the file's row-major blocks: the quantised kernels read them there.
     if (use == WeightUse::Table || source.ndim != 2 || is_block_format(dtype)) {
       return Backend::prepare_weight(source, dtype, use, owned);
     }
@@ -103,7 +115,10 @@ class AvxBackend final : public CpuBackend {
   }
 
   void matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) override {
-    if (weight.layout != Layout::Packed) return CpuBackend::matmul(out, x, weight, bias);
+    if (weight.layout != Layout::Packed) {
+      if (is_block_format(weight.dtype) && quant_matmul(out, x, weight, bias)) return;
+      return CpuBackend::matmul(out, x, weight, bias);
+    }
     if (out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
         x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] ||
         out.shape[1] != weight.shape[0] ||
@@ -142,6 +157,53 @@ class AvxBackend final : public CpuBackend {
     }
     // Long contiguous panel ranges: each chunk streams its own part of the weights.
     pool().parallel_for(panels, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  }
+
+  // A block-format weight [N, K] in the file's row-major blocks: decode (few tokens) streams
+  // each row once per 4 tokens, dequantising in registers; prefill dequantises 16 rows at a
+  // time into an f32 panel and runs every token through the f32 tiles. False: not a shape the
+  // kernels take (the cpu oracle runs it, or says what is wrong).
+  bool quant_matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) {
+    const avx::QuantKernels* kernels = quant_kernels(weight.dtype);
+    if (!kernels || weight.ndim != 2 || weight.stride[1] != 1 ||
+        weight.stride[0] != weight.shape[1] ||
+        out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
+        x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] || out.shape[1] != weight.shape[0] ||
+        weight.shape[1] % dtype_traits(weight.dtype).block_elements != 0 ||
+        (bias && (bias->ndim != 1 || bias->shape[0] != weight.shape[0] || bias->stride[0] != 1 ||
+                  bias->dtype != DType::F32))) {
+      return false;
+    }
+    avx::QuantMatmulArgs args;
+    args.x = x.data;
+    args.x_stride = x.stride[0];
+    args.tokens = x.shape[0];
+    args.k = x.shape[1];
+    args.n = weight.shape[0];
+    args.weight = weight.data;
+    args.row_bytes = static_cast<int64_t>(dtype_bytes(weight.dtype, args.k));
+    args.out = out.ptr<float>();
+    args.out_stride = out.stride[0];
+    args.bias = bias ? bias->ptr<float>() : nullptr;
+    const bool single = args.tokens * args.n * args.k < kParallelMacs || pool().size() == 1;
+    const bool decode = args.tokens < kQuantPrefillTokens;
+    const auto kernel = decode ? kernels->matvec : kernels->matmul;
+    if (decode ? kernels->matvec_bf16 : kernels->matmul_bf16) {
+      // Rounded to bf16 once (K is a multiple of 32: no padding), as the BF16 path does.
+      bf16_activations_.resize(static_cast<size_t>(args.tokens * args.k));
+      rows(args.tokens, args.k, [&](int64_t t) {
+        kernels_->to_bf16_row(bf16_activations_.data() + t * args.k, x.ptr<float>() + t * x.stride[0], args.k);
+      });
+      args.x = bf16_activations_.data();
+      args.x_stride = args.k;
+    }
+    const int64_t items = decode ? args.n : panel_count(args.n);  // rows or 16-row panels
+    if (single) {
+      kernel(args, 0, items);
+    } else {
+      pool().parallel_for(items, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+    }
+    return true;
   }
 
   void rope(const Tensor& x, std::span<const int32_t> positions, const Tensor& inv_freq) override {
