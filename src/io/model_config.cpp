@@ -159,13 +159,6 @@ void check_special_ids(const ModelConfig& config, const std::string& source) {
   }
 }
 
-void check_at_most(int value, int limit, const std::string& source, const char* field) {
-  if (value > limit) {
-    fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value, ", more than opencamp's limit of ",
-         limit, " (corrupt config?)");
-  }
-}
-
 void check_finite_positive(double value, const std::string& source, const char* field) {
   if (!std::isfinite(value) || !(value > 0)) {
     fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value,
@@ -177,23 +170,23 @@ void check_finite_positive(double value, const std::string& source, const char* 
 
 void validate_model_config(const ModelConfig& c, const std::string& source) {
   using L = ModelConfigLimits;
-  check_at_most(c.vocab_size, L::kMaxVocab, source, "vocab_size");
-  check_at_most(c.hidden_size, L::kMaxHidden, source, "hidden_size (GGUF: embedding_length)");
-  check_at_most(c.intermediate_size, L::kMaxIntermediate, source, "intermediate_size (GGUF: feed_forward_length)");
-  check_at_most(c.num_layers, L::kMaxLayers, source, "num_hidden_layers (GGUF: block_count)");
-  check_at_most(c.num_heads, L::kMaxHeads, source, "num_attention_heads (GGUF: attention.head_count)");
-  check_at_most(c.num_kv_heads, L::kMaxHeads, source, "num_key_value_heads (GGUF: attention.head_count_kv)");
-  check_at_most(c.head_dim, L::kMaxHeadDim, source, "head_dim");
-  check_at_most(c.max_position_embeddings, L::kMaxContext, source, "max_position_embeddings (GGUF: context_length)");
-  for (const auto& [value, field] : {std::pair{c.vocab_size, "vocab_size"},
-                                     {c.hidden_size, "hidden_size (GGUF: embedding_length)"},
-                                     {c.intermediate_size, "intermediate_size (GGUF: feed_forward_length)"},
-                                     {c.num_layers, "num_hidden_layers (GGUF: block_count)"},
-                                     {c.num_heads, "num_attention_heads (GGUF: attention.head_count)"},
-                                     {c.num_kv_heads, "num_key_value_heads (GGUF: attention.head_count_kv)"},
-                                     {c.head_dim, "head_dim"},
-                                     {c.max_position_embeddings, "max_position_embeddings (GGUF: context_length)"}}) {
-    if (value < 1) fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value, "; it must be positive");
+  struct Bounded {
+    int value;
+    int limit;
+    const char* field;  // config.json's name (and GGUF's, where it differs)
+  };
+  for (const Bounded& b : {Bounded{c.vocab_size, L::kMaxVocab, "vocab_size"},
+                           {c.hidden_size, L::kMaxHidden, "hidden_size (GGUF: embedding_length)"},
+                           {c.intermediate_size, L::kMaxIntermediate, "intermediate_size (GGUF: feed_forward_length)"},
+                           {c.num_layers, L::kMaxLayers, "num_hidden_layers (GGUF: block_count)"},
+                           {c.num_heads, L::kMaxHeads, "num_attention_heads (GGUF: attention.head_count)"},
+                           {c.num_kv_heads, L::kMaxHeads, "num_key_value_heads (GGUF: attention.head_count_kv)"},
+                           {c.head_dim, L::kMaxHeadDim, "head_dim (GGUF: attention.key_length)"},
+                           {c.max_position_embeddings, L::kMaxContext, "max_position_embeddings (GGUF: context_length)"}}) {
+    if (b.value < 1 || b.value > b.limit) {
+      fail(ErrorKind::InvalidModel, source, ": ", b.field, " is ", b.value, "; opencamp accepts 1 to ", b.limit,
+           b.value > b.limit ? " (a corrupt or hostile config?)" : "");
+    }
   }
   check_finite_positive(c.rms_norm_eps, source, "rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon)");
   check_finite_positive(c.rope.theta, source, "rope_theta (GGUF: rope.freq_base)");
@@ -273,7 +266,8 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
 ModelConfig load_model_config(const std::filesystem::path& dir) {
   if (!is_directory_path(dir)) {
     fail(ErrorKind::InvalidModel, "model directory ", dir.string(),
-         path_exists(dir) ? " is not a directory" : " does not exist", "; pass a folder holding config.json and model.safetensors, or a .gguf file");
+         path_exists(dir) ? " is not a directory" : " does not exist",
+         "; pass a folder holding config.json and model.safetensors, or a .gguf file");
   }
   const auto config_path = dir / "config.json";
   if (!path_exists(config_path)) {

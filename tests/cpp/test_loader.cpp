@@ -724,6 +724,10 @@ TEST_CASE(fifo_and_symlink_loop_are_refused_without_blocking) {
   fs::copy_file(tmp / "copy" / "config.json", tmp / "config.json");
   CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel,
                     (tmp / "model.safetensors").string(), "symlink loop");
+  // The model path itself a FIFO (named like a GGUF file, too).
+  CHECK(::mkfifo((tmp / "model.gguf").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(Engine(tmp / "model.gguf", engine_options()), ErrorKind::InvalidModel, "model.gguf",
+                    "not a regular file or a directory");
   fs::create_symlink(tmp / "loop-d", tmp / "loop-c");
   fs::create_symlink(tmp / "loop-c", tmp / "loop-d");
   CHECK_THROWS_WITH(Engine(tmp / "loop-c", engine_options()), ErrorKind::InvalidModel, "loop-c",
