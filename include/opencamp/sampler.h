@@ -22,14 +22,23 @@
 
 namespace opencamp {
 
+// Every numeric sampling parameter, once: X(type, name, default). The struct's members and the
+// Python binding (opencamp._core.SamplingParams) are generated from this list; the Python
+// table of options (python/opencamp/sampling.py) is tested against it. A new parameter is
+// added here, in validate(), in its stage of Sampler::sample, and in that table.
+#define OPENCAMP_SAMPLING_PARAMS(X)      \
+  X(float, temperature, 0.0f)            \
+  X(int, top_k, 0)                       \
+  X(float, top_p, 1.0f)                  \
+  X(float, min_p, 0.0f)                  \
+  X(float, repetition_penalty, 1.0f)     \
+  X(float, presence_penalty, 0.0f)       \
+  X(float, frequency_penalty, 0.0f)
+
 struct SamplingParams {
-  float temperature = 0.0f;
-  int top_k = 0;
-  float top_p = 1.0f;
-  float min_p = 0.0f;
-  float repetition_penalty = 1.0f;
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
+#define OPENCAMP_SAMPLING_MEMBER(type, name, default_value) type name = default_value;
+  OPENCAMP_SAMPLING_PARAMS(OPENCAMP_SAMPLING_MEMBER)
+#undef OPENCAMP_SAMPLING_MEMBER
   std::optional<uint64_t> seed;  // none: a random seed
 
   // Throws Error(InvalidArgument) naming the first out-of-range parameter.

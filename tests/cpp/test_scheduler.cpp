@@ -276,4 +276,15 @@ TEST_CASE(destroying_the_scheduler_ends_every_request) {
   handles.front()->cancel();  // harmless after the scheduler is gone
 }
 
+// A full waiting queue is its own kind of error (the server answers 429 for it, and a 4xx
+// for a KV cache too small for the request): told apart by kind, not by its message.
+TEST_CASE(a_full_queue_is_queue_full_not_capacity_exceeded) {
+  Engine engine(fixture("tiny-llama"), options());
+  SchedulerOptions no_queue;
+  no_queue.max_waiting = 0;
+  Scheduler scheduler(engine, no_queue);
+  CHECK_THROWS_WITH(scheduler.submit(greedy(prompt_of(8, 1, 200), 4)), ErrorKind::QueueFull, "waiting");
+  CHECK_EQ(std::string(error_kind_name(ErrorKind::QueueFull)), std::string("queue_full"));
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
