@@ -286,7 +286,10 @@ def _available_memory() -> int:
 
 
 def _kv_bytes_per_token(config: dict) -> int:
-    return config["num_layers"] * config["num_kv_heads"] * config["head_dim"] * 2 * 4  # f32 K+V
+    """What KVCache holds per position for this model (its own formula, from C++)."""
+    from ._core import kv_bytes_per_position
+
+    return kv_bytes_per_position(config["num_layers"], config["num_kv_heads"], config["head_dim"])
 
 
 def _kv_cache_positions(per_token: int, context: int, parallel: int, kv_cache_tokens: int | None,

@@ -286,6 +286,11 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
+  m.def("kv_bytes_per_position", static_cast<size_t (*)(int, int, int)>(&KVCache::bytes_per_position),
+        py::arg("num_layers"),
+        py::arg("num_kv_heads"), py::arg("head_dim"),
+        "Bytes one token position takes in the KV cache of a model of this shape (every layer, "
+        "keys and values): what an engine's cache_stats()['bytes_per_position'] will say.");
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
@@ -380,8 +385,8 @@ PYBIND11_MODULE(_core, m) {
 
   // The sampling parameters, one object, generated from OPENCAMP_SAMPLING_PARAMS: each
   // attribute refuses (ValueError / TypeError) what its C++ type cannot hold.
-  py::class_<SamplingParams> sampling(m, "SamplingParams");
-  sampling.def(py::init([](const py::kwargs& kwargs) {
+  py::class_<SamplingParams> sampling_class(m, "SamplingParams");
+  sampling_class.def(py::init([](const py::kwargs& kwargs) {
                  SamplingParams params;
                  for (const auto& [key, value] : kwargs) set_sampling_field(params, py::str(key), value);
                  return params;
@@ -402,12 +407,12 @@ PYBIND11_MODULE(_core, m) {
       });
   py::list sampling_fields;
 #define OPENCAMP_BIND_SAMPLING(type, name, default_value)                                         \
-  sampling.def_property(#name, [](const SamplingParams& p) { return p.name; },                     \
+  sampling_class.def_property(#name, [](const SamplingParams& p) { return p.name; },                     \
                         [](SamplingParams& p, py::handle value) { set_sampling_field(p, #name, value); }); \
   sampling_fields.append(#name);
   OPENCAMP_SAMPLING_PARAMS(OPENCAMP_BIND_SAMPLING)
 #undef OPENCAMP_BIND_SAMPLING
-  sampling.attr("fields") = py::tuple(sampling_fields);  // in struct order; seed besides
+  sampling_class.attr("fields") = py::tuple(sampling_fields);  // in struct order; seed besides
 
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::filesystem::path& model_dir, const std::string& backend,

@@ -216,7 +216,7 @@ void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logi
       batch.positions = positions;
       batch.slots = slots;
       batch.logit_rows = logit_rows;
-      decoder_forward(*model_, *backend_, *cache_, batch, *scratch_,
+      decoder_forward(*model_, *backend_, cache_->layers(), batch, *scratch_,
                       logits.subspan(logits_done * vocab, logit_rows.size() * vocab));
       logits_done += logit_rows.size();
     }

@@ -163,7 +163,7 @@ struct Runner {
     for (size_t i = 0; i < seqs.size(); ++i) slots.push_back({cache->block_table(seqs[i]).data(), positions[i]});
     ForwardBatch batch{tokens, positions, slots, rows};
     std::vector<float> logits(seqs.size() * vocab());
-    decoder_forward(*model, *backend, *cache, batch, *scratch, logits);
+    decoder_forward(*model, *backend, cache->layers(), batch, *scratch, logits);
     return logits;
   }
 
