@@ -38,12 +38,21 @@ if(opencamp_cuda_mode STREQUAL "OFF")
 endif()
 
 set(cuda_dir ${CMAKE_CURRENT_SOURCE_DIR}/cuda)
+# The host code, by concern: the ops and their registration, argument checks, graphs, the fusion
+# queue, kernel launches, device sampling, and the device's memory and stream.
+set(opencamp_cuda_host_sources
+  ${cuda_dir}/cuda_backend.cpp
+  ${cuda_dir}/checks.cpp
+  ${cuda_dir}/graphs.cpp
+  ${cuda_dir}/fusion.cpp
+  ${cuda_dir}/launches.cpp
+  ${cuda_dir}/device_sampling.cpp
+  ${cuda_dir}/device_context.cpp)
 
 # The host code against the stub runtime: compiled and linked like the real thing, never runs.
 macro(opencamp_cuda_stub why)
   add_library(opencamp_cuda OBJECT
-    ${cuda_dir}/cuda_backend.cpp
-    ${cuda_dir}/device_context.cpp
+    ${opencamp_cuda_host_sources}
     ${cuda_dir}/stub/cuda_runtime_stub.cpp
     ${cuda_dir}/stub/kernels_stub.cpp)
   set_target_properties(opencamp_cuda PROPERTIES POSITION_INDEPENDENT_CODE ON
@@ -93,8 +102,7 @@ if(CUDAToolkit_VERSION VERSION_LESS 11.8)
 endif()
 
 add_library(opencamp_cuda OBJECT
-  ${cuda_dir}/cuda_backend.cpp
-  ${cuda_dir}/device_context.cpp
+  ${opencamp_cuda_host_sources}
   ${cuda_dir}/kernels/elementwise.cu
   ${cuda_dir}/kernels/matmul.cu
   ${cuda_dir}/kernels/attention.cu
