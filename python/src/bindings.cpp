@@ -8,9 +8,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 #include "opencamp/opencamp.h"
 

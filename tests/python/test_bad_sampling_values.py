@@ -160,3 +160,16 @@ def test_cli_refuses_each_value(smollm2_dir, flag, value, field):
     assert completed.returncode == 1, (completed.returncode, completed.stderr[-2000:])
     assert field in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize("flag, value, field", [
+    ("--top-k", str(INT32_OVER), "top_k"),
+    ("--repetition-penalty", "1e-300", "repetition_penalty"),
+])
+def test_serve_refuses_each_default_before_serving(smollm2_dir, flag, value, field):
+    completed = subprocess.run([opencamp_executable(), "serve", "--port", "0", "--model",
+                                str(smollm2_dir), flag, value],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1, (completed.returncode, completed.stderr[-2000:])
+    assert field in completed.stderr
+    assert "Traceback" not in completed.stderr
