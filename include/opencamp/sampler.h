@@ -56,15 +56,28 @@ class Sampler {
   // logits: [vocab], modified in place. history: the tokens of the sequence so far.
   int32_t sample(std::span<float> logits, std::span<const int32_t> history);
 
- private:
+  // Stages 3-7 (top_k, top_p, min_p, temperature > 0, the draw) with a given draw in [0, 1):
+  // what sample() does after the penalties, and what device sampling is checked against. Also
+  // says the cumulative probability just before and after the token picked.
+  struct Pick {
+    int32_t id;
+    double before, after;
+  };
   struct Candidate {
     int32_t id;
     float logit;
   };
+  struct Scratch {  // reused between calls
+    std::vector<Candidate> candidates;
+    std::vector<float> probabilities;
+  };
+  static Pick pick(std::span<const float> logits, int top_k, float top_p, float min_p,
+                   float temperature, double draw, Scratch& scratch);
+
+ private:
   SamplingParams params_;
   std::mt19937_64 rng_;
-  std::vector<Candidate> candidates_;  // reused between calls
-  std::vector<float> probabilities_;
+  Scratch scratch_;
 };
 
 void apply_penalties(std::span<float> logits, std::span<const int32_t> history,
