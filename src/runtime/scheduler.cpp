@@ -289,14 +289,19 @@ void Scheduler::finish(Active& a, FinishReason reason) {
     }
   }
   {
+    // The stats before the handle: whoever wait() wakes sees this request counted as ended.
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.generated_tokens += static_cast<int64_t>(a.result.tokens.size());
+    stats_.running = static_cast<int>(
+        std::count_if(running_.begin(), running_.end(), [](const auto& r) { return !r->done; }));
+  }
+  {
     std::lock_guard<std::mutex> lock(a.handle->mutex_);
     a.handle->result_ = a.result;
     a.handle->done_ = true;
     a.handle->scheduler_ = nullptr;
   }
   a.handle->changed_.notify_all();
-  std::lock_guard<std::mutex> lock(mutex_);
-  stats_.generated_tokens += static_cast<int64_t>(a.result.tokens.size());
 }
 
 void Scheduler::fail(Active& a, std::exception_ptr error) {
