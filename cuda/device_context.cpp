@@ -27,6 +27,7 @@ void check(cudaError_t status, const char* call, const char* file, int line) {
            "or end other GPU programs");
     case cudaErrorNoDevice:
     case cudaErrorInsufficientDriver:
+    case cudaErrorStubLibrary:  // a build without the CUDA toolkit (cuda/stub/)
     case cudaErrorNoKernelImageForDevice:
     case cudaErrorUnsupportedPtxVersion:
     case cudaErrorInvalidDevice:

@@ -117,9 +117,11 @@ class Engine {
   // sampling parameters, an empty prompt, out-of-vocabulary ids, a prompt over the context.
   void check_request(const GenerationRequest& request) const;
 
-  // Prefill the uncached part of the prompt, then sample and decode until a stop token,
-  // max_tokens, the context limit, or the callback says stop. Afterwards the sequence holds the
-  // prompt and every generated token except the last one sampled (which was never fed back).
+  // The blocking call for C++ users: prefill the uncached part of the prompt, then sample and
+  // decode until a stop token, max_tokens, the context limit, or the callback (or `cancel`)
+  // says stop. Afterwards the sequence holds the prompt and every generated token except the
+  // last one sampled (which was never fed back). It runs the request through the Scheduler
+  // (a batch of one, in passes of prefill_chunk tokens): there is one generation loop.
   GenerationResult generate(int seq, const GenerationRequest& request,
                             const TokenCallback& on_token = {},
                             const std::atomic<bool>* cancel = nullptr);

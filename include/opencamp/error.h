@@ -14,6 +14,7 @@ enum class ErrorKind {
   InvalidModel,     // a model file or config is missing, malformed or inconsistent
   Unsupported,      // a valid request that this build / backend / architecture cannot do
   CapacityExceeded, // KV cache or context is full
+  QueueFull,        // the scheduler's waiting queue is full: try again later
   Internal,         // a bug or an unexpected system failure
 };
 

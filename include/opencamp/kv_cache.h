@@ -35,9 +35,13 @@ class KVCache {
 
   const KVCacheShape& shape() const { return shape_; }
   KVLayerView layer(int layer) const { return layers_[layer]; }
+  // Every layer's view, in layer order: what a model's forward pass sees of the cache.
+  std::span<const KVLayerView> layers() const { return layers_; }
   size_t bytes() const;
   // Bytes one token position takes in every layer (keys and values).
   size_t bytes_per_position() const;
+  // The same for a cache of this shape, before there is one (sizing a cache to a memory budget).
+  static size_t bytes_per_position(int n_layers, int n_kv_heads, int head_dim);
 
   // Sequences are small integer ids, reused after free_sequence.
   int create_sequence();

@@ -6,7 +6,6 @@
 #include "opencamp/dtype.h"
 #include "opencamp/engine.h"
 #include "opencamp/error.h"
-#include "opencamp/generation.h"
 #include "opencamp/gguf.h"
 #include "opencamp/kv_cache.h"
 #include "opencamp/model.h"

@@ -22,14 +22,23 @@
 
 namespace opencamp {
 
+// Every numeric sampling parameter, once: X(type, name, default). The struct's members and the
+// Python binding (opencamp._core.SamplingParams) are generated from this list; the Python
+// table of options (python/opencamp/sampling.py) is tested against it. A new parameter is
+// added here, in validate(), in its stage of Sampler::sample, and in that table.
+#define OPENCAMP_SAMPLING_PARAMS(X)      \
+  X(float, temperature, 0.0f)            \
+  X(int, top_k, 0)                       \
+  X(float, top_p, 1.0f)                  \
+  X(float, min_p, 0.0f)                  \
+  X(float, repetition_penalty, 1.0f)     \
+  X(float, presence_penalty, 0.0f)       \
+  X(float, frequency_penalty, 0.0f)
+
 struct SamplingParams {
-  float temperature = 0.0f;
-  int top_k = 0;
-  float top_p = 1.0f;
-  float min_p = 0.0f;
-  float repetition_penalty = 1.0f;
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
+#define OPENCAMP_SAMPLING_MEMBER(type, name, default_value) type name = default_value;
+  OPENCAMP_SAMPLING_PARAMS(OPENCAMP_SAMPLING_MEMBER)
+#undef OPENCAMP_SAMPLING_MEMBER
   std::optional<uint64_t> seed;  // none: a random seed
 
   // Throws Error(InvalidArgument) naming the first out-of-range parameter.
@@ -47,15 +56,28 @@ class Sampler {
   // logits: [vocab], modified in place. history: the tokens of the sequence so far.
   int32_t sample(std::span<float> logits, std::span<const int32_t> history);
 
- private:
+  // Stages 3-7 (top_k, top_p, min_p, temperature > 0, the draw) with a given draw in [0, 1):
+  // what sample() does after the penalties, and what device sampling is checked against. Also
+  // says the cumulative probability just before and after the token picked.
+  struct Pick {
+    int32_t id;
+    double before, after;
+  };
   struct Candidate {
     int32_t id;
     float logit;
   };
+  struct Scratch {  // reused between calls
+    std::vector<Candidate> candidates;
+    std::vector<float> probabilities;
+  };
+  static Pick pick(std::span<const float> logits, int top_k, float top_p, float min_p,
+                   float temperature, double draw, Scratch& scratch);
+
+ private:
   SamplingParams params_;
   std::mt19937_64 rng_;
-  std::vector<Candidate> candidates_;  // reused between calls
-  std::vector<float> probabilities_;
+  Scratch scratch_;
 };
 
 void apply_penalties(std::span<float> logits, std::span<const int32_t> history,

@@ -19,14 +19,18 @@
 #include <vector>
 
 #include "opencamp/engine.h"
-#include "opencamp/generation.h"
 
 namespace opencamp {
+
+struct TokenEvent {
+  int32_t token;
+  bool is_stop;  // the token that ended generation (EOS / stop id); not part of the text
+};
 
 struct SchedulerOptions {
   int max_running = 16;        // sequences decoding together
   int step_tokens = 256;       // tokens per forward pass: decode tokens first, then prompt chunks
-  size_t max_waiting = 4096;   // queued requests beyond this are refused (CapacityExceeded)
+  size_t max_waiting = 4096;   // queued requests beyond this are refused (QueueFull)
   // A request whose reader has this many tokens unread sits out the next steps (keeping its
   // cache) until the reader catches up: a stalled client costs no compute.
   size_t max_unread_tokens = 256;
@@ -84,7 +88,10 @@ class Scheduler {
   // continues that sequence (a chat session: it keeps what the sequence already holds), which
   // the caller owns and which stays alive afterwards; otherwise the scheduler makes a sequence
   // (mapping any cached prefix) and frees it at the end, its full blocks staying cached.
-  std::shared_ptr<ScheduledRequest> submit(GenerationRequest request, int seq = -1);
+  // `on_token`, when given, runs on the loop thread with every token as it is sampled (before
+  // the request's queue has it); returning false ends the request there (Cancelled).
+  std::shared_ptr<ScheduledRequest> submit(GenerationRequest request, int seq = -1,
+                                           TokenCallback on_token = {});
 
   struct Stats {
     int running = 0, waiting = 0, idle = 0;

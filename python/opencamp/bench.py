@@ -61,7 +61,8 @@ def run(model: str, backend: str = "auto", dtype: str = "auto", threads: int | N
         try:
             # gen_tokens + 1 tokens: the first comes from the prefill's logits, each later one
             # costs exactly one decode step.
-            result = engine.generate(seq, prompt, max_tokens=gen_tokens + 1, ignore_eos=True).wait()
+            result = llm.scheduler.submit(prompt, seq=seq, max_tokens=gen_tokens + 1,
+                                          ignore_eos=True).wait()
             decode_steps = len(result["tokens"]) - 1
             if decode_steps != gen_tokens:  # the speed below would be for other work
                 raise RuntimeError(f"decode stopped after {decode_steps} of {gen_tokens} steps "

@@ -11,7 +11,7 @@ import time
 
 import click
 
-from . import __version__
+from . import __version__, sampling
 from ._core import dtypes as _core_dtypes
 
 # What `opencamp serve` runs without --model: a small real chat model fetched once from PyPI
@@ -26,20 +26,32 @@ CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx51
 
 
 def _sampling_options(f):
-    """The sampling flags shared by every generating command."""
-    options = [
-        click.option("--max-tokens", default=256, show_default=True, help="Tokens to generate at most."),
-        click.option("--temperature", default=0.0, show_default=True, help="0 means greedy."),
-        click.option("--top-k", default=0, show_default=True, help="Keep the k most likely tokens (0: off)."),
-        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling threshold (1: off)."),
-        click.option("--min-p", default=0.0, show_default=True, help="Drop tokens below min-p x the top probability."),
-        click.option("--repetition-penalty", default=1.0, show_default=True, help="1 is off."),
-        click.option("--seed", type=int, default=None, help="Same seed, same output."),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-    ]
+    """The sampling flags shared by every generating command: one per option of the table
+    (opencamp/sampling.py), with the engine's defaults, and the request's own."""
+    options = [click.option("--max-tokens", default=256, show_default=True, help="Tokens to generate at most.")]
+    for o in sampling.OPTIONS:
+        if o.default is None:
+            options.append(click.option(o.flag, type=o.kind, default=None, help=o.help))
+        else:
+            options.append(click.option(o.flag, type=o.kind, default=o.default, show_default=True, help=o.help))
+    options.append(click.option("--stop", multiple=True, help="Stop string (repeatable)."))
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _server_sampling_options(f):
+    """`opencamp serve`'s defaults for requests that set none, one flag per option of the table
+    that a server may preset (not the seed: one seed for every request would repeat answers)."""
+    options = [click.option(o.flag, type=o.kind, default=None,
+                            help=f"Default {o.name} when a request sets none: {o.help}")
+               for o in sampling.OPTIONS if o.default is not None]
+    options.append(click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+                                help="Default max_tokens (default: up to the end of the context)."))
+    for option in reversed(options):
+        f = option(f)
+    return f
+
 
 # auto, f32, bf16, and every block format opencamp can quantise to (q8_0, q4_0, ..., q4_k, ...).
 _DTYPES = ["auto", "f32", "bf16"] + [d["name"] for d in _core_dtypes() if d["block_elements"] > 1 and d["can_quantize"]]
@@ -151,9 +163,8 @@ def _load(model, backend, dtype, threads, max_context, *, revision=None, kv_cach
     return llm
 
 
-def _sampling(max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop):
-    return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stop=list(stop))
+def _sampling(max_tokens, stop, **options):
+    return dict(options, max_tokens=max_tokens, stop=list(stop))
 
 
 def _print_stream(stream) -> None:
@@ -246,7 +257,7 @@ def _generation_config_defaults(model_path) -> dict:
         return {}
     if not isinstance(config, dict) or config.get("do_sample") is False:
         return {}
-    wanted = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+    wanted = [o.name for o in sampling.OPTIONS if o.default is not None]
     return {k: config[k] for k in wanted if isinstance(config.get(k), (int, float))}
 
 
@@ -275,7 +286,10 @@ def _available_memory() -> int:
 
 
 def _kv_bytes_per_token(config: dict) -> int:
-    return config["num_layers"] * config["num_kv_heads"] * config["head_dim"] * 2 * 4  # f32 K+V
+    """What KVCache holds per position for this model (its own formula, from C++)."""
+    from ._core import kv_bytes_per_position
+
+    return kv_bytes_per_position(config["num_layers"], config["num_kv_heads"], config["head_dim"])
 
 
 def _kv_cache_positions(per_token: int, context: int, parallel: int, kv_cache_tokens: int | None,
@@ -351,20 +365,12 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On SIGTERM or Ctrl-C, seconds running requests get to finish before they "
                    "are ended with an error (streams still end with [DONE]).")
-@click.option("--temperature", type=float, default=None,
-              help="Default when a request sets none (else the model's generation_config, else 1).")
-@click.option("--top-k", type=int, default=None, help="Default top-k (0: off).")
-@click.option("--top-p", type=float, default=None, help="Default top-p (1: off).")
-@click.option("--min-p", type=float, default=None, help="Default min-p (0: off).")
-@click.option("--repetition-penalty", type=float, default=None, help="Default repetition penalty (1: off).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
-              help="Default max_tokens (default: up to the end of the context).")
+@_server_sampling_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
-          allowed_hosts, http_timeout, shutdown_timeout, temperature, top_k, top_p, min_p,
-          repetition_penalty, max_tokens, log_level) -> None:
+          allowed_hosts, http_timeout, shutdown_timeout, log_level, **overrides) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
     \b
@@ -385,8 +391,6 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     kv_tokens = _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
                                     _available_memory())
     defaults = _generation_config_defaults(path)
-    overrides = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                     repetition_penalty=repetition_penalty, max_tokens=max_tokens)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     # The id clients send: a local folder's or file's name, else the --model value as given
     # (a repo id with its tag, or smollm2).

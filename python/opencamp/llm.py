@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from . import _core
+from . import _core, sampling
 from .gguf_file import describe_gguf, read_metadata, tensor_types
 from .hub import resolve_model
 from .streaming import IncrementalDecoder, StopMatcher
@@ -77,34 +77,46 @@ class Completion:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-@dataclass
-class SamplingOptions:
-    """The knobs of generate/chat/send; see README 'Sampling' for the order they apply in."""
+def _build_sampling_options(cls, stop: str | Sequence[str] | None = None, **kwargs) -> "SamplingOptions":
+    """Checked options: every value as the engine will hold it (sampling.check), or a
+    SamplingValueError (an OpencampError and a ValueError) naming the option and its range."""
+    unknown = set(kwargs) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if any(not isinstance(s, str) or s == "" for s in stops):
+        raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+    for name in sampling.NAMES:
+        if kwargs.get(name) is not None:
+            kwargs[name] = sampling.check(name, kwargs[name])
+    if "max_tokens" in kwargs:
+        sampling.check_max_tokens(kwargs["max_tokens"])
+    if "stop_token_ids" in kwargs:
+        kwargs["stop_token_ids"] = sampling.check_token_ids("stop_token_ids", kwargs["stop_token_ids"])
+    if not isinstance(kwargs.get("ignore_eos", False), bool):
+        raise ValueError("ignore_eos must be True or False")
+    return cls(stop=stops, **kwargs)
 
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings, not included in the text
-    stop_token_ids: list[int] = field(default_factory=list)  # besides the model's EOS ids
-    ignore_eos: bool = False
 
-    @classmethod
-    def build(cls, stop: str | Sequence[str] | None = None, **kwargs) -> "SamplingOptions":
-        unknown = set(kwargs) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or s == "" for s in stops):
-            raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        if kwargs.get("seed") is not None and not 0 <= int(kwargs["seed"]) < 2**64:
-            raise ValueError("seed must be an integer in [0, 2**64)")
-        return cls(stop=stops, **kwargs)
+def _core_sampling(self) -> "_core.SamplingParams":
+    """These options as the one C++ object the scheduler takes."""
+    return sampling.to_core({name: getattr(self, name) for name in sampling.NAMES})
+
+
+# The knobs of generate/chat/send (see README 'Sampling' for the order they apply in): the
+# sampling options of the one table (opencamp/sampling.py), with the engine's defaults, and the
+# request's own.
+SamplingOptions = make_dataclass(
+    "SamplingOptions",
+    [("max_tokens", int, field(default=64))]
+    + [(o.name, o.kind if o.default is not None else (o.kind | None), field(default=o.default))
+       for o in sampling.OPTIONS]
+    + [("stop", list, field(default_factory=list)),  # stop strings, not included in the text
+       ("stop_token_ids", list, field(default_factory=list)),  # besides the model's EOS ids
+       ("ignore_eos", bool, field(default=False))],
+    namespace={"build": classmethod(_build_sampling_options), "core": _core_sampling,
+               "__module__": __name__,
+               "__doc__": "The knobs of generate/chat/send; see README 'Sampling'."})
 
 
 class _ClosedOnExit:
@@ -149,11 +161,8 @@ class Stream(_ClosedOnExit):
         # The request joins the scheduler's batch; its tokens arrive through a C++ queue.
         self._generation = (scheduler or llm.scheduler).submit(
             prompt_ids, seq=-1 if sequence is None else sequence, max_tokens=options.max_tokens,
-            temperature=options.temperature, top_k=options.top_k, top_p=options.top_p,
-            min_p=options.min_p, repetition_penalty=options.repetition_penalty,
-            presence_penalty=options.presence_penalty,
-            frequency_penalty=options.frequency_penalty, seed=options.seed,
-            stop_token_ids=list(options.stop_token_ids), ignore_eos=options.ignore_eos)
+            sampling=options.core(), stop_token_ids=list(options.stop_token_ids),
+            ignore_eos=options.ignore_eos)
 
     def __iter__(self) -> "Stream":
         return self

@@ -5,9 +5,12 @@
 #include <pybind11/stl.h>
 #include <pybind11/stl/filesystem.h>
 
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
+#include <type_traits>
 
 #include "opencamp/opencamp.h"
 
@@ -54,53 +57,113 @@ py::dict config_dict(const ModelConfig& c) {
   return d;
 }
 
-GenerationRequest make_request(const std::vector<int64_t>& prompt, int max_tokens, float temperature,
-                               int top_k, float top_p, float min_p, float repetition_penalty,
-                               float presence_penalty, float frequency_penalty,
-                               std::optional<uint64_t> seed,
-                               const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
-  GenerationRequest request;
-  request.prompt = as_ids(prompt);
-  request.max_tokens = max_tokens;
-  request.sampling.temperature = temperature;
-  request.sampling.top_k = top_k;
-  request.sampling.top_p = top_p;
-  request.sampling.min_p = min_p;
-  request.sampling.repetition_penalty = repetition_penalty;
-  request.sampling.presence_penalty = presence_penalty;
-  request.sampling.frequency_penalty = frequency_penalty;
-  request.sampling.seed = seed;
-  request.stop_token_ids = as_ids(stop_token_ids);
-  request.ignore_eos = ignore_eos;
-  return request;
+// Arguments that reach C++ are taken as Python objects and converted here, so a value that
+// does not fit what C++ holds is a ValueError / TypeError naming it, never a failed pybind11
+// overload (whose keep_alive would then run on nothing: pybind11 #6154, a SIGSEGV).
+int64_t int_argument(py::handle value, const char* name, int64_t low, int64_t high) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) {
+    throw py::type_error(std::string(name) + " must be an integer, got " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))));
+  }
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0 || v < low || v > high) {
+    throw py::value_error(std::string(name) + " must be an integer in [" + std::to_string(low) + ", " +
+                          std::to_string(high) + "], got " + std::string(py::str(value)));
+  }
+  return v;
 }
 
-// (token, is_stop), or None at the end / on timeout: the same for both kinds of stream.
+uint64_t seed_argument(py::handle value) {
+  if (PyBool_Check(value.ptr()) || !PyIndex_Check(value.ptr())) {
+    throw py::type_error("seed must be an integer or None");
+  }
+  py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!index) throw py::error_already_set();
+  const unsigned long long v = PyLong_AsUnsignedLongLong(index.ptr());
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error("seed must be an integer in [0, 2**64), got " + std::string(py::str(value)));
+  }
+  return v;
+}
+
+// A float parameter: a real number whose float32 value is finite (1e300 is not).
+float float_argument(py::handle value, const char* name) {
+  if (PyBool_Check(value.ptr()) || !(PyFloat_Check(value.ptr()) || PyIndex_Check(value.ptr()))) {
+    throw py::type_error(std::string(name) + " must be a number, got " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))));
+  }
+  const double v = PyFloat_AsDouble(value.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + " is too large, got " + std::string(py::str(value)));
+  }
+  if (!std::isfinite(static_cast<float>(v))) {
+    throw py::value_error(std::string(name) + " must be a finite number within float32's range, got " +
+                          std::string(py::str(value)));
+  }
+  return static_cast<float>(v);
+}
+
+template <class T>
+T param_argument(py::handle value, const char* name) {
+  if constexpr (std::is_same_v<T, float>) {
+    return float_argument(value, name);
+  } else {
+    return static_cast<T>(int_argument(value, name, std::numeric_limits<T>::min(), std::numeric_limits<T>::max()));
+  }
+}
+
+// Token ids: any iterable of integers in int32's range (the engine checks the vocabulary).
+std::vector<int32_t> ids_argument(py::handle value, const char* name) {
+  if (PyUnicode_Check(value.ptr()) || PyBytes_Check(value.ptr())) {
+    throw py::type_error(std::string(name) + " must be a list of token ids");
+  }
+  std::vector<int32_t> out;
+  for (py::handle item : py::iter(value)) {
+    out.push_back(static_cast<int32_t>(int_argument(item, name, INT32_MIN, INT32_MAX)));
+  }
+  return out;
+}
+
+// Sets one field by name, converted and range-checked to its C++ type.
+void set_sampling_field(SamplingParams& params, const std::string& name, py::handle value) {
+#define OPENCAMP_SET_SAMPLING(type, field, default_value)      \
+  if (name == #field) {                                        \
+    params.field = param_argument<type>(value, #field);         \
+    return;                                                    \
+  }
+  OPENCAMP_SAMPLING_PARAMS(OPENCAMP_SET_SAMPLING)
+#undef OPENCAMP_SET_SAMPLING
+  if (name == "seed") {
+    params.seed = value.is_none() ? std::nullopt : std::optional<uint64_t>(seed_argument(value));
+    return;
+  }
+  throw py::type_error("SamplingParams has no field '" + name + "'");
+}
+
+SamplingParams sampling_argument(py::handle value) {
+  if (value.is_none()) return {};
+  if (!py::isinstance<SamplingParams>(value)) {
+    throw py::type_error("sampling must be an opencamp._core.SamplingParams or None");
+  }
+  return value.cast<SamplingParams>();
+}
+
+// The handle Python holds: the request, and its scheduler, kept alive as long as the handle
+// (instead of keep_alive, see int_argument).
+struct RequestHandle {
+  std::shared_ptr<ScheduledRequest> request;
+  py::object scheduler;
+};
+
+// (token, is_stop), or None at the end / on timeout.
 py::object event_or_none(const std::optional<TokenEvent>& event) {
   if (!event) return py::none();
   return py::make_tuple(event->token, event->is_stop);
-}
-
-// next / timed_out / cancel / finished, the same for both kinds of token stream.
-template <class Stream>
-py::class_<Stream, std::shared_ptr<Stream>> bind_token_stream(
-    py::class_<Stream, std::shared_ptr<Stream>> cls) {
-  cls.def("next",
-           [](Stream& s, std::optional<double> timeout) -> py::object {
-             std::optional<TokenEvent> event;
-             {
-               py::gil_scoped_release release;
-               event = s.next(timeout ? *timeout : -1.0);
-             }
-             return event_or_none(event);
-           },
-           py::arg("timeout") = py::none(),
-           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
-           "check timed_out).")
-      .def_property_readonly("timed_out", &Stream::timed_out)
-      .def("cancel", &Stream::cancel)
-      .def_property_readonly("finished", &Stream::finished);
-  return cls;
 }
 
 py::dict result_dict(const GenerationResult& r) {
@@ -178,7 +241,8 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "opencamp C++ engine (internal; use the opencamp package)";
 
   // opencamp::Error becomes OpencampError(RuntimeError) with a `kind` attribute
-  // ("invalid_argument", "invalid_model", "unsupported", "capacity_exceeded", "internal").
+  // ("invalid_argument", "invalid_model", "unsupported", "capacity_exceeded", "queue_full",
+  // "internal").
   PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> error_type;
   error_type.call_once_and_store_result([&]() -> py::object {
     return py::exception<Error>(m, "OpencampError", PyExc_RuntimeError);
@@ -222,6 +286,11 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
+  m.def("kv_bytes_per_position", static_cast<size_t (*)(int, int, int)>(&KVCache::bytes_per_position),
+        py::arg("num_layers"),
+        py::arg("num_kv_heads"), py::arg("head_dim"),
+        "Bytes one token position takes in the KV cache of a model of this shape (every layer, "
+        "keys and values): what an engine's cache_stats()['bytes_per_position'] will say.");
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
@@ -314,18 +383,36 @@ PYBIND11_MODULE(_core, m) {
         "The tensors of a GGUF file: (name, ggml type name such as \"Q4_K\", shape in numpy "
         "order, i.e. [rows, row length] for a matrix).");
 
-  bind_token_stream(py::class_<GenerationStream, std::shared_ptr<GenerationStream>>(m, "GenerationStream"))
-      .def("wait",
-           [](GenerationStream& s) {
-             GenerationResult result;
-             {
-               py::gil_scoped_release release;
-               result = s.wait();
-             }
-             return result_dict(result);
-           },
-           "Wait for the end; returns tokens, finish_reason, prompt_tokens, cached_tokens, "
-           "prefill_seconds, decode_seconds.");
+  // The sampling parameters, one object, generated from OPENCAMP_SAMPLING_PARAMS: each
+  // attribute refuses (ValueError / TypeError) what its C++ type cannot hold.
+  py::class_<SamplingParams> sampling_class(m, "SamplingParams");
+  sampling_class.def(py::init([](const py::kwargs& kwargs) {
+                 SamplingParams params;
+                 for (const auto& [key, value] : kwargs) set_sampling_field(params, py::str(key), value);
+                 return params;
+               }),
+               "SamplingParams(**fields): the engine's defaults, with the fields given.")
+      .def("validate", &SamplingParams::validate,
+           "Raise OpencampError(invalid_argument) naming the first parameter out of range.")
+      .def_property("seed", [](const SamplingParams& p) -> py::object {
+                      return p.seed ? py::object(py::int_(*p.seed)) : py::object(py::none());
+                    },
+                    [](SamplingParams& p, py::handle value) { set_sampling_field(p, "seed", value); })
+      .def("__repr__", [](py::object self) {
+        std::string out = "SamplingParams(";
+        for (py::handle name : self.attr("fields")) {
+          out += std::string(py::str(name)) + "=" + std::string(py::repr(self.attr(name))) + ", ";
+        }
+        return out + "seed=" + std::string(py::repr(self.attr("seed"))) + ")";
+      });
+  py::list sampling_fields;
+#define OPENCAMP_BIND_SAMPLING(type, name, default_value)                                         \
+  sampling_class.def_property(#name, [](const SamplingParams& p) { return p.name; },                     \
+                        [](SamplingParams& p, py::handle value) { set_sampling_field(p, #name, value); }); \
+  sampling_fields.append(#name);
+  OPENCAMP_SAMPLING_PARAMS(OPENCAMP_BIND_SAMPLING)
+#undef OPENCAMP_BIND_SAMPLING
+  sampling_class.attr("fields") = py::tuple(sampling_fields);  // in struct order; seed besides
 
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::filesystem::path& model_dir, const std::string& backend,
@@ -433,36 +520,34 @@ PYBIND11_MODULE(_core, m) {
              e.free_sequence(seq);
              return logits;
            },
-           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].")
-      .def("generate",
-           [](Engine& e, int seq, const std::vector<int64_t>& prompt, int max_tokens,
-              float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
-              float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
-              const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
-             return std::make_shared<GenerationStream>(
-                 e, seq, make_request(prompt, max_tokens, temperature, top_k, top_p, min_p,
-                                      repetition_penalty, presence_penalty, frequency_penalty,
-                                      seed, stop_token_ids, ignore_eos));
-           },
-           py::keep_alive<0, 1>(),  // the engine outlives its streams
-           py::arg("seq"), py::arg("prompt"), py::kw_only(), py::arg("max_tokens") = 256,
-           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
-           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
-           py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f,
-           py::arg("seed") = py::none(), py::arg("stop_token_ids") = std::vector<int64_t>{},
-           py::arg("ignore_eos") = false,
-           "Start generating on a C++ thread; returns a GenerationStream.");
+           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].");
 
-  bind_token_stream(py::class_<ScheduledRequest, std::shared_ptr<ScheduledRequest>>(m, "ScheduledRequest"))
-      .def_property_readonly("queue_seconds", &ScheduledRequest::queue_seconds)
+  py::class_<RequestHandle>(m, "ScheduledRequest")
+      .def("next",
+           [](RequestHandle& h, py::object timeout) -> py::object {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             std::optional<TokenEvent> event;
+             {
+               py::gil_scoped_release release;
+               event = h.request->next(seconds);
+             }
+             return event_or_none(event);
+           },
+           py::arg("timeout") = py::none(),
+           "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
+           "check timed_out).")
+      .def_property_readonly("timed_out", [](const RequestHandle& h) { return h.request->timed_out(); })
+      .def("cancel", [](RequestHandle& h) { h.request->cancel(); })
+      .def_property_readonly("finished", [](const RequestHandle& h) { return h.request->finished(); })
+      .def_property_readonly("queue_seconds", [](const RequestHandle& h) { return h.request->queue_seconds(); })
       .def("wait",
-           [](ScheduledRequest& r) {
+           [](RequestHandle& h) {
              GenerationResult result;
              double queued;
              {
                py::gil_scoped_release release;
-               result = r.wait();
-               queued = r.queue_seconds();
+               result = h.request->wait();
+               queued = h.request->queue_seconds();
              }
              py::dict d = result_dict(result);
              d["queue_seconds"] = queued;
@@ -487,24 +572,25 @@ PYBIND11_MODULE(_core, m) {
            py::arg("max_waiting") = SchedulerOptions{}.max_waiting,
            py::arg("max_unread_tokens") = SchedulerOptions{}.max_unread_tokens)
       .def("submit",
-           [](Scheduler& scheduler, const std::vector<int64_t>& prompt, int seq, int max_tokens,
-              float temperature, int top_k, float top_p, float min_p, float repetition_penalty,
-              float presence_penalty, float frequency_penalty, std::optional<uint64_t> seed,
-              const std::vector<int64_t>& stop_token_ids, bool ignore_eos) {
-             return scheduler.submit(make_request(prompt, max_tokens, temperature, top_k, top_p, min_p,
-                                                  repetition_penalty, presence_penalty,
-                                                  frequency_penalty, seed, stop_token_ids, ignore_eos),
-                                     seq);
+           [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
+              py::object sampling, py::object stop_token_ids, py::object ignore_eos) {
+             GenerationRequest request;
+             request.prompt = ids_argument(prompt, "prompt");
+             request.max_tokens = static_cast<int>(int_argument(max_tokens, "max_tokens", INT32_MIN, INT32_MAX));
+             request.sampling = sampling_argument(sampling);
+             request.stop_token_ids = ids_argument(stop_token_ids, "stop_token_ids");
+             if (!PyBool_Check(ignore_eos.ptr())) throw py::type_error("ignore_eos must be True or False");
+             request.ignore_eos = ignore_eos.ptr() == Py_True;
+             const int sequence = static_cast<int>(int_argument(seq, "seq", -1, INT32_MAX));
+             Scheduler& scheduler = self.cast<Scheduler&>();
+             return RequestHandle{scheduler.submit(std::move(request), sequence), self};
            },
-           py::keep_alive<0, 1>(),  // the scheduler outlives its requests' handles
            py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
-           py::arg("temperature") = 0.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
-           py::arg("min_p") = 0.0f, py::arg("repetition_penalty") = 1.0f,
-           py::arg("presence_penalty") = 0.0f, py::arg("frequency_penalty") = 0.0f,
-           py::arg("seed") = py::none(), py::arg("stop_token_ids") = std::vector<int64_t>{},
+           py::arg("sampling") = py::none(), py::arg("stop_token_ids") = py::tuple(),
            py::arg("ignore_eos") = false,
-           "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one); "
-           "returns a ScheduledRequest.")
+           "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one; "
+           "sampling: a SamplingParams, None for the engine's defaults); returns a "
+           "ScheduledRequest, which keeps this scheduler alive.")
       .def("stats",
            [](const Scheduler& scheduler) {
              const auto s = scheduler.stats();

@@ -8,6 +8,7 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::InvalidModel: return "invalid_model";
     case ErrorKind::Unsupported: return "unsupported";
     case ErrorKind::CapacityExceeded: return "capacity_exceeded";
+    case ErrorKind::QueueFull: return "queue_full";
     case ErrorKind::Internal: return "internal";
   }
   return "internal";

@@ -37,7 +37,7 @@ DecoderScratch::DecoderScratch(Backend& backend, const ModelConfig& c, int max_t
   logits = take({static_cast<int64_t>(max_logit_rows), c.vocab_size});
 }
 
-void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
+void decoder_forward(const Model& model, Backend& backend, std::span<const KVLayerView> kv_layers,
                      const ForwardBatch& batch, DecoderScratch& s, std::span<float> logits_host) {
   const ModelConfig& c = model.config();
   const ModelWeights& w = model.weights();
@@ -74,7 +74,7 @@ void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
   backend.embedding(x, w.embed, batch.tokens);
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& L = w.layers[static_cast<size_t>(layer)];
-    const KVLayerView kv = cache.layer(layer);
+    const KVLayerView& kv = kv_layers[static_cast<size_t>(layer)];
 
     backend.rmsnorm(h, x, L.attn_norm, c.rms_norm_eps);
     if (!L.wqkv.empty()) {  // one pass over h for q, k and v

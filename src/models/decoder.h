@@ -5,7 +5,6 @@
 #include <span>
 
 #include "opencamp/backend.h"
-#include "opencamp/kv_cache.h"
 #include "opencamp/model.h"
 
 namespace opencamp {
@@ -35,7 +34,8 @@ struct ForwardBatch {
 // Runs the batch through every layer, writing each token's K/V into the cache, and copies the
 // logits of the tokens listed in logit_rows to `logits_host`: [logit_rows.size(), V]. A batch may
 // mix tokens of several sequences (prefill chunks and decode tokens).
-void decoder_forward(const Model& model, Backend& backend, const KVCache& cache,
+// kv_layers: the KV cache as the model sees it, one view per layer (KVCache::layers()).
+void decoder_forward(const Model& model, Backend& backend, std::span<const KVLayerView> kv_layers,
                      const ForwardBatch& batch, DecoderScratch& scratch,
                      std::span<float> logits_host);
 

@@ -1,22 +1,18 @@
 #include "opencamp/engine.h"
 
 #include <algorithm>
-#include <chrono>
 #include <set>
 
 #include "models/decoder.h"
 #include "runtime/profiling_backend.h"
 #include "opencamp/error.h"
+#include "opencamp/scheduler.h"
 
 namespace opencamp {
 namespace {
 
 constexpr int kBlockSize = 16;
 constexpr int kMaxLogitRows = 32;  // lm_head runs over at most this many rows at a time
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
 
 }  // namespace
 
@@ -220,7 +216,7 @@ void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logi
       batch.positions = positions;
       batch.slots = slots;
       batch.logit_rows = logit_rows;
-      decoder_forward(*model_, *backend_, *cache_, batch, *scratch_,
+      decoder_forward(*model_, *backend_, cache_->layers(), batch, *scratch_,
                       logits.subspan(logits_done * vocab, logit_rows.size() * vocab));
       logits_done += logit_rows.size();
     }
@@ -279,55 +275,18 @@ void Engine::check_request(const GenerationRequest& request) const {
 
 GenerationResult Engine::generate(int seq, const GenerationRequest& request,
                                   const TokenCallback& on_token, const std::atomic<bool>* cancel) {
-  check_request(request);
-  Sampler sampler(request.sampling);
-  const int prompt_tokens = static_cast<int>(request.prompt.size());
-  std::set<int32_t> stop_ids(request.stop_token_ids.begin(), request.stop_token_ids.end());
-  if (!request.ignore_eos) stop_ids.insert(config().eos_token_ids.begin(), config().eos_token_ids.end());
-
-  GenerationResult result;
-  result.prompt_tokens = prompt_tokens;
-  const int64_t vocab = config().vocab_size;
-  std::vector<float> logits(static_cast<size_t>(vocab));
-  const auto prefill_start = std::chrono::steady_clock::now();
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    result.cached_tokens = reuse_prefix_locked(seq, request.prompt);
-    const Chunk rest{seq, std::span(request.prompt).subspan(static_cast<size_t>(result.cached_tokens)),
-                     Chunk::Logits::Last};
-    forward_locked(std::span(&rest, 1), logits);
-  }
-  result.prefill_seconds = seconds_since(prefill_start);
-
-  std::vector<int32_t> history = request.prompt;  // the sequence's tokens, for penalties
-  const auto decode_start = std::chrono::steady_clock::now();
-  for (;;) {
-    const int32_t token = sampler.sample(logits, history);
-    const bool is_stop = stop_ids.count(token) > 0;
-    result.tokens.push_back(token);
-    if (on_token && !on_token(token, is_stop)) {
-      result.finish_reason = FinishReason::Cancelled;
-      break;
-    }
-    if (is_stop) {
-      result.finish_reason = FinishReason::Stop;
-      break;
-    }
-    if (static_cast<int>(result.tokens.size()) >= request.max_tokens ||
-        static_cast<int>(history.size()) + 1 > max_context_) {
-      result.finish_reason = FinishReason::Length;
-      break;
-    }
-    if (cancel && cancel->load()) {
-      result.finish_reason = FinishReason::Cancelled;
-      break;
-    }
-    const int seqs[] = {seq};
-    decode(seqs, std::span(&token, 1), logits);
-    history.push_back(token);
-  }
-  result.decode_seconds = seconds_since(decode_start);
-  return result;
+  // A batch of one on a loop of its own, in passes of prefill_chunk tokens (the passes
+  // prefill() makes): the same numbers as before, decided by the Scheduler's one loop.
+  SchedulerOptions options;
+  options.max_running = 1;
+  options.step_tokens = options_.prefill_chunk;
+  options.max_idle_sequences = 0;
+  Scheduler scheduler(*this, options);
+  TokenCallback watch = [&](int32_t token, bool is_stop) {
+    if (on_token && !on_token(token, is_stop)) return false;
+    return is_stop || cancel == nullptr || !cancel->load();  // a stop token still ends as Stop
+  };
+  return scheduler.submit(request, seq, std::move(watch))->wait();
 }
 
 }  // namespace opencamp

@@ -51,8 +51,12 @@ KVCache::KVCache(Backend& backend, const KVCacheShape& shape) : shape_(shape) {
 
 size_t KVCache::bytes() const { return storage_->size(); }
 
+size_t KVCache::bytes_per_position(int n_layers, int n_kv_heads, int head_dim) {
+  return static_cast<size_t>(n_layers) * 2 * n_kv_heads * head_dim * sizeof(float);  // f32 K and V
+}
+
 size_t KVCache::bytes_per_position() const {
-  return static_cast<size_t>(shape_.n_layers) * 2 * shape_.n_kv_heads * shape_.head_dim * sizeof(float);
+  return bytes_per_position(shape_.n_layers, shape_.n_kv_heads, shape_.head_dim);
 }
 
 int KVCache::create_sequence() {

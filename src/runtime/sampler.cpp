@@ -67,61 +67,68 @@ int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> histor
   const SamplingParams& p = params_;
   apply_penalties(logits, history, p.repetition_penalty, p.presence_penalty, p.frequency_penalty);
   if (p.temperature == 0.0f) return argmax(logits);
+  // 53 random bits -> [0, 1), the same on every standard library (distributions are not).
+  const double draw = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+  return pick(logits, p.top_k, p.top_p, p.min_p, p.temperature, draw, scratch_).id;
+}
 
-  candidates_.clear();
+Sampler::Pick Sampler::pick(std::span<const float> logits, int top_k, float top_p, float min_p,
+                            float temperature, double draw, Scratch& scratch) {
+  std::vector<Candidate>& candidates = scratch.candidates;
+  std::vector<float>& probabilities = scratch.probabilities;
+  candidates.clear();
   for (size_t i = 0; i < logits.size(); ++i) {
-    if (!std::isnan(logits[i])) candidates_.push_back({static_cast<int32_t>(i), logits[i]});
+    if (!std::isnan(logits[i])) candidates.push_back({static_cast<int32_t>(i), logits[i]});
   }
-  if (candidates_.empty()) fail(ErrorKind::Internal, "every logit is NaN");
+  if (candidates.empty()) fail(ErrorKind::Internal, "every logit is NaN");
   // Highest first; ties broken by id so the order (and thus the draw) is reproducible.
   auto higher = [](const Candidate& a, const Candidate& b) {
     return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
   };
-  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < candidates_.size()) {
-    std::partial_sort(candidates_.begin(), candidates_.begin() + p.top_k, candidates_.end(), higher);
-    candidates_.resize(static_cast<size_t>(p.top_k));
+  if (top_k > 0 && static_cast<size_t>(top_k) < candidates.size()) {
+    std::partial_sort(candidates.begin(), candidates.begin() + top_k, candidates.end(), higher);
+    candidates.resize(static_cast<size_t>(top_k));
   } else {
-    std::sort(candidates_.begin(), candidates_.end(), higher);
+    std::sort(candidates.begin(), candidates.end(), higher);
   }
 
   // Probabilities at temperature 1 for top_p and min_p.
-  auto softmax = [&](float temperature) {
-    probabilities_.resize(candidates_.size());
-    const float max_logit = candidates_.front().logit;
+  auto softmax = [&](float t) {
+    probabilities.resize(candidates.size());
+    const float max_logit = candidates.front().logit;
     double total = 0.0;
-    for (size_t i = 0; i < candidates_.size(); ++i) {
-      probabilities_[i] = std::exp((candidates_[i].logit - max_logit) / temperature);
-      total += probabilities_[i];
+    for (size_t i = 0; i < candidates.size(); ++i) {
+      probabilities[i] = std::exp((candidates[i].logit - max_logit) / t);
+      total += probabilities[i];
     }
-    for (float& prob : probabilities_) prob = static_cast<float>(prob / total);
+    for (float& prob : probabilities) prob = static_cast<float>(prob / total);
   };
   softmax(1.0f);
-  if (p.top_p < 1.0f) {
+  if (top_p < 1.0f) {
     double cumulative = 0.0;
     size_t keep = 0;
-    while (keep < candidates_.size()) {
-      cumulative += probabilities_[keep++];
-      if (cumulative >= p.top_p - 1e-6) break;  // tolerance: 0.5 + 0.3 reaches top_p 0.8f
+    while (keep < candidates.size()) {
+      cumulative += probabilities[keep++];
+      if (cumulative >= top_p - 1e-6) break;  // tolerance: 0.5 + 0.3 reaches top_p 0.8f
     }
-    candidates_.resize(keep);
-    probabilities_.resize(keep);
+    candidates.resize(keep);
+    probabilities.resize(keep);
   }
-  if (p.min_p > 0.0f) {
-    const float threshold = p.min_p * probabilities_.front();
+  if (min_p > 0.0f) {
+    const float threshold = min_p * probabilities.front();
     size_t keep = 1;  // the top candidate always survives
-    while (keep < candidates_.size() && probabilities_[keep] >= threshold) ++keep;
-    candidates_.resize(keep);
+    while (keep < candidates.size() && probabilities[keep] >= threshold) ++keep;
+    candidates.resize(keep);
   }
 
-  softmax(p.temperature);
-  // 53 random bits -> [0, 1), the same on every standard library (distributions are not).
-  const double draw = static_cast<double>(rng_() >> 11) * 0x1.0p-53;
+  softmax(temperature);
   double cumulative = 0.0;
-  for (size_t i = 0; i < candidates_.size(); ++i) {
-    cumulative += probabilities_[i];
-    if (draw < cumulative) return candidates_[i].id;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    const double before = cumulative;
+    cumulative += probabilities[i];
+    if (draw < cumulative) return {candidates[i].id, before, cumulative};
   }
-  return candidates_.back().id;  // rounding left the total a hair under 1
+  return {candidates.back().id, cumulative, cumulative};  // rounding left the total a hair under 1
 }
 
 }  // namespace opencamp

@@ -15,6 +15,26 @@ double seconds_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double>(b - a).count();
 }
 
+// The consumer's side of a request's token queue: waits, under `lock`, until `queue` has a
+// token or `done` is set, at most timeout_seconds (< 0: no limit). Returns the token popped,
+// or nullopt when finished and drained, or on timeout with timed_out set.
+std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
+                                    std::condition_variable& ready, std::deque<TokenEvent>& queue,
+                                    const bool& done, double timeout_seconds, bool& timed_out) {
+  timed_out = false;
+  auto has_news = [&] { return !queue.empty() || done; };
+  if (timeout_seconds < 0) {
+    ready.wait(lock, has_news);
+  } else if (!ready.wait_for(lock, std::chrono::duration<double>(timeout_seconds), has_news)) {
+    timed_out = true;
+    return std::nullopt;
+  }
+  if (queue.empty()) return std::nullopt;
+  const TokenEvent event = queue.front();
+  queue.pop_front();
+  return event;
+}
+
 }  // namespace
 
 // ---- the caller's side ---------------------------------------------------------------------
@@ -76,16 +96,32 @@ struct Scheduler::Active {
   std::unique_ptr<Sampler> sampler;
   std::vector<int32_t> history;  // prompt and generated tokens, for penalties
   std::set<int32_t> stop_ids;
+  TokenCallback on_token;  // runs on the loop thread; false ends the request
   GenerationResult result;
   Clock::time_point submitted, admitted, first_token;
   bool done = false;
 
-  void emit(int32_t token, bool is_stop) {
+  // Hands a sampled token on; false when the token callback asks to end the request.
+  bool emit(int32_t token, bool is_stop) {
+    const bool go_on = !on_token || on_token(token, is_stop);
     {
       std::lock_guard<std::mutex> lock(handle->mutex_);
       handle->queue_.push_back({token, is_stop});
     }
     handle->changed_.notify_all();
+    return go_on;
+  }
+
+  // The one place that decides whether a generation ends after the token just sampled, and
+  // why: the callback said stop, a stop id, max_tokens, or the context is full.
+  std::optional<FinishReason> finish_reason_after(int32_t token, bool go_on, int max_context) const {
+    if (!go_on) return FinishReason::Cancelled;
+    if (stop_ids.count(token) > 0) return FinishReason::Stop;
+    if (static_cast<int>(result.tokens.size()) >= request.max_tokens ||
+        static_cast<int>(cache_length) + 1 > max_context) {
+      return FinishReason::Length;
+    }
+    return std::nullopt;
   }
 };
 
@@ -156,7 +192,8 @@ int Scheduler::take_idle_sequence(const std::vector<int32_t>& prompt) {
   return seq;
 }
 
-std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, int seq) {
+std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, int seq,
+                                                    TokenCallback on_token) {
   engine_.check_request(request);
   auto active = std::make_unique<Active>();
   active->handle = std::make_shared<ScheduledRequest>();
@@ -166,6 +203,7 @@ std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, i
   active->prompt = active->request.prompt;
   active->history = active->request.prompt;
   active->sampler = std::make_unique<Sampler>(active->request.sampling);
+  active->on_token = std::move(on_token);
   active->stop_ids.insert(active->request.stop_token_ids.begin(), active->request.stop_token_ids.end());
   if (!active->request.ignore_eos) {
     active->stop_ids.insert(engine_.config().eos_token_ids.begin(), engine_.config().eos_token_ids.end());
@@ -177,7 +215,7 @@ std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, i
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_) opencamp::fail(ErrorKind::Internal, "the scheduler is shutting down");
     if (waiting_.size() >= options_.max_waiting) {
-      opencamp::fail(ErrorKind::CapacityExceeded, "too many requests are waiting (", waiting_.size(),
+      opencamp::fail(ErrorKind::QueueFull, "too many requests are waiting (", waiting_.size(),
                      "); try again later");
     }
     active->arrival = next_arrival_++;
@@ -251,14 +289,19 @@ void Scheduler::finish(Active& a, FinishReason reason) {
     }
   }
   {
+    // The stats before the handle: whoever wait() wakes sees this request counted as ended.
+    std::lock_guard<std::mutex> lock(mutex_);
+    stats_.generated_tokens += static_cast<int64_t>(a.result.tokens.size());
+    stats_.running = static_cast<int>(
+        std::count_if(running_.begin(), running_.end(), [](const auto& r) { return !r->done; }));
+  }
+  {
     std::lock_guard<std::mutex> lock(a.handle->mutex_);
     a.handle->result_ = a.result;
     a.handle->done_ = true;
     a.handle->scheduler_ = nullptr;
   }
   a.handle->changed_.notify_all();
-  std::lock_guard<std::mutex> lock(mutex_);
-  stats_.generated_tokens += static_cast<int64_t>(a.result.tokens.size());
 }
 
 void Scheduler::fail(Active& a, std::exception_ptr error) {
@@ -451,12 +494,9 @@ bool Scheduler::step() {
     }
     const bool is_stop = a.stop_ids.count(token) > 0;
     a.result.tokens.push_back(token);
-    a.emit(token, is_stop);
-    if (is_stop) {
-      finish(a, FinishReason::Stop);
-    } else if (static_cast<int>(a.result.tokens.size()) >= a.request.max_tokens ||
-               static_cast<int>(a.cache_length) + 1 > engine_.max_context()) {
-      finish(a, FinishReason::Length);
+    const bool go_on = a.emit(token, is_stop);
+    if (const auto reason = a.finish_reason_after(token, go_on, engine_.max_context())) {
+      finish(a, *reason);
     } else {
       a.last_token = token;
       a.history.push_back(token);

@@ -74,6 +74,7 @@ inline const char* kind_name(opencamp::ErrorKind kind) {
     case opencamp::ErrorKind::InvalidModel: return "InvalidModel";
     case opencamp::ErrorKind::Unsupported: return "Unsupported";
     case opencamp::ErrorKind::CapacityExceeded: return "CapacityExceeded";
+    case opencamp::ErrorKind::QueueFull: return "QueueFull";
     case opencamp::ErrorKind::Internal: return "Internal";
   }
   return "?";

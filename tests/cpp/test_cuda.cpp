@@ -163,7 +163,7 @@ struct Runner {
     for (size_t i = 0; i < seqs.size(); ++i) slots.push_back({cache->block_table(seqs[i]).data(), positions[i]});
     ForwardBatch batch{tokens, positions, slots, rows};
     std::vector<float> logits(seqs.size() * vocab());
-    decoder_forward(*model, *backend, *cache, batch, *scratch, logits);
+    decoder_forward(*model, *backend, cache->layers(), batch, *scratch, logits);
     return logits;
   }
 
@@ -177,67 +177,13 @@ int32_t host_argmax(const std::vector<float>& logits, size_t row, size_t vocab) 
   return argmax(std::span(logits).subspan(row * vocab, vocab));
 }
 
-// ---- the host Sampler's stages 3-7 with a given draw (sampler.cpp, unchanged) -------------------
+// ---- the host Sampler's stages 3-7 with a given draw (Sampler::pick, the one definition) -----
 
-struct HostPick {
-  int32_t id;
-  double before, after;  // the cumulative probability just before and after the picked token
-};
+using HostPick = Sampler::Pick;
 
 HostPick host_pick(const std::vector<float>& logits, const cuda::DeviceSampling& p) {
-  struct Candidate {
-    int32_t id;
-    float logit;
-  };
-  std::vector<Candidate> candidates;
-  for (size_t i = 0; i < logits.size(); ++i) {
-    if (!std::isnan(logits[i])) candidates.push_back({static_cast<int32_t>(i), logits[i]});
-  }
-  auto higher = [](const Candidate& a, const Candidate& b) {
-    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-  };
-  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < candidates.size()) {
-    std::partial_sort(candidates.begin(), candidates.begin() + p.top_k, candidates.end(), higher);
-    candidates.resize(static_cast<size_t>(p.top_k));
-  } else {
-    std::sort(candidates.begin(), candidates.end(), higher);
-  }
-  std::vector<float> probabilities;
-  auto softmax = [&](float temperature) {
-    probabilities.resize(candidates.size());
-    const float max_logit = candidates.front().logit;
-    double total = 0.0;
-    for (size_t i = 0; i < candidates.size(); ++i) {
-      probabilities[i] = std::exp((candidates[i].logit - max_logit) / temperature);
-      total += probabilities[i];
-    }
-    for (float& prob : probabilities) prob = static_cast<float>(prob / total);
-  };
-  softmax(1.0f);
-  if (p.top_p < 1.0f) {
-    double cumulative = 0.0;
-    size_t keep = 0;
-    while (keep < candidates.size()) {
-      cumulative += probabilities[keep++];
-      if (cumulative >= p.top_p - 1e-6) break;
-    }
-    candidates.resize(keep);
-    probabilities.resize(keep);
-  }
-  if (p.min_p > 0.0f) {
-    const float threshold = p.min_p * probabilities.front();
-    size_t keep = 1;
-    while (keep < candidates.size() && probabilities[keep] >= threshold) ++keep;
-    candidates.resize(keep);
-  }
-  softmax(p.temperature);
-  double cumulative = 0.0;
-  for (size_t i = 0; i < candidates.size(); ++i) {
-    const double before = cumulative;
-    cumulative += probabilities[i];
-    if (p.draw < cumulative) return {candidates[i].id, before, cumulative};
-  }
-  return {candidates.back().id, cumulative, cumulative};
+  Sampler::Scratch scratch;
+  return Sampler::pick(logits, p.top_k, p.top_p, p.min_p, p.temperature, p.draw, scratch);
 }
 
 }  // namespace

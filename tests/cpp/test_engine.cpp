@@ -510,7 +510,9 @@ TEST_CASE(stop_tokens_and_callback_cancellation) {
   }
 }
 
-TEST_CASE(generation_stream_streams_and_cancels) {
+// The streaming side of the one generation loop (formerly GenerationStream's test, now on the
+// Scheduler's request handle that every streamed generation uses).
+TEST_CASE(scheduled_request_streams_and_cancels) {
   const std::string backend = usable_backends().front();
   for (const std::string& model : kModels) {
     const Reference& r = reference(model);
@@ -518,17 +520,18 @@ TEST_CASE(generation_stream_streams_and_cancels) {
     const GenerationResult direct = engine.generate(engine.create_sequence(), greedy_request(r.greedy_prompt));
     std::vector<int32_t> streamed;
     {
-      GenerationStream stream(engine, engine.create_sequence(), greedy_request(r.greedy_prompt));
-      while (auto event = stream.next()) {
+      Scheduler scheduler(engine);
+      auto stream = scheduler.submit(greedy_request(r.greedy_prompt), engine.create_sequence());
+      while (auto event = stream->next()) {
         streamed.push_back(event->token);
         CHECK(!event->is_stop);
       }
-      CHECK(!stream.timed_out());
-      CHECK(stream.finished());
-      const GenerationResult& result = stream.wait();
+      CHECK(!stream->timed_out());
+      CHECK(stream->finished());
+      const GenerationResult& result = stream->wait();
       CHECK(result.tokens == direct.tokens);
       CHECK(result.finish_reason == FinishReason::Length);
-      CHECK(!stream.next().has_value());  // stays finished
+      CHECK(!stream->next().has_value());  // stays finished
     }
     CHECK(streamed == direct.tokens);
     CHECK(streamed == r.greedy_tokens);
@@ -541,25 +544,35 @@ TEST_CASE(generation_stream_streams_and_cancels) {
     GenerationRequest request = greedy_request(r.greedy_prompt, 1000);
     request.sampling.temperature = 1.0f;  // keep it from settling into a loop; any tokens will do
     request.sampling.seed = 1;
-    // A queue of 4 keeps the generation at most 4 tokens ahead of this consumer, so it is
-    // still running when cancel() comes, however slow this thread is.
-    GenerationStream stream(long_engine, long_engine.create_sequence(), request, 4);
-    const auto first = stream.next(30.0);
+    // 4 unread tokens pause the request, so it is still running when cancel() comes, however
+    // slow this thread is.
+    SchedulerOptions paced;
+    paced.max_unread_tokens = 4;
+    Scheduler scheduler(long_engine, paced);
+    auto stream = scheduler.submit(request);
+    const auto first = stream->next(30.0);
     CHECK(first.has_value());
-    stream.cancel();
+    stream->cancel();
     int drained = 0;
-    while (stream.next(30.0)) ++drained;
-    CHECK(!stream.timed_out());
-    const GenerationResult& result = stream.wait();
+    while (stream->next(30.0)) ++drained;
+    CHECK(!stream->timed_out());
+    const GenerationResult& result = stream->wait();
     CHECK(result.finish_reason == FinishReason::Cancelled);
     CHECK_MSG(result.tokens.size() < 1000, "cancel did not stop the stream: " << result.tokens.size() << " tokens");
     CHECK_EQ(result.tokens.size(), size_t(drained) + 1);
-    // A stream destroyed mid-generation cancels and joins (no hang, no crash).
-    { GenerationStream abandoned(long_engine, long_engine.create_sequence(), request); }
-    // Errors raised on the generation thread come back from next() / wait().
-    GenerationStream failing(long_engine, 12345, request);
-    CHECK_THROWS_WITH(failing.next(30.0), ErrorKind::InvalidArgument, "12345");
-    CHECK_THROWS_WITH(failing.wait(), ErrorKind::InvalidArgument, "12345");
+    // A scheduler destroyed mid-generation cancels and joins (no hang, no crash), and the
+    // handle it leaves behind says so.
+    std::shared_ptr<ScheduledRequest> abandoned;
+    {
+      Scheduler doomed(long_engine, paced);
+      abandoned = doomed.submit(request);
+    }
+    CHECK(abandoned->finished());
+    CHECK(abandoned->wait().finish_reason == FinishReason::Cancelled);
+    // Errors raised on the loop thread come back from next() / wait().
+    auto failing = scheduler.submit(request, 12345);
+    CHECK_THROWS_WITH(failing->next(30.0), ErrorKind::InvalidArgument, "12345");
+    CHECK_THROWS_WITH(failing->wait(), ErrorKind::InvalidArgument, "12345");
   }
 }
 

@@ -276,4 +276,28 @@ TEST_CASE(destroying_the_scheduler_ends_every_request) {
   handles.front()->cancel();  // harmless after the scheduler is gone
 }
 
+// Once wait() returns, stats() no longer counts the request as running and counts its tokens
+// (a server's "nothing running" check right after an answer relies on it).
+TEST_CASE(stats_count_a_request_as_ended_once_wait_returns) {
+  Engine engine(fixture("tiny-llama"), options());
+  Scheduler scheduler(engine);
+  for (int i = 0; i < 200; ++i) {
+    scheduler.submit(greedy(prompt_of(6, i, 200), 2))->wait();
+    const Scheduler::Stats stats = scheduler.stats();
+    CHECK_EQ(stats.running, 0);
+    CHECK_EQ(stats.generated_tokens, int64_t{2} * (i + 1));
+  }
+}
+
+// A full waiting queue is its own kind of error (the server answers 429 for it, and a 4xx
+// for a KV cache too small for the request): told apart by kind, not by its message.
+TEST_CASE(a_full_queue_is_queue_full_not_capacity_exceeded) {
+  Engine engine(fixture("tiny-llama"), options());
+  SchedulerOptions no_queue;
+  no_queue.max_waiting = 0;
+  Scheduler scheduler(engine, no_queue);
+  CHECK_THROWS_WITH(scheduler.submit(greedy(prompt_of(8, 1, 200), 4)), ErrorKind::QueueFull, "waiting");
+  CHECK_EQ(std::string(error_kind_name(ErrorKind::QueueFull)), std::string("queue_full"));
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

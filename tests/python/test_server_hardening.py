@@ -211,15 +211,35 @@ def test_unexpected_error_is_a_500_and_the_keep_alive_connection_survives(tiny_l
         assert metric(metrics, "opencamp_http_errors_total", status="400") == 1
 
 
-def test_engine_refusal_at_start_is_400_not_500(client):
-    """repetition_penalty 1e300 passes the request checks but the engine refuses it
-    (invalid_argument) when the generation starts: a 400, and in a stream an error chunk."""
+def test_out_of_range_sampling_value_is_400_before_any_stream(client):
+    """repetition_penalty 1e300 does not fit the engine's float: a 400 naming the field, streamed
+    or not (it used to reach the engine and come back as a 500)."""
     body = {"messages": HELLO, "max_tokens": 2, "repetition_penalty": 1e300}
-    error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
-    assert error["type"] == "invalid_request_error" and "repetition_penalty" in error["message"]
-    events = parse_sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
-    assert events[-1] == "[DONE]"
-    assert events[-2]["error"]["type"] == "invalid_request_error"
+    for stream in (False, True):
+        error = assert_openai_error(client.post("/v1/chat/completions", json={**body, "stream": stream}), 400)
+        assert error["type"] == "invalid_request_error" and error["param"] == "repetition_penalty"
+    ok_chat(client)
+
+
+def test_engine_refusal_at_start_is_400_not_500(client, monkeypatch):
+    """An invalid_argument the engine raises when a generation starts is a 400, and in a stream an
+    error chunk before [DONE]; the server goes on serving."""
+    from opencamp.server.relay import RequestRelay
+
+    class EngineRefusal(Exception):
+        kind = "invalid_argument"  # as opencamp.OpencampError reports the engine's refusals
+
+    async def refuse(self, *args, **kwargs):
+        raise EngineRefusal("the engine refused this request")
+
+    body = {"messages": HELLO, "max_tokens": 2}
+    with monkeypatch.context() as patch:
+        patch.setattr(RequestRelay, "start", refuse)
+        error = assert_openai_error(client.post("/v1/chat/completions", json=body), 400)
+        assert error["type"] == "invalid_request_error" and "engine refused" in error["message"]
+        events = parse_sse(client.post("/v1/chat/completions", json={**body, "stream": True}).text)
+        assert events[-1] == "[DONE]"
+        assert events[-2]["error"]["type"] == "invalid_request_error"
     ok_chat(client)
 
 

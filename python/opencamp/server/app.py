@@ -28,13 +28,13 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .. import __version__
+from .. import __version__, sampling
 from ..llm import LLM, Completion
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from .protocol import (SSE_DONE, APIError, GenerationParams, ResponseWriter, bad_request,
                        context_error, parse_chat_request, parse_completion_request,
                        parse_json_body, sse)
-from .scheduler import Generation, QueueFull, Scheduler
+from .relay import Generation, QueueFull, RequestRelay
 
 log = logging.getLogger("opencamp.server")
 
@@ -42,9 +42,8 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 # The sampling settings a server may preset (opencamp serve --temperature ...); a request's own
 # values win. OpenAI's defaults unless the model's generation_config.json or the command says.
-DEFAULT_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                    "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-                    "seed": None, "max_tokens": None}
+# The table (opencamp/sampling.py) holds them, with max_tokens None: up to the end of the context.
+DEFAULT_SAMPLING = {**sampling.server_defaults(), "max_tokens": None}
 
 
 @dataclass
@@ -66,7 +65,11 @@ class ServerOptions:
         unknown = set(self.defaults) - set(DEFAULT_SAMPLING)
         if unknown:
             raise ValueError(f"unknown default(s): {', '.join(sorted(unknown))}")
-        return {**DEFAULT_SAMPLING, **{k: v for k, v in self.defaults.items() if v is not None}}
+        given = {k: v for k, v in self.defaults.items() if v is not None}
+        for name, value in given.items():  # as a request's own value would be checked
+            given[name] = (sampling.check_max_tokens(value) if name == "max_tokens"
+                           else sampling.check(name, value, wire=True))
+        return {**DEFAULT_SAMPLING, **given}
 
 
 class ServerState:
@@ -80,7 +83,7 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.started = int(time.time())
         self.llm: LLM | None = None
-        self.scheduler: Scheduler | None = None
+        self.scheduler: RequestRelay | None = None  # fronts the engine's _core.Scheduler
         self.load_error: str | None = None
         self._loader = model if callable(model) and not isinstance(model, LLM) else None
         self._on_ready = on_ready
@@ -95,7 +98,7 @@ class ServerState:
     # ---- loading -------------------------------------------------------------------------
 
     def _set_model(self, llm: LLM) -> None:
-        scheduler = Scheduler(llm, parallel=self.options.parallel,
+        scheduler = RequestRelay(llm, parallel=self.options.parallel,
                               max_waiting=self.options.max_waiting)
         scheduler.on_finish = self._record
         self.llm, self.scheduler = llm, scheduler
@@ -123,7 +126,7 @@ class ServerState:
         if self._on_ready:
             self._on_ready(llm)
 
-    def require_ready(self) -> tuple[LLM, Scheduler]:
+    def require_ready(self) -> tuple[LLM, RequestRelay]:
         if self.llm is None:
             if self.load_error is not None:
                 raise APIError(503, f"the model failed to load: {self.load_error}",
@@ -132,7 +135,7 @@ class ServerState:
                            type="server_error", code="model_loading")
         return self.llm, self.scheduler
 
-    def admit(self) -> tuple[LLM, Scheduler]:
+    def admit(self) -> tuple[LLM, RequestRelay]:
         """The model for a new generation request, or a 503 while loading or shutting down."""
         if self.shutting_down:
             raise APIError(503, "the server is shutting down; retry on another server or later",

@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# Sampling fields a request may set, with the engine's rules (see README "Sampling").
-SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                   "presence_penalty", "frequency_penalty", "seed")
+from .. import sampling
+
+# Sampling fields a request may set: the one table's (see README "Sampling").
+SAMPLING_FIELDS = sampling.NAMES
 MAX_STOP_STRINGS = 16
 
 
@@ -190,26 +191,17 @@ def _bool(body: dict, name: str) -> bool | None:
 
 
 def _sampling(body: dict) -> dict[str, Any]:
-    """The sampling fields the request sets, checked against the engine's rules."""
+    """The sampling fields the request sets, checked by the one table (opencamp/sampling.py)
+    in its OpenAI variant: temperature up to 2, top_k -1 for off, any integer seed."""
     out: dict[str, Any] = {}
-    checks = {
-        "temperature": (lambda v: 0 <= v <= 2, "between 0 and 2"),
-        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
-        "min_p": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-        "repetition_penalty": (lambda v: v > 0, "> 0 (1 turns it off)"),
-        "presence_penalty": (lambda v: -2 <= v <= 2, "between -2 and 2"),
-        "frequency_penalty": (lambda v: -2 <= v <= 2, "between -2 and 2"),
-    }
-    for name, (check, rule) in checks.items():
-        value = _number(body, name, check, rule)
-        if value is not None:
-            out[name] = value
-    top_k = _int(body, "top_k", low=-1)
-    if top_k is not None:
-        out["top_k"] = max(top_k, 0)  # -1 (vLLM) and 0 both mean off
-    seed = _int(body, "seed")
-    if seed is not None:
-        out["seed"] = seed % 2**64  # OpenAI takes any 64-bit integer, negative ones too
+    for name in SAMPLING_FIELDS:
+        value = body.get(name)
+        if value is None:
+            continue
+        try:
+            out[name] = sampling.check(name, value, wire=True)
+        except sampling.SamplingValueError as error:
+            raise bad_request(str(error).replace(repr(value), json.dumps(value)), name) from None
     return out
 
 
@@ -323,9 +315,9 @@ def _common(body: dict, kind: str) -> GenerationParams:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", "model")
-    max_tokens = _int(body, "max_completion_tokens", low=1)
+    max_tokens = _int(body, "max_completion_tokens", low=1, high=sampling.INT32_MAX)
     if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", low=1)
+        max_tokens = _int(body, "max_tokens", low=1, high=sampling.INT32_MAX)
     stream = bool(_bool(body, "stream"))
     options = body.get("stream_options")
     include_usage = False

@@ -10,16 +10,16 @@
 # may carry (64 MiB), so it travels in two halves on two calls to the same warm machine:
 #
 #   here, once (needs ../shared/models and pip's network):
-#       cuda/gpu_check.sh prepare       # -> .gpu-carry/a and .gpu-carry/b (git-ignored)
+#       bench/gpu/gpu_check.sh prepare       # -> .gpu-carry/a and .gpu-carry/b (git-ignored)
 #   device, right after each other (the machine stays warm for 30 s):
-#       run(command="bash cuda/gpu_check.sh stage", carry=[".gpu-carry/a"], timeout_s=120)
-#       run(command="bash cuda/gpu_check.sh run",   carry=[".gpu-carry/b"], timeout_s=600)
+#       run(command="bash bench/gpu/gpu_check.sh stage", carry=[".gpu-carry/a"], timeout_s=120)
+#       run(command="bash bench/gpu/gpu_check.sh run",   carry=[".gpu-carry/b"], timeout_s=600)
 #
 # `run` without the staged half still builds, tests and runs the tiny-model parity tests, and
 # says that the SmolLM2 steps were skipped. A failing step does not stop the next ones; the exit
 # status is 1 when any failed. Budget: about 7 minutes of the second call on an H100.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 OUT=${OUT:-build/gpu-check-out}
 STAGE=build/gpu-stage          # ignored, so it survives between calls on a warm machine
@@ -53,7 +53,7 @@ prepare() {
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d "$CARRY/b/wheels" gguf || die "pip could not fetch the gguf wheel"
   du -sh "$CARRY/a" "$CARRY/b"
-  echo "next: device run 'bash cuda/gpu_check.sh stage' carrying $CARRY/a, then 'bash cuda/gpu_check.sh run' carrying $CARRY/b"
+  echo "next: device run 'bash bench/gpu/gpu_check.sh stage' carrying $CARRY/a, then 'bash bench/gpu/gpu_check.sh run' carrying $CARRY/b"
 }
 
 stage() {
@@ -162,7 +162,7 @@ run() {
            --no-bandwidth --prompt-tokens 512 --gen-tokens 128 --repeat 3 | tail -1 > '$STAGE/bench_$dtype.json'"
     done
     step "transformers bench (bf16, f32)" "$OUT/bench.log" 300 bash -o pipefail -c \
-      "python3 cuda/hf_bench.py '$model' --prompt-tokens 512 --gen-tokens 128 | tail -1 > '$STAGE/hf.json'"
+      "python3 bench/gpu/hf_bench.py '$model' --prompt-tokens 512 --gen-tokens 128 | tail -1 > '$STAGE/hf.json'"
     cat "$STAGE"/bench_*.json "$STAGE/hf.json" >> "$OUT/bench.log" 2>/dev/null
     python3 - "$OUT/results.json" "$STAGE/bench_bf16.json" "$STAGE/bench_f32.json" "$STAGE/hf.json" \
       >> "$OUT/summary.txt" 2>&1 <<'PY'

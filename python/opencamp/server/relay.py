@@ -1,4 +1,4 @@
-"""The bridge between the C++ scheduler and asyncio.
+"""The relay between the C++ scheduler and asyncio (it schedules nothing itself).
 
 Admission, batching and the KV cache are the engine's business: every request goes to one
 `_core.Scheduler` (continuous batching, first come first served, at most `parallel` sequences
@@ -77,7 +77,10 @@ class Generation:
         return self._cancelled
 
 
-class Scheduler:
+class RequestRelay:
+    """Hands each request to the engine's scheduler (`_core.Scheduler`, which decides what runs)
+    and relays its text pieces to the event loop from a reader thread."""
+
     def __init__(self, llm: LLM, parallel: int = 4, max_waiting: int = 256):
         if parallel < 1:
             raise ValueError("parallel must be >= 1")
@@ -142,7 +145,7 @@ class Scheduler:
         try:
             stream = self.llm.stream(prompt_ids, scheduler=self.engine_scheduler, **options)
         except _core.OpencampError as error:
-            if getattr(error, "kind", None) == "capacity_exceeded" and "waiting" in str(error):
+            if getattr(error, "kind", None) == "queue_full":
                 raise QueueFull(str(error)) from None
             raise
         generation._attach(stream)

@@ -1,7 +1,7 @@
 """Hugging Face transformers on the same GPU and the same weights as `opencamp bench`, for the
 ratios in the README, plus the GPU's copy bandwidth (the decode limit).
 
-    python3 cuda/hf_bench.py MODEL_DIR --prompt-tokens 512 --gen-tokens 128 > hf.json
+    python3 bench/gpu/hf_bench.py MODEL_DIR --prompt-tokens 512 --gen-tokens 128 > hf.json
 
 prefill: the best of `repeat` forward passes over the prompt (tokens/s). decode: a greedy
 generate() of prompt + gen_tokens new tokens minus one of prompt + 1 new token, so the prefill is
