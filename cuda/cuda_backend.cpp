@@ -1013,9 +1013,13 @@ void CudaBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const T
 }
 
 void CudaBackend::attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                            std::span<const KVSlot> slots, float scale) {
+                            std::span<const KVSlot> slots, float scale, int32_t window) {
   Impl& s = *impl_;
   s.rethrow_deferred();
+  if (window != 0) {
+    fail(ErrorKind::Unsupported, "cuda backend, op attention: sliding-window attention (window ", window,
+         ") is not implemented on cuda yet; run this model with backend='cpu' or 'avx'");
+  }
   expect_f32(out, 3, "attention", "out");
   expect_f32(queries, 3, "attention", "queries");
   expect_f32(cache.keys, 4, "attention", "cache keys");
