@@ -9,6 +9,7 @@ rope for all layers, forgot the (1 + w) norms, the norms after attention and the
 embedding scale or query_pre_attn_scalar would fail these comparisons.
 """
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,6 +117,45 @@ def test_multi_turn_reuse_across_the_window(hf):
     block = hf.engine.cache_stats()["block_size"]
     assert again.cached_tokens >= len(history) // block * block > 0
     assert again.token_ids == ids("turn2_tokens")
+
+
+def folder_with_config(tmp_path, edit):
+    """A copy of the tiny Hugging Face folder whose config.json `edit(dict)` has changed."""
+    target = tmp_path / "model"
+    target.mkdir()
+    shutil.copy(TINY / "model.safetensors", target / "model.safetensors")
+    config = json.loads((TINY / "config.json").read_text())
+    edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_older_config_spelling_gives_the_same_model(tmp_path):
+    """Gemma 3 configs written before transformers 5 (those on the Hub): no layer_types but
+    sliding_window_pattern, top-level rope_theta and rope_local_base_freq, rope_scaling for the
+    global layers only."""
+    def older(config):
+        del config["layer_types"], config["rope_parameters"], config["_sliding_window_pattern"]
+        config.update(sliding_window_pattern=6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                      rope_scaling={"rope_type": "linear", "factor": 2.0})
+    llm = opencamp.LLM(folder_with_config(tmp_path, older), backend="cpu", dtype="f32", threads=2)
+    assert llm.engine.config["layer_windows"] == [WINDOW] * 5 + [0]
+    assert np.abs(llm.logits(ids("input_ids")) - REF["logits"]).max() < F32_TOLERANCE
+
+
+@pytest.mark.parametrize("edit, kind, message", [
+    (lambda c: c.update(final_logit_softcapping=30.0), "unsupported", "final_logit_softcapping"),
+    (lambda c: c.update(attn_logit_softcapping=50.0), "unsupported", "attn_logit_softcapping"),
+    (lambda c: c.update(layer_types=["full_attention"] * 5), "invalid_model", "one type per layer"),
+    (lambda c: c.update(layer_types=["chunked_attention"] * 6), "invalid_model", "chunked_attention"),
+    (lambda c: c.update(sliding_window=None), "invalid_model", "sliding_window"),
+    (lambda c: c.update(hidden_activation="silu"), "unsupported", "hidden_activation 'silu'"),
+    (lambda c: c.update(model_type="gemma3"), "unsupported", "gemma3_text"),
+])
+def test_what_gemma3_cannot_run_is_refused(tmp_path, edit, kind, message):
+    with pytest.raises(opencamp._core.OpencampError, match=message) as info:
+        opencamp.LLM(folder_with_config(tmp_path, edit), backend="cpu", threads=1)
+    assert info.value.kind == kind
 
 
 # ---- the real Gemma 3 270M Q4_K_M file ----------------------------------------------------
