@@ -283,6 +283,11 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   }
   config.rope = parse_rope(reader, root);
   if (config.model_type == "gemma3_text") parse_gemma3(reader, root, config);
+  if (config.model_type == "mistral") {  // one window for every layer, when set
+    if (const int window = reader.int_or("sliding_window", 0, 1); window > 0) {
+      config.layer_windows.assign(static_cast<size_t>(config.num_layers), window);
+    }
+  }
   config.bos_token_id = reader.int_or("bos_token_id", -1);
   reader.token_ids("eos_token_id", config.eos_token_ids);
   for (const char* key : {"torch_dtype", "dtype"}) {
