@@ -97,6 +97,13 @@ def test_decode_path_agrees_with_prefill(hf):
     assert np.abs(np.stack(rows) - REF["logits"]).max() < F32_TOLERANCE
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prefill_in_chunks_shorter_than_the_window(backend):
+    """Chunks of 3 positions: each chunk's windows reach back into keys earlier chunks wrote."""
+    engine = opencamp._core.Engine(str(TINY), backend=backend, dtype="f32", threads=2, prefill_chunk=3)
+    assert np.abs(engine.logits(ids("input_ids")) - REF["logits"]).max() < F32_TOLERANCE
+
+
 def test_multi_turn_reuse_across_the_window(hf):
     """Turn 2 continues a sequence that holds turn 1 (13 positions, past the window twice): the
     engine reuses those positions and answers as transformers does on the whole history; a
