@@ -190,7 +190,7 @@ def greedy_batch(engine, prompts, counts):
 
 @pytest.fixture(scope="module")
 def gemma3_tokenizer(gemma3_gguf):
-    return opencamp.LLM(gemma3_gguf, backend="cpu", threads=2).tokenizer
+    return opencamp.Tokenizer.from_gguf(gemma3_gguf)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,7 +199,8 @@ def test_gemma3_270m_q4_k_m_continues_as_transformers_does(backend, gemma3_gguf,
     (tests/fixtures/make_gemma3_gguf_reference.py), up to the first near-tie (top-1 - top-2 <
     0.1), where another rounding may pick the other token. The cpu oracle is slow on a 262k
     vocabulary: it checks the first prompt's first 3 tokens, the others every prompt."""
-    engine = opencamp._core.Engine(str(gemma3_gguf), backend=backend, threads=2)
+    # A small context: the model's 32768 positions would be a 1.2 GB f32 KV pool.
+    engine = opencamp._core.Engine(str(gemma3_gguf), backend=backend, threads=2, max_context=256)
     config = engine.config
     assert (config["model_type"], config["num_layers"], config["hidden_size"]) == ("gemma3", 18, 640)
     assert (config["num_heads"], config["num_kv_heads"], config["vocab_size"]) == (4, 1, 262144)
