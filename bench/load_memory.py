@@ -99,11 +99,11 @@ def write_models(cache: Path) -> tuple[Path, Path]:
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(VOCAB)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    # A SentencePiece-style vocabulary of placeholder pieces: what llama.cpp needs to load.
+    writer.add_tokenizer_model("llama")
     writer.add_token_list([f"<t{i}>" for i in range(VOCAB)])
+    writer.add_token_scores([0.0] * VOCAB)
     writer.add_token_types([1] * VOCAB)
-    writer.add_token_merges([])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
@@ -120,8 +120,9 @@ def write_models(cache: Path) -> tuple[Path, Path]:
         if bits.ndim == 1:
             writer.add_tensor(names[name], (bits.astype(np.uint32) << 16).view(np.float32))
         else:
+            # A raw type's shape is given in bytes: the uint8 view's.
             writer.add_tensor(names[name], bits.view(np.uint8).reshape(bits.shape[0], -1),
-                              raw_shape=bits.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -160,7 +161,10 @@ print(json.dumps({"load_s": load_s, "rss": status("VmRSS") - base, "peak": statu
 
 def probe(engine: str, path: Path, threads: int) -> dict:
     out = subprocess.run([sys.executable, "-c", PROBE, engine, str(path), str(threads), str(CONTEXT)],
-                         check=True, capture_output=True, text=True).stdout
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{engine} on {path} failed:\n{out.stderr}")
+    out = out.stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

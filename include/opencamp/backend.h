@@ -49,6 +49,13 @@ class Backend {
   virtual Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
                                 std::vector<std::shared_ptr<Buffer>>& owned);
 
+  // True when embedding() reads its rows from `matrix`, a weight this backend prepared as a
+  // Matrix: a model whose output layer is its embedding (tied) then holds that table once.
+  virtual bool embeds_from(const Tensor& matrix) const {
+    (void)matrix;
+    return false;
+  }
+
   // True when the backend wants q/k/v and gate/up each as one matrix (one pass over the input
   // instead of three or two); models then concatenate them at load time.
   virtual bool fuses_projections() const { return false; }

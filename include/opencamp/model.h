@@ -17,7 +17,6 @@
 namespace opencamp {
 
 class Backend;
-class WeightStore;
 
 // Which optional tensors a checkpoint of this architecture carries.
 struct ArchitectureTraits {
@@ -111,8 +110,7 @@ class Model {
   ArchitectureTraits traits_;
   DType weight_dtype_ = DType::F32;
   std::map<DType, WeightTypeUse> weight_types_;
-  std::unique_ptr<WeightStore> store_;  // keeps the mappings alive for zero-copy weights
-  std::vector<std::shared_ptr<Buffer>> owned_;  // converted or repacked weights
+  std::vector<std::shared_ptr<Buffer>> owned_;  // every weight's memory (the files are closed after load)
   ModelWeights weights_;
   size_t weight_bytes_ = 0;
 };

@@ -60,6 +60,25 @@ struct ModelConfig {
   }
 };
 
+// Limits on hyper-parameters, beyond any real model's (Llama 3 405B: 126 layers, 128 heads,
+// hidden 16384; vocabularies up to ~262k; contexts up to 10M), so that a corrupt or hostile
+// config fails at once instead of sizing gigabytes of bookkeeping before the weights disagree.
+struct ModelConfigLimits {
+  static constexpr int kMaxVocab = 1 << 26;
+  static constexpr int kMaxHidden = 1 << 17;
+  static constexpr int kMaxIntermediate = 1 << 20;
+  static constexpr int kMaxLayers = 2048;
+  static constexpr int kMaxHeads = 4096;
+  static constexpr int kMaxHeadDim = 4096;
+  static constexpr int kMaxContext = 1 << 27;
+};
+
+// Checks every field for range and finiteness (the limits above; rms_norm_eps, rope theta and
+// scaling factors finite and positive; llama3's high_freq_factor > low_freq_factor): throws
+// Error(InvalidModel) naming `source` and the field. load_model_config, parse_model_config and
+// gguf_model_config call it before they return.
+void validate_model_config(const ModelConfig& config, const std::string& source);
+
 // Parses `dir`/config.json and, when present, `dir`/generation_config.json. Throws
 // Error(InvalidModel) naming the file and the field when something is missing or malformed.
 ModelConfig load_model_config(const std::filesystem::path& dir);

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -51,6 +52,9 @@ class WeightStore {
   // names the tensor, the file, and expected vs found.
   Tensor require(const std::string& name, std::initializer_list<int64_t> expected_shape) const;
   std::vector<std::string> names() const;
+  // The names (those of tensors opencamp cannot load included) that require() was never asked
+  // for: what the loaded model would silently ignore.
+  std::vector<std::string> unrequired() const;
   // Where the tensors came from, for messages ("model.safetensors", the index, the .gguf).
   const std::string& source() const { return source_; }
 
@@ -65,6 +69,7 @@ class WeightStore {
   std::map<std::string, std::string> unsupported_;  // tensor name -> why it cannot be loaded
   std::string source_;
   std::string shapes_from_ = "config.json";         // what expected shapes derive from
+  mutable std::set<std::string> required_;          // every name require() was asked for
 };
 
 }  // namespace opencamp

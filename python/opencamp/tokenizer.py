@@ -7,15 +7,21 @@ variables), so that the prompt ids the engine sees are the ids transformers woul
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import os
+import re
+import stat
+import threading
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import tokenizers
+
+from ._core import OpencampError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -27,12 +33,56 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-class TokenizerError(ValueError):
-    """The tokenizer files of a model folder are missing or unreadable."""
+# Limits on rendering one chat template (untrusted code from the model's files): wall time, and
+# the characters of the prompt and of any single value it computes on the way.
+CHAT_TEMPLATE_TIME_LIMIT_S = 10.0
+CHAT_TEMPLATE_OUTPUT_LIMIT = 16 * 1024 * 1024
+
+
+class TokenizerError(OpencampError, ValueError):
+    """The tokenizer files of a model folder are missing, unreadable or malformed.
+
+    An OpencampError of kind "invalid_model", as the engine's loader errors are (and a
+    ValueError, as it always was).
+    """
+
+    kind = "invalid_model"
 
 
 class ChatTemplateError(ValueError):
-    """A chat template failed: a syntax error, raise_exception(), or a sandbox violation."""
+    """A chat template failed: a syntax error, raise_exception(), a sandbox violation, or one of
+    the rendering limits (CHAT_TEMPLATE_TIME_LIMIT_S, CHAT_TEMPLATE_OUTPUT_LIMIT)."""
+
+
+def _present(path: Path) -> bool:
+    """Whether anything is at `path`, a broken or looping symlink included: those are then
+    reported by _read_text rather than silently taken for an absent file."""
+    return os.path.lexists(path)
+
+
+def _read_text(path: Path) -> str:
+    """A model file's text: a regular file (a FIFO would block), decoded as strict UTF-8.
+
+    Every failure is a TokenizerError naming the file.
+    """
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        raise TokenizerError(f"cannot open {path}: {error.strerror}") from error
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise TokenizerError(f"{path} is not a regular file; model files must be regular files")
+        try:
+            data = handle.read()
+        except OSError as error:
+            raise TokenizerError(f"cannot read {path}: {error.strerror}") from error
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise TokenizerError(
+            f"{path} is not valid UTF-8 (byte {error.start}: {error.reason}); the file is corrupt "
+            "or not a text file") from error
 
 
 def _token_content(value: Any) -> str | None:
@@ -45,10 +95,10 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
+    text = _read_text(path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as error:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as error:
         raise TokenizerError(f"cannot read {path}: {error}") from error
     if not isinstance(data, dict):
         raise TokenizerError(f"{path} does not hold a JSON object")
@@ -65,12 +115,12 @@ def _load_chat_templates(folder: Path, config: Mapping[str, Any]) -> str | dict[
     """
     from_files: dict[str, str] = {}
     template_file = folder / CHAT_TEMPLATE_FILE
-    if template_file.is_file():
-        from_files["default"] = template_file.read_text(encoding="utf-8")
+    if _present(template_file):
+        from_files["default"] = _read_text(template_file)
     extra_dir = folder / CHAT_TEMPLATE_DIR
     if extra_dir.is_dir():
         for extra in sorted(extra_dir.glob("*.jinja")):
-            from_files[extra.name.removesuffix(".jinja")] = extra.read_text(encoding="utf-8")
+            from_files[extra.name.removesuffix(".jinja")] = _read_text(extra)
     if from_files:
         return from_files["default"] if list(from_files) == ["default"] else from_files
 
@@ -126,6 +176,255 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+def _too_large(what: str, size: int) -> ChatTemplateError:
+    return ChatTemplateError(
+        f"chat template exceeded the output limit: {what} would make {size} characters or "
+        f"items (limit {CHAT_TEMPLATE_OUTPUT_LIMIT}, CHAT_TEMPLATE_OUTPUT_LIMIT)")
+
+
+_SIZED = (str, bytes, list, tuple)
+# printf-style (%10.5d, %*d) and str.format ({:>10}, {:.{n}}) widths and precisions.
+_PRINTF_SIZES = re.compile(r"%[#0\- +]*(\d*|\*)(?:\.(\d*|\*))?")
+_FORMAT_SPECS = re.compile(r"\{[^{}]*:([^{}]*)\}")
+
+
+def _check_format_string(template: Any) -> None:
+    """Refuse a format string whose widths alone would exceed the output limit ('%999999999d')."""
+    if not isinstance(template, str):
+        return
+    numbers = [n for match in _PRINTF_SIZES.finditer(template) for n in match.groups() if n and n != "*"]
+    numbers += re.findall(r"\d+", " ".join(_FORMAT_SPECS.findall(template)))
+    for number in numbers:
+        if len(number) > 9 or int(number) > CHAT_TEMPLATE_OUTPUT_LIMIT:
+            raise _too_large(f"the format width {number}", int(number[:18]))
+
+
+def _check_arguments(what: str, args: Iterable[Any]) -> None:
+    """Refuse integer arguments (widths, counts, repetitions) beyond the output limit."""
+    for value in args:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > CHAT_TEMPLATE_OUTPUT_LIMIT:
+            shown = value if value.bit_length() <= 64 else f"of {value.bit_length()} bits"
+            raise _too_large(f"{what} with argument {shown}", min(abs(value), 2**64))
+        if isinstance(value, tuple):
+            _check_arguments(what, value)
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Sizes of `left <operator> right` for the operators that can allocate without bound."""
+    if operator == "*":
+        for sequence, count in ((left, right), (right, left)):
+            if isinstance(sequence, _SIZED) and isinstance(count, int):
+                if len(sequence) * max(count, 0) > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                    raise _too_large(f"a {type(sequence).__name__} of {len(sequence)} times {count}",
+                                     len(sequence) * count)
+    elif operator == "+":
+        if isinstance(left, _SIZED) and isinstance(right, _SIZED):
+            if len(left) + len(right) > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                raise _too_large("joining two values", len(left) + len(right))
+    elif operator == "**":
+        if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            # An integer of more digits than the output limit could hold is never printable.
+            digits = int(abs(left).bit_length() * right * 0.30103)  # log10(2)
+            if digits > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                raise _too_large(f"{left} ** {right} (in digits)", digits)
+    elif operator == "%" and isinstance(left, str):
+        _check_format_string(left)
+        _refuse_over("'%' formatting", _inserted_size(left, right))
+        if any(match.group(1) == "*" or match.group(2) == "*" for match in _PRINTF_SIZES.finditer(left)):
+            # Widths given as arguments ('%*d' % (n, x)): the integers among them are checked.
+            _check_arguments("'%' formatting", right if isinstance(right, tuple) else (right,))
+
+
+def _refuse_over(what: str, size: int | None) -> None:
+    if size is not None and size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+        raise _too_large(what, size)
+
+
+def _inserted_size(template: str, values: Any) -> int:
+    """A lower bound on the length of a format string filled with `values` (a value, a tuple, a
+    list or a mapping): its own text plus the strings it inserts, so that '%s%s' % (s, s) in a
+    loop cannot double a string past the limit."""
+    if isinstance(values, Mapping):
+        values = list(values.values())
+    elif not isinstance(values, (tuple, list)):
+        values = [values]
+    return len(template) + sum(len(value) for value in values if isinstance(value, str))
+
+
+def _check_result(what: str, result: Any) -> Any:
+    """The result of a filter or string method, refused when it is over the limit anyway (one
+    step past it at most: each input was within it)."""
+    if isinstance(result, _SIZED):
+        _refuse_over(what, len(result))
+    return result
+
+
+def _join_size(separator: Any, items: Any) -> int | None:
+    """The length of separator.join(items) without building it (None if not a sized join)."""
+    if not isinstance(items, (list, tuple)):
+        return None
+    return len(str(separator)) * max(len(items) - 1, 0) + sum(
+        len(item) if isinstance(item, str) else len(str(item)) for item in items)
+
+
+# Filters whose integer arguments size their result (center(10**9), indent(width=10**9), ...).
+_SIZING_FILTERS = frozenset(["center", "indent", "wordwrap", "truncate", "batch", "slice", "tojson"])
+# str methods likewise ('a'.ljust(10**9)).
+_SIZING_STR_METHODS = frozenset(["center", "ljust", "rjust", "zfill", "expandtabs"])
+
+
+def _checked_filter(name: str, function):
+    """A filter that refuses oversized integer arguments (center(10**9)) and results (join,
+    replace, format) before it builds them."""
+    import functools
+
+    from jinja2.environment import Environment
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+
+    @functools.wraps(function)  # keeps jinja2's pass_environment / pass_context marks
+    def checked(*args, **kwargs):
+        values = [a for a in args if not isinstance(a, (Environment, Context, EvalContext))]
+        if name in _SIZING_FILTERS:
+            _check_arguments(f"the {name} filter", list(values[1:]) + list(kwargs.values()))
+        if name == "join" and values:
+            size = _join_size(values[1] if len(values) > 1 else kwargs.get("d", ""),
+                              list(values[0]) if isinstance(values[0], (list, tuple)) else None)
+            if size is not None and size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                raise _too_large("the join filter", size)
+        if name == "format" and values:
+            _check_format_string(values[0])
+            if isinstance(values[0], str):
+                _refuse_over("the format filter", _inserted_size(values[0], list(values[1:]) + list(kwargs.values())))
+        if name == "indent" and values and isinstance(values[0], str):
+            width = values[1] if len(values) > 1 else kwargs.get("width", 4)
+            width = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+            _refuse_over("the indent filter", len(values[0]) + width * (values[0].count("\n") + 1))
+        if name == "replace" and len(values) >= 3 and all(isinstance(v, str) for v in values[:3]):
+            text, old, new = values[:3]
+            size = len(text) + (text.count(old) if old else len(text) + 1) * max(len(new) - len(old), 0)
+            if size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                raise _too_large("the replace filter", size)
+        return _check_result(f"the {name} filter", function(*args, **kwargs))
+
+    return checked
+
+
+class _TemplateTimeout(BaseException):
+    """Raised inside the rendering thread when the time limit passes (BaseException: no
+    `except Exception` on the way may swallow it)."""
+
+
+class _RenderDeadline:
+    """Interrupts the current thread's rendering after `seconds` with _TemplateTimeout.
+
+    A timer thread raises the exception asynchronously in the rendering thread (Python code
+    only: every loop a template runs is). The lock makes firing and finishing exclusive: once
+    __exit__ has marked the render done no exception is sent, and one sent but not yet
+    delivered is withdrawn, so it can never surface in the caller's code after the render.
+    """
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+        self._lock = threading.Lock()
+        self._done = False
+        self._fired = False
+        self._thread_id = threading.get_ident()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        with self._lock:
+            if not self._done:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(self._thread_id), ctypes.py_object(_TemplateTimeout))
+                self._fired = True
+
+    def __enter__(self) -> "_RenderDeadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        with self._lock:
+            self._done = True
+            if self._fired:  # withdraw it in case it has not been delivered yet
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread_id), None)
+        self._timer.cancel()
+
+
+@lru_cache(maxsize=1)
+def _limited_environment_class():
+    """transformers' sandbox plus the size checks on operators, calls and concatenation."""
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class LimitedCodeGenerator(CodeGenerator):
+        # `a ~ b` compiles to a module-level join no environment hook sees: route it through one.
+        def visit_Concat(self, node, frame):
+            self.write("environment.limited_concat((")
+            for argument in node.nodes:
+                self.visit(argument, frame)
+                self.write(", ")
+            self.write("))")
+
+    class LimitedSandboxedEnvironment(ImmutableSandboxedEnvironment):
+        code_generator_class = LimitedCodeGenerator
+        intercepted_binops = frozenset(["*", "**", "%", "+"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
+            method = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped
+            owner = getattr(method, "__self__", None)
+            name = getattr(method, "__name__", "")
+            if isinstance(owner, str):
+                if name in _SIZING_STR_METHODS:
+                    _check_arguments(f"str.{name}()", list(args) + list(kwargs.values()))
+                elif name in ("format", "format_map"):
+                    _check_format_string(owner)
+                    _refuse_over(f"str.{name}()", _inserted_size(owner, list(args) + list(kwargs.values())))
+                elif name == "join" and args:
+                    size = _join_size(owner, list(args[0]) if isinstance(args[0], (list, tuple)) else None)
+                    if size is not None and size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                        raise _too_large("str.join()", size)
+                elif name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+                    old, new = args[:2]
+                    size = len(owner) + (owner.count(old) if old else len(owner) + 1) * max(len(new) - len(old), 0)
+                    if size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                        raise _too_large("str.replace()", size)
+                return _check_result(f"str.{name}()", super().call(__context, __obj, *args, **kwargs))
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def limited_concat(self, values):
+            parts = [value if isinstance(value, str) else str(value) for value in values]
+            size = sum(map(len, parts))
+            if size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                raise _too_large("the ~ operator", size)
+            return "".join(parts)
+
+    return LimitedSandboxedEnvironment
+
+
+def _render_limited(compiled, variables: Mapping[str, Any]) -> str:
+    """Render with the time and output limits: chunk by chunk, counting characters."""
+    parts = []
+    size = 0
+    try:
+        with _RenderDeadline(CHAT_TEMPLATE_TIME_LIMIT_S):
+            for chunk in compiled.generate(**variables):
+                size += len(chunk)
+                if size > CHAT_TEMPLATE_OUTPUT_LIMIT:
+                    raise _too_large("the rendered prompt", size)
+                parts.append(chunk)
+    except _TemplateTimeout:
+        raise ChatTemplateError(
+            f"chat template took longer than {CHAT_TEMPLATE_TIME_LIMIT_S:g} s to render "
+            "(CHAT_TEMPLATE_TIME_LIMIT_S); it loops too long for this conversation") from None
+    return "".join(parts)
+
+
 @lru_cache(maxsize=32)
 def _compile_template(source: str):
     """Compile a chat template in the sandbox transformers uses (cached: templates are reused)."""
@@ -133,7 +432,6 @@ def _compile_template(source: str):
     import jinja2.exceptions
     import jinja2.ext
     import jinja2.utils
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if _version_tuple(jinja2.__version__) < (3, 1, 6):
         # Chat templates come from the Hub and are untrusted code; older jinja2 releases have
@@ -184,9 +482,11 @@ def _compile_template(source: str):
                     f"chat templates cannot store underscore-prefixed attributes on a namespace, "
                     f"but got {name!r}")
 
-    environment = ImmutableSandboxedEnvironment(
+    environment = _limited_environment_class()(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-    environment.filters["tojson"] = tojson
+    for name, function in list(environment.filters.items()):
+        environment.filters[name] = _checked_filter(name, function)
+    environment.filters["tojson"] = _checked_filter("tojson", tojson)  # its indent sizes the result
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = strftime_now
     environment.globals["dict"] = TemplateDict()
@@ -211,22 +511,23 @@ class Tokenizer:
         """Load tokenizer.json, tokenizer_config.json and any chat_template.jinja from a model folder."""
         folder = Path(path)
         tokenizer_file = folder / TOKENIZER_FILE
-        if not tokenizer_file.is_file():
+        if not _present(tokenizer_file):
             raise TokenizerError(
                 f"{folder} has no {TOKENIZER_FILE}: opencamp needs the Hugging Face fast-tokenizer "
                 f"file. Copy {TOKENIZER_FILE} (and {TOKENIZER_CONFIG_FILE}) from the model's Hub "
                 "repository into that folder, or save it with transformers' "
                 "AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
+        text = _read_text(tokenizer_file)
         try:
-            backend = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+            backend = tokenizers.Tokenizer.from_str(text)
         except Exception as error:  # the Rust side raises plain Exception subclasses
             raise TokenizerError(f"cannot load {tokenizer_file}: {error}") from error
 
         config_file = folder / TOKENIZER_CONFIG_FILE
-        config = _read_json(config_file) if config_file.is_file() else {}
+        config = _read_json(config_file) if _present(config_file) else {}
         special_tokens = cls._special_tokens_from(config)
         legacy_map_file = folder / SPECIAL_TOKENS_MAP_FILE
-        if legacy_map_file.is_file():
+        if _present(legacy_map_file):
             # Older checkpoints keep special tokens here; tokenizer_config.json wins where both say.
             for key, value in cls._special_tokens_from(_read_json(legacy_map_file)).items():
                 special_tokens.setdefault(key, value)
@@ -384,8 +685,8 @@ class Tokenizer:
 
         try:
             compiled = _compile_template(source)
-            return compiled.render(messages=prepared, tools=tools, documents=documents,
-                                   add_generation_prompt=add_generation_prompt, **variables)
+            return _render_limited(compiled, dict(messages=prepared, tools=tools, documents=documents,
+                                                  add_generation_prompt=add_generation_prompt, **variables))
         except ChatTemplateError:
             raise
         except jinja2.exceptions.TemplateSyntaxError as error:

@@ -9,6 +9,7 @@
 #include <limits>
 
 #include "io/file_tensor.h"
+#include "io/json.h"
 #include "io/mapped_file.h"
 #include "opencamp/error.h"
 #include "opencamp/weights.h"
@@ -266,8 +267,18 @@ class GgufParser {
     return s;
   }
 
+  // GGUF strings are UTF-8; a key or name that is not would reach messages and Python as bytes
+  // no str can hold, so it is refused here, by position (its bytes cannot be printed).
+  std::string utf8_name(std::string_view s, const std::string& what) {
+    if (!json::is_valid_utf8(s)) {
+      fail(ErrorKind::InvalidModel, name_, ": ", what, " is not valid UTF-8 (corrupt file)");
+    }
+    return std::string(s);
+  }
+
   void read_metadata_entry(uint64_t index) {
-    const std::string key(str("metadata key #" + std::to_string(index)));
+    const std::string number = "metadata key #" + std::to_string(index);
+    const std::string key = utf8_name(str(number), number);
     const std::string what = "metadata key " + key;
     GgufValue value;
     const uint32_t raw_type = u32(what + "'s type");
@@ -356,7 +367,8 @@ class GgufParser {
 
   void read_tensor_info(uint64_t index) {
     GgufTensor t;
-    t.name = std::string(str("the name of tensor #" + std::to_string(index)));
+    const std::string number = "the name of tensor #" + std::to_string(index);
+    t.name = utf8_name(str(number), number);
     const std::string what = "tensor " + t.name;
     const uint32_t n_dims = u32(what + "'s dimension count");
     if (n_dims == 0 || n_dims > kMaxDims) {
@@ -447,6 +459,9 @@ std::optional<std::string> GgufFile::optional_string(std::string_view key) const
   const GgufValue* v = find(key);
   if (!v) return std::nullopt;
   if (v->type != GgufType::String) wrong_type(*this, key, *v, "a string");
+  if (!json::is_valid_utf8(v->string())) {
+    fail(ErrorKind::InvalidModel, path_.string(), ": metadata key ", key, " is not valid UTF-8 (corrupt file)");
+  }
   return std::string(v->string());
 }
 

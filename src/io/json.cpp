@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <unordered_set>
 
 #include "opencamp/error.h"
 
@@ -40,9 +41,8 @@ Value Value::make_object(std::vector<std::pair<std::string, Value>> members) {
 
 const Value* Value::find(std::string_view key) const {
   if (type_ != Type::Object) return nullptr;
-  // Later duplicates win, as in Python's json module.
-  for (auto it = members_.rbegin(); it != members_.rend(); ++it) {
-    if (it->first == key) return &it->second;
+  for (const auto& member : members_) {  // keys are unique: the parser refuses duplicates
+    if (member.first == key) return &member.second;
   }
   return nullptr;
 }
@@ -57,6 +57,40 @@ const char* type_name(Value::Type type) {
     case Value::Type::Object: return "an object";
   }
   return "?";
+}
+
+size_t utf8_sequence_length(std::string_view text, size_t pos) {
+  const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[pos + i]); };
+  const unsigned char lead = byte(0);
+  if (lead < 0x80) return 1;
+  size_t length = 0;
+  unsigned code = 0, minimum = 0;
+  if (lead >= 0xc2 && lead <= 0xdf) {
+    length = 2, code = lead & 0x1fu, minimum = 0x80;
+  } else if (lead >= 0xe0 && lead <= 0xef) {
+    length = 3, code = lead & 0x0fu, minimum = 0x800;
+  } else if (lead >= 0xf0 && lead <= 0xf4) {
+    length = 4, code = lead & 0x07u, minimum = 0x10000;
+  } else {
+    return 0;  // a continuation byte, or a lead byte no valid sequence has
+  }
+  if (pos + length > text.size()) return 0;
+  for (size_t i = 1; i < length; ++i) {
+    if ((byte(i) & 0xc0u) != 0x80u) return 0;
+    code = (code << 6) | (byte(i) & 0x3fu);
+  }
+  // Overlong forms, UTF-16 surrogates and code points past U+10FFFF are not UTF-8.
+  if (code < minimum || code > 0x10ffff || (code >= 0xd800 && code < 0xe000)) return 0;
+  return length;
+}
+
+bool is_valid_utf8(std::string_view text) {
+  for (size_t pos = 0; pos < text.size();) {
+    const size_t length = utf8_sequence_length(text, pos);
+    if (length == 0) return false;
+    pos += length;
+  }
+  return true;
 }
 
 namespace {
@@ -126,6 +160,7 @@ class Parser {
   Value object(int depth) {
     ++pos_;  // '{'
     std::vector<std::pair<std::string, Value>> members;
+    std::unordered_set<std::string> keys;
     skip_space();
     if (peek() == '}') {
       ++pos_;
@@ -134,7 +169,14 @@ class Parser {
     for (;;) {
       skip_space();
       if (peek() != '"') error("expected a string key");
+      const size_t key_at = pos_;
       std::string key = string();
+      // Readers disagree on which duplicate wins (Python: the last, Rust serde: an error, some
+      // the first), so a header or config saying two things is refused, not guessed at.
+      if (!keys.insert(key).second) {
+        pos_ = key_at;
+        error("key \"" + key + "\" appears twice in one object");
+      }
       skip_space();
       if (peek() != ':') error("expected ':' after a key");
       ++pos_;
@@ -233,6 +275,15 @@ class Parser {
     }
   }
 
+  // One multi-byte UTF-8 character starting at pos_, appended to `out`: every string handed
+  // out is valid UTF-8 (names reach Python as str).
+  void utf8_sequence(std::string& out) {
+    const size_t length = utf8_sequence_length(text_, pos_);
+    if (length == 0) error("invalid UTF-8 inside a string");
+    out.append(text_.substr(pos_, length));
+    pos_ += length;
+  }
+
   std::string string() {
     ++pos_;  // opening quote
     std::string out;
@@ -241,6 +292,11 @@ class Parser {
       const char c = text_[pos_++];
       if (c == '"') return out;
       if (static_cast<unsigned char>(c) < 0x20) error("control character inside a string");
+      if (static_cast<unsigned char>(c) >= 0x80) {
+        --pos_;
+        utf8_sequence(out);
+        continue;
+      }
       if (c != '\\') {
         out += c;
         continue;
@@ -258,7 +314,9 @@ class Parser {
         case 't': out += '\t'; break;
         case 'u': {
           unsigned code = hex4();
-          if (code >= 0xd800 && code < 0xdc00 && text_.substr(pos_, 2) == "\\u") {
+          if (code >= 0xdc00 && code < 0xe000) error("unpaired low surrogate in a \\u escape");
+          if (code >= 0xd800 && code < 0xdc00) {
+            if (text_.substr(pos_, 2) != "\\u") error("unpaired high surrogate in a \\u escape");
             pos_ += 2;
             const unsigned low = hex4();
             if (low >= 0xdc00 && low < 0xe000) {

@@ -50,7 +50,13 @@ class Value {
 
 const char* type_name(Value::Type type);
 
-// Parses one JSON document. Throws opencamp::Error(InvalidModel) "<source>: malformed JSON at
+// The length of the UTF-8 sequence at text[pos] (1 to 4), or 0 when the bytes there are not
+// valid UTF-8 (stray continuation bytes, overlong forms, surrogates, past U+10FFFF, cut off).
+size_t utf8_sequence_length(std::string_view text, size_t pos);
+bool is_valid_utf8(std::string_view text);
+
+// Parses one JSON document (strict: strings must be valid UTF-8 with paired surrogate escapes,
+// an object may not repeat a key). Throws opencamp::Error(InvalidModel) "<source>: malformed JSON at
 // line L, column C: ...".
 Value parse(std::string_view text, const std::string& source);
 

@@ -83,7 +83,8 @@ class ConfigReader {
 
 // Both spellings: `rope_parameters` {rope_type, rope_theta, ...} (transformers 5) and top-level
 // `rope_theta` + `rope_scaling` {type | rope_type, factor, ...} (older checkpoints).
-RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* settings, double theta);
+RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* settings, double theta,
+                               const char* where);
 
 RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
   const json::Value* params = reader.find("rope_parameters");
@@ -98,11 +99,14 @@ RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
   if (settings && !settings->is_object()) {
     fail(ErrorKind::InvalidModel, reader.source(), ": 'rope_parameters.full_attention' must be an object");
   }
-  return parse_rope_settings(reader, settings, reader.number_or(root, "rope_theta", 10000.0));
+  return parse_rope_settings(reader, settings, reader.number_or(root, "rope_theta", 10000.0),
+                             params ? "rope_parameters" : "rope_scaling");
 }
 
-// `settings`: {rope_type | type, rope_theta, factor, ...} or nullptr (default rope at `theta`).
-RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* settings, double theta) {
+// `settings`: {rope_type | type, rope_theta, factor, ...} or nullptr (default rope at `theta`);
+// `where` names it in messages.
+RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* settings, double theta,
+                               const char* where) {
   RopeConfig rope;
   rope.theta = theta;
   if (!settings) return rope;
@@ -110,10 +114,13 @@ RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* se
   std::string type = "default";
   for (const char* key : {"rope_type", "type"}) {
     const json::Value* v = settings->find(key);
-    if (v && v->is_string()) {
-      type = v->as_string();
-      break;
+    if (!v || v->is_null()) continue;
+    if (!v->is_string()) {
+      fail(ErrorKind::InvalidModel, reader.source(), ": '", key, "' in '", where, "' is ", json::type_name(v->type()),
+           ", expected a string such as \"default\", \"linear\" or \"llama3\"");
     }
+    type = v->as_string();
+    break;
   }
   if (type == "default") return rope;
   rope.factor = reader.number_or(*settings, "factor", 0.0);
@@ -126,8 +133,12 @@ RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* se
     rope.type = RopeType::Llama3;
     rope.low_freq_factor = reader.number_or(*settings, "low_freq_factor", 1.0);
     rope.high_freq_factor = reader.number_or(*settings, "high_freq_factor", 4.0);
-    rope.original_max_position = static_cast<int>(
-        reader.number_or(*settings, "original_max_position_embeddings", 8192));
+    const double original = reader.number_or(*settings, "original_max_position_embeddings", 8192);
+    if (!(original >= 1 && original <= ModelConfigLimits::kMaxContext) || original != std::floor(original)) {
+      fail(ErrorKind::InvalidModel, reader.source(), ": original_max_position_embeddings must be an "
+           "integer from 1 to ", ModelConfigLimits::kMaxContext);
+    }
+    rope.original_max_position = static_cast<int>(original);
     if (!(rope.high_freq_factor > rope.low_freq_factor) || rope.original_max_position <= 0) {
       fail(ErrorKind::InvalidModel, reader.source(),
            ": llama3 rope needs high_freq_factor > low_freq_factor and a positive "
@@ -211,14 +222,58 @@ void parse_gemma3(const ConfigReader& reader, const json::Value& root, ModelConf
   if (local && !local->is_object()) {
     fail(ErrorKind::InvalidModel, source, ": 'rope_parameters.sliding_attention' must be an object");
   }
-  config.local_rope = parse_rope_settings(reader, local, reader.number_or(root, "rope_local_base_freq", 10000.0));
+  config.local_rope = parse_rope_settings(reader, local, reader.number_or(root, "rope_local_base_freq", 10000.0),
+                                          "rope_parameters.sliding_attention");
   // Older configs: top-level rope_theta is the global layers' base (default 1e6, not 1e4).
   if (!(params && params->find("full_attention"))) {
     config.rope.theta = reader.number_or(root, "rope_theta", 1000000.0);
   }
 }
 
+void check_finite_positive(double value, const std::string& source, const char* field) {
+  if (!std::isfinite(value) || !(value > 0)) {
+    fail(ErrorKind::InvalidModel, source, ": ", field, " is ", value,
+         "; it must be a finite positive number");
+  }
+}
+
 }  // namespace
+
+void validate_model_config(const ModelConfig& c, const std::string& source) {
+  using L = ModelConfigLimits;
+  struct Bounded {
+    int value;
+    int limit;
+    const char* field;  // config.json's name (and GGUF's, where it differs)
+  };
+  for (const Bounded& b : {Bounded{c.vocab_size, L::kMaxVocab, "vocab_size"},
+                           {c.hidden_size, L::kMaxHidden, "hidden_size (GGUF: embedding_length)"},
+                           {c.intermediate_size, L::kMaxIntermediate, "intermediate_size (GGUF: feed_forward_length)"},
+                           {c.num_layers, L::kMaxLayers, "num_hidden_layers (GGUF: block_count)"},
+                           {c.num_heads, L::kMaxHeads, "num_attention_heads (GGUF: attention.head_count)"},
+                           {c.num_kv_heads, L::kMaxHeads, "num_key_value_heads (GGUF: attention.head_count_kv)"},
+                           {c.head_dim, L::kMaxHeadDim, "head_dim (GGUF: attention.key_length)"},
+                           {c.max_position_embeddings, L::kMaxContext, "max_position_embeddings (GGUF: context_length)"}}) {
+    if (b.value < 1 || b.value > b.limit) {
+      fail(ErrorKind::InvalidModel, source, ": ", b.field, " is ", b.value, "; opencamp accepts 1 to ", b.limit,
+           b.value > b.limit ? " (a corrupt or hostile config?)" : "");
+    }
+  }
+  check_finite_positive(c.rms_norm_eps, source, "rms_norm_eps (GGUF: attention.layer_norm_rms_epsilon)");
+  check_finite_positive(c.rope.theta, source, "rope_theta (GGUF: rope.freq_base)");
+  if (c.rope.type != RopeType::Default) check_finite_positive(c.rope.factor, source, "the rope scaling factor");
+  if (c.rope.type == RopeType::Llama3) {
+    check_finite_positive(c.rope.low_freq_factor, source, "low_freq_factor");
+    check_finite_positive(c.rope.high_freq_factor, source, "high_freq_factor");
+    if (!(c.rope.high_freq_factor > c.rope.low_freq_factor)) {
+      fail(ErrorKind::InvalidModel, source, ": llama3 rope needs high_freq_factor > low_freq_factor");
+    }
+    if (c.rope.original_max_position < 1 || c.rope.original_max_position > L::kMaxContext) {
+      fail(ErrorKind::InvalidModel, source, ": original_max_position_embeddings is ",
+           c.rope.original_max_position, "; it must be from 1 to ", L::kMaxContext);
+    }
+  }
+}
 
 ModelConfig parse_model_config(const std::string& json_text, const std::string& source) {
   const json::Value root = json::parse(json_text, source);
@@ -293,22 +348,24 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   for (const char* key : {"torch_dtype", "dtype"}) {
     if (const json::Value* v = reader.find(key); v && v->is_string()) config.torch_dtype = v->as_string();
   }
+  validate_model_config(config, source);
   return config;
 }
 
 ModelConfig load_model_config(const std::filesystem::path& dir) {
-  if (!std::filesystem::is_directory(dir)) {
+  if (!is_directory_path(dir)) {
     fail(ErrorKind::InvalidModel, "model directory ", dir.string(),
-         " does not exist; pass a folder holding config.json and model.safetensors, or a .gguf file");
+         path_exists(dir) ? " is not a directory" : " does not exist",
+         "; pass a folder holding config.json and model.safetensors, or a .gguf file");
   }
   const auto config_path = dir / "config.json";
-  if (!std::filesystem::exists(config_path)) {
+  if (!path_exists(config_path)) {
     fail(ErrorKind::InvalidModel, "config.json is missing from ", dir.string(),
          "; a Hugging Face model directory needs config.json next to its weights");
   }
   ModelConfig config = parse_model_config(read_text_file(config_path), config_path.string());
   const auto generation_path = dir / "generation_config.json";
-  if (std::filesystem::exists(generation_path)) {
+  if (path_exists(generation_path)) {
     const std::string source = generation_path.string();
     const json::Value root = json::parse(read_text_file(generation_path), source);
     if (root.is_object()) {
@@ -444,6 +501,7 @@ ModelConfig gguf_model_config(const GgufFile& file) {
     }
   }
   check_special_ids(config, source);
+  validate_model_config(config, source);
 
   // What the tensors say: an absent output matrix means the embedding is reused (tied); biases.
   config.tie_word_embeddings = file.find_tensor("output.weight") == nullptr;

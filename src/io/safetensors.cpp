@@ -35,6 +35,13 @@ int64_t as_index(const json::Value& v, const std::string& file, const std::strin
   return static_cast<int64_t>(v.as_number());
 }
 
+// The first `known` extents of a shape being read, "..." for the rest: "[2147483648, 2147483648]".
+std::string shape_text(const Tensor& tensor, size_t known, size_t ndim) {
+  std::string text = "[";
+  for (size_t d = 0; d < known; ++d) text += (d ? ", " : "") + std::to_string(tensor.shape[d]);
+  return text + (known < ndim ? ", ...]" : "]");
+}
+
 }  // namespace
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
@@ -65,8 +72,18 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
   const unsigned char* data_start = bytes + 8 + header_bytes;
   const uint64_t data_bytes = size - 8 - header_bytes;
 
+  // Every tensor's [begin, end), to check that together they tile the data section exactly.
+  struct Extent {
+    uint64_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Extent> extents;
   for (const auto& [name, entry] : header.as_object()) {
     if (name == "__metadata__") continue;
+    if (!entry.is_object()) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' is ", json::type_name(entry.type()),
+           ", expected {dtype, shape, data_offsets}");
+    }
     const json::Value* dtype_value = entry.find("dtype");
     const json::Value* shape_value = entry.find("shape");
     const json::Value* offsets_value = entry.find("data_offsets");
@@ -75,6 +92,18 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
       fail(ErrorKind::InvalidModel, file, ": tensor '", name,
            "' needs dtype (string), shape (array) and data_offsets ([begin, end])");
     }
+    const uint64_t begin = as_index(offsets_value->as_array()[0], file, name, "data_offsets");
+    const uint64_t end = as_index(offsets_value->as_array()[1], file, name, "data_offsets");
+    if (end < begin) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has data_offsets [", begin, ", ",
+           end, "] that end before they begin");
+    }
+    if (end > data_bytes) {
+      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has data_offsets [", begin, ", ",
+           end, "] outside the file's data (", data_bytes,
+           " bytes); the file is truncated or corrupt, download it again");
+    }
+    extents.push_back({begin, end, &name});
     DType dtype;
     if (!parse_dtype(dtype_value->as_string(), dtype)) {
       result->unsupported_[name] = dtype_value->as_string();
@@ -88,32 +117,52 @@ std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
     Tensor tensor;
     tensor.dtype = dtype;
     tensor.ndim = static_cast<int>(dims.size());
-    uint64_t numel = 1;
+    // The byte count is computed without wrapping: [2^31, 2^31] F32 is 2^64 bytes, not 0.
+    uint64_t nbytes = dtype_size(dtype);
     for (size_t d = 0; d < dims.size(); ++d) {
       tensor.shape[d] = as_index(dims[d], file, name, "shape");
-      if (tensor.shape[d] > 0 && numel > (1ull << 62) / static_cast<uint64_t>(tensor.shape[d])) {
-        fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has an absurd shape");
+      const uint64_t extent = static_cast<uint64_t>(tensor.shape[d]);
+      if (extent > 0 && nbytes > data_bytes / extent) {
+        fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' of shape ", shape_text(tensor, d + 1, dims.size()),
+             " and dtype ", dtype_value->as_string(), " would need more bytes than the file's data (",
+             data_bytes, ")");
       }
-      numel *= static_cast<uint64_t>(tensor.shape[d]);
+      nbytes *= extent;
     }
-    const uint64_t begin = as_index(offsets_value->as_array()[0], file, name, "data_offsets");
-    const uint64_t end = as_index(offsets_value->as_array()[1], file, name, "data_offsets");
-    if (end < begin) {
-      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has data_offsets [", begin, ", ",
-           end, "] that end before they begin");
-    }
-    if (end > data_bytes) {
-      fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' has data_offsets [", begin, ", ",
-           end, "] outside the file's data (", data_bytes,
-           " bytes); the file is truncated or corrupt, download it again");
-    }
-    if (end - begin != numel * dtype_size(dtype)) {
+    if (end - begin != nbytes) {
       fail(ErrorKind::InvalidModel, file, ": tensor '", name, "' of shape ", shape_string(tensor),
-           " and dtype ", dtype_value->as_string(), " needs ", numel * dtype_size(dtype),
+           " and dtype ", dtype_value->as_string(), " needs ", nbytes,
            " bytes but data_offsets span ", end - begin);
     }
     result->tensors_.emplace(name, tensor_from_file(data_start + begin, dtype, tensor.ndim,
                                                     tensor.shape, result->copies_));
+  }
+  // As the safetensors library requires: the tensors, in offset order, cover the data section
+  // from its first byte to its last with no overlap (two names for the same bytes, or bytes
+  // shared by two tensors) and no gap or trailing bytes (a shifted or padded file).
+  std::sort(extents.begin(), extents.end(), [](const Extent& a, const Extent& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  });
+  uint64_t covered = 0;
+  const std::string* previous = nullptr;
+  for (const Extent& e : extents) {
+    if (e.begin < covered) {
+      fail(ErrorKind::InvalidModel, file, ": tensors '", *previous, "' and '", *e.name,
+           "' overlap (data_offsets up to ", covered, " and from ", e.begin,
+           "); the header is corrupt");
+    }
+    if (e.begin > covered) {
+      fail(ErrorKind::InvalidModel, file, ": ", e.begin - covered, " bytes at data offset ", covered,
+           " belong to no tensor (the next, '", *e.name, "', starts at ", e.begin,
+           "); the header is corrupt or the data shifted");
+    }
+    covered = e.end;
+    previous = e.name;
+  }
+  if (covered != data_bytes) {
+    fail(ErrorKind::InvalidModel, file, ": ", data_bytes - covered, " bytes after the last tensor's data (",
+         data_bytes, " bytes of data, tensors end at ", covered,
+         "); the file has trailing garbage or the header is wrong");
   }
   return result;
 }
@@ -127,7 +176,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
   WeightStore store;
   const auto index_path = model_dir / "model.safetensors.index.json";
   const auto single_path = model_dir / "model.safetensors";
-  if (std::filesystem::exists(index_path)) {
+  if (path_exists(index_path)) {
     store.source_ = index_path.string();
     const json::Value index = json::parse(read_text_file(index_path), store.source_);
     const json::Value* weight_map = index.find("weight_map");
@@ -147,7 +196,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
       }
       auto it = shards.find(shard);
       if (it == shards.end()) {
-        if (!std::filesystem::exists(model_dir / shard_path)) {
+        if (!path_exists(model_dir / shard_path)) {
           fail(ErrorKind::InvalidModel, store.source_, " lists shard '", shard,
                "', which is missing from ", model_dir.string(), "; download the complete model");
         }
@@ -167,7 +216,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
       }
       store.tensors_[name] = {*tensor, it->second->path().string()};
     }
-  } else if (std::filesystem::exists(single_path)) {
+  } else if (path_exists(single_path)) {
     store.source_ = single_path.string();
     auto opened = SafetensorsFile::open(single_path);
     store.files_.push_back(opened);
@@ -177,8 +226,9 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
     }
   } else {
     std::string found;
-    if (std::filesystem::is_directory(model_dir)) {
-      for (const auto& entry : std::filesystem::directory_iterator(model_dir)) {
+    std::error_code unreadable;  // an unlistable folder only loses the hint
+    if (is_directory_path(model_dir)) {
+      for (const auto& entry : std::filesystem::directory_iterator(model_dir, unreadable)) {
         const std::string ext = entry.path().extension().string();
         if (ext == ".bin" || ext == ".pt" || ext == ".pth" || ext == ".safetensors") {
           found += (found.empty() ? "" : ", ") + entry.path().filename().string();
@@ -195,6 +245,7 @@ WeightStore WeightStore::open(const std::filesystem::path& model_dir) {
 bool WeightStore::contains(const std::string& name) const { return tensors_.count(name) > 0; }
 
 Tensor WeightStore::require(const std::string& name, std::initializer_list<int64_t> expected) const {
+  required_.insert(name);
   auto it = tensors_.find(name);
   if (it == tensors_.end()) {
     auto unsupported = unsupported_.find(name);
@@ -220,6 +271,18 @@ Tensor WeightStore::require(const std::string& name, std::initializer_list<int64
          shape_string(tensor), " but ", shapes_from_, " implies ", wanted, "]");
   }
   return tensor;
+}
+
+std::vector<std::string> WeightStore::unrequired() const {
+  std::vector<std::string> result;
+  for (const auto& [name, entry] : tensors_) {
+    if (!required_.count(name)) result.push_back(name);
+  }
+  for (const auto& [name, why] : unsupported_) {
+    if (!required_.count(name)) result.push_back(name);
+  }
+  std::sort(result.begin(), result.end());
+  return result;
 }
 
 std::vector<std::string> WeightStore::names() const {

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <vector>
 
+#include "io/mapped_file.h"
 #include "opencamp/error.h"
 #include "opencamp/gguf.h"
 #include "opencamp/model.h"
@@ -98,16 +99,23 @@ std::string Checkpoint::name(int layer, LayerTensor tensor, const char* kind) co
 }
 
 Checkpoint open_checkpoint(const fs::path& path) {
-  if (fs::is_regular_file(path)) {
+  if (is_regular_path(path)) {
     if (is_gguf_name(path) || starts_with_gguf_magic(path)) return open_gguf(path);
     fail(ErrorKind::InvalidModel, path.string(), " is neither a GGUF file nor a model folder; pass a "
          ".gguf file, or a Hugging Face folder with config.json and model.safetensors");
   }
-  if (fs::is_directory(path) && !fs::exists(path / "model.safetensors") &&
-      !fs::exists(path / "model.safetensors.index.json")) {
+  const fs::file_type type = path_type(path);
+  if (type != fs::file_type::not_found && type != fs::file_type::directory) {
+    fail(ErrorKind::InvalidModel, path.string(), " is not a regular file or a directory; pass a "
+         ".gguf file, or a Hugging Face folder with config.json and model.safetensors");
+  }
+  if (type == fs::file_type::directory && !path_exists(path / "model.safetensors") &&
+      !path_exists(path / "model.safetensors.index.json")) {
     std::vector<fs::path> ggufs;
-    for (const auto& entry : fs::directory_iterator(path)) {
-      if (entry.is_regular_file() && is_gguf_name(entry.path())) ggufs.push_back(entry.path());
+    std::error_code unreadable;
+    for (const auto& entry : fs::directory_iterator(path, unreadable)) {
+      std::error_code broken;  // a dangling or looping link is not a candidate
+      if (entry.is_regular_file(broken) && is_gguf_name(entry.path())) ggufs.push_back(entry.path());
     }
     std::sort(ggufs.begin(), ggufs.end());
     if (ggufs.size() == 1) return open_gguf(ggufs.front());

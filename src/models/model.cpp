@@ -11,6 +11,7 @@
 #include "opencamp/error.h"
 #include "opencamp/model.h"
 #include "opencamp/weights.h"
+#include "io/mapped_file.h"
 #include "models/checkpoint.h"
 
 namespace opencamp {
@@ -98,6 +99,29 @@ void deinterleave_rope_rows(const unsigned char* source, unsigned char* target, 
   }
 }
 
+// A tensor the file has but the model does not read means the config describes another model
+// (qwen2's q/k/v biases under model_type llama, attention_bias left out): running without it
+// would give wrong answers that look right, so it is an error naming the tensors. Ignored by
+// name only: the rotary_emb buffers (inv_freq, position_ids) older transformers saved, which
+// the config determines, and lm_head.weight of a tied model (transformers ties it to the embedding too).
+void refuse_unused_tensors(const Checkpoint& checkpoint, const WeightStore& store) {
+  std::vector<std::string> unused;
+  for (const std::string& name : store.unrequired()) {
+    const bool rotary_buffer = name.find("rotary_emb.") != std::string::npos;
+    const bool tied_head = checkpoint.config.tie_word_embeddings && name == checkpoint.name(ModelTensor::Output);
+    if (!rotary_buffer && !tied_head) unused.push_back(name);
+  }
+  if (unused.empty()) return;
+  std::string listed;
+  for (size_t i = 0; i < unused.size() && i < 8; ++i) listed += (i ? ", " : "") + unused[i];
+  if (unused.size() > 8) listed += ", ... (" + std::to_string(unused.size()) + " in all)";
+  fail(ErrorKind::InvalidModel, store.source(), " has ", unused.size(), " tensor",
+       unused.size() == 1 ? "" : "s", " that a '", checkpoint.config.model_type, "' model with ",
+       checkpoint.config_source == store.source() ? "this metadata" : checkpoint.config_source,
+       " does not use: ", listed, ". The weights belong to another architecture, or the config "
+       "leaves out a part they have (attention_bias, mlp_bias, tie_word_embeddings, the layer count?)");
+}
+
 }  // namespace
 
 std::vector<float> rope_inverse_frequencies(const RopeConfig& rope, int head_dim) {
@@ -134,7 +158,8 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
   Checkpoint checkpoint = open_checkpoint(model_path);
   config_ = checkpoint.config;
   traits_ = find_architecture(config_.model_type, checkpoint.config_source).traits(config_);
-  store_ = std::move(checkpoint.store);
+  // The files stay mapped only while the weights are read from them.
+  const std::unique_ptr<WeightStore> store = std::move(checkpoint.store);
   const Checkpoint& names = checkpoint;
 
   const ModelConfig& c = config_;
@@ -151,12 +176,13 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
   };
   // `heads` > 0: rows interleaved for llama.cpp's rope, put back in Hugging Face order.
   auto source_matrix = [&](const std::string& name, int64_t rows, int64_t cols, int64_t heads) {
-    HostTensor source{store_->require(name, {rows, cols}), nullptr};
+    HostTensor source{store->require(name, {rows, cols}), nullptr};
     if (heads > 0) {
       source.memory = std::make_shared<HostBuffer>(source.tensor.nbytes());
       deinterleave_rope_rows(static_cast<const unsigned char*>(source.tensor.data),
                              static_cast<unsigned char*>(source.memory->data()), rows,
                              dtype_bytes(source.tensor.dtype, cols), heads);
+      release_file_pages(source.tensor.data, source.tensor.nbytes());
       source.tensor.data = source.memory->data();
     }
     return source;
@@ -166,9 +192,26 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     use.tensors += 1;
     use.bytes += dtype_bytes(held, source.numel());
   };
+  // The engine never computes from the file's pages: a weight the backend would use in place
+  // (same format, host memory) is copied into memory of its own, so changing or truncating the
+  // file after load cannot touch it, and the file's pages are dropped once they have been read,
+  // so they do not count in resident memory next to the weights made from them.
+  auto hold = [&](Tensor prepared, const HostTensor& source) {
+    if (prepared.data == source.tensor.data) {
+      if (source.memory) {
+        owned_.push_back(source.memory);
+      } else {
+        auto copy = std::make_shared<HostBuffer>(source.tensor.nbytes());
+        std::memcpy(copy->data(), source.tensor.data, source.tensor.nbytes());
+        owned_.push_back(copy);
+        prepared.data = copy->data();
+      }
+    }
+    if (!source.memory) release_file_pages(source.tensor.data, source.tensor.nbytes());
+    return prepared;
+  };
   auto prepare_matrix = [&](const HostTensor& source, DType held) {
-    Tensor t = backend.prepare_weight(source.tensor, held, WeightUse::Matrix, owned_);
-    if (source.memory && t.data == source.tensor.data) owned_.push_back(source.memory);  // zero-copy
+    Tensor t = hold(backend.prepare_weight(source.tensor, held, WeightUse::Matrix, owned_), source);
     weight_bytes_ += t.nbytes();
     return t;
   };
@@ -179,13 +222,14 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     return prepare_matrix(source, held);
   };
 
-  const Tensor embed_source = store_->require(names.name(ModelTensor::Embedding), {V, D});
+  const Tensor embed_source = store->require(names.name(ModelTensor::Embedding), {V, D});
   const bool round_vectors = precision.round_vectors_to_bf16(embed_source.dtype);
   // Norm weights and biases are held as f32 (see Precision::round_vectors_to_bf16).
   auto vector_values = [&](const std::string& name, int64_t n, int64_t heads = 0) {
-    const Tensor source = store_->require(name, {n});
+    const Tensor source = store->require(name, {n});
     std::vector<float> values(static_cast<size_t>(n));
     convert_dtype(source.data, source.dtype, values.data(), DType::F32, n);
+    release_file_pages(source.data, source.nbytes());
     if (round_vectors) {
       for (float& v : values) v = bf16_to_f32(f32_to_bf16(v));
     }
@@ -228,6 +272,7 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     Tensor* weight;    // where the separate matrix goes
     Tensor* bias;      // where the separate bias goes (nullptr: no bias)
   };
+  std::shared_ptr<HostBuffer> stacking_scratch;
   auto projections = [&](const std::vector<Projection>& parts, Tensor& fused, Tensor& fused_bias) {
     std::vector<HostTensor> sources;
     std::vector<DType> held;
@@ -246,14 +291,22 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     }
     int64_t rows = 0;
     for (const Projection& p : parts) rows += p.rows;
-    HostTensor stacked{{}, std::make_shared<HostBuffer>(dtype_bytes(held.front(), rows * D))};
+    // Every layer stacks into the same scratch memory (fresh memory costs a page fault and a
+    // zeroed page per 4 KiB, much of a load), unless a backend kept the last one as its weight.
+    const size_t stacked_bytes = dtype_bytes(held.front(), rows * D);
+    if (!stacking_scratch || stacking_scratch->size() < stacked_bytes) {
+      stacking_scratch = std::make_shared<HostBuffer>(stacked_bytes);
+    }
+    HostTensor stacked{{}, stacking_scratch};
     char* next = static_cast<char*>(stacked.memory->data());
     for (const HostTensor& source : sources) {
       convert_dtype(source.tensor.data, source.tensor.dtype, next, held.front(), source.tensor.numel());
+      if (!source.memory) release_file_pages(source.tensor.data, source.tensor.nbytes());
       next += dtype_bytes(held.front(), source.tensor.numel());
     }
     stacked.tensor = Tensor::contiguous(stacked.memory->data(), held.front(), {rows, D});
     fused = prepare_matrix(stacked, held.front());
+    if (fused.data == stacking_scratch->data()) stacking_scratch.reset();  // now the weight's own
     if (parts.front().bias) {
       std::vector<float> values;
       for (const Projection& p : parts) {
@@ -266,7 +319,15 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
 
   const DType embed_held = precision.matrix(embed_source.dtype, D);
   count_weight(embed_held, embed_source);
-  weights_.embed = backend.prepare_weight(embed_source, embed_held, WeightUse::Table, owned_);
+  // A tied output layer is the embedding laid out for a matmul; where the backend can read
+  // embedding rows from that layout, the table is held once.
+  if (c.tie_word_embeddings) weights_.lm_head = prepare_matrix({embed_source, nullptr}, embed_held);
+  if (c.tie_word_embeddings && backend.embeds_from(weights_.lm_head)) {
+    weights_.embed = weights_.lm_head;
+  } else {
+    weights_.embed = hold(backend.prepare_weight(embed_source, embed_held, WeightUse::Table, owned_),
+                          {embed_source, nullptr});
+  }
   weights_.layers.resize(static_cast<size_t>(c.num_layers));
   auto base = [&](int layer, LayerTensor t) { return names.name(layer, t, ""); };
   for (int i = 0; i < c.num_layers; ++i) {
@@ -296,19 +357,15 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     if (mlp_bias) L.b_down = vector(names.name(i, LayerTensor::Down, "bias"), D);
   }
   weights_.final_norm = norm(names.name(ModelTensor::FinalNorm), D);
-  if (c.tie_word_embeddings) {  // the same checkpoint tensor, laid out for a matmul
-    weights_.lm_head = prepare_matrix({embed_source, nullptr}, embed_held);
-  } else {
-    weights_.lm_head = matrix(names.name(ModelTensor::Output), V, D);
-  }
+  if (!c.tie_word_embeddings) weights_.lm_head = matrix(names.name(ModelTensor::Output), V, D);
   weight_dtype_ = std::max_element(weight_types_.begin(), weight_types_.end(), [](const auto& a, const auto& b) {
                     return a.second.bytes < b.second.bytes;
                   })->first;
 
   std::vector<float> inv_freq = rope_inverse_frequencies(c.rope, c.head_dim);
-  if (checkpoint.format == CheckpointFormat::Gguf && store_->contains(names.name(ModelTensor::RopeFactors))) {
+  if (checkpoint.format == CheckpointFormat::Gguf && store->contains(names.name(ModelTensor::RopeFactors))) {
     // llama.cpp's Llama 3 rope scaling: each frequency divided by its factor.
-    const Tensor factors = store_->require(names.name(ModelTensor::RopeFactors), {c.head_dim / 2});
+    const Tensor factors = store->require(names.name(ModelTensor::RopeFactors), {c.head_dim / 2});
     for (size_t i = 0; i < inv_freq.size(); ++i) {
       const float factor = load_as_f32(factors.data, factors.dtype, static_cast<int64_t>(i));
       if (!(factor > 0.0f)) {
@@ -318,6 +375,8 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
       inv_freq[i] /= factor;
     }
   }
+  refuse_unused_tensors(checkpoint, *store);
+
   auto device_vector = [&](const std::vector<float>& values) {
     auto buffer = backend.allocate(values.size() * sizeof(float));
     owned_.push_back(buffer);

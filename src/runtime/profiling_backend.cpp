@@ -58,6 +58,7 @@ class ProfilingBackend final : public Backend {
                         std::vector<std::shared_ptr<Buffer>>& owned) override {
     return timed("prepare_weight", [&] { return inner_->prepare_weight(source, dtype, use, owned); });
   }
+  bool embeds_from(const Tensor& matrix) const override { return inner_->embeds_from(matrix); }
   bool fuses_projections() const override { return inner_->fuses_projections(); }
   bool transposed_keys() const override { return inner_->transposed_keys(); }
   DType matmul_activation_dtype(DType weight_dtype) const override {

@@ -252,6 +252,24 @@ std::vector<OpCase> embedding_cases() {
           return ref;
         };
         cases.push_back(c);
+        // The same rows read from the table prepared as a matmul weight (a tied output layer),
+        // where the backend says it can; from its own table layout otherwise.
+        OpCase tied = c;
+        tied.op = "embedding";
+        tied.shape = "from a prepared matrix, " + c.shape;
+        tied.run = [=](Backend& b) {
+          std::vector<std::shared_ptr<Buffer>> owned;
+          const Tensor matrix = b.prepare_weight(host_view(*table), dtype, WeightUse::Matrix, owned);
+          const Tensor rows = b.embeds_from(matrix)
+                                  ? matrix
+                                  : b.prepare_weight(host_view(*table), dtype, WeightUse::Table, owned);
+          HostTensor out = make_tensor(DType::F32, {T, D}, pad);
+          DeviceTensor d_out = upload(b, out);
+          b.embedding(d_out.view, rows, *ids);
+          download(b, d_out, out);
+          return Output{out.values(), out.padding_intact()};
+        };
+        cases.push_back(tied);
       }
     }
   }
@@ -386,6 +404,72 @@ std::vector<OpCase> matmul_cases() {
       return ref;
     };
     cases.push_back(c);
+  }
+  return cases;
+}
+
+// Block-format weights (GGUF's quantised rows): random weights through opencamp's quantiser,
+// the reference multiplies by their dequantised values (quants.cpp, itself checked against the
+// gguf package). Rows not a multiple of the 16-row panel or of the rows decoded together, K of
+// several blocks, T = 1 and a few (decode kernels) and enough for the prefill path (dequantised
+// panels), with bias and padding.
+std::vector<OpCase> quantised_matmul_cases() {
+  std::vector<OpCase> cases;
+  struct Shape {
+    int64_t T, blocks, N, x_pad, out_pad;
+    bool with_bias;
+  };
+  for (DType dtype : {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4_K,
+                      DType::Q5_K, DType::Q6_K}) {
+    const int64_t block = dtype_traits(dtype).block_elements;
+    for (const Shape& s : {Shape{1, 3, 37, 0, 0, false}, Shape{3, 2, 13, 5, 3, true}, Shape{6, 1, 70, 0, 1, false},
+                           Shape{1, 5, 100, 2, 0, true}, Shape{17, 3, 35, 3, 2, true}, Shape{40, 2, 49, 0, 0, false},
+                           Shape{2, 19, 21, 0, 0, true}}) {  // 19 blocks: more than one gather of scales
+      const int64_t K = s.blocks * block, N = s.N;
+      std::mt19937 rng(static_cast<unsigned>(900 + static_cast<int>(dtype) * 31 + s.T * 7 + K + N));
+      auto x = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, K}, s.x_pad));
+      fill_random(*x, rng);
+      auto bias = std::make_shared<HostTensor>(make_tensor(DType::F32, {N}));
+      fill_random(*bias, rng);
+      // Rows of different magnitudes and signs, so every level and scale gets used.
+      std::vector<float> values(static_cast<size_t>(N * K));
+      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        const float magnitude = 0.05f + 0.2f * static_cast<float>(n % 7);
+        for (int64_t k = 0; k < K; ++k) values[static_cast<size_t>(n * K + k)] = magnitude * dist(rng) + 0.1f * magnitude;
+      }
+      auto blocks = std::make_shared<std::vector<unsigned char>>(dtype_bytes(dtype, N * K));
+      convert_dtype(values.data(), DType::F32, blocks->data(), dtype, N * K);
+      auto dequantised = std::make_shared<std::vector<float>>(static_cast<size_t>(N * K));
+      dtype_traits(dtype).to_f32(blocks->data(), dequantised->data(), N * K);
+      OpCase c;
+      c.op = "matmul";
+      c.weight_dtype = dtype;
+      c.shape = fmt("x=%s w=%s[%lld,%lld]%s out-pad=%lld", x->describe().c_str(), dtype_name(dtype),
+                    (long long)N, (long long)K, s.with_bias ? " +bias" : "", (long long)s.out_pad);
+      c.run = [=](Backend& b) {
+        HostTensor out = make_tensor(DType::F32, {s.T, N}, s.out_pad);
+        DeviceTensor d_x = upload(b, *x), d_b = upload(b, *bias), d_out = upload(b, out);
+        std::vector<std::shared_ptr<Buffer>> owned;
+        const Tensor host = Tensor::contiguous(blocks->data(), dtype, {N, K});
+        const Tensor prepared = b.prepare_weight(host, dtype, WeightUse::Matrix, owned);
+        b.matmul(d_out.view, d_x.view, prepared, s.with_bias ? &d_b.view : nullptr);
+        download(b, d_out, out);
+        return Output{out.values(), out.padding_intact()};
+      };
+      c.reference = [=] {
+        std::vector<double> ref;
+        for (int64_t t = 0; t < s.T; ++t) {
+          for (int64_t n = 0; n < N; ++n) {
+            double sum = s.with_bias ? bias->get(n) : 0.0;
+            for (int64_t k = 0; k < K; ++k) sum += double(x->get(t * K + k)) * (*dequantised)[static_cast<size_t>(n * K + k)];
+            ref.push_back(sum);
+          }
+        }
+        return ref;
+      };
+      cases.push_back(c);
+    }
   }
   return cases;
 }
@@ -738,7 +822,7 @@ std::vector<OpCase> elementwise_cases() {
 
 std::vector<OpCase> all_cases() {
   std::vector<OpCase> cases;
-  for (auto&& group : {embedding_cases(), rmsnorm_cases(), matmul_cases(), rope_cases(),
+  for (auto&& group : {embedding_cases(), rmsnorm_cases(), matmul_cases(), quantised_matmul_cases(), rope_cases(),
                        kv_store_cases(), attention_cases(), elementwise_cases()}) {
     cases.insert(cases.end(), group.begin(), group.end());
   }
@@ -791,7 +875,9 @@ std::vector<std::string> problems_against_oracle(Backend& backend, const std::ve
                          e.what());
       continue;
     }
-    const double bound = c.weight_dtype == DType::BF16 ? kBF16Bound : kF32Bound;
+    // bf16 weights, or a backend that rounds this weight format's activations to bf16.
+    const bool bf16_math = c.weight_dtype == DType::BF16 || backend.matmul_activation_dtype(c.weight_dtype) == DType::BF16;
+    const double bound = bf16_math ? kBF16Bound : kF32Bound;
     const double err = normalised_error(out.values, widen(expected[i].values));
     std::printf("  %-10s %-62s %-6s err %.2e (bound %.0e)\n", c.op.c_str(), c.shape.c_str(), name.c_str(),
                 err, bound);

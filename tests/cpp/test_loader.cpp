@@ -8,6 +8,8 @@
 #include <map>
 #include <numbers>
 
+#include <sys/stat.h>
+
 #include "check.h"
 #include "opencamp/opencamp.h"
 #include "test_util.h"
@@ -564,59 +566,252 @@ std::vector<std::pair<uintptr_t, uintptr_t>> mappings_of(const fs::path& file) {
   return ranges;
 }
 
-// True when all of the tensor's bytes lie inside one of `ranges`.
-bool maps_into(const Tensor& t, const std::vector<std::pair<uintptr_t, uintptr_t>>& ranges) {
-  const auto begin = reinterpret_cast<uintptr_t>(t.data);
-  return std::any_of(ranges.begin(), ranges.end(), [&](const auto& range) {
-    return begin >= range.first && begin + t.nbytes() <= range.second;
-  });
-}
-
 }  // namespace
 
-// dtype "auto" on a checkpoint already in the weights' precision loads without copying: the
-// weights the engine computes with are the memory-mapped bytes of model.safetensors (all of them
-// on the cpu oracle; the embedding table on backends that repack their matrices into panels).
-// A conversion (f32 file, dtype "bf16") does copy; closing the engine unmaps the file.
-TEST_CASE(checkpoint_precision_weights_are_the_mapped_file_zero_copy) {
+// The engine holds every weight in memory of its own, even where the file's bytes are already
+// in the weights' format (bf16 file, dtype "auto"): when the engine is built, no weight lies
+// in a mapping of model.safetensors and the file is no longer mapped at all, so a file that is
+// changed or truncated after load (as `cp` over it does) changes nothing, and its pages do not
+// count in resident memory next to the weights made from them. On every backend.
+// A tied model (tiny-qwen2: lm_head is the embedding) holds the table once on the CPU
+// backends: the embedding rows are read from the matmul layout of the output layer.
+TEST_CASE(a_tied_table_is_held_once) {
+  for (const std::string& backend : usable_backends()) {
+    EngineOptions options = engine_options();
+    options.backend = backend;
+    Engine engine(fixture("tiny-qwen2"), options);
+    const ModelWeights& w = engine.model().weights();
+    if (w.embed.device != Device::CPU) continue;  // a GPU backend lays out its own copies
+    CHECK_MSG(w.embed.data == w.lm_head.data, backend << ": the tied table is held twice");
+  }
+}
+
+TEST_CASE(weights_are_held_in_the_engines_own_memory) {
   TempDir tmp("loader");
   std::vector<RawTensor> bf16;
   for (const RawTensor& t : read_all_tensors(fixture("tiny-llama") / "model.safetensors")) {
     bf16.push_back(convert_f32_tensor(t, "BF16"));
   }
-  copy_fixture("tiny-llama", tmp / "bf16");
-  write_safetensors(tmp / "bf16" / "model.safetensors", bf16);
-  const fs::path file = tmp / "bf16" / "model.safetensors";
-  {
-    Engine engine(tmp / "bf16", engine_options());  // the cpu oracle
-    CHECK(engine.weight_dtype() == DType::BF16);
-    const auto ranges = mappings_of(file);
-    CHECK(!ranges.empty());
-    const ModelWeights& w = engine.model().weights();
-    CHECK(maps_into(w.embed, ranges));
-    CHECK(maps_into(w.lm_head, ranges));  // untied in tiny-llama
-    for (const LayerWeights& layer : w.layers) {
-      for (const Tensor* m : {&layer.wq, &layer.wk, &layer.wv, &layer.wo, &layer.w_gate, &layer.w_up, &layer.w_down}) {
-        CHECK(m->dtype == DType::BF16);
-        CHECK(maps_into(*m, ranges));
-      }
-    }
-  }
-  CHECK(mappings_of(file).empty());  // the engine's end unmapped it
+  const std::vector<int32_t> ids = {1, 5, 9, 2, 7, 3};
   for (const std::string& backend : usable_backends()) {
+    copy_fixture("tiny-llama", tmp / backend);
+    const fs::path file = tmp / backend / "model.safetensors";
+    write_safetensors(file, bf16);
     EngineOptions options = engine_options();
     options.backend = backend;
-    Engine engine(tmp / "bf16", options);
-    if (engine.model().weights().embed.device != Device::CPU) continue;  // a GPU holds its own copy
-    CHECK_MSG(maps_into(engine.model().weights().embed, mappings_of(file)),
-              backend << ": the bf16 embedding table was copied");
+    Engine engine(tmp / backend, options);
+    CHECK(engine.weight_dtype() == DType::BF16);
+    CHECK_MSG(mappings_of(file).empty(), backend << ": the file is still mapped after load");
+    const std::vector<float> before = all_logits(engine, ids);
+    fs::resize_file(file, 0);  // truncated under the running engine
+    CHECK_MSG(all_logits(engine, ids) == before, backend << ": logits changed after the file did");
   }
-  // The f32 fixture run as bf16 is converted: a copy, not the file.
-  Engine converted(fixture("tiny-llama"), engine_options("bf16"));
-  const auto f32_ranges = mappings_of(fixture("tiny-llama") / "model.safetensors");
-  CHECK(!f32_ranges.empty());
-  CHECK(!maps_into(converted.model().weights().embed, f32_ranges));
-  CHECK(!maps_into(converted.model().weights().layers[0].wq, f32_ranges));
+  // A GGUF file in a block format (which backends without kernels for it compute from as is).
+  for (const std::string& backend : usable_backends()) {
+    const fs::path file = tmp / (backend + ".q8_0.gguf");
+    fs::copy_file(fixture("tiny-gguf") / "tiny-llama.q8_0.gguf", file);
+    EngineOptions options = engine_options();
+    options.backend = backend;
+    Engine engine(file, options);
+    CHECK_MSG(mappings_of(file).empty(), backend << ": the GGUF file is still mapped after load");
+    const std::vector<float> before = all_logits(engine, ids);
+    fs::resize_file(file, 0);
+    CHECK_MSG(all_logits(engine, ids) == before, backend << ": logits changed after the GGUF file did");
+  }
+}
+
+
+// ---- hardening: headers that say two things, bytes that belong to no tensor ------------------
+
+TEST_CASE(duplicate_tensor_names_are_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  // Two entries named "t" over the two halves of the data: neither may silently win.
+  write_raw_safetensors(path,
+                        "{\"t\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                        "\"t\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+                        std::string(8, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "\"t\"",
+                    "appears twice");
+  // In config.json too (Python's json would take the last, others the first).
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"vocab_size\"", "\"num_hidden_layers\": 1, \"vocab_size\"");
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::InvalidModel, "config.json",
+                    "num_hidden_layers", "appears twice");
+}
+
+TEST_CASE(invalid_utf8_and_lone_surrogates_are_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  // A tensor name with a bare 0xff byte, an overlong '/', a UTF-8-encoded surrogate, a cut-off
+  // sequence; and escapes of unpaired surrogates. Names reach Python as str: all are errors.
+  for (const std::string& name : {std::string("bad\xff"), std::string("over\xc0\xaflong"),
+                                 std::string("sur\xed\xa0\x80"), std::string("cut\xe2\x82"),
+                                 std::string("\\ud800x"), std::string("\\udc00")}) {
+    write_raw_safetensors(path, "{\"" + name + "\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+                          std::string(4, '\0'));
+    CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(),
+                      "malformed JSON");
+  }
+  // Valid multi-byte names and paired escapes still load.
+  write_raw_safetensors(path, "{\"caf\xc3\xa9.\xf0\x9f\x98\x80.\\ud83d\\ude00\":{\"dtype\":\"F32\",\"shape\":[1],"
+                              "\"data_offsets\":[0,4]}}", std::string(4, '\0'));
+  auto file = SafetensorsFile::open(path);
+  CHECK(file->find("caf\xc3\xa9.\xf0\x9f\x98\x80.\xf0\x9f\x98\x80") != nullptr);
+  // A model_type that is not UTF-8.
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"llama\"", "\"lla\xfe\x6d\x61\"");
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::InvalidModel, "config.json", "UTF-8");
+}
+
+TEST_CASE(overlapping_shifted_and_trailing_data_are_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  const std::string a = "\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":";
+  const std::string b = ",\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":";
+  // b reads a's last 4 bytes.
+  write_raw_safetensors(path, "{" + a + "[0,8]}" + b + "[4,12]}}", std::string(12, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "'a'", "'b'",
+                    "overlap");
+  // Both name the same bytes.
+  write_raw_safetensors(path, "{" + a + "[0,8]}" + b + "[0,8]}}", std::string(8, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, "overlap");
+  // Shifted: nothing covers the first 4 bytes.
+  write_raw_safetensors(path, "{" + a + "[4,12]}" + b + "[12,20]}}", std::string(20, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(),
+                    "4 bytes at data offset 0", "'a'");
+  // Trailing garbage after the last tensor.
+  write_raw_safetensors(path, "{" + a + "[0,8]}" + b + "[8,16]}}", std::string(17, '\0'));
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "1 bytes after",
+                    "trailing");
+  // Exactly tiled (in any header order) loads.
+  write_raw_safetensors(path, "{\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}," + a + "[0,8]}}",
+                        std::string(16, '\0'));
+  CHECK_NOTHROW(SafetensorsFile::open(path));
+}
+
+TEST_CASE(shape_whose_byte_count_wraps_is_refused) {
+  TempDir tmp("loader");
+  const fs::path path = tmp / "model.safetensors";
+  // 2^31 * 2^31 * 4 bytes = 2^64, which wraps to 0 in 64 bits: must not pass as an empty span.
+  write_raw_safetensors(path, "{\"big\":{\"dtype\":\"F32\",\"shape\":[2147483648,2147483648],"
+                              "\"data_offsets\":[0,0]}}");
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, path.string(), "'big'",
+                    "[2147483648");
+  write_raw_safetensors(path, "{\"big\":{\"dtype\":\"BF16\",\"shape\":[4294967296,4294967296,1,1],"
+                              "\"data_offsets\":[0,0]}}");
+  CHECK_THROWS_WITH(SafetensorsFile::open(path), ErrorKind::InvalidModel, "'big'");
+}
+
+TEST_CASE(fifo_and_symlink_loop_are_refused_without_blocking) {
+  TempDir tmp("loader");
+  copy_fixture("tiny-llama", tmp.path());
+  // A FIFO no one writes to: open() without O_NONBLOCK would wait forever (ctest's timeout
+  // would then fail this test).
+  fs::remove(tmp / "model.safetensors");
+  CHECK(::mkfifo((tmp / "model.safetensors").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel,
+                    (tmp / "model.safetensors").string(), "FIFO", "not a regular file");
+  fs::remove(tmp / "config.json");
+  CHECK(::mkfifo((tmp / "config.json").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(load_model_config(tmp.path()), ErrorKind::InvalidModel, "config.json", "FIFO");
+  // A symlink loop: an Error naming it, not a std::filesystem exception.
+  fs::remove(tmp / "model.safetensors");
+  fs::create_symlink(tmp / "loop-b", tmp / "model.safetensors");
+  fs::create_symlink(tmp / "model.safetensors", tmp / "loop-b");
+  fs::remove(tmp / "config.json");
+  copy_fixture("tiny-llama", tmp / "copy");
+  fs::copy_file(tmp / "copy" / "config.json", tmp / "config.json");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel,
+                    (tmp / "model.safetensors").string(), "symlink loop");
+  // The model path itself a FIFO (named like a GGUF file, too).
+  CHECK(::mkfifo((tmp / "model.gguf").c_str(), 0600) == 0);
+  CHECK_THROWS_WITH(Engine(tmp / "model.gguf", engine_options()), ErrorKind::InvalidModel, "model.gguf",
+                    "not a regular file or a directory");
+  fs::create_symlink(tmp / "loop-d", tmp / "loop-c");
+  fs::create_symlink(tmp / "loop-c", tmp / "loop-d");
+  CHECK_THROWS_WITH(Engine(tmp / "loop-c", engine_options()), ErrorKind::InvalidModel, "loop-c",
+                    "symlink loop");
+}
+
+// ---- hardening: hyper-parameters out of range ------------------------------------------------
+
+TEST_CASE(config_values_out_of_range_or_not_finite_are_refused) {
+  const std::string base = "{\"model_type\":\"llama\",\"vocab_size\":10,\"hidden_size\":8,"
+                           "\"intermediate_size\":16,\"num_attention_heads\":2,";
+  const std::string one_layer = base + "\"num_hidden_layers\":1,";
+  auto config = [&](const std::string& rest) { return parse_model_config(one_layer + rest + "}", "cfg.json"); };
+  CHECK_NOTHROW(config("\"rms_norm_eps\": 1e-6"));
+  // Three million layers: refused at once by name, before any per-layer bookkeeping is sized.
+  CHECK_THROWS_WITH(parse_model_config(base + "\"num_hidden_layers\": 3000000}", "cfg.json"),
+                    ErrorKind::InvalidModel, "cfg.json", "num_hidden_layers", "3000000", "2048");
+  CHECK_THROWS_WITH(config("\"vocab_size\": 100000000"), ErrorKind::InvalidModel, "appears twice");
+  CHECK_THROWS_WITH(parse_model_config("{\"model_type\":\"llama\",\"vocab_size\":100000000,\"hidden_size\":8,"
+                                       "\"intermediate_size\":16,\"num_attention_heads\":2,\"num_hidden_layers\":1}",
+                                       "cfg.json"),
+                    ErrorKind::InvalidModel, "vocab_size", "100000000");
+  CHECK_THROWS_WITH(config("\"max_position_embeddings\": 1000000000"), ErrorKind::InvalidModel,
+                    "max_position_embeddings", "1000000000");
+  CHECK_THROWS_WITH(config("\"head_dim\": 8192"), ErrorKind::InvalidModel, "head_dim", "8192");
+  // Norm epsilon and rope base: finite and positive (NaN gave NaN logits, then only EOS).
+  for (const char* eps : {"-1", "0", "NaN", "Infinity", "1e300"}) {
+    CHECK_THROWS_WITH(config(std::string("\"rms_norm_eps\": ") + eps), ErrorKind::InvalidModel,
+                      "cfg.json", "rms_norm_eps", "finite positive");
+  }
+  for (const char* theta : {"0", "-1", "NaN", "Infinity"}) {
+    CHECK_THROWS_WITH(config(std::string("\"rope_theta\": ") + theta), ErrorKind::InvalidModel,
+                      "cfg.json", "rope_theta", "finite positive");
+    CHECK_THROWS_WITH(config(std::string("\"rope_parameters\": {\"rope_type\": \"default\", \"rope_theta\": ") +
+                             theta + "}"),
+                      ErrorKind::InvalidModel, "rope_theta");
+  }
+  // Rope scaling: the type must be a string (a number was read as "default"), factors finite.
+  CHECK_THROWS_WITH(config("\"rope_scaling\": {\"rope_type\": 3, \"factor\": 2}"), ErrorKind::InvalidModel,
+                    "cfg.json", "rope_type", "a number", "expected a string");
+  CHECK_THROWS_WITH(config("\"rope_scaling\": {\"type\": [\"linear\"], \"factor\": 2}"),
+                    ErrorKind::InvalidModel, "'type'", "an array");
+  CHECK_THROWS_WITH(config("\"rope_scaling\": {\"type\": \"linear\", \"factor\": Infinity}"),
+                    ErrorKind::InvalidModel, "factor", "finite positive");
+  const std::string llama3 = "\"rope_parameters\": {\"rope_type\": \"llama3\", \"factor\": 8, ";
+  CHECK_THROWS_WITH(config(llama3 + "\"low_freq_factor\": 1, \"high_freq_factor\": Infinity}"),
+                    ErrorKind::InvalidModel, "high_freq_factor", "finite positive");
+  CHECK_THROWS_WITH(config(llama3 + "\"original_max_position_embeddings\": 1e300}"),
+                    ErrorKind::InvalidModel, "original_max_position_embeddings");
+  // Through the engine as well, on a real fixture.
+  TempDir tmp("loader");
+  copy_fixture("tiny-llama", tmp.path());
+  edit_config(tmp.path(), "\"rms_norm_eps\": 1e-05", "\"rms_norm_eps\": NaN");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "config.json", "rms_norm_eps");
+}
+
+// ---- hardening: weights the model would ignore ------------------------------------------------
+
+TEST_CASE(tensors_the_model_does_not_use_are_refused_by_name) {
+  TempDir tmp("loader");
+  // qwen2 weights (q/k/v biases) under model_type llama: the biases would be dropped silently.
+  copy_fixture("tiny-qwen2", tmp.path());
+  edit_config(tmp.path(), "\"model_type\": \"qwen2\"", "\"model_type\": \"llama\"");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "model.safetensors",
+                    "'llama'", "model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.k_proj.bias",
+                    "attention_bias");
+  // With attention_bias the biases are read (llama's bias on o_proj is then required, and absent).
+  edit_config(tmp.path(), "\"model_type\": \"llama\"", "\"model_type\": \"llama\", \"attention_bias\": true");
+  CHECK_THROWS_WITH(Engine(tmp.path(), engine_options()), ErrorKind::InvalidModel, "o_proj.bias", "missing");
+
+  // Any other extra tensor; rotary_emb buffers (derived from the config) are ignored by name.
+  TempDir llama("loader");
+  copy_fixture("tiny-llama", llama.path());
+  auto tensors = read_all_tensors(fixture("tiny-llama") / "model.safetensors");
+  tensors.push_back({"model.layers.0.self_attn.rotary_emb.inv_freq", "F32", {4}, std::vector<unsigned char>(16, 0), ""});
+  write_safetensors(llama / "model.safetensors", tensors);
+  CHECK_NOTHROW(Engine(llama.path(), engine_options()));
+  tensors.push_back({"model.layers.1.mlp.extra.weight", "F32", {2}, std::vector<unsigned char>(8, 0), ""});
+  tensors.push_back({"model.layers.5.input_layernorm.weight", "F32", {32}, std::vector<unsigned char>(128, 0), ""});
+  write_safetensors(llama / "model.safetensors", tensors);
+  const std::string message = CHECK_THROWS_WITH(Engine(llama.path(), engine_options()), ErrorKind::InvalidModel,
+                                                "2 tensors", "model.layers.1.mlp.extra.weight",
+                                                "model.layers.5.input_layernorm.weight");
+  CHECK(message.find("rotary_emb") == std::string::npos);
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

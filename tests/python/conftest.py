@@ -116,3 +116,27 @@ def gemma3_gguf() -> Path:
                         f"run {tool} {GEMMA3_DIR} where it can (or set OPENCAMP_GEMMA3_DIR)")
         pytest.fail(f"{tool} failed:\n{result.stderr[-2000:]}", pytrace=False)
     return GEMMA3_DIR / GEMMA3_FILE
+
+
+# The tiny chat model (random weights behind SmolLM2's tokenizer) the server tests serve, its
+# engine, and a TestClient of the app over it: one per test module.
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
+    from serverkit import make_tiny_chat_model
+    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_dir):
+    import opencamp
+    from serverkit import TINY_CONTEXT
+    return opencamp.LLM(tiny_dir, threads=2, max_context=TINY_CONTEXT,
+                        kv_cache_tokens=4 * TINY_CONTEXT)
+
+
+@pytest.fixture
+def client(tiny_llm):
+    from starlette.testclient import TestClient
+    from serverkit import make_app
+    with TestClient(make_app(tiny_llm)) as c:
+        yield c

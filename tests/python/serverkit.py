@@ -23,6 +23,16 @@ import httpx
 import numpy as np
 
 TINY_CONTEXT = 4096
+MODEL = "tiny-chat"  # the name the tiny chat apps serve
+HELLO = [{"role": "user", "content": "Hello there"}]
+JSON_TYPE = {"content-type": "application/json"}  # POST routes take nothing else (415)
+
+
+def make_app(llm, **options):
+    """An app serving `llm` as MODEL, greedy unless `defaults` says otherwise."""
+    from opencamp.server import ServerOptions, create_app
+    options.setdefault("defaults", {"temperature": 0.0})
+    return create_app(llm, ServerOptions(model_name=MODEL, **options))
 
 
 def make_tiny_chat_model(folder: Path, tokenizer_dir: Path) -> Path:

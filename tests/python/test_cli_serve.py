@@ -17,12 +17,7 @@ import click
 import opencamp
 from opencamp.cli import (CPU_FEATURES, DEFAULT_SERVE_MODEL, _kv_bytes_per_token,
                           _kv_cache_positions, main)
-from serverkit import ServeProcess, make_tiny_chat_model, metric, opencamp_executable
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_tokenizer_dir)
+from serverkit import ServeProcess, metric, opencamp_executable
 
 
 def run_serve(*args, env=None, timeout=120):

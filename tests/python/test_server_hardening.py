@@ -21,37 +21,10 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-import opencamp
-from opencamp.server import ServerOptions, create_app
 from opencamp.server.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH, APIError, parse_json_body
-from serverkit import (TINY_CONTEXT, ServeProcess, hold_streams, live_app, make_tiny_chat_model,
-                       metric, parse_sse, sse_events, wait_until)
+from serverkit import (HELLO, JSON_TYPE, MODEL, TINY_CONTEXT, ServeProcess, hold_streams, live_app,
+                       make_app, metric, parse_sse, sse_events, wait_until)
 
-MODEL = "tiny-chat"
-HELLO = [{"role": "user", "content": "Hello there"}]
-JSON_TYPE = {"content-type": "application/json"}
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smollm2_tokenizer_dir):
-    return make_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), smollm2_tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_dir):
-    return opencamp.LLM(tiny_dir, threads=2, max_context=TINY_CONTEXT,
-                        kv_cache_tokens=4 * TINY_CONTEXT)
-
-
-def make_app(llm, **options):
-    options.setdefault("defaults", {"temperature": 0.0})
-    return create_app(llm, ServerOptions(model_name=MODEL, **options))
-
-
-@pytest.fixture
-def client(tiny_llm):
-    with TestClient(make_app(tiny_llm)) as c:
-        yield c
 
 
 def assert_openai_error(response, status, code=..., match=None) -> dict:

@@ -25,6 +25,9 @@ constexpr int64_t kParallelMacs = 1 << 15;
 constexpr int64_t kParallelElements = 1 << 14;
 // Split-K attention only when each part still reads this many keys.
 constexpr int64_t kMinKeysPerSplit = 256;
+// From this many tokens a block-format matmul dequantises weight panels once and reuses them
+// across the tokens; below, it streams the blocks once per 4 tokens.
+constexpr int64_t kQuantPrefillTokens = 16;
 
 int64_t panel_count(int64_t n) { return (n + kPanel - 1) / kPanel; }
 int64_t bf16_pairs(int64_t k) { return (k + 1) / 2; }
@@ -45,19 +48,35 @@ class AvxBackend final : public CpuBackend {
   bool fuses_projections() const override { return true; }
   bool transposed_keys() const override { return true; }
   DType matmul_activation_dtype(DType weight_dtype) const override {
+    if (const avx::QuantKernels* quant = quant_kernels(weight_dtype)) {
+      return quant->matvec_bf16 || quant->matmul_bf16 ? DType::BF16 : DType::F32;
+    }
     return weight_dtype == DType::BF16 && kernels_->matmul_bf16_dot ? DType::BF16 : DType::F32;
+  }
+
+  // The kernels of a block format, or nullptr.
+  const avx::QuantKernels* quant_kernels(DType dtype) const {
+    const int format = static_cast<int>(dtype) - static_cast<int>(DType::Q8_0);
+    return format >= 0 && format < avx::kQuantFormats ? &kernels_->quant[format] : nullptr;
   }
 
   Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
                         std::vector<std::shared_ptr<Buffer>>& owned) override {
-    // Block formats stay row-major (the cpu kernels read them) until they have kernels here.
+    // Block formats stay in the file's row-major blocks: the quantised kernels read them there.
     if (use == WeightUse::Table || source.ndim != 2 || is_block_format(dtype)) {
       return Backend::prepare_weight(source, dtype, use, owned);
     }
     return pack(source, dtype, owned);
   }
 
+  // Rows of a packed f32/bf16 matrix are gathered from their panel (one lane of each word).
+  bool embeds_from(const Tensor& matrix) const override {
+    if (matrix.layout == Layout::Packed) return matrix.dtype == DType::F32 || matrix.dtype == DType::BF16;
+    return CpuBackend::embeds_from(matrix);
+  }
+
   void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override {
+    if (table.layout == Layout::Packed) return packed_embedding(out, table, ids);
     if (!unit_inner(out) || table.layout != Layout::Strided || table.stride[1] != 1 ||
         (table.dtype != DType::F32 && table.dtype != DType::BF16) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
         out.shape[0] != static_cast<int64_t>(ids.size())) {
@@ -96,7 +115,10 @@ class AvxBackend final : public CpuBackend {
   }
 
   void matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) override {
-    if (weight.layout != Layout::Packed) return CpuBackend::matmul(out, x, weight, bias);
+    if (weight.layout != Layout::Packed) {
+      if (is_block_format(weight.dtype) && quant_matmul(out, x, weight, bias)) return;
+      return CpuBackend::matmul(out, x, weight, bias);
+    }
     if (out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
         x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] ||
         out.shape[1] != weight.shape[0] ||
@@ -135,6 +157,53 @@ class AvxBackend final : public CpuBackend {
     }
     // Long contiguous panel ranges: each chunk streams its own part of the weights.
     pool().parallel_for(panels, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  }
+
+  // A block-format weight [N, K] in the file's row-major blocks: decode (few tokens) streams
+  // each row once per 4 tokens, dequantising in registers; prefill dequantises 16 rows at a
+  // time into an f32 panel and runs every token through the f32 tiles. False: not a shape the
+  // kernels take (the cpu oracle runs it, or says what is wrong).
+  bool quant_matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) {
+    const avx::QuantKernels* kernels = quant_kernels(weight.dtype);
+    if (!kernels || weight.ndim != 2 || weight.stride[1] != 1 ||
+        weight.stride[0] != weight.shape[1] ||
+        out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
+        x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] || out.shape[1] != weight.shape[0] ||
+        weight.shape[1] % dtype_traits(weight.dtype).block_elements != 0 ||
+        (bias && (bias->ndim != 1 || bias->shape[0] != weight.shape[0] || bias->stride[0] != 1 ||
+                  bias->dtype != DType::F32))) {
+      return false;
+    }
+    avx::QuantMatmulArgs args;
+    args.x = x.data;
+    args.x_stride = x.stride[0];
+    args.tokens = x.shape[0];
+    args.k = x.shape[1];
+    args.n = weight.shape[0];
+    args.weight = weight.data;
+    args.row_bytes = static_cast<int64_t>(dtype_bytes(weight.dtype, args.k));
+    args.out = out.ptr<float>();
+    args.out_stride = out.stride[0];
+    args.bias = bias ? bias->ptr<float>() : nullptr;
+    const bool single = args.tokens * args.n * args.k < kParallelMacs || pool().size() == 1;
+    const bool decode = args.tokens < kQuantPrefillTokens;
+    const auto kernel = decode ? kernels->matvec : kernels->matmul;
+    if (decode ? kernels->matvec_bf16 : kernels->matmul_bf16) {
+      // Rounded to bf16 once (K is a multiple of 32: no padding), as the BF16 path does.
+      bf16_activations_.resize(static_cast<size_t>(args.tokens * args.k));
+      rows(args.tokens, args.k, [&](int64_t t) {
+        kernels_->to_bf16_row(bf16_activations_.data() + t * args.k, x.ptr<float>() + t * x.stride[0], args.k);
+      });
+      args.x = bf16_activations_.data();
+      args.x_stride = args.k;
+    }
+    const int64_t items = decode ? args.n : panel_count(args.n);  // rows or 16-row panels
+    if (single) {
+      kernel(args, 0, items);
+    } else {
+      pool().parallel_for(items, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+    }
+    return true;
   }
 
   void rope(const Tensor& x, std::span<const int32_t> positions, const Tensor& inv_freq) override {
@@ -434,6 +503,35 @@ class AvxBackend final : public CpuBackend {
     return table;
   }
 
+  // out[t, :] = row ids[t] of a matrix packed by pack() (f32 [K][16] or bf16 [ceil(K/2)][16][2]
+  // panels of 16 rows).
+  void packed_embedding(const Tensor& out,    // [T, D] f32
+                        const Tensor& table,  // [V, D] packed f32 or bf16
+                        std::span<const int32_t> ids) {
+    if (!embeds_from(table) || !unit_inner(out) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
+        out.shape[0] != static_cast<int64_t>(ids.size())) {
+      fail(ErrorKind::InvalidArgument, name_, " backend, op embedding: out [T, D] f32 with contiguous rows "
+           "for a packed f32/bf16 table ", shape_string(table));
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= table.shape[0]) {
+        fail(ErrorKind::InvalidArgument, "token id ", id, " is outside the vocabulary [0, ", table.shape[0], ")");
+      }
+    }
+    const int64_t dim = table.shape[1], stride = panel_stride(table);
+    rows(static_cast<int64_t>(ids.size()), dim, [&](int64_t t) {
+      float* row = out.ptr<float>() + t * out.stride[0];
+      const int64_t panel = ids[t] / kPanel, lane = ids[t] % kPanel;
+      if (table.dtype == DType::F32) {
+        const float* values = table.ptr<float>() + panel * stride + lane;
+        for (int64_t c = 0; c < dim; ++c) row[c] = values[c * kPanel];
+      } else {
+        const uint16_t* values = table.ptr<uint16_t>() + panel * stride + lane * 2;
+        for (int64_t c = 0; c < dim; ++c) row[c] = bf16_to_f32(values[(c / 2) * 2 * kPanel + c % 2]);
+      }
+    });
+  }
+
   Tensor pack(const Tensor& source, DType dtype, std::vector<std::shared_ptr<Buffer>>& owned) {
     if (dtype != DType::F32 && dtype != DType::BF16) {
       fail(ErrorKind::InvalidArgument, name_, " backend holds weights as f32 or bf16, not ", dtype_name(dtype));
@@ -447,27 +545,40 @@ class AvxBackend final : public CpuBackend {
     auto buffer = allocate(static_cast<size_t>(panels * stride) * dtype_size(dtype));
     owned.push_back(buffer);
     packed.data = buffer->data();
-    const size_t row_bytes = static_cast<size_t>(k) * dtype_size(dtype);
+    // A panel is a transpose of 32-bit words: f32 [K][16] holds element c of row i at
+    // [c][i]; bf16 [ceil(K/2)][16][2] holds the pair of columns (2c, 2c + 1) of row i as one word
+    // at [c][i]. Rows are read in place when already in `dtype` (converted once otherwise), and
+    // each panel is written front to back, one 64-byte line per word column.
+    const int64_t words = dtype == DType::F32 ? k : k / 2;  // whole words in a row
+    const bool odd_tail = dtype == DType::BF16 && k % 2 != 0;
+    const size_t source_row_bytes = dtype_bytes(source.dtype, k);
     pool().parallel_for(panels, [&](int64_t begin, int64_t end) {
-      std::vector<unsigned char> row(row_bytes);  // one weight row in the target dtype
+      std::vector<unsigned char> converted(source.dtype == dtype ? 0 : kPanel * dtype_bytes(dtype, k + 1));
+      const unsigned char* rows[kPanel];
       for (int64_t p = begin; p < end; ++p) {
-        for (int64_t i = 0; i < kPanel; ++i) {
-          const int64_t r = p * kPanel + i;
-          if (r < n) {
-            convert_dtype(static_cast<const char*>(source.data) + r * k * dtype_size(source.dtype),
-                          source.dtype, row.data(), dtype, k);
-          } else {
-            std::fill(row.begin(), row.end(), 0);  // padding rows of the last panel
+        int64_t present = 0;  // rows of this panel that exist (the last panel pads with zeros)
+        for (int64_t i = 0; i < kPanel && p * kPanel + i < n; ++i, ++present) {
+          const unsigned char* row = static_cast<const unsigned char*>(source.data) + (p * kPanel + i) * source_row_bytes;
+          if (source.dtype != dtype) {
+            unsigned char* target = converted.data() + i * dtype_bytes(dtype, k + 1);
+            convert_dtype(row, source.dtype, target, dtype, k);
+            row = target;
           }
-          if (dtype == DType::F32) {  // [K][16]
-            const float* values = reinterpret_cast<const float*>(row.data());
-            float* panel = packed.ptr<float>() + p * stride;
-            for (int64_t c = 0; c < k; ++c) panel[c * kPanel + i] = values[c];
-          } else {  // [ceil(K/2)][16][2]
-            const uint16_t* values = reinterpret_cast<const uint16_t*>(row.data());
-            uint16_t* panel = packed.ptr<uint16_t>() + p * stride;
-            for (int64_t c = 0; c < k; ++c) panel[(c / 2) * 2 * kPanel + i * 2 + c % 2] = values[c];
-            if (k % 2) panel[(k / 2) * 2 * kPanel + i * 2 + 1] = 0;
+          rows[i] = row;
+        }
+        uint32_t* panel = reinterpret_cast<uint32_t*>(static_cast<unsigned char*>(packed.data) +
+                                                      p * stride * dtype_size(dtype));
+        for (int64_t c = 0; c < words; ++c) {
+          uint32_t* line = panel + c * kPanel;
+          for (int64_t i = 0; i < present; ++i) std::memcpy(&line[i], rows[i] + 4 * c, 4);
+          for (int64_t i = present; i < kPanel; ++i) line[i] = 0;
+        }
+        if (odd_tail) {  // the last column pairs with a zero
+          uint32_t* line = panel + words * kPanel;
+          for (int64_t i = 0; i < kPanel; ++i) {
+            uint16_t last = 0;
+            if (i < present) std::memcpy(&last, rows[i] + 2 * (k - 1), 2);
+            line[i] = last;  // low half: column k - 1; high half: zero padding
           }
         }
       }

@@ -56,6 +56,32 @@ struct AttentionArgs {
   float* partial_sum = nullptr;    // [rows]
 };
 
+// A matmul with weights in a GGUF block format, rows as the file stores them.
+struct QuantMatmulArgs {
+  const void* x;        // [T, K] f32 rows, or bf16 rows for the kernels that take them
+  int64_t x_stride;     // elements (f32 or bf16) between rows of x
+  int64_t tokens;       // T
+  int64_t k;            // K: a multiple of the format's block length
+  int64_t n;            // N
+  const void* weight;   // [N] rows of K / block_elements blocks
+  int64_t row_bytes;    // bytes per weight row
+  float* out;           // [T, N]
+  int64_t out_stride;   // elements between rows of out
+  const float* bias;    // [N] or nullptr
+};
+
+// The block formats with kernels, in this order (kQuantFormats entries of KernelTable::quant).
+constexpr int kQuantFormats = 8;  // Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
+
+struct QuantKernels {
+  // Decode / few tokens: weight rows [row_begin, row_end), each streamed once per 4 tokens.
+  void (*matvec)(const QuantMatmulArgs& args, int64_t row_begin, int64_t row_end);
+  bool matvec_bf16;  // takes bf16 activations (rounded as to_bf16_row does)
+  // Prefill: output panels of kPanel rows [panel_begin, panel_end), each dequantised once.
+  void (*matmul)(const QuantMatmulArgs& args, int64_t panel_begin, int64_t panel_end);
+  bool matmul_bf16;
+};
+
 struct KernelTable {
   const char* isa;  // "avx2", "avx512", "avx512_bf16"
   int lanes;        // f32 lanes per vector: query rows per attention group
@@ -77,6 +103,7 @@ struct KernelTable {
   void (*rope)(float* x, int64_t heads, int64_t head_stride, int64_t half, const float* cos,
                const float* sin);
   void (*attention)(const AttentionArgs& args);
+  QuantKernels quant[kQuantFormats];
 };
 
 const KernelTable* kernels_avx2();

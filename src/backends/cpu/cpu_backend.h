@@ -15,6 +15,8 @@ class CpuBackend : public Backend {
 
   std::string name() const override { return "cpu"; }
 
+  // Its matrices are row-major tables already.
+  bool embeds_from(const Tensor& matrix) const override { return matrix.layout == Layout::Strided; }
   void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override;
   void rmsnorm(const Tensor& out, const Tensor& x, const Tensor& weight, float eps) override;
   void matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) override;

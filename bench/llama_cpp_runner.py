@@ -1,0 +1,73 @@
+"""llama.cpp's side of bench/test_gguf_speed.py, run as a separate process (the Python that has
+llama-cpp-python, which need not be the one that has opencamp; a crash inside llama.cpp then
+fails one case, not the run).
+
+    python llama_cpp_runner.py quantize SOURCE.gguf TARGET.gguf FTYPE     (e.g. MOSTLY_Q4_K_M)
+    python llama_cpp_runner.py time FILE.gguf THREADS < {"prefill": [...], "decode_context": [...],
+                                                         "decode_steps": N, "rounds": R}
+
+`time` prints one JSON object: the best prefill and decode seconds, and whether llama.cpp's
+extra buffer types (AMX, repacked rows) were on. They are switched off on CPUs with AMX: this
+llama.cpp's AMX matmul crashes there (seen with llama-cpp-python 0.3.36 on every quantised type).
+"""
+import ctypes
+import json
+import sys
+import time
+
+import llama_cpp
+import llama_cpp.llama_cpp as raw
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def quantize(source: str, target: str, ftype: str) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_" + ftype)
+    params.allow_requantize = True
+    if llama_cpp.llama_model_quantize(source.encode(), target.encode(), ctypes.byref(params)) != 0:
+        sys.exit(f"llama.cpp could not quantize {source} to {ftype}")
+
+
+def time_file(path: str, threads: int, spec: dict) -> dict:
+    extra_buffers = not cpu_has_amx()
+    if not extra_buffers:
+        default = raw.llama_model_default_params
+
+        def without_extra_buffers():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        raw.llama_model_default_params = without_extra_buffers
+    llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, n_ubatch=512, verbose=False)
+    prefill, decode = float("inf"), float("inf")
+    for _ in range(spec["rounds"] + 1):  # the first round warms up
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(spec["prefill"])
+        prefill = min(prefill, time.perf_counter() - start)
+        llm.reset()
+        llm.eval(spec["decode_context"])
+        start = time.perf_counter()
+        for i in range(spec["decode_steps"]):
+            llm.eval([spec["decode_context"][i % len(spec["decode_context"])]])
+        decode = min(decode, time.perf_counter() - start)
+    llm.close()
+    return {"prefill_s": prefill, "decode_s": decode, "extra_buffers": extra_buffers}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "quantize":
+        quantize(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "time":
+        print(json.dumps(time_file(sys.argv[2], int(sys.argv[3]), json.load(sys.stdin))))
+    else:
+        sys.exit(f"unknown command {sys.argv[1]!r}: quantize or time")
