@@ -210,7 +210,7 @@ class CudaBackend::Impl {
   // Rotates the ropes' tensors (the last one is the keys when `store` follows) and stores.
   void run_rope_store(const std::vector<RopeOp>& ropes, const StoreOp* store);
   void run_attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                     std::span<const KVSlot> slots, float scale);
+                     std::span<const KVSlot> slots, float scale, int32_t window);
 };
 
 }  // namespace opencamp::cuda

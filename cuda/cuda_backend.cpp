@@ -258,7 +258,7 @@ void CudaBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const T
 }
 
 void CudaBackend::attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                            std::span<const KVSlot> slots, float scale) {
+                            std::span<const KVSlot> slots, float scale, int32_t window) {
   Impl& s = *impl_;
   s.rethrow_deferred();
   expect_f32(out, 3, "attention", "out");
@@ -280,13 +280,14 @@ void CudaBackend::attention(const Tensor& out, const Tensor& queries, const KVLa
   }
   const bool pass_data = same_span(slots, s.pass_slots);
   if (!s.enter("attention",
-               Fingerprint(kAttention).add(out).add(queries).add(cache.keys).add(cache.values).add(scale).value(),
+               Fingerprint(kAttention).add(out).add(queries).add(cache.keys).add(cache.values).add(scale)
+                   .add(static_cast<uint64_t>(window)).value(),
                pass_data)) {
     return;
   }
   s.context->activate();
   s.flush_pending();
-  s.run_attention(out, queries, cache, slots, scale);
+  s.run_attention(out, queries, cache, slots, scale, window);
 }
 
 void CudaBackend::silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) {
@@ -324,6 +325,37 @@ void CudaBackend::silu_mul(const Tensor& out, const Tensor& gate, const Tensor& 
                     gate.stride[1],   up.ptr<float>(), up.stride[0], up.stride[1],     out.shape[0],
                     out.shape[1]};
   OPENCAMP_CUDA_CHECK(launch_silu_mul(a, s.stream()));
+}
+
+void CudaBackend::gelu_tanh_mul(const Tensor& out, const Tensor& gate, const Tensor& up) {
+  Impl& s = *impl_;
+  s.rethrow_deferred();
+  expect_f32(out, 2, "gelu_tanh_mul", "out");
+  expect_f32(gate, 2, "gelu_tanh_mul", "gate");
+  expect_f32(up, 2, "gelu_tanh_mul", "up");
+  expect(out.shape == gate.shape && gate.shape == up.shape, "gelu_tanh_mul", "shapes disagree");
+  if (!s.enter("gelu_tanh_mul", Fingerprint(kGeluTanhMul).add(out).add(gate).add(up).value(), true)) return;
+  s.context->activate();
+  s.flush_pending();
+  ElementwiseArgs a{out.ptr<float>(), out.stride[0], out.stride[1], gate.ptr<float>(), gate.stride[0],
+                    gate.stride[1],   up.ptr<float>(), up.stride[0], up.stride[1],     out.shape[0],
+                    out.shape[1]};
+  OPENCAMP_CUDA_CHECK(launch_gelu_tanh_mul(a, s.stream()));
+}
+
+void CudaBackend::scale(const Tensor& out, const Tensor& x, float factor) {
+  Impl& s = *impl_;
+  s.rethrow_deferred();
+  expect_f32(out, 2, "scale", "out");
+  expect_f32(x, 2, "scale", "x");
+  expect(out.shape == x.shape, "scale", "shapes disagree");
+  if (!s.enter("scale", Fingerprint(kScale).add(out).add(x).add(factor).value(), true)) return;
+  s.context->activate();
+  s.flush_pending();
+  ElementwiseArgs a{out.ptr<float>(), out.stride[0], out.stride[1], x.ptr<float>(), x.stride[0],
+                    x.stride[1],      nullptr,         0,            0,             out.shape[0],
+                    out.shape[1]};
+  OPENCAMP_CUDA_CHECK(launch_scale(a, factor, s.stream()));
 }
 
 void CudaBackend::add(const Tensor& out, const Tensor& a, const Tensor& b) {

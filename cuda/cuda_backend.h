@@ -97,8 +97,10 @@ class CudaBackend final : public Backend {
   void kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
                 std::span<const KVSlot> slots) override;
   void attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                 std::span<const KVSlot> slots, float scale) override;
+                 std::span<const KVSlot> slots, float scale, int32_t window) override;
   void silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override;
+  void gelu_tanh_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override;
+  void scale(const Tensor& out, const Tensor& x, float factor) override;
   void add(const Tensor& out, const Tensor& a, const Tensor& b) override;
   void to_host(void* host, const Tensor& source) override;
   void from_host(const Tensor& target, const void* host) override;

@@ -47,7 +47,8 @@ class Fingerprint {
   uint64_t hash_ = 0xcbf29ce484222325ull;
 };
 
-enum OpCode { kEmbedding = 1, kRmsNorm, kMatmul, kRope, kKvStore, kAttention, kSiluMul, kAdd, kToHost, kSample };
+enum OpCode { kEmbedding = 1, kRmsNorm, kMatmul, kRope, kKvStore, kAttention, kSiluMul, kAdd, kToHost, kSample,
+              kGeluTanhMul, kScale };
 
 struct GraphKey {
   int64_t tokens = 0;

@@ -151,7 +151,7 @@ void CudaBackend::Impl::run_rope_store(const std::vector<RopeOp>& ropes, const S
 }
 
 void CudaBackend::Impl::run_attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                   std::span<const KVSlot> slots, float scale) {
+                   std::span<const KVSlot> slots, float scale, int32_t window) {
   const int64_t T = queries.shape[0], Hq = queries.shape[1], hd = queries.shape[2];
   const int64_t Hkv = cache.keys.shape[2], block_size = cache.keys.shape[1];
   AttentionArgs a{};
@@ -171,6 +171,7 @@ void CudaBackend::Impl::run_attention(const Tensor& out, const Tensor& queries, 
   a.kv_heads = static_cast<int>(Hkv);
   a.head_dim = static_cast<int>(hd);
   a.scale = scale;
+  a.window = window;
   const int64_t group = Hq / Hkv;
   a.heads_per_item = static_cast<int>(std::min<int64_t>(group, kAttentionRows));
   int64_t max_keys = 0;

@@ -1,4 +1,5 @@
-// Causal attention over the paged KV cache (see AttentionArgs in kernels.h).
+// Causal attention over the paged KV cache, optionally over a sliding window of keys (see
+// AttentionArgs in kernels.h).
 //
 // A block takes up to 16 query rows (token, head) sharing one KV head and one sequence: one
 // token's query heads in decode, a few consecutive tokens times their heads in prefill. It walks
@@ -57,11 +58,12 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionA
   }
 
   float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][kValuesPerLane];
-  int row_position[kRowsPerWarp];
+  int row_position[kRowsPerWarp], row_first[kRowsPerWarp];  // keys [row_first, row_position]
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int r = warp * kRowsPerWarp + i;
     row_position[i] = r < n_rows ? a.slots.positions[first_token + r / n_heads] : -1;
+    row_first[i] = a.window > 0 ? max(0, row_position[i] - a.window + 1) : 0;
     m[i] = -INFINITY;
     l[i] = 0.0f;
 #pragma unroll
@@ -88,7 +90,7 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionA
     for (int i = 0; i < kRowsPerWarp; ++i) {
       if (row_position[i] < 0) continue;  // the same for the whole warp
       const int r = warp * kRowsPerWarp + i, key = tile + lane;
-      const bool visible = key < key_end && key <= row_position[i];
+      const bool visible = key < key_end && key <= row_position[i] && key >= row_first[i];
       float score = -INFINITY;
       if (visible) {
         const float* q = query_tile + r * hd;
@@ -123,7 +125,7 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionA
     if (row_position[i] < 0) continue;
     const int r = warp * kRowsPerWarp + i;
     const int64_t t = first_token + r / n_heads, h = first_head + r % n_heads;
-    if (a.splits == 1) {  // split 0 holds key 0, visible to every row: l > 0
+    if (a.splits == 1) {  // the one split holds the row's own key: l > 0
       const float inverse = 1.0f / l[i];
 #pragma unroll
       for (int c = 0; c < kValuesPerLane; ++c) {

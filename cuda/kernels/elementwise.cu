@@ -1,4 +1,4 @@
-// Memory-bound kernels: embedding rows, RMSNorm, residual add, SiLU * up, and rope fused with
+// Memory-bound kernels: embedding rows, RMSNorm, residual add, SiLU / GELU * up, scale, and rope fused with
 // the KV-cache store. Each honours the strides it is given, as the cpu oracle does.
 #include "kernels/common.cuh"
 
@@ -52,6 +52,26 @@ __global__ void silu_mul_kernel(ElementwiseArgs a) {
     const int64_t r = i / a.cols, c = i % a.cols;
     const float g = a.a[r * a.a_row + c * a.a_col];
     a.out[r * a.out_row + c * a.out_col] = g / (1.0f + expf(-g)) * a.b[r * a.b_row + c * a.b_col];
+  }
+}
+
+__global__ void gelu_tanh_mul_kernel(ElementwiseArgs a) {
+  const int64_t total = a.rows * a.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / a.cols, c = i % a.cols;
+    const float g = a.a[r * a.a_row + c * a.a_col];
+    const float inner = 0.7978845608028654f * (g + 0.044715f * g * g * g);
+    a.out[r * a.out_row + c * a.out_col] = 0.5f * g * (1.0f + tanhf(inner)) * a.b[r * a.b_row + c * a.b_col];
+  }
+}
+
+__global__ void scale_kernel(ElementwiseArgs a, float factor) {
+  const int64_t total = a.rows * a.cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / a.cols, c = i % a.cols;
+    a.out[r * a.out_row + c * a.out_col] = a.a[r * a.a_row + c * a.a_col] * factor;
   }
 }
 
@@ -124,6 +144,20 @@ cudaError_t launch_add(const ElementwiseArgs& args, cudaStream_t stream) {
 cudaError_t launch_silu_mul(const ElementwiseArgs& args, cudaStream_t stream) {
   if (args.rows * args.cols > 0) {
     silu_mul_kernel<<<blocks_for(args.rows * args.cols, 256, 4096), 256, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_gelu_tanh_mul(const ElementwiseArgs& args, cudaStream_t stream) {
+  if (args.rows * args.cols > 0) {
+    gelu_tanh_mul_kernel<<<blocks_for(args.rows * args.cols, 256, 4096), 256, 0, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale(const ElementwiseArgs& args, float factor, cudaStream_t stream) {
+  if (args.rows * args.cols > 0) {
+    scale_kernel<<<blocks_for(args.rows * args.cols, 256, 4096), 256, 0, stream>>>(args, factor);
   }
   return cudaGetLastError();
 }

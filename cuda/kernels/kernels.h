@@ -53,6 +53,10 @@ struct ElementwiseArgs {
 };
 cudaError_t launch_add(const ElementwiseArgs& args, cudaStream_t stream);
 cudaError_t launch_silu_mul(const ElementwiseArgs& args, cudaStream_t stream);
+// out = gelu_tanh(a) * b (PyTorch's gelu(approximate="tanh"); Gemma's MLP).
+cudaError_t launch_gelu_tanh_mul(const ElementwiseArgs& args, cudaStream_t stream);
+// out = a * factor (b unused).
+cudaError_t launch_scale(const ElementwiseArgs& args, float factor, cudaStream_t stream);
 
 // ---- the per-pass batch description on the device ------------------------------------------
 
@@ -123,6 +127,7 @@ struct AttentionArgs {
   int heads_per_item;  // query heads of one KV head per block, <= 16
   int keys_per_split, splits;
   float scale;
+  int window;      // > 0: a row at position p sees keys [p - window + 1, p] only (sliding window)
   float* partial;  // [T * Hq, splits, hd + 2] when splits > 1
 };
 cudaError_t launch_attention(const AttentionArgs& args, cudaStream_t stream);

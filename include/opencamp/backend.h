@@ -105,17 +105,28 @@ class Backend {
                         std::span<const KVSlot> slots);  // [T]
 
   // Causal attention over the cache: token t attends to positions [0, slots[t].position] of its
-  // own sequence. Query heads share KV heads in groups of n_heads / n_kv_heads (GQA / MQA).
+  // own sequence, or with window > 0 (sliding-window layers) to the last `window` of them,
+  // [slots[t].position - window + 1, slots[t].position]. Query heads share KV heads in groups
+  // of n_heads / n_kv_heads (GQA / MQA).
   virtual void attention(const Tensor& out,      // [T, n_heads, head_dim] f32
                          const Tensor& queries,  // [T, n_heads, head_dim] f32
                          const KVLayerView& cache,
                          std::span<const KVSlot> slots,  // [T]
-                         float scale);
+                         float scale, int32_t window);
 
   // out = silu(gate) * up; out may alias gate.
   virtual void silu_mul(const Tensor& out,    // [T, F] f32
                         const Tensor& gate,   // [T, F] f32
                         const Tensor& up);    // [T, F] f32
+
+  // out = gelu(gate) * up with GELU's tanh approximation (PyTorch's gelu(approximate="tanh"),
+  // Gemma's gelu_pytorch_tanh); out may alias gate.
+  virtual void gelu_tanh_mul(const Tensor& out,    // [T, F] f32
+                             const Tensor& gate,   // [T, F] f32
+                             const Tensor& up);    // [T, F] f32
+
+  // out = x * factor; out may alias x (Gemma's embedding scale).
+  virtual void scale(const Tensor& out, const Tensor& x, float factor);  // [T, D] f32 each
 
   // out = a + b; out may alias a or b.
   virtual void add(const Tensor& out, const Tensor& a, const Tensor& b);  // [T, D] f32 each

@@ -1,5 +1,6 @@
-// Architectures and loaded models. Llama and Qwen share one decoder block; an Architecture only
-// says which optional parts a checkpoint has (biases, q/k norms) and how its tensors are named.
+// Architectures and loaded models. Llama, Qwen and Gemma share one decoder block; an Architecture
+// only says which optional parts a checkpoint has (biases, q/k norms, sandwich norms) and how its
+// tensors are named.
 // Quirks are normalised at load time so the forward pass has no per-architecture branches.
 #pragma once
 
@@ -22,7 +23,14 @@ struct ArchitectureTraits {
   bool qkv_bias = false;  // q/k/v projections have a bias (qwen2 always; llama/qwen3 via config)
   bool o_bias = false;    // output projection has a bias
   bool mlp_bias = false;  // gate/up/down projections have a bias
-  bool qk_norm = false;   // RMSNorm over each head of q and k before rope (qwen3)
+  bool qk_norm = false;   // RMSNorm over each head of q and k before rope (qwen3, gemma3)
+  // Norms after attention and after the MLP too, before each adds to the residual (gemma).
+  bool sandwich_norms = false;
+  // RMSNorm multiplies by (1 + weight) (gemma): Hugging Face checkpoints get 1 added to every
+  // norm weight at load (GGUF files already hold 1 + weight).
+  bool norm_weight_offset = false;
+  // The embedding is multiplied by sqrt(hidden_size), rounded to the embedding's dtype (gemma).
+  bool scaled_embedding = false;
 };
 
 struct Architecture {
@@ -50,6 +58,7 @@ struct LayerWeights {
   Tensor wqkv, bqkv;          // [(Hq + 2 Hkv) * hd, D], [(Hq + 2 Hkv) * hd] f32 or empty
   Tensor q_norm, k_norm;      // [hd] f32, or empty
   Tensor ffn_norm;            // [D] f32
+  Tensor post_attn_norm, post_ffn_norm;  // [D] f32 (sandwich norms), or empty
   Tensor w_gate, w_up, w_down;  // [F, D], [F, D], [D, F]
   Tensor b_gate, b_up, b_down;  // [F], [F], [D] f32, or empty
   Tensor w_gate_up, b_gate_up;  // [2F, D] (gate rows, then up rows), [2F] f32 or empty
@@ -62,6 +71,9 @@ struct ModelWeights {
   Tensor lm_head;     // [V, D]; the embedding matrix again when embeddings are tied (the
                       // same memory unless the backend lays matmul weights out its own way)
   Tensor rope_inv_freq;  // [hd / 2] f32, rope scaling already applied
+  Tensor rope_inv_freq_local;  // [hd / 2] f32 for sliding-window layers, or empty (rope_inv_freq)
+  float embedding_scale = 1.0f;  // the embedding is multiplied by this (gemma: sqrt(D))
+  float attention_scale = 1.0f;  // attention scores are multiplied by this
 };
 
 // How many of a model's weight matrices (embedding included) are held in one format.

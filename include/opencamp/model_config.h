@@ -26,7 +26,7 @@ struct RopeConfig {
 };
 
 struct ModelConfig {
-  std::string model_type;  // "llama", "qwen2", "qwen3"
+  std::string model_type;  // "llama", "qwen2", "qwen3", "gemma3_text" (Hugging Face) / "gemma3" (GGUF)
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;
@@ -40,10 +40,24 @@ struct ModelConfig {
   bool attention_bias = false;  // q/k/v/o bias (llama, qwen3); qwen2 always has q/k/v bias
   bool mlp_bias = false;
   bool use_sliding_window = false;  // qwen2/qwen3 option; not supported, refused at load
+  std::string hidden_act = "silu";  // the MLP's activation: "silu" or "gelu_pytorch_tanh" (gemma)
+  // Attention scores are scaled by 1 / sqrt(query_pre_attn_scalar) (gemma); 0: by 1 / sqrt(head_dim).
+  double query_pre_attn_scalar = 0;
+  // Per layer: > 0 for a sliding-window layer that attends to the last `window` positions, 0
+  // for a global one. Empty when no layer has a window.
+  std::vector<int> layer_windows;
   RopeConfig rope;
+  // The rope of the sliding-window layers when it differs from `rope` (Gemma 3's
+  // rope_local_base_freq); has_local_rope false: every layer uses `rope`.
+  bool has_local_rope = false;
+  RopeConfig local_rope;
   int bos_token_id = -1;
   std::vector<int> eos_token_ids;  // union of config.json and generation_config.json
   std::string torch_dtype;         // as written in config.json ("bfloat16", "float32", ...)
+
+  int layer_window(int layer) const {
+    return layer_windows.empty() ? 0 : layer_windows[static_cast<size_t>(layer)];
+  }
 };
 
 // Limits on hyper-parameters, beyond any real model's (Llama 3 405B: 126 layers, 128 heads,

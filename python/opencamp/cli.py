@@ -588,8 +588,9 @@ def info(as_json, model, revision) -> None:
     else:
         click.echo("  features: unknown (no /proc/cpuinfo)")
     click.echo("architectures (config.json model_type):")
+    width = max((len(a["model_type"]) for a in data["architectures"]), default=8)
     for a in data["architectures"]:
-        click.echo(f"  {a['model_type']:<8} {a['description']}")
+        click.echo(f"  {a['model_type']:<{width}} {a['description']}")
     if "model" in data:
         click.echo(f"model: {data['model']['path']}")
         for key, value in data["model"].items():

@@ -51,6 +51,11 @@ py::dict config_dict(const ModelConfig& c) {
   d["tie_word_embeddings"] = c.tie_word_embeddings;
   d["rope_type"] = rope_type_name(c.rope.type);
   d["rope_theta"] = c.rope.theta;
+  // Per layer: the sliding window (0: a global layer); the local layers' rope base, or None.
+  std::vector<int> windows = c.layer_windows;
+  if (windows.empty()) windows.assign(static_cast<size_t>(c.num_layers), 0);
+  d["layer_windows"] = windows;
+  d["local_rope_theta"] = c.has_local_rope ? py::object(py::float_(c.local_rope.theta)) : py::object(py::none());
   d["bos_token_id"] = c.bos_token_id;
   d["eos_token_ids"] = c.eos_token_ids;
   d["torch_dtype"] = c.torch_dtype;

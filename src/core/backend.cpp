@@ -49,10 +49,12 @@ void Backend::kv_store(const KVLayerView&, const Tensor&, const Tensor&, std::sp
   unsupported("kv_store");
 }
 void Backend::attention(const Tensor&, const Tensor&, const KVLayerView&, std::span<const KVSlot>,
-                        float) {
+                        float, int32_t) {
   unsupported("attention");
 }
 void Backend::silu_mul(const Tensor&, const Tensor&, const Tensor&) { unsupported("silu_mul"); }
+void Backend::gelu_tanh_mul(const Tensor&, const Tensor&, const Tensor&) { unsupported("gelu_tanh_mul"); }
+void Backend::scale(const Tensor&, const Tensor&, float) { unsupported("scale"); }
 void Backend::add(const Tensor&, const Tensor&, const Tensor&) { unsupported("add"); }
 
 void Backend::to_host(void* host, const Tensor& source) {

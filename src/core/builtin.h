@@ -20,7 +20,10 @@ BackendInfo cuda_backend_info();  // cuda/cuda_backend.cpp
 #endif
 
 Architecture llama_architecture();
+Architecture mistral_architecture();
 Architecture qwen2_architecture();
 Architecture qwen3_architecture();
+Architecture gemma3_architecture();       // "gemma3_text" (Hugging Face)
+Architecture gemma3_gguf_architecture();  // "gemma3" (GGUF)
 
 }  // namespace opencamp

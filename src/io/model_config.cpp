@@ -83,8 +83,10 @@ class ConfigReader {
 
 // Both spellings: `rope_parameters` {rope_type, rope_theta, ...} (transformers 5) and top-level
 // `rope_theta` + `rope_scaling` {type | rope_type, factor, ...} (older checkpoints).
+RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* settings, double theta,
+                               const char* where);
+
 RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
-  RopeConfig rope;
   const json::Value* params = reader.find("rope_parameters");
   const json::Value* scaling = reader.find("rope_scaling");
   const json::Value* settings = params ? params : scaling;
@@ -92,7 +94,21 @@ RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
     fail(ErrorKind::InvalidModel, reader.source(), ": '", params ? "rope_parameters" : "rope_scaling",
          "' must be an object");
   }
-  rope.theta = reader.number_or(root, "rope_theta", 10000.0);
+  // Per layer type (Gemma 3 in transformers 5): the global layers' rope here.
+  if (params && params->find("full_attention")) settings = params->find("full_attention");
+  if (settings && !settings->is_object()) {
+    fail(ErrorKind::InvalidModel, reader.source(), ": 'rope_parameters.full_attention' must be an object");
+  }
+  return parse_rope_settings(reader, settings, reader.number_or(root, "rope_theta", 10000.0),
+                             params ? "rope_parameters" : "rope_scaling");
+}
+
+// `settings`: {rope_type | type, rope_theta, factor, ...} or nullptr (default rope at `theta`);
+// `where` names it in messages.
+RopeConfig parse_rope_settings(const ConfigReader& reader, const json::Value* settings, double theta,
+                               const char* where) {
+  RopeConfig rope;
+  rope.theta = theta;
   if (!settings) return rope;
   rope.theta = reader.number_or(*settings, "rope_theta", rope.theta);
   std::string type = "default";
@@ -100,8 +116,7 @@ RopeConfig parse_rope(const ConfigReader& reader, const json::Value& root) {
     const json::Value* v = settings->find(key);
     if (!v || v->is_null()) continue;
     if (!v->is_string()) {
-      fail(ErrorKind::InvalidModel, reader.source(), ": '", key, "' in '",
-           params ? "rope_parameters" : "rope_scaling", "' is ", json::type_name(v->type()),
+      fail(ErrorKind::InvalidModel, reader.source(), ": '", key, "' in '", where, "' is ", json::type_name(v->type()),
            ", expected a string such as \"default\", \"linear\" or \"llama3\"");
     }
     type = v->as_string();
@@ -156,6 +171,62 @@ void check_special_ids(const ModelConfig& config, const std::string& source) {
       fail(ErrorKind::InvalidModel, source, ": eos_token_id ", id, " is outside the vocabulary (",
            config.vocab_size, ")");
     }
+  }
+}
+
+// Gemma 3's interleaved local (sliding-window) and global layers: `layer_types`, or older
+// configs' sliding_window_pattern (every pattern-th layer global); the local layers' rope
+// (rope_parameters.sliding_attention, or rope_local_base_freq); the attention scale.
+void parse_gemma3(const ConfigReader& reader, const json::Value& root, ModelConfig& config) {
+  const std::string& source = reader.source();
+  for (const char* key : {"final_logit_softcapping", "attn_logit_softcapping"}) {
+    if (reader.find(key)) {
+      fail(ErrorKind::Unsupported, source, ": ", key, " is set; logit soft-capping (Gemma 2) is not supported");
+    }
+  }
+  if (reader.bool_or("use_bidirectional_attention", false)) {
+    fail(ErrorKind::Unsupported, source, ": use_bidirectional_attention is true; only causal attention is supported");
+  }
+  config.query_pre_attn_scalar = reader.number_or(root, "query_pre_attn_scalar", 256.0);
+  if (!(config.query_pre_attn_scalar > 0)) {
+    fail(ErrorKind::InvalidModel, source, ": 'query_pre_attn_scalar' must be positive");
+  }
+  const int window = reader.int_or("sliding_window", 0, 1);
+  std::vector<bool> sliding(static_cast<size_t>(config.num_layers));
+  if (const json::Value* types = reader.find("layer_types")) {
+    if (!types->is_array() || types->as_array().size() != sliding.size()) {
+      fail(ErrorKind::InvalidModel, source, ": 'layer_types' must list one type per layer (", config.num_layers, ")");
+    }
+    for (size_t i = 0; i < sliding.size(); ++i) {
+      const json::Value& type = types->as_array()[i];
+      const std::string name = type.is_string() ? type.as_string() : "?";
+      if (name != "sliding_attention" && name != "full_attention") {
+        fail(ErrorKind::InvalidModel, source, ": layer_types[", i, "] is '", name,
+             "'; expected sliding_attention or full_attention");
+      }
+      sliding[i] = name == "sliding_attention";
+    }
+  } else {
+    int pattern = reader.int_or("sliding_window_pattern", 6, 1);
+    pattern = reader.int_or("_sliding_window_pattern", pattern, 1);
+    for (size_t i = 0; i < sliding.size(); ++i) sliding[i] = (i + 1) % static_cast<size_t>(pattern) != 0;
+  }
+  if (std::find(sliding.begin(), sliding.end(), true) != sliding.end()) {
+    if (window <= 0) fail(ErrorKind::InvalidModel, source, ": sliding_attention layers need a positive 'sliding_window'");
+    config.layer_windows.assign(sliding.size(), 0);
+    for (size_t i = 0; i < sliding.size(); ++i) config.layer_windows[i] = sliding[i] ? window : 0;
+  }
+  config.has_local_rope = true;
+  const json::Value* params = reader.find("rope_parameters");
+  const json::Value* local = params && params->is_object() ? params->find("sliding_attention") : nullptr;
+  if (local && !local->is_object()) {
+    fail(ErrorKind::InvalidModel, source, ": 'rope_parameters.sliding_attention' must be an object");
+  }
+  config.local_rope = parse_rope_settings(reader, local, reader.number_or(root, "rope_local_base_freq", 10000.0),
+                                          "rope_parameters.sliding_attention");
+  // Older configs: top-level rope_theta is the global layers' base (default 1e6, not 1e4).
+  if (!(params && params->find("full_attention"))) {
+    config.rope.theta = reader.number_or(root, "rope_theta", 1000000.0);
   }
 }
 
@@ -216,6 +287,10 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
          ": 'model_type' is missing; is this a Hugging Face transformers config.json?");
   }
   config.model_type = model_type->as_string();
+  if (config.model_type == "gemma3") {
+    fail(ErrorKind::Unsupported, source, ": model_type 'gemma3' is the multimodal Gemma 3 (text_config inside); "
+         "load a text-only checkpoint (Gemma3ForCausalLM, model_type 'gemma3_text') or its GGUF file");
+  }
   config.vocab_size = reader.positive_int("vocab_size");
   config.hidden_size = reader.positive_int("hidden_size");
   config.intermediate_size = reader.positive_int("intermediate_size");
@@ -238,12 +313,20 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
   config.attention_bias = reader.bool_or("attention_bias", false);
   config.mlp_bias = reader.bool_or("mlp_bias", false);
   config.use_sliding_window = reader.bool_or("use_sliding_window", false);
-  if (const json::Value* act = reader.find("hidden_act")) {
-    if (!act->is_string() || act->as_string() != "silu") {
-      fail(ErrorKind::Unsupported, source, ": hidden_act '",
-           act->is_string() ? act->as_string() : std::string("?"), "' is not supported (only silu)");
+  // Gemma names it hidden_activation (older Gemma configs carry both spellings) and uses GELU.
+  const bool gemma = config.model_type == "gemma3_text";
+  for (const char* key : {"hidden_activation", "hidden_act"}) {
+    const json::Value* act = reader.find(key);
+    if (!act) continue;
+    const std::string name = act->is_string() ? act->as_string() : std::string("?");
+    if (name != (gemma ? "gelu_pytorch_tanh" : "silu")) {
+      fail(ErrorKind::Unsupported, source, ": ", key, " '", name, "' is not supported (only ",
+           gemma ? "gelu_pytorch_tanh for gemma3_text" : "silu", ")");
     }
+    config.hidden_act = name;
+    break;
   }
+  if (gemma) config.hidden_act = "gelu_pytorch_tanh";  // transformers' default for Gemma 3
   // Pre-quantised checkpoints (GPTQ, AWQ, bitsandbytes, FP8, ...) keep packed integer tensors
   // in place of the weights: say so, rather than report the weights as not matching config.json.
   if (const json::Value* quant = reader.find("quantization_config")) {
@@ -254,6 +337,12 @@ ModelConfig parse_model_config(const std::string& json_text, const std::string& 
          "F32, BF16 or F16)");
   }
   config.rope = parse_rope(reader, root);
+  if (config.model_type == "gemma3_text") parse_gemma3(reader, root, config);
+  if (config.model_type == "mistral") {  // one window for every layer, when set
+    if (const int window = reader.int_or("sliding_window", 0, 1); window > 0) {
+      config.layer_windows.assign(static_cast<size_t>(config.num_layers), window);
+    }
+  }
   config.bos_token_id = reader.int_or("bos_token_id", -1);
   reader.token_ids("eos_token_id", config.eos_token_ids);
   for (const char* key : {"torch_dtype", "dtype"}) {
@@ -375,6 +464,21 @@ ModelConfig gguf_model_config(const GgufFile& file) {
   } else if (scaling != "none") {
     fail(ErrorKind::Unsupported, source, ": ", r.key("rope.scaling.type"), " is '", scaling,
          "'; opencamp supports none and linear rope scaling in GGUF files");
+  }
+
+  if (config.model_type == "gemma3") {
+    // What llama.cpp (and transformers' GGUF loader) assume for Gemma 3, which the converter
+    // does not write: GELU, every sixth layer global, local layers' rope base 10000 without
+    // scaling, attention scaled by 1 / sqrt(head_dim) (query_pre_attn_scalar = head_dim
+    // except for the 27B model, whose files llama.cpp recognises by size).
+    config.hidden_act = "gelu_pytorch_tanh";
+    config.query_pre_attn_scalar = config.num_layers == 62 ? static_cast<double>(config.hidden_size) / config.num_heads
+                                                           : config.head_dim;
+    const int window = r.required_int("attention.sliding_window");
+    config.layer_windows.assign(static_cast<size_t>(config.num_layers), 0);
+    for (int i = 0; i < config.num_layers; ++i) config.layer_windows[static_cast<size_t>(i)] = (i + 1) % 6 != 0 ? window : 0;
+    config.has_local_rope = true;
+    config.local_rope.theta = 10000.0;
   }
 
   // The vocabulary: {arch}.vocab_size when written, else the tokenizer's token list.

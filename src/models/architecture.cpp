@@ -12,7 +12,8 @@ std::mutex registry_mutex;
 
 std::vector<Architecture>& registry_locked() {
   static std::vector<Architecture> architectures{llama_architecture(), qwen2_architecture(),
-                                                 qwen3_architecture()};
+                                                 qwen3_architecture(), gemma3_architecture(),
+                                                 gemma3_gguf_architecture(), mistral_architecture()};
   return architectures;
 }
 

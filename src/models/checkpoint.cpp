@@ -31,7 +31,10 @@ constexpr LayerName kLayerNames[] = {  // indexed by LayerTensor
     {"mlp.gate_proj", "ffn_gate"},
     {"mlp.up_proj", "ffn_up"},
     {"mlp.down_proj", "ffn_down"},
+    {"post_attention_layernorm", "post_attention_norm"},  // sandwich norms (gemma)
+    {"post_feedforward_layernorm", "post_ffw_norm"},
 };
+constexpr LayerName kSandwichFfnNorm = {"pre_feedforward_layernorm", "ffn_norm"};
 constexpr LayerName kModelNames[] = {  // indexed by ModelTensor
     {"model.embed_tokens.weight", "token_embd.weight"},
     {"model.norm.weight", "output_norm.weight"},
@@ -62,6 +65,7 @@ Checkpoint open_gguf(const fs::path& file_path) {
   c.config = gguf_model_config(*file);
   architecture.validate(c.config, c.config_source);
   c.interleaved_rope_rows = c.config.model_type == "llama";
+  c.sandwich_norms = architecture.traits(c.config).sandwich_norms;
   c.store = std::make_unique<WeightStore>(WeightStore::from_gguf(std::move(file)));
   return c;
 }
@@ -72,7 +76,9 @@ Checkpoint open_hugging_face(const fs::path& dir) {
   c.path = dir;
   c.config_source = (dir / "config.json").string();
   c.config = load_model_config(dir);
-  find_architecture(c.config.model_type, c.config_source).validate(c.config, c.config_source);
+  const Architecture& architecture = find_architecture(c.config.model_type, c.config_source);
+  architecture.validate(c.config, c.config_source);
+  c.sandwich_norms = architecture.traits(c.config).sandwich_norms;
   c.store = std::make_unique<WeightStore>(WeightStore::open(dir));
   return c;
 }
@@ -85,7 +91,8 @@ std::string Checkpoint::name(ModelTensor tensor) const {
 }
 
 std::string Checkpoint::name(int layer, LayerTensor tensor, const char* kind) const {
-  const LayerName& n = kLayerNames[static_cast<size_t>(tensor)];
+  const LayerName& n = sandwich_norms && tensor == LayerTensor::FfnNorm ? kSandwichFfnNorm
+                                                                        : kLayerNames[static_cast<size_t>(tensor)];
   const std::string suffix = *kind ? std::string(".") + kind : std::string();
   if (format == CheckpointFormat::Gguf) return "blk." + std::to_string(layer) + "." + n.gguf + suffix;
   return "model.layers." + std::to_string(layer) + "." + n.hugging_face + suffix;

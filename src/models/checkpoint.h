@@ -16,7 +16,7 @@ enum class CheckpointFormat { HuggingFace, Gguf };
 
 // The tensors of a model, named per format by Checkpoint::name.
 enum class ModelTensor { Embedding, FinalNorm, Output, RopeFactors };
-enum class LayerTensor { AttnNorm, Q, K, V, O, QNorm, KNorm, FfnNorm, Gate, Up, Down };
+enum class LayerTensor { AttnNorm, Q, K, V, O, QNorm, KNorm, FfnNorm, Gate, Up, Down, PostAttnNorm, PostFfnNorm };
 
 struct Checkpoint {
   CheckpointFormat format = CheckpointFormat::HuggingFace;
@@ -27,6 +27,9 @@ struct Checkpoint {
   // llama.cpp's converter interleaves the rows of each head of attn_q / attn_k (and their
   // biases) in llama-architecture files, for its rope layout; the loader puts them back.
   bool interleaved_rope_rows = false;
+  // Gemma's four norms per layer: Hugging Face calls the norm before the MLP
+  // pre_feedforward_layernorm, and post_attention_layernorm the one after attention.
+  bool sandwich_norms = false;
 
   std::string name(ModelTensor tensor) const;
   // `kind`: "weight", "bias", or "" for the name without that suffix.

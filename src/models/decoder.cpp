@@ -63,7 +63,7 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
   const Tensor q_heads = q.split_last(hd), k_heads = k.split_last(hd), v_heads = v.split_last(hd);
   const Tensor attn_heads = attn.split_last(hd);
   const Tensor gate = gate_up.columns(0, F), up = gate_up.columns(F, F);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const bool gelu = c.hidden_act == "gelu_pytorch_tanh";
 
   backend.begin_forward({batch.tokens, batch.positions, batch.slots, n_logit_rows, batch.logit_rows});
   struct EndForward {  // also when an op throws, so a device backend never stays mid-pass
@@ -72,9 +72,12 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
   } end_forward{backend};
 
   backend.embedding(x, w.embed, batch.tokens);
+  if (w.embedding_scale != 1.0f) backend.scale(x, x, w.embedding_scale);
   for (int layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& L = w.layers[static_cast<size_t>(layer)];
     const KVLayerView& kv = kv_layers[static_cast<size_t>(layer)];
+    const int32_t window = c.layer_window(layer);  // 0: a global layer
+    const Tensor& inv_freq = window > 0 && !w.rope_inv_freq_local.empty() ? w.rope_inv_freq_local : w.rope_inv_freq;
 
     backend.rmsnorm(h, x, L.attn_norm, c.rms_norm_eps);
     if (!L.wqkv.empty()) {  // one pass over h for q, k and v
@@ -84,15 +87,16 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
       backend.matmul(k, h, L.wk, optional(L.bk));
       backend.matmul(v, h, L.wv, optional(L.bv));
     }
-    if (!L.q_norm.empty()) {  // per-head RMSNorm (qwen3), before rope
+    if (!L.q_norm.empty()) {  // per-head RMSNorm (qwen3, gemma3), before rope
       backend.rmsnorm(q_heads, q_heads, L.q_norm, c.rms_norm_eps);
       backend.rmsnorm(k_heads, k_heads, L.k_norm, c.rms_norm_eps);
     }
-    backend.rope(q_heads, batch.positions, w.rope_inv_freq);
-    backend.rope(k_heads, batch.positions, w.rope_inv_freq);
+    backend.rope(q_heads, batch.positions, inv_freq);
+    backend.rope(k_heads, batch.positions, inv_freq);
     backend.kv_store(kv, k_heads, v_heads, batch.slots);
-    backend.attention(attn_heads, q_heads, kv, batch.slots, scale);
+    backend.attention(attn_heads, q_heads, kv, batch.slots, w.attention_scale, window);
     backend.matmul(h, attn, L.wo, optional(L.bo));
+    if (!L.post_attn_norm.empty()) backend.rmsnorm(h, h, L.post_attn_norm, c.rms_norm_eps);
     backend.add(x, x, h);
 
     backend.rmsnorm(h, x, L.ffn_norm, c.rms_norm_eps);
@@ -102,8 +106,13 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
       backend.matmul(gate, h, L.w_gate, optional(L.b_gate));
       backend.matmul(up, h, L.w_up, optional(L.b_up));
     }
-    backend.silu_mul(gate, gate, up);
+    if (gelu) {
+      backend.gelu_tanh_mul(gate, gate, up);
+    } else {
+      backend.silu_mul(gate, gate, up);
+    }
     backend.matmul(h, gate, L.w_down, optional(L.b_down));
+    if (!L.post_ffn_norm.empty()) backend.rmsnorm(h, h, L.post_ffn_norm, c.rms_norm_eps);
     backend.add(x, x, h);
   }
 

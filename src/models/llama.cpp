@@ -1,4 +1,4 @@
-// Llama 2/3, SmolLM2, TinyLlama, Mistral-style checkpoints without sliding windows: GQA or MQA
+// Llama 2/3, SmolLM2, TinyLlama and Mistral checkpoints: GQA or MQA
 // via num_key_value_heads, optional biases via attention_bias / mlp_bias.
 #include "core/builtin.h"
 
@@ -16,6 +16,15 @@ Architecture llama_architecture() {
     return t;
   };
   a.validate = [](const ModelConfig&, const std::string&) {};
+  return a;
+}
+
+// Mistral: the llama decoder; with `sliding_window` set (Mistral 7B v0.1), every layer attends
+// to the last sliding_window positions. (llama.cpp writes Mistral GGUF files as llama.)
+Architecture mistral_architecture() {
+  Architecture a = llama_architecture();
+  a.model_type = "mistral";
+  a.description = "Mistral (the llama decoder, sliding window on every layer when set)";
   return a;
 }
 

@@ -250,6 +250,16 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     return prepared;
   };
   auto vector = [&](const std::string& name, int64_t n) { return host_vector(vector_values(name, n)); };
+  // RMSNorm weights; Gemma's multiply by (1 + w), which GGUF files already hold. The 1 is added
+  // in f32 after any bf16 rounding, as transformers computes 1.0 + weight.float().
+  const bool add_one_to_norms = traits_.norm_weight_offset && checkpoint.format == CheckpointFormat::HuggingFace;
+  auto norm = [&](const std::string& name, int64_t n) {
+    std::vector<float> values = vector_values(name, n);
+    if (add_one_to_norms) {
+      for (float& v : values) v += 1.0f;
+    }
+    return host_vector(std::move(values));
+  };
 
   // q/k/v or gate/up of one layer: one stacked matrix (and bias) when the backend fuses
   // projections and every part is held in the same format; otherwise each part on its own
@@ -322,7 +332,7 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
   auto base = [&](int layer, LayerTensor t) { return names.name(layer, t, ""); };
   for (int i = 0; i < c.num_layers; ++i) {
     LayerWeights& L = weights_.layers[static_cast<size_t>(i)];
-    L.attn_norm = vector(names.name(i, LayerTensor::AttnNorm), D);
+    L.attn_norm = norm(names.name(i, LayerTensor::AttnNorm), D);
     const bool qkv_bias = traits_.qkv_bias;
     projections({{base(i, LayerTensor::Q), q_dim, q_heads, &L.wq, qkv_bias ? &L.bq : nullptr},
                  {base(i, LayerTensor::K), kv_dim, k_heads, &L.wk, qkv_bias ? &L.bk : nullptr},
@@ -331,10 +341,14 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     L.wo = matrix(names.name(i, LayerTensor::O), D, q_dim);
     if (traits_.o_bias) L.bo = vector(names.name(i, LayerTensor::O, "bias"), D);
     if (traits_.qk_norm) {
-      L.q_norm = vector(names.name(i, LayerTensor::QNorm), c.head_dim);
-      L.k_norm = vector(names.name(i, LayerTensor::KNorm), c.head_dim);
+      L.q_norm = norm(names.name(i, LayerTensor::QNorm), c.head_dim);
+      L.k_norm = norm(names.name(i, LayerTensor::KNorm), c.head_dim);
     }
-    L.ffn_norm = vector(names.name(i, LayerTensor::FfnNorm), D);
+    L.ffn_norm = norm(names.name(i, LayerTensor::FfnNorm), D);
+    if (traits_.sandwich_norms) {
+      L.post_attn_norm = norm(names.name(i, LayerTensor::PostAttnNorm), D);
+      L.post_ffn_norm = norm(names.name(i, LayerTensor::PostFfnNorm), D);
+    }
     const bool mlp_bias = traits_.mlp_bias;
     projections({{base(i, LayerTensor::Gate), F, 0, &L.w_gate, mlp_bias ? &L.b_gate : nullptr},
                  {base(i, LayerTensor::Up), F, 0, &L.w_up, mlp_bias ? &L.b_up : nullptr}},
@@ -342,7 +356,7 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
     L.w_down = matrix(names.name(i, LayerTensor::Down), D, F);
     if (mlp_bias) L.b_down = vector(names.name(i, LayerTensor::Down, "bias"), D);
   }
-  weights_.final_norm = vector(names.name(ModelTensor::FinalNorm), D);
+  weights_.final_norm = norm(names.name(ModelTensor::FinalNorm), D);
   if (!c.tie_word_embeddings) weights_.lm_head = matrix(names.name(ModelTensor::Output), V, D);
   weight_dtype_ = std::max_element(weight_types_.begin(), weight_types_.end(), [](const auto& a, const auto& b) {
                     return a.second.bytes < b.second.bytes;
@@ -363,12 +377,26 @@ Model::Model(const std::filesystem::path& model_path, Backend& backend, const st
   }
   refuse_unused_tensors(checkpoint, *store);
 
-  auto inv_freq_buffer = backend.allocate(inv_freq.size() * sizeof(float));
-  owned_.push_back(inv_freq_buffer);
-  weights_.rope_inv_freq = Tensor::contiguous(inv_freq_buffer->data(), DType::F32,
-                                              {static_cast<int64_t>(inv_freq.size())},
-                                              backend.device());
-  backend.from_host(weights_.rope_inv_freq, inv_freq.data());
+  auto device_vector = [&](const std::vector<float>& values) {
+    auto buffer = backend.allocate(values.size() * sizeof(float));
+    owned_.push_back(buffer);
+    const Tensor t = Tensor::contiguous(buffer->data(), DType::F32, {static_cast<int64_t>(values.size())},
+                                        backend.device());
+    backend.from_host(t, values.data());
+    return t;
+  };
+  weights_.rope_inv_freq = device_vector(inv_freq);
+  if (c.has_local_rope && !c.layer_windows.empty()) {
+    weights_.rope_inv_freq_local = device_vector(rope_inverse_frequencies(c.local_rope, c.head_dim));
+  }
+  if (traits_.scaled_embedding) {
+    // As transformers: sqrt(hidden_size) as a float32 tensor, cast to the embedding's dtype.
+    const float scale = static_cast<float>(std::sqrt(static_cast<double>(D)));
+    weights_.embedding_scale = embed_held == DType::BF16 ? bf16_to_f32(f32_to_bf16(scale)) : scale;
+  }
+  weights_.attention_scale = c.query_pre_attn_scalar > 0
+                                 ? static_cast<float>(1.0 / std::sqrt(c.query_pre_attn_scalar))
+                                 : 1.0f / std::sqrt(static_cast<float>(c.head_dim));
 }
 
 std::string Model::weight_format() const {

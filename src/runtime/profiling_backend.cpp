@@ -85,12 +85,18 @@ class ProfilingBackend final : public Backend {
     timed("kv_store", [&] { inner_->kv_store(cache, keys, values, slots); });
   }
   void attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                 std::span<const KVSlot> slots, float scale) override {
+                 std::span<const KVSlot> slots, float scale, int32_t window) override {
     timed(queries.shape[0] == 1 ? "attention T=1" : "attention T>1",
-          [&] { inner_->attention(out, queries, cache, slots, scale); });
+          [&] { inner_->attention(out, queries, cache, slots, scale, window); });
   }
   void silu_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override {
     timed("silu_mul", [&] { inner_->silu_mul(out, gate, up); });
+  }
+  void gelu_tanh_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override {
+    timed("gelu_tanh_mul", [&] { inner_->gelu_tanh_mul(out, gate, up); });
+  }
+  void scale(const Tensor& out, const Tensor& x, float factor) override {
+    timed("scale", [&] { inner_->scale(out, x, factor); });
   }
   void add(const Tensor& out, const Tensor& a, const Tensor& b) override {
     timed("add", [&] { inner_->add(out, a, b); });

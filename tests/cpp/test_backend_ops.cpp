@@ -670,6 +670,7 @@ std::vector<OpCase> attention_cases() {
     std::vector<int> lengths;                  // per sequence
     std::vector<std::pair<int, int>> batch;    // (sequence, position) per token
     const char* what;
+    int32_t window = 0;                        // > 0: the last `window` keys only
   };
   auto prefill = [](int seq, int from, int to) {
     std::vector<std::pair<int, int>> b;
@@ -698,6 +699,15 @@ std::vector<OpCase> attention_cases() {
       {16, 2, 128, 16, {50}, {{0, 49}}, "decode gqa 8 hd 128"},
       {4, 1, 16, 16, {17, 33, 16}, {{0, 16}, {1, 32}, {2, 15}}, "decode mqa hd 16"},
       {12, 4, 64, 16, {300}, prefill(0, 260, 300), "prefill tail hd 64"},
+      // Sliding windows: a prefill longer than the window from position 0 (rows whose window
+      // starts mid-block and mid-group), decode tokens far past it (split keys), a window
+      // wider than the prefix, and Gemma 3's shape (MQA, head_dim 256).
+      {8, 1, 24, 5, {37}, prefill(0, 0, 37), "window prefill", 6},
+      {6, 2, 13, 3, {9, 40, 1}, concat(prefill(0, 2, 9), {{1, 39}, {2, 0}}), "window mixed", 4},
+      {9, 3, 32, 16, {1200, 40, 700}, {{0, 1199}, {1, 39}, {2, 699}}, "window long batched decode", 100},
+      {4, 1, 16, 16, {17, 33, 16}, {{0, 16}, {1, 32}, {2, 15}}, "window decode mqa hd 16", 17},
+      {4, 1, 256, 16, {70, 9}, concat(prefill(0, 40, 70), {{1, 8}}), "window prefill gemma3 hd 256", 20},
+      {4, 1, 256, 16, {1500}, {{0, 1499}}, "window long decode gemma3 hd 256", 512},
   };
   for (const Shape& s : shapes) {
     std::mt19937 rng(static_cast<unsigned>(600 + s.H * 10 + s.hd));
@@ -708,20 +718,21 @@ std::vector<OpCase> attention_cases() {
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.hd));
     OpCase c;
     c.op = "attention";
-    c.shape = fmt("%s T=%lld H=%lld Hkv=%lld (gqa %lld) hd=%lld block=%lld seqs=%zu", s.what, (long long)T,
-                  (long long)s.H, (long long)s.Hkv, (long long)(s.H / s.Hkv), (long long)s.hd,
-                  (long long)s.block_size, s.lengths.size());
+    c.shape = fmt("%s T=%lld H=%lld Hkv=%lld (gqa %lld) hd=%lld block=%lld seqs=%zu window=%d", s.what,
+                  (long long)T, (long long)s.H, (long long)s.Hkv, (long long)(s.H / s.Hkv), (long long)s.hd,
+                  (long long)s.block_size, s.lengths.size(), s.window);
     c.run = [=](Backend& b) {
       HostTensor out = make_tensor(DType::F32, {T, s.H, s.hd});
       DeviceTensor d_keys = upload(b, keys_for(b, p->keys)), d_values = upload(b, p->values);
       DeviceTensor d_q = upload(b, *q), d_out = upload(b, out);
       const std::vector<KVSlot> slots = p->slots();
-      b.attention(d_out.view, d_q.view, KVLayerView{d_keys.view, d_values.view}, slots, scale);
+      b.attention(d_out.view, d_q.view, KVLayerView{d_keys.view, d_values.view}, slots, scale, s.window);
       download(b, d_out, out);
       return Output{out.values(), true};
     };
-    // Naive softmax(q k^T * scale) v over keys [0, position] of the token's own sequence,
-    // from the flat per-sequence K/V arrays (no blocks involved), in double.
+    // Naive softmax(q k^T * scale) v over keys [0, position] of the token's own sequence (the
+    // last `window` of them with a window), from the flat per-sequence K/V arrays (no blocks
+    // involved), in double.
     c.reference = [=] {
       std::vector<double> ref;
       const int64_t group = s.H / s.Hkv;
@@ -729,11 +740,12 @@ std::vector<OpCase> attention_cases() {
         const auto& K = p->flat_k[static_cast<size_t>(p->seq_of_token[t])];
         const auto& V = p->flat_v[static_cast<size_t>(p->seq_of_token[t])];
         const int n_keys = p->position_of_token[t] + 1;
+        const int first = s.window > 0 ? std::max(0, n_keys - s.window) : 0;
         for (int64_t h = 0; h < s.H; ++h) {
           const int64_t kv = h / group;
-          std::vector<double> scores(static_cast<size_t>(n_keys));
+          std::vector<double> scores(static_cast<size_t>(n_keys), -INFINITY);  // exp: 0 outside the window
           double max_score = -INFINITY;
-          for (int j = 0; j < n_keys; ++j) {
+          for (int j = first; j < n_keys; ++j) {
             double dot = 0;
             for (int64_t d = 0; d < s.hd; ++d) {
               dot += double(q->get((t * s.H + h) * s.hd + d)) * K[static_cast<size_t>((j * s.Hkv + kv) * s.hd + d)];
@@ -745,7 +757,7 @@ std::vector<OpCase> attention_cases() {
           for (double& sc : scores) total += (sc = std::exp(sc - max_score));
           for (int64_t d = 0; d < s.hd; ++d) {
             double acc = 0;
-            for (int j = 0; j < n_keys; ++j) {
+            for (int j = first; j < n_keys; ++j) {
               acc += scores[static_cast<size_t>(j)] / total * V[static_cast<size_t>((j * s.Hkv + kv) * s.hd + d)];
             }
             ref.push_back(acc);
@@ -766,10 +778,12 @@ std::vector<OpCase> elementwise_cases() {
     int alias;  // 0: separate output, 1: out aliases the first input, 2: the second
   };
   for (const Shape& s : {Shape{1, 37, 0, 0}, Shape{9, 131, 4, 0}, Shape{5, 67, 0, 1}, Shape{3, 29, 2, 2}}) {
-    for (const char* op : {"silu_mul", "add"}) {
-      const bool silu = std::string(op) == "silu_mul";
-      if (silu && s.alias == 2) continue;  // silu_mul promises only out == gate
-      std::mt19937 rng(static_cast<unsigned>(700 + s.T + s.F + silu));
+    for (const char* op : {"silu_mul", "gelu_tanh_mul", "scale", "add"}) {
+      const std::string name = op;
+      const bool silu = name == "silu_mul", gelu = name == "gelu_tanh_mul", scale = name == "scale";
+      if ((silu || gelu || scale) && s.alias == 2) continue;  // they promise only out == first input
+      std::mt19937 rng(static_cast<unsigned>(700 + s.T + s.F + silu + 2 * gelu + 3 * scale));
+      const float factor = 25.25f;  // Gemma 3 270M's bf16 sqrt(640)
       auto a = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, s.F}, s.pad));
       auto bb = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, s.F}, s.pad));
       fill_random(*a, rng, -12.0f, 12.0f);  // silu's tails: ~0 and ~x
@@ -783,6 +797,8 @@ std::vector<OpCase> elementwise_cases() {
         DeviceTensor d_x = upload(b, x), d_y = upload(b, y), d_out = upload(b, out);
         const Tensor& target = s.alias == 1 ? d_x.view : s.alias == 2 ? d_y.view : d_out.view;
         if (silu) b.silu_mul(target, d_x.view, d_y.view);
+        else if (gelu) b.gelu_tanh_mul(target, d_x.view, d_y.view);
+        else if (scale) b.scale(target, d_x.view, factor);
         else b.add(target, d_x.view, d_y.view);
         HostTensor& result = s.alias == 1 ? x : s.alias == 2 ? y : out;
         download(b, s.alias == 1 ? d_x : s.alias == 2 ? d_y : d_out, result);
@@ -792,7 +808,9 @@ std::vector<OpCase> elementwise_cases() {
         std::vector<double> ref;
         for (int64_t i = 0; i < a->numel(); ++i) {
           const double g = a->get(i), u = bb->get(i);
-          ref.push_back(silu ? g / (1.0 + std::exp(-g)) * u : g + u);
+          // PyTorch's gelu(approximate="tanh") in double.
+          const double gelu_g = 0.5 * g * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (g + 0.044715 * g * g * g)));
+          ref.push_back(silu ? g / (1.0 + std::exp(-g)) * u : gelu ? gelu_g * u : scale ? g * double(factor) : g + u);
         }
         return ref;
       };
@@ -831,7 +849,7 @@ TEST_CASE(cpu_oracle_matches_double_reference) {
     CHECK_MSG(out.padding_intact, c.op << " " << c.shape << ": wrote outside its view (or changed an input)");
     ops.insert(c.op);
   }
-  CHECK_EQ(ops.size(), size_t(8));  // every op of backend.h is covered
+  CHECK_EQ(ops.size(), size_t(10));  // every op of backend.h is covered
 }
 
 namespace {
@@ -908,7 +926,7 @@ TEST_CASE(a_backend_that_implements_nothing_fails_the_oracle_comparison) {
   for (const OpCase& c : cases) {
     if (!c.oracle_only) ops.insert(c.op);
   }
-  CHECK_EQ(ops.size(), size_t(8));
+  CHECK_EQ(ops.size(), size_t(10));
   for (const std::string& op : ops) {
     const bool named = std::any_of(problems.begin(), problems.end(), [&](const std::string& p) {
       return p.find("bare " + op + " ") == 0 && p.find("not implemented") != std::string::npos &&
@@ -937,8 +955,10 @@ TEST_CASE(backend_registry_and_unsupported_defaults) {
   CHECK_THROWS_WITH(bare.matmul(t, t, t, nullptr), K::Unsupported, "bare", "matmul");
   CHECK_THROWS_WITH(bare.rope(t3, std::span<const int32_t>(ids, 1), t), K::Unsupported, "rope");
   CHECK_THROWS_WITH(bare.kv_store(cache, t3, t3, slots), K::Unsupported, "kv_store");
-  CHECK_THROWS_WITH(bare.attention(t3, t3, cache, slots, 1.0f), K::Unsupported, "attention");
+  CHECK_THROWS_WITH(bare.attention(t3, t3, cache, slots, 1.0f, 0), K::Unsupported, "attention");
   CHECK_THROWS_WITH(bare.silu_mul(t, t, t), K::Unsupported, "silu_mul");
+  CHECK_THROWS_WITH(bare.gelu_tanh_mul(t, t, t), K::Unsupported, "gelu_tanh_mul");
+  CHECK_THROWS_WITH(bare.scale(t, t, 2.0f), K::Unsupported, "scale");
   CHECK_THROWS_WITH(bare.add(t, t, t), K::Unsupported, "'add'");
 
   CHECK_THROWS_WITH(create_backend("no-such-backend", {}), K::InvalidArgument, "no-such-backend", "cpu");

@@ -296,9 +296,9 @@ TEST_CASE(attention_long_contexts_gqa_and_prefill_match_the_oracle) {
     const std::initializer_list<int64_t> pool_shape = {paged.n_blocks, c.block, c.Hkv, c.hd};
     const float scale = 1.0f / std::sqrt(static_cast<float>(c.hd));
     oracle->attention(out.cpu({T, c.H, c.hd}), qkv.cpu({T, row}).columns(0, c.H * c.hd).split_last(c.hd),
-                      KVLayerView{keys.cpu(pool_shape), values.cpu(pool_shape)}, slots, scale);
+                      KVLayerView{keys.cpu(pool_shape), values.cpu(pool_shape)}, slots, scale, 0);
     gpu->attention(out.gpu({T, c.H, c.hd}), qkv.gpu({T, row}).columns(0, c.H * c.hd).split_last(c.hd),
-                   KVLayerView{keys.gpu(pool_shape), values.gpu(pool_shape)}, slots, scale);
+                   KVLayerView{keys.gpu(pool_shape), values.gpu(pool_shape)}, slots, scale, 0);
     const double err = normalised_error(out.gpu_values(), out.cpu_values());
     report("attention", c.what, err, kF32Bound);
     CHECK_MSG(err <= kF32Bound, c.what << ": " << err);
@@ -524,7 +524,7 @@ TEST_CASE(errors_name_the_call_and_leave_the_backend_usable) {
   const int32_t table_entries[] = {0};
   const KVSlot slot[] = {{table_entries, 0}};
   const Tensor pool = big.gpu({1, 1, 2, 320});
-  CHECK_THROWS_WITH(gpu->attention(big.gpu({1, 2, 320}), big.gpu({1, 2, 320}), KVLayerView{pool, pool}, slot, 1.0f),
+  CHECK_THROWS_WITH(gpu->attention(big.gpu({1, 2, 320}), big.gpu({1, 2, 320}), KVLayerView{pool, pool}, slot, 1.0f, 0),
                     ErrorKind::Unsupported, "head_dim 320");
   CHECK_NOTHROW(gpu->synchronize());  // the refused calls left nothing behind
 }

@@ -149,8 +149,8 @@ TEST_CASE(what_cannot_be_loaded_is_named) {
     copy.write(path);
     return path;
   };
-  fs::path p = edited([](GgufCopy& c) { c.set_string("general.architecture", "gemma3"); });
-  CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "'gemma3' is not supported",
+  fs::path p = edited([](GgufCopy& c) { c.set_string("general.architecture", "gemma2"); });
+  CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "'gemma2' is not supported",
                     "llama, qwen2, qwen3");
   p = edited([](GgufCopy& c) { c.remove("llama.block_count"); });
   CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "llama.block_count", "missing");

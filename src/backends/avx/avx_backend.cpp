@@ -245,14 +245,19 @@ class AvxBackend final : public CpuBackend {
   }
 
   void attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-                 std::span<const KVSlot> slots, float scale) override {
+                 std::span<const KVSlot> slots, float scale, int32_t window) override {
     const int64_t T = queries.shape[0], Hq = queries.shape[1], hd = queries.shape[2];
     const int64_t Hkv = cache.keys.shape[2];
     if (queries.ndim != 3 || out.ndim != 3 || !unit_inner(queries) || !unit_inner(out) ||
         out.shape != queries.shape || hd > avx::kMaxHeadDim || hd != cache.keys.shape[3] ||
-        Hq % Hkv != 0 || T != static_cast<int64_t>(slots.size()) || !cache.values.is_contiguous()) {
-      return CpuBackend::attention(out, queries, cache, slots, scale);
+        Hq % Hkv != 0 || T != static_cast<int64_t>(slots.size()) || !cache.values.is_contiguous() ||
+        window < 0) {
+      return CpuBackend::attention(out, queries, cache, slots, scale, window);
     }
+    // The first key a token sees, rounded down to the 16-key chunks split-K works in.
+    auto first_key = [&](int64_t position) {
+      return window > 0 ? std::max<int64_t>(0, position - window + 1) / 16 * 16 : int64_t{0};
+    };
     // Groups of query rows (token, head) that share a sequence and a KV head, lanes at a time:
     // each group reads its keys and values once.
     const int64_t group = Hq / Hkv, lanes = kernels_->lanes;
@@ -268,20 +273,27 @@ class AvxBackend final : public CpuBackend {
           const int64_t h1 = std::min(h0 + lanes, (kv_head + 1) * group);
           // Rows ordered token by token within the run, so a group spans few positions.
           AttentionGroup current{query_rows_.size(), 0, kv_head, slots[t].block_table, 0, 0, 1 << 30, -1};
+          int64_t last_key = 0;  // of the group's rows: cost = last_key + 1 - key_begin
+          auto close_group = [&] {
+            current.cost = last_key + 1 - current.key_begin;
+            groups_.push_back(current);
+          };
           for (int64_t tt = t; tt < run_end; ++tt) {
             for (int64_t h = h0; h < h1; ++h) {
               if (current.rows == lanes) {
-                groups_.push_back(current);
+                close_group();
                 current = {query_rows_.size(), 0, kv_head, slots[t].block_table, 0, 0, 1 << 30, -1};
               }
+              const int64_t row_first = first_key(slots[tt].position);
+              current.key_begin = current.rows == 0 ? row_first : std::min(current.key_begin, row_first);
               query_rows_.push_back(static_cast<const float*>(queries.at({tt, h})));
               output_rows_.push_back(static_cast<float*>(out.at({tt, h})));
               row_positions_.push_back(slots[tt].position);
               current.rows += 1;
-              current.cost = std::max<int64_t>(current.cost, slots[tt].position + 1);
+              last_key = current.rows == 1 ? slots[tt].position : std::max<int64_t>(last_key, slots[tt].position);
             }
           }
-          if (current.rows > 0) groups_.push_back(current);
+          if (current.rows > 0) close_group();
         }
         t = run_end;
       }
@@ -307,6 +319,7 @@ class AvxBackend final : public CpuBackend {
       args.head_dim = static_cast<int>(hd);
       args.block_size = static_cast<int>(block_size);
       args.scale = scale;
+      args.window = window;
       args.key_begin = static_cast<int>(g.key_begin);
       args.key_end = static_cast<int>(std::min<int64_t>(g.key_end, 1 << 30));
       if (g.partial >= 0) {
@@ -359,8 +372,8 @@ class AvxBackend final : public CpuBackend {
       const AttentionGroup& g = groups_[static_cast<size_t>(item / splits)];
       const int64_t split = item % splits;
       AttentionGroup part = g;
-      part.key_begin = split * keys_per_split;
-      part.key_end = (split + 1) * keys_per_split;
+      part.key_begin = g.key_begin + split * keys_per_split;
+      part.key_end = g.key_begin + (split + 1) * keys_per_split;
       part.partial = item;
       run_group(part);
     });
@@ -400,6 +413,17 @@ class AvxBackend final : public CpuBackend {
     });
   }
 
+  void gelu_tanh_mul(const Tensor& out, const Tensor& gate, const Tensor& up) override {
+    if (out.ndim != 2 || !unit_inner(out) || !unit_inner(gate) || !unit_inner(up) ||
+        out.shape != gate.shape || gate.shape != up.shape) {
+      return CpuBackend::gelu_tanh_mul(out, gate, up);
+    }
+    rows(out.shape[0], out.shape[1], [&](int64_t t) {
+      kernels_->gelu_tanh_mul(out.ptr<float>() + t * out.stride[0], gate.ptr<float>() + t * gate.stride[0],
+                              up.ptr<float>() + t * up.stride[0], out.shape[1]);
+    });
+  }
+
   void add(const Tensor& out, const Tensor& a, const Tensor& b) override {
     if (out.ndim != 2 || !unit_inner(out) || !unit_inner(a) || !unit_inner(b) ||
         out.shape != a.shape || a.shape != b.shape) {
@@ -417,8 +441,8 @@ class AvxBackend final : public CpuBackend {
     int64_t rows;
     int64_t kv_head;
     const int32_t* block_table;
-    int64_t cost;                  // keys the longest row reads
-    int64_t key_begin = 0;         // split-K: this part's keys
+    int64_t cost;                  // keys the group reads, from key_begin on
+    int64_t key_begin = 0;         // the first key any row sees (a multiple of 16); split-K: this part's
     int64_t key_end = 1 << 30;
     int64_t partial = -1;          // split-K: index of this part's partial results, or -1
   };

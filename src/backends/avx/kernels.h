@@ -31,7 +31,7 @@ struct AttentionArgs {
   int rows;                        // <= lanes of the ISA
   const float* const* queries;     // [rows] -> [head_dim]
   float* const* outputs;           // [rows] -> [head_dim]
-  const int32_t* positions;        // [rows]: row r attends to keys [0, positions[r]]
+  const int32_t* positions;        // [rows]: row r attends to keys [0, positions[r]] (see window)
   const int32_t* block_table;      // the sequence's blocks
   // Key (position j, dim d) of this KV head: keys + block(j) * key_block_stride +
   // (j % block_size) * key_position_stride + key_head_offset + d * key_dim_stride. Keys stored
@@ -49,6 +49,8 @@ struct AttentionArgs {
   // of exponentials go there, for the caller to merge; otherwise outputs get the result.
   int key_begin = 0;
   int key_end = 1 << 30;
+  // > 0: row r attends to keys [positions[r] - window + 1, positions[r]] only (sliding window).
+  int window = 0;
   float* partial_out = nullptr;    // [rows][head_dim] or nullptr
   float* partial_max = nullptr;    // [rows]
   float* partial_sum = nullptr;    // [rows]
@@ -94,6 +96,8 @@ struct KernelTable {
   float (*sum_squares)(const float* x, int64_t n);
   void (*scale_mul)(float* out, const float* x, float scale, const float* weight, int64_t n);
   void (*silu_mul)(float* out, const float* gate, const float* up, int64_t n);
+  // out = gelu_tanh(gate) * up, as gate * sigmoid(2 sqrt(2/pi) (gate + 0.044715 gate^3)) * up.
+  void (*gelu_tanh_mul)(float* out, const float* gate, const float* up, int64_t n);
   void (*add)(float* out, const float* a, const float* b, int64_t n);
   // x[h * head_stride + i] rotated with cos/sin[i] (pairs i and i + half) for every head.
   void (*rope)(float* x, int64_t heads, int64_t head_stride, int64_t half, const float* cos,

@@ -205,7 +205,7 @@ void CpuBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const Te
 }
 
 void CpuBackend::attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
-               std::span<const KVSlot> slots, float scale) {
+               std::span<const KVSlot> slots, float scale, int32_t window) {
   expect_f32(out, 3, "attention", "out");
   expect_f32(queries, 3, "attention", "queries");
   const int64_t n_tokens = queries.shape[0], n_heads = queries.shape[1];
@@ -214,29 +214,35 @@ void CpuBackend::attention(const Tensor& out, const Tensor& queries, const KVLay
   expect(out.shape == queries.shape && n_tokens == static_cast<int64_t>(slots.size()) &&
              head_dim == cache.keys.shape[3] && n_heads % n_kv_heads == 0,
          "attention", "shapes disagree (queries [T, H, hd], cache [.., .., Hkv, hd], H % Hkv == 0)");
+  expect(window >= 0, "attention", "window must be >= 0 (0: no window)");
   const int64_t group = n_heads / n_kv_heads;
   pool_->parallel_for(n_tokens * n_heads, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / n_heads, h = item % n_heads, kv_head = h / group;
-      const int64_t n_keys = slots[t].position + 1;
+      // Keys [first_key, position]: the whole prefix, or the last `window` positions.
+      const int64_t last_key = slots[t].position;
+      const int64_t first_key = window > 0 ? std::max<int64_t>(0, last_key - window + 1) : 0;
+      const int64_t n_keys = last_key - first_key + 1;
       scores.assign(static_cast<size_t>(n_keys), 0.0f);
       float max_score = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n_keys; ++j) {
+      for (int64_t i = 0; i < n_keys; ++i) {
+        const int64_t j = first_key + i;
         const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
         float dot = 0.0f;
         for (int64_t d = 0; d < head_dim; ++d) {
           dot += f32_at3(queries, t, h, d) * f32_at4(cache.keys, block, offset, kv_head, d);
         }
-        scores[j] = dot * scale;
-        max_score = std::max(max_score, scores[j]);
+        scores[i] = dot * scale;
+        max_score = std::max(max_score, scores[i]);
       }
       float total = 0.0f;
       for (float& s : scores) total += (s = std::exp(s - max_score));
       for (int64_t d = 0; d < head_dim; ++d) f32_at3(out, t, h, d) = 0.0f;
-      for (int64_t j = 0; j < n_keys; ++j) {
+      for (int64_t i = 0; i < n_keys; ++i) {
+        const int64_t j = first_key + i;
         const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
-        const float weight = scores[j] / total;
+        const float weight = scores[i] / total;
         for (int64_t d = 0; d < head_dim; ++d) {
           f32_at3(out, t, h, d) += weight * f32_at4(cache.values, block, offset, kv_head, d);
         }
@@ -256,6 +262,34 @@ void CpuBackend::silu_mul(const Tensor& out, const Tensor& gate, const Tensor& u
         const float g = f32_at2(gate, t, f);
         f32_at2(out, t, f) = g / (1.0f + std::exp(-g)) * f32_at2(up, t, f);
       }
+    }
+  });
+}
+
+void CpuBackend::gelu_tanh_mul(const Tensor& out, const Tensor& gate, const Tensor& up) {
+  expect_f32(out, 2, "gelu_tanh_mul", "out");
+  expect_f32(gate, 2, "gelu_tanh_mul", "gate");
+  expect_f32(up, 2, "gelu_tanh_mul", "up");
+  expect(out.shape == gate.shape && gate.shape == up.shape, "gelu_tanh_mul", "shapes disagree");
+  const float sqrt_2_over_pi = 0.7978845608028654f;
+  pool_->parallel_for(out.shape[0], [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t f = 0; f < out.shape[1]; ++f) {
+        const float g = f32_at2(gate, t, f);
+        const float inner = sqrt_2_over_pi * (g + 0.044715f * g * g * g);
+        f32_at2(out, t, f) = 0.5f * g * (1.0f + std::tanh(inner)) * f32_at2(up, t, f);
+      }
+    }
+  });
+}
+
+void CpuBackend::scale(const Tensor& out, const Tensor& x, float factor) {
+  expect_f32(out, 2, "scale", "out");
+  expect_f32(x, 2, "scale", "x");
+  expect(out.shape == x.shape, "scale", "shapes disagree");
+  pool_->parallel_for(out.shape[0], [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t d = 0; d < out.shape[1]; ++d) f32_at2(out, t, d) = f32_at2(x, t, d) * factor;
     }
   });
 }
