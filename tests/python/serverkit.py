@@ -28,6 +28,25 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 JSON_TYPE = {"content-type": "application/json"}  # POST routes take nothing else (415)
 
 
+def assert_openai_error(response, status, *, param=..., code=..., match=None) -> dict:
+    """The response is `status` with a body in OpenAI's error shape; returns its error object.
+    `match`: a regular expression the message must contain."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert error["type"] in ("invalid_request_error", "server_error")
+    if param is not ...:
+        assert error["param"] == param
+    if code is not ...:
+        assert error["code"] == code, error
+    if match is not None:
+        assert re.search(match, error["message"]), error["message"]
+    return error
+
+
 def make_app(llm, **options):
     """An app serving `llm` as MODEL, greedy unless `defaults` says otherwise."""
     from opencamp.server import ServerOptions, create_app

@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 
 import opencamp
 from opencamp.server import ServerOptions, create_app
-from serverkit import (HELLO, JSON_TYPE, MODEL, TINY_CONTEXT, hold_streams, live_app, make_app,
+from serverkit import (HELLO, assert_openai_error, JSON_TYPE, MODEL, TINY_CONTEXT, hold_streams, live_app, make_app,
                        metric, parse_sse, sse_events, wait_until)
 
 
@@ -29,23 +29,6 @@ from serverkit import (HELLO, JSON_TYPE, MODEL, TINY_CONTEXT, hold_streams, live
 def chat(client, max_tokens=6, **body):
     return client.post("/v1/chat/completions",
                        json={"model": MODEL, "messages": HELLO, "max_tokens": max_tokens, **body})
-
-
-def assert_error(response, status, *, param=..., code=..., match=None):
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["type"] in ("invalid_request_error", "server_error")
-    if param is not ...:
-        assert error["param"] == param
-    if code is not ...:
-        assert error["code"] == code
-    if match is not None:
-        assert re.search(match, error["message"]), error["message"]
-    return error
 
 
 def no_leaks(llm, app_state):
@@ -66,7 +49,7 @@ def test_models_lists_the_served_model(client):
     assert listed["data"][0]["object"] == "model"
     assert listed["data"][0]["max_model_len"] == TINY_CONTEXT
     assert client.get(f"/v1/models/{MODEL}").json()["id"] == MODEL
-    assert_error(client.get("/v1/models/other"), 404, param="model", code="model_not_found")
+    assert_openai_error(client.get("/v1/models/other"), 404, param="model", code="model_not_found")
 
 
 def test_chat_completion_shape_and_usage(client):
@@ -241,7 +224,7 @@ BAD_REQUESTS = [
 @pytest.mark.parametrize("body,status,param,pattern", BAD_REQUESTS,
                          ids=[f"{i}-{b[2]}" for i, b in enumerate(BAD_REQUESTS)])
 def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pattern):
-    assert_error(client.post("/v1/chat/completions", json=body), status, param=param,
+    assert_openai_error(client.post("/v1/chat/completions", json=body), status, param=param,
                  match=pattern)
 
 
@@ -253,44 +236,44 @@ def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pat
 ])
 def test_malformed_json_is_400(client, raw, pattern):
     response = client.post("/v1/chat/completions", content=raw, headers=JSON_TYPE)
-    assert_error(response, 400, match=pattern)
+    assert_openai_error(response, 400, match=pattern)
 
 
 def test_bad_completion_prompts_are_400(client):
-    assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400,
+    assert_openai_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400,
                  param="prompt", match="one prompt per request")
-    assert_error(client.post("/v1/completions", json={"prompt": 5}), 400, param="prompt")
-    assert_error(client.post("/v1/completions", json={"prompt": [1, 10**9]}), 400,
+    assert_openai_error(client.post("/v1/completions", json={"prompt": 5}), 400, param="prompt")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": [1, 10**9]}), 400,
                  param="prompt", match="outside the vocabulary")
-    assert_error(client.post("/v1/completions", json={"prompt": ""}), 400, param="prompt",
+    assert_openai_error(client.post("/v1/completions", json={"prompt": ""}), 400, param="prompt",
                  match="empty")
-    assert_error(client.post("/v1/completions", json={"prompt": "a", "echo": True}), 400,
+    assert_openai_error(client.post("/v1/completions", json={"prompt": "a", "echo": True}), 400,
                  param="echo")
 
 
 def test_unknown_model_is_404(client):
-    assert_error(chat(client, model="gpt-4o"), 404, param="model", code="model_not_found",
+    assert_openai_error(chat(client, model="gpt-4o"), 404, param="model", code="model_not_found",
                  match="gpt-4o")
 
 
 def test_prompt_beyond_the_context_is_400_with_the_counts(client, tiny_llm):
     long_text = "word " * (TINY_CONTEXT + 10)
-    error = assert_error(client.post("/v1/chat/completions", json={
+    error = assert_openai_error(client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": long_text}]}), 400, param="messages",
         code="context_length_exceeded", match=f"maximum context length is {TINY_CONTEXT}")
     prompt_tokens = len(tiny_llm.chat_prompt_ids([{"role": "user", "content": long_text}]))
     assert str(prompt_tokens) in error["message"]
     # A prompt that fits, with a max_tokens that does not: both numbers are named.
     prompt_tokens = len(tiny_llm.chat_prompt_ids(HELLO))
-    error = assert_error(chat(client, max_tokens=TINY_CONTEXT), 400,
+    error = assert_openai_error(chat(client, max_tokens=TINY_CONTEXT), 400,
                          code="context_length_exceeded")
     assert f"{prompt_tokens + TINY_CONTEXT} tokens ({prompt_tokens} in the messages, " \
            f"{TINY_CONTEXT} in the completion)" in error["message"]
 
 
 def test_unknown_routes_and_methods_are_openai_errors(client):
-    assert_error(client.get("/v1/nothing"), 404, code="unknown_url", match="/v1/nothing")
-    assert_error(client.get("/v1/chat/completions"), 405, code="method_not_allowed")
+    assert_openai_error(client.get("/v1/nothing"), 404, code="unknown_url", match="/v1/nothing")
+    assert_openai_error(client.get("/v1/chat/completions"), 405, code="method_not_allowed")
 
 
 def test_api_key_guards_every_api_route(tiny_llm):
@@ -300,10 +283,10 @@ def test_api_key_guards_every_api_route(tiny_llm):
                              ("get", "/metrics")]:
             body = {"messages": HELLO, "prompt": "x"} if method == "post" else None
             missing = c.request(method, path, json=body)
-            assert_error(missing, 401, code="invalid_api_key", match="Authorization")
+            assert_openai_error(missing, 401, code="invalid_api_key", match="Authorization")
             assert missing.headers["www-authenticate"] == "Bearer"
             wrong = c.request(method, path, json=body, headers={"Authorization": "Bearer nope"})
-            assert_error(wrong, 401, code="invalid_api_key", match="Incorrect API key")
+            assert_openai_error(wrong, 401, code="invalid_api_key", match="Incorrect API key")
         good = {"Authorization": "Bearer s3cret"}
         ok = c.post("/v1/chat/completions", headers=good,
                     json={"messages": HELLO, "max_tokens": 2})
@@ -318,14 +301,14 @@ def test_api_key_guards_every_api_route(tiny_llm):
 def test_request_body_size_is_limited(tiny_llm):
     with TestClient(make_app(tiny_llm, max_request_bytes=2000)) as c:
         big = {"messages": [{"role": "user", "content": "x" * 5000}], "max_tokens": 2}
-        assert_error(c.post("/v1/chat/completions", json=big), 413, code="request_too_large",
+        assert_openai_error(c.post("/v1/chat/completions", json=big), 413, code="request_too_large",
                      match="2000 bytes")
 
         # Without a Content-Length (chunked upload) the limit holds as well.
         def chunks():
             yield json.dumps(big).encode()
 
-        assert_error(c.post("/v1/chat/completions", content=chunks(), headers=JSON_TYPE), 413,
+        assert_openai_error(c.post("/v1/chat/completions", content=chunks(), headers=JSON_TYPE), 413,
                      code="request_too_large")
         assert chat(c, max_tokens=2).status_code == 200  # and the server goes on
 
@@ -341,7 +324,7 @@ def test_health_is_503_while_loading_then_200(tiny_dir):
     with TestClient(app) as c:
         assert c.get("/health").status_code == 503
         assert c.get("/health").json() == {"status": "loading"}
-        assert_error(chat(c), 503, code="model_loading", match="loading")
+        assert_openai_error(chat(c), 503, code="model_loading", match="loading")
         assert c.get("/config").json()["ready"] is False
         assert metric(c.get("/metrics").text, "opencamp_model_ready") == 0
         release.set()
@@ -358,7 +341,7 @@ def test_failed_load_is_reported(tmp_path):
         wait_until(lambda: c.get("/health").json()["status"] == "error", what="the failure")
         assert c.get("/health").status_code == 503
         assert "missing" in c.get("/health").json()["message"]
-        assert_error(chat(c), 503, code="model_load_failed", match="missing")
+        assert_openai_error(chat(c), 503, code="model_load_failed", match="missing")
     assert len(errors) == 1 and isinstance(errors[0], opencamp.ModelNotFoundError)
 
 
@@ -396,7 +379,7 @@ def test_error_after_streaming_began_ends_the_stream_cleanly(tiny_llm, monkeypat
         assert error["type"] == "server_error" and "injected failure" in error["message"]
         assert set(error) == {"message", "type", "param", "code"}
         # Not streamed, the same failure is a 500 in OpenAI's shape.
-        assert_error(chat(c, max_tokens=50), 500, code="internal_error", match="injected")
+        assert_openai_error(chat(c, max_tokens=50), 500, code="internal_error", match="injected")
         monkeypatch.setattr(tiny_llm, "stream", real_stream)
         assert chat(c, max_tokens=2).status_code == 200  # the server goes on serving
         state = c.app.state.opencamp
@@ -422,7 +405,7 @@ def test_metrics_are_prometheus_text(client):
     first = chat(client, max_tokens=4).json()["usage"]
     second = chat(client, max_tokens=3, stream=True).text
     assert second.endswith("data: [DONE]\n\n")
-    assert_error(chat(client, temperature=9), 400)
+    assert_openai_error(chat(client, temperature=9), 400)
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -676,7 +659,7 @@ def test_a_full_queue_answers_429(tiny_llm, held_streams):
             for stream in (False, True):
                 refused = httpx.post(url + "/v1/chat/completions", timeout=60,
                                      json={**long_body, "stream": stream, "max_tokens": 2})
-                assert_error(refused, 429, code="server_busy", match="busy")
+                assert_openai_error(refused, 429, code="server_busy", match="busy")
             del reading, queued
         wait_until(lambda: no_leaks(tiny_llm, state), what="everything to be freed")
         assert chat_live(url, max_tokens=2)["usage"]["completion_tokens"] == 2

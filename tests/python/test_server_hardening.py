@@ -22,23 +22,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from opencamp.server.protocol import MAX_INT_DIGITS, MAX_JSON_DEPTH, APIError, parse_json_body
-from serverkit import (HELLO, JSON_TYPE, MODEL, TINY_CONTEXT, ServeProcess, hold_streams, live_app,
+from serverkit import (HELLO, assert_openai_error, JSON_TYPE, MODEL, TINY_CONTEXT, ServeProcess, hold_streams, live_app,
                        make_app, metric, parse_sse, sse_events, wait_until)
 
-
-
-def assert_openai_error(response, status, code=..., match=None) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    if code is not ...:
-        assert error["code"] == code, error
-    if match is not None:
-        assert match in error["message"], error["message"]
-    return error
 
 
 def post_raw(client, raw: bytes, path="/v1/chat/completions", headers=JSON_TYPE):
