@@ -139,16 +139,18 @@ TEST_CASE(rope_frequency_factors_divide_the_frequencies) {
   CHECK(max_abs_diff(la, ref.logits) > 1e-2);  // the scaling did change something
 }
 
+// tiny-llama.f32.gguf with `edit` applied, written as edited.gguf in `dir`.
+fs::path edited_tiny_llama(const fs::path& dir, const std::function<void(GgufCopy&)>& edit) {
+  GgufCopy copy = GgufCopy::read(tiny_gguf("tiny-llama.f32.gguf"));
+  edit(copy);
+  const fs::path path = dir / "edited.gguf";
+  copy.write(path);
+  return path;
+}
+
 TEST_CASE(what_cannot_be_loaded_is_named) {
   TempDir tmp("gguf-models");
-  const fs::path source = tiny_gguf("tiny-llama.f32.gguf");
-  auto edited = [&](const std::function<void(GgufCopy&)>& edit) {
-    GgufCopy copy = GgufCopy::read(source);
-    edit(copy);
-    const fs::path path = tmp / "edited.gguf";
-    copy.write(path);
-    return path;
-  };
+  auto edited = [&](const std::function<void(GgufCopy&)>& edit) { return edited_tiny_llama(tmp.path(), edit); };
   fs::path p = edited([](GgufCopy& c) { c.set_string("general.architecture", "gemma2"); });
   CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "'gemma2' is not supported",
                     "llama, qwen2, qwen3");
@@ -278,14 +280,7 @@ TEST_CASE(quantizing_safetensors_at_load_is_the_quantized_model) {
 
 TEST_CASE(hardening_metadata_ranges_utf8_and_unused_tensors) {
   TempDir tmp("gguf-models");
-  const fs::path source = tiny_gguf("tiny-llama.f32.gguf");
-  auto edited = [&](const std::function<void(GgufCopy&)>& edit) {
-    GgufCopy copy = GgufCopy::read(source);
-    edit(copy);
-    const fs::path path = tmp / "edited.gguf";
-    copy.write(path);
-    return path;
-  };
+  auto edited = [&](const std::function<void(GgufCopy&)>& edit) { return edited_tiny_llama(tmp.path(), edit); };
   // The same range and finiteness checks as config.json (validate_model_config).
   fs::path p = edited([](GgufCopy& c) { c.set("llama.block_count", 4, GgufWriter::encode<uint32_t>(3000000)); });
   CHECK_THROWS_WITH(Engine(p, options()), ErrorKind::InvalidModel, p.string(), "block_count", "3000000");
