@@ -354,12 +354,18 @@ def _bind(host: str, port: int) -> socket.socket:
               help="Queued requests beyond which new ones get HTTP 429.")
 @click.option("--max-request-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
               help="Larger request bodies get HTTP 413.")
+@click.option("--stream-buffer-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens a stream may have generated but not yet delivered to its client; "
+                   "then it is paused off the batch (keeping its KV cache) until the client reads.")
+@click.option("--stream-idle-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds a paused stream's client may read nothing before the stream is ended "
+                   "and its KV cache freed (0: never).")
 @_server_sampling_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
-          log_level, **overrides) -> None:
+          stream_buffer_tokens, stream_idle_timeout, log_level, **overrides) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
     \b
@@ -388,7 +394,9 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
                                  if os.path.exists(os.path.expanduser(model)) else model)
     options = ServerOptions(model_name=name, model_aliases=(model,), api_key=api_key,
                             parallel=parallel, max_waiting=max_waiting,
-                            max_request_bytes=max_request_bytes, defaults=defaults)
+                            max_request_bytes=max_request_bytes,
+                            stream_buffer_tokens=stream_buffer_tokens,
+                            stream_idle_timeout=stream_idle_timeout, defaults=defaults)
     try:
         options.sampling_defaults()
     except ValueError as e:

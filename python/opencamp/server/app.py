@@ -54,6 +54,11 @@ class ServerOptions:
     parallel: int = 4  # sequences decoding together (--max-running); more wait in a FIFO queue
     max_waiting: int = 256  # queued requests beyond which new ones get 429
     max_request_bytes: int = 1 << 20  # request bodies above this get 413
+    # Fair service for clients that do not read: a stream with this many tokens generated but
+    # not delivered is paused off the batch (KV cache kept) until its client reads again...
+    stream_buffer_tokens: int = 64
+    # ...and ended, its KV cache freed, when the client reads nothing for this long (0: never).
+    stream_idle_timeout: float = 60.0
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -92,7 +97,9 @@ class ServerState:
 
     def _set_model(self, llm: LLM) -> None:
         scheduler = RequestRelay(llm, parallel=self.options.parallel,
-                              max_waiting=self.options.max_waiting)
+                                 max_waiting=self.options.max_waiting,
+                                 stream_buffer_tokens=self.options.stream_buffer_tokens,
+                                 stream_idle_timeout=self.options.stream_idle_timeout)
         scheduler.on_finish = self._record
         self.llm, self.scheduler = llm, scheduler
 
@@ -156,6 +163,12 @@ class ServerState:
                     lambda: self.scheduler.total_blocks if self.scheduler else 0)
         m.add_gauge("opencamp_scheduler_steps", "Forward passes the batching loop has run.",
                     stat("steps"))
+        m.add_gauge("opencamp_requests_paused",
+                    "Streams paused off the batch because their clients stopped reading.",
+                    stat("paused"))
+        m.add_gauge("opencamp_stream_idle_timeouts",
+                    "Paused streams ended because their clients read nothing for "
+                    "--stream-idle-timeout seconds.", stat("stream_timeouts"))
         m.add_gauge("opencamp_scheduler_preemptions",
                     "Requests pushed back to the queue to recompute later when the KV cache "
                     "filled up.", stat("preemptions"))
@@ -276,6 +289,8 @@ def _engine_error(error: BaseException) -> APIError:
         return bad_request(str(error))
     if kind == "capacity_exceeded":
         return APIError(400, str(error), code="context_length_exceeded")
+    if kind == "timeout":  # the client stopped reading (--stream-idle-timeout)
+        return APIError(408, str(error), code="stream_idle_timeout")
     return APIError(500, f"generation failed: {type(error).__name__}: {error}",
                     type="server_error", code="internal_error")
 
@@ -341,7 +356,7 @@ async def _whole(start, writer: ResponseWriter) -> dict:
     pieces: list[str] = []
     try:
         while True:
-            event, value = await generation.events.get()
+            event, value = await generation.next_event()
             if event == "text":
                 pieces.append(value)
             elif event == "done":
@@ -362,7 +377,7 @@ async def _sse_stream(start, writer: ResponseWriter):
     try:
         generation = await start()
         while True:
-            event, value = await generation.events.get()
+            event, value = await generation.next_event()
             if event == "text":
                 yield sse(writer.content_chunk(value))
             elif event == "done":
