@@ -391,8 +391,9 @@ void Scheduler::admit() {
         stats_.cached_tokens += reused;
       }
     } catch (const Error& e) {
-      if (e.kind() == ErrorKind::CapacityExceeded && !running_.empty()) {
-        // Not now: it waits (first in line) for running requests to free their blocks.
+      if (e.kind() == ErrorKind::CapacityExceeded && (!running_.empty() || !paused_.empty())) {
+        // Not now: it waits (first in line) for running or paused requests to free their
+        // blocks (paused ones do when their readers return, or at the idle timeout).
         std::lock_guard<std::mutex> lock(mutex_);
         waiting_.push_front(std::move(a));
         stats_.waiting = static_cast<int>(waiting_.size());
