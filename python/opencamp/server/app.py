@@ -460,6 +460,11 @@ async def metrics(request: Request) -> Response:
         # The engine's prefix cache: full blocks kept after their sequence ended, shared by
         # later prompts that start the same way.
         for key, name, kind, text in [
+            ("sequences", "opencamp_kv_cache_sequences", "gauge",
+             "Sequences holding KV cache blocks: running, paused, or kept conversations."),
+            ("kept_sequences", "opencamp_kv_cache_kept_conversations", "gauge",
+             "Finished conversations kept for their next turn (they give way when blocks are "
+             "needed)."),
             ("cached_blocks", "opencamp_kv_cache_blocks_cached", "gauge",
              "Blocks kept for prefix reuse by the engine (reclaimable)."),
             ("prefix_hit_blocks", "opencamp_kv_cache_prefix_hit_blocks_total", "counter",
