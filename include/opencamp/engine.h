@@ -3,6 +3,12 @@
 // sequences) are separate entry points so each can be made fast on its own terms.
 // Public methods are thread-safe: they serialise on one mutex, so generations of different
 // sequences running on different threads interleave step by step.
+//
+// Sequences a Scheduler holds (a generation runs on them, or a finished conversation is kept on
+// them for the next turn) are the scheduler's: the public calls that change a sequence
+// (free_sequence, truncate_sequence, reuse_prefix, prefill, decode, forward) refuse them with
+// Error(InvalidArgument). Kept conversations give way to anyone who needs blocks: when a pass or
+// a prompt needs more than is free, the least recently kept ones are freed first.
 #pragma once
 
 #include <atomic>
@@ -13,6 +19,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "opencamp/backend.h"
@@ -24,6 +31,7 @@
 namespace opencamp {
 
 struct DecoderScratch;
+class Scheduler;
 
 struct EngineOptions {
   std::string backend = "auto";  // "auto" or a registered name ("cpu", ...)
@@ -131,10 +139,39 @@ class Engine {
     int cached_blocks;                       // unused, kept for prefix hits, evictable
     int64_t prefix_hit_blocks, prefix_miss_blocks, evictions;
     size_t bytes_per_position;
+    int kept_sequences;  // finished conversations kept by schedulers (evictable)
   };
   CacheStats cache_stats() const;
 
  private:
+  // ---- the Scheduler's side: the same calls on the sequences it holds -------------------
+  friend class Scheduler;
+  int create_sequence_for(const Scheduler* scheduler);  // created and held, atomically
+  // Claims a caller's sequence for a generation; refused when it is missing or held already.
+  void hold_sequence(int seq, const Scheduler* scheduler);
+  void release_sequence(int seq, const Scheduler* scheduler);  // the caller's again
+  void free_sequence_as(int seq, const Scheduler* scheduler);
+  int truncate_sequence_as(int seq, int length, const Scheduler* scheduler);
+  int reuse_prefix_as(int seq, std::span<const int32_t> prompt, const Scheduler* scheduler);
+  void forward_as(std::span<const Chunk> chunks, std::span<float> logits, const Scheduler* scheduler);
+  // Keeps a finished conversation of `scheduler` for a later request that continues it.
+  void keep_sequence(int seq, const Scheduler* scheduler);
+  // Takes back the kept sequence of `scheduler` sharing the longest prefix with `prompt` (at
+  // least `min_common` tokens, and always leaving one prompt token to compute), or -1.
+  int take_kept_sequence(const Scheduler* scheduler, std::span<const int32_t> prompt,
+                         size_t min_common);
+  bool free_oldest_kept(const Scheduler* scheduler);  // false when it keeps none
+  int kept_count(const Scheduler* scheduler) const;
+
+  struct Holder {
+    const Scheduler* scheduler;
+    bool kept;           // a finished conversation, evictable
+    uint64_t kept_at;    // for least recently kept first
+  };
+  // Throws unless `seq` exists and is not held by anyone but `scheduler` (nullptr: a public
+  // call); `what` names the call for the message.
+  void check_may_change_locked(int seq, const Scheduler* scheduler, const char* what) const;
+  bool evict_oldest_kept_locked(const Scheduler* only = nullptr);
   void forward_locked(std::span<const Chunk> chunks, std::span<float> logits);
   int reuse_prefix_locked(int seq, std::span<const int32_t> prompt);
   void check_sequence_locked(int seq) const;
@@ -147,6 +184,8 @@ class Engine {
   std::unique_ptr<KVCache> cache_;
   std::unique_ptr<DecoderScratch> scratch_;
   int max_context_ = 0;
+  std::unordered_map<int, Holder> holders_;  // sequences schedulers hold
+  uint64_t keep_clock_ = 0;
   mutable std::mutex mutex_;
 };
 

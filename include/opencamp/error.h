@@ -15,6 +15,7 @@ enum class ErrorKind {
   Unsupported,      // a valid request that this build / backend / architecture cannot do
   CapacityExceeded, // KV cache or context is full
   QueueFull,        // the scheduler's waiting queue is full: try again later
+  Timeout,          // a stream's reader read nothing for too long: the generation was ended
   Internal,         // a bug or an unexpected system failure
 };
 

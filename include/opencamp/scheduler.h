@@ -5,9 +5,21 @@
 // first come, first served while sequences and KV blocks allow; when the KV cache runs out
 // mid-flight the newest running request is preempted and recomputed later. Cancellation takes
 // effect at the next step and frees the request's cache.
+//
+// Fairness, decided here and nowhere else:
+// - A step's token budget (step_tokens) goes first to one token for every decoding sequence,
+//   then to prompts, the one with the fewest prompt tokens left first. A short prompt that
+//   arrives during a long prefill gets its first token after at most one more step (one chunk
+//   of the long prompt); the long prompt keeps whatever budget the others leave.
+// - A stream whose reader has max_unread_tokens tokens unread is paused: its sequence leaves
+//   the batch (keeping its KV cache) and frees its running slot for someone else. It resumes
+//   when the reader takes a token, and is ended (Error(Timeout), blocks freed) when the reader
+//   reads nothing for stream_idle_timeout_seconds while it is paused.
+// The sequences the scheduler holds are its own: the Engine refuses outside calls on them.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -31,9 +43,13 @@ struct SchedulerOptions {
   int max_running = 16;        // sequences decoding together
   int step_tokens = 256;       // tokens per forward pass: decode tokens first, then prompt chunks
   size_t max_waiting = 4096;   // queued requests beyond this are refused (QueueFull)
-  // A request whose reader has this many tokens unread sits out the next steps (keeping its
-  // cache) until the reader catches up: a stalled client costs no compute.
+  // A request whose reader has this many tokens unread is paused (out of the batch, off its
+  // running slot, its cache kept) until the reader takes one: a stalled client costs no compute
+  // and holds no slot.
   size_t max_unread_tokens = 256;
+  // A paused request whose reader has read nothing for this long is ended with Error(Timeout)
+  // and its blocks freed; 0: never (a library caller may hold a stream as long as it likes).
+  double stream_idle_timeout_seconds = 0.0;
   // Finished conversations whose sequences stay alive (least recently used first out): a new
   // request that continues one takes it over and reuses every token it holds, not only whole
   // cached blocks. They give their blocks back as soon as anything else needs them.
@@ -71,6 +87,7 @@ class ScheduledRequest {
   std::exception_ptr error_;
   GenerationResult result_;
   double queue_seconds_ = 0.0;
+  std::chrono::steady_clock::time_point last_read_ = std::chrono::steady_clock::now();
 };
 
 class Scheduler {
@@ -95,7 +112,9 @@ class Scheduler {
 
   struct Stats {
     int running = 0, waiting = 0, idle = 0;
+    int paused = 0;                // streams waiting for their readers, off the batch
     int64_t steps = 0, preemptions = 0;
+    int64_t pauses = 0, stream_timeouts = 0;  // streams paused / ended for an idle reader
     int64_t prompt_tokens = 0, cached_tokens = 0, generated_tokens = 0;
     int64_t batch_tokens = 0;  // tokens through the engine, for the mean batch size
   };
@@ -110,11 +129,11 @@ class Scheduler {
   void finish(Active& a, FinishReason reason);
   void fail(Active& a, std::exception_ptr error);
   void preempt_newest();
-  // Frees the least recently used idle sequence; false when there is none.
-  bool free_oldest_idle();
-  // Takes over the idle sequence sharing the longest prefix with `prompt` (at least a block's
-  // worth), or returns -1.
-  int take_idle_sequence(const std::vector<int32_t>& prompt);
+  // Moves running requests whose readers are behind to paused_, resumes those whose readers
+  // caught up (before anyone waiting is admitted), ends those idle for too long.
+  void pause_and_resume();
+  // When the loop must look at paused_ again for the idle timeout (max() when never).
+  std::chrono::steady_clock::time_point next_idle_deadline() const;
   void wake();
 
   Engine& engine_;
@@ -123,11 +142,9 @@ class Scheduler {
   std::condition_variable work_;
   std::deque<std::unique_ptr<Active>> waiting_;
   std::vector<std::unique_ptr<Active>> running_;  // the loop thread's alone
-  struct Idle {
-    int seq;
-    std::vector<int32_t> tokens;  // what it holds
-  };
-  std::deque<Idle> idle_;  // the loop thread's alone; most recently finished at the back
+  std::vector<std::unique_ptr<Active>> paused_;   // the loop thread's alone
+  // Finished conversations are kept by the Engine (keep_sequence), which frees them least
+  // recently kept first whenever anyone needs their blocks.
   Stats stats_;
   bool stopping_ = false;
   bool woken_ = false;  // something changed since the loop last found nothing to do

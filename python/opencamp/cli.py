@@ -365,12 +365,19 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On SIGTERM or Ctrl-C, seconds running requests get to finish before they "
                    "are ended with an error (streams still end with [DONE]).")
+@click.option("--stream-buffer-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Tokens a stream may have generated but not yet delivered to its client; "
+                   "then it is paused off the batch (keeping its KV cache) until the client reads.")
+@click.option("--stream-idle-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Seconds a paused stream's client may read nothing before the stream is ended "
+                   "and its KV cache freed (0: never).")
 @_server_sampling_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
-          allowed_hosts, http_timeout, shutdown_timeout, log_level, **overrides) -> None:
+          allowed_hosts, http_timeout, shutdown_timeout, stream_buffer_tokens,
+          stream_idle_timeout, log_level, **overrides) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
     \b
@@ -401,7 +408,9 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     options = ServerOptions(model_name=name, model_aliases=(model,), api_key=api_key,
                             parallel=parallel, max_waiting=max_waiting,
                             max_request_bytes=max_request_bytes, defaults=defaults,
-                            allowed_hosts=hosts, body_timeout=http_timeout)
+                            allowed_hosts=hosts, body_timeout=http_timeout,
+                            stream_buffer_tokens=stream_buffer_tokens,
+                            stream_idle_timeout=stream_idle_timeout)
     try:
         options.sampling_defaults()
     except ValueError as e:

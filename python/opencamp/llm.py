@@ -210,6 +210,11 @@ class Stream(_ClosedOnExit):
         if self._on_finish is not None:
             self._on_finish(self.completion)
 
+    @property
+    def finished(self) -> bool:
+        """The engine has ended this generation (what it produced may still be unread)."""
+        return self._generation.finished
+
     def cancel(self) -> None:
         """Ask the generation to stop after its current step, from any thread.
 

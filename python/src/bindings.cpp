@@ -485,6 +485,7 @@ PYBIND11_MODULE(_core, m) {
              d["prefix_miss_blocks"] = s.prefix_miss_blocks;
              d["evictions"] = s.evictions;
              d["bytes_per_position"] = s.bytes_per_position;
+             d["kept_sequences"] = s.kept_sequences;
              return d;
            })
       .def("prefill",
@@ -563,19 +564,25 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](Engine& engine, int max_running, int step_tokens, size_t max_waiting,
-                       size_t max_unread_tokens) {
+                       size_t max_unread_tokens, double stream_idle_timeout) {
              SchedulerOptions options;
              options.max_running = max_running;
              options.step_tokens = step_tokens;
              options.max_waiting = max_waiting;
              options.max_unread_tokens = max_unread_tokens;
+             options.stream_idle_timeout_seconds = stream_idle_timeout;
              return std::make_unique<Scheduler>(engine, options);
            }),
            py::keep_alive<1, 2>(),  // the engine outlives its scheduler
            py::arg("engine"), py::arg("max_running") = SchedulerOptions{}.max_running,
            py::arg("step_tokens") = SchedulerOptions{}.step_tokens,
            py::arg("max_waiting") = SchedulerOptions{}.max_waiting,
-           py::arg("max_unread_tokens") = SchedulerOptions{}.max_unread_tokens)
+           py::arg("max_unread_tokens") = SchedulerOptions{}.max_unread_tokens,
+           py::arg("stream_idle_timeout") = SchedulerOptions{}.stream_idle_timeout_seconds,
+           "max_unread_tokens: a stream with this many tokens unread is paused off the batch "
+           "(its cache kept) until its reader takes one; stream_idle_timeout: seconds a paused "
+           "stream's reader may read nothing before it is ended (OpencampError kind 'timeout') "
+           "and its blocks freed, 0 for never.")
       .def("submit",
            [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
               py::object sampling, py::object stop_token_ids, py::object ignore_eos) {
@@ -603,6 +610,9 @@ PYBIND11_MODULE(_core, m) {
              d["running"] = s.running;
              d["waiting"] = s.waiting;
              d["idle"] = s.idle;
+             d["paused"] = s.paused;
+             d["pauses"] = s.pauses;
+             d["stream_timeouts"] = s.stream_timeouts;
              d["steps"] = s.steps;
              d["preemptions"] = s.preemptions;
              d["prompt_tokens"] = s.prompt_tokens;

@@ -9,6 +9,7 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::Unsupported: return "unsupported";
     case ErrorKind::CapacityExceeded: return "capacity_exceeded";
     case ErrorKind::QueueFull: return "queue_full";
+    case ErrorKind::Timeout: return "timeout";
     case ErrorKind::Internal: return "internal";
   }
   return "internal";

@@ -63,10 +63,13 @@ int Engine::create_sequence() {
   return cache_->create_sequence();
 }
 
-void Engine::free_sequence(int seq) {
+void Engine::free_sequence(int seq) { free_sequence_as(seq, nullptr); }
+
+void Engine::free_sequence_as(int seq, const Scheduler* scheduler) {
   std::lock_guard<std::mutex> lock(mutex_);
-  check_sequence_locked(seq);
+  check_may_change_locked(seq, scheduler, "free_sequence");
   cache_->free_sequence(seq);
+  holders_.erase(seq);
 }
 
 std::vector<int32_t> Engine::sequence_tokens(int seq) const {
@@ -75,10 +78,100 @@ std::vector<int32_t> Engine::sequence_tokens(int seq) const {
   return cache_->tokens(seq);
 }
 
-int Engine::truncate_sequence(int seq, int length) {
+int Engine::truncate_sequence(int seq, int length) { return truncate_sequence_as(seq, length, nullptr); }
+
+int Engine::truncate_sequence_as(int seq, int length, const Scheduler* scheduler) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_may_change_locked(seq, scheduler, "truncate_sequence");
+  return cache_->truncate(seq, length);
+}
+
+// ---- sequences a scheduler holds ------------------------------------------------------------
+
+int Engine::create_sequence_for(const Scheduler* scheduler) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const int seq = cache_->create_sequence();
+  holders_[seq] = {scheduler, false, 0};
+  return seq;
+}
+
+void Engine::hold_sequence(int seq, const Scheduler* scheduler) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_sequence_locked(seq);
-  return cache_->truncate(seq, length);
+  if (holders_.count(seq) > 0) {
+    fail(ErrorKind::InvalidArgument, "sequence ", seq, " is already held by a generation (one "
+         "stream at a time per sequence); wait for that stream to end or cancel it");
+  }
+  holders_[seq] = {scheduler, false, 0};
+}
+
+void Engine::release_sequence(int seq, const Scheduler* scheduler) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = holders_.find(seq);
+  if (it != holders_.end() && it->second.scheduler == scheduler) holders_.erase(it);
+}
+
+void Engine::keep_sequence(int seq, const Scheduler* scheduler) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_may_change_locked(seq, scheduler, "keep_sequence");
+  holders_[seq] = {scheduler, true, ++keep_clock_};
+}
+
+int Engine::take_kept_sequence(const Scheduler* scheduler, std::span<const int32_t> prompt,
+                               size_t min_common) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int best = -1;
+  size_t best_common = 0;
+  for (const auto& [seq, holder] : holders_) {
+    if (!holder.kept || holder.scheduler != scheduler) continue;
+    const auto& held = cache_->tokens(seq);
+    const size_t limit = std::min(held.size(), prompt.size() - 1);
+    size_t common = 0;
+    while (common < limit && held[common] == prompt[common]) ++common;
+    if (common > best_common) {
+      best = seq;
+      best_common = common;
+    }
+  }
+  if (best < 0 || best_common < min_common) return -1;
+  holders_[best].kept = false;
+  return best;
+}
+
+bool Engine::free_oldest_kept(const Scheduler* scheduler) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return evict_oldest_kept_locked(scheduler);
+}
+
+int Engine::kept_count(const Scheduler* scheduler) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  int n = 0;
+  for (const auto& [seq, holder] : holders_) n += holder.kept && holder.scheduler == scheduler;
+  return n;
+}
+
+bool Engine::evict_oldest_kept_locked(const Scheduler* only) {
+  auto oldest = holders_.end();
+  for (auto it = holders_.begin(); it != holders_.end(); ++it) {
+    if (!it->second.kept || (only != nullptr && it->second.scheduler != only)) continue;
+    if (oldest == holders_.end() || it->second.kept_at < oldest->second.kept_at) oldest = it;
+  }
+  if (oldest == holders_.end()) return false;
+  cache_->free_sequence(oldest->first);  // its full blocks stay cached for prefix hits
+  holders_.erase(oldest);
+  return true;
+}
+
+void Engine::check_may_change_locked(int seq, const Scheduler* scheduler, const char* what) const {
+  check_sequence_locked(seq);
+  const auto it = holders_.find(seq);
+  if (it != holders_.end() && it->second.scheduler != scheduler) {
+    fail(ErrorKind::InvalidArgument, what, ": sequence ", seq, " is owned by a generation in a "
+         "scheduler (", it->second.kept ? "a finished conversation it keeps for the next turn"
+                                        : "a request streams on it",
+         "), so it cannot be changed from outside; cancel the stream or wait for its end, or "
+         "use a sequence of your own from create_sequence()");
+  }
 }
 
 Engine::CacheStats Engine::cache_stats() const {
@@ -86,7 +179,9 @@ Engine::CacheStats Engine::cache_stats() const {
   const auto& prefix = cache_->prefix_stats();
   return {cache_->used_blocks(), cache_->shape().n_blocks, cache_->shape().block_size,
           cache_->sequence_count(), cache_->cached_blocks(), prefix.hit_blocks,
-          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position()};
+          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position(),
+          static_cast<int>(std::count_if(holders_.begin(), holders_.end(),
+                                         [](const auto& h) { return h.second.kept; }))};
 }
 
 void Engine::check_sequence_locked(int seq) const {
@@ -139,7 +234,13 @@ void Engine::decode(std::span<const int> seqs, std::span<const int32_t> tokens,
 }
 
 void Engine::forward(std::span<const Chunk> chunks, std::span<float> logits) {
+  forward_as(chunks, logits, nullptr);
+}
+
+void Engine::forward_as(std::span<const Chunk> chunks, std::span<float> logits,
+                        const Scheduler* scheduler) {
   std::lock_guard<std::mutex> lock(mutex_);
+  for (const Chunk& c : chunks) check_may_change_locked(c.seq, scheduler, "forward (prefill/decode)");
   forward_locked(chunks, logits);
 }
 
@@ -167,6 +268,9 @@ void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logi
            "; shorten the prompt or start a new conversation");
     }
     needed_blocks += cache_->blocks_needed(c.seq, static_cast<int>(n));
+  }
+  // Kept conversations give way (none of them is in this pass: they are not running).
+  while (needed_blocks > cache_->free_blocks() && evict_oldest_kept_locked()) {
   }
   if (needed_blocks > cache_->free_blocks()) {
     fail(ErrorKind::CapacityExceeded, "the KV cache is full: this step needs ", needed_blocks,
@@ -230,7 +334,12 @@ void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logi
 }
 
 int Engine::reuse_prefix(int seq, std::span<const int32_t> prompt) {
+  return reuse_prefix_as(seq, prompt, nullptr);
+}
+
+int Engine::reuse_prefix_as(int seq, std::span<const int32_t> prompt, const Scheduler* scheduler) {
   std::lock_guard<std::mutex> lock(mutex_);
+  check_may_change_locked(seq, scheduler, "reuse_prefix");
   return reuse_prefix_locked(seq, prompt);
 }
 
@@ -247,6 +356,10 @@ int Engine::reuse_prefix_locked(int seq, std::span<const int32_t> prompt) {
   const int needed_blocks =
       static_cast<int>((prompt.size() + block_size - 1) / block_size) - kept_blocks;
   const int held_blocks = static_cast<int>(cache_->block_table(seq).size());
+  // Kept conversations (never `seq` itself: it is being reused) give way first.
+  while (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks &&
+         evict_oldest_kept_locked()) {
+  }
   if (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks) {
     fail(ErrorKind::CapacityExceeded, "the KV cache is full: the prompt needs ", needed_blocks,
          " more blocks of ", block_size, " positions but only ",

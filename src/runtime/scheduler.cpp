@@ -43,6 +43,7 @@ std::optional<TokenEvent> ScheduledRequest::next(double timeout_seconds) {
   std::unique_lock<std::mutex> lock(mutex_);
   const auto event = pop_token(lock, changed_, queue_, done_, timeout_seconds, timed_out_);
   if (event) {
+    last_read_ = Clock::now();
     if (scheduler_ != nullptr) scheduler_->wake();  // it may have paused this request for us
   } else if (!timed_out_ && error_) {
     std::rethrow_exception(error_);
@@ -99,6 +100,7 @@ struct Scheduler::Active {
   TokenCallback on_token;  // runs on the loop thread; false ends the request
   GenerationResult result;
   Clock::time_point submitted, admitted, first_token;
+  Clock::time_point paused_at;  // when its reader's backlog took it off the batch
   bool done = false;
 
   // Hands a sampled token on; false when the token callback asks to end the request.
@@ -127,8 +129,13 @@ struct Scheduler::Active {
 
 Scheduler::Scheduler(Engine& engine, const SchedulerOptions& options)
     : engine_(engine), options_(options) {
-  if (options.max_running < 1 || options.step_tokens < 1) {
-    opencamp::fail(ErrorKind::InvalidArgument, "max_running and step_tokens must be >= 1");
+  if (options.max_running < 1 || options.step_tokens < 1 || options.max_unread_tokens < 1) {
+    opencamp::fail(ErrorKind::InvalidArgument,
+                   "max_running, step_tokens and max_unread_tokens must be >= 1");
+  }
+  if (!(options.stream_idle_timeout_seconds >= 0.0)) {
+    opencamp::fail(ErrorKind::InvalidArgument, "stream_idle_timeout_seconds must be >= 0 (0: "
+                   "never), got ", options.stream_idle_timeout_seconds);
   }
   thread_ = std::thread([this] { loop(); });
 }
@@ -144,6 +151,8 @@ void Scheduler::shutdown() {
   if (thread_.joinable()) thread_.join();
   for (auto& a : running_) finish(*a, FinishReason::Cancelled);
   running_.clear();
+  for (auto& a : paused_) finish(*a, FinishReason::Cancelled);
+  paused_.clear();
   std::deque<std::unique_ptr<Active>> waiting;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -152,44 +161,10 @@ void Scheduler::shutdown() {
     stats_.running = 0;
   }
   for (auto& a : waiting) finish(*a, FinishReason::Cancelled);
-  while (free_oldest_idle()) {
+  while (engine_.free_oldest_kept(this)) {
   }
-}
-
-bool Scheduler::free_oldest_idle() {
-  if (idle_.empty()) return false;
-  try {
-    engine_.free_sequence(idle_.front().seq);
-  } catch (...) {
-  }
-  idle_.pop_front();
   std::lock_guard<std::mutex> lock(mutex_);
-  stats_.idle = static_cast<int>(idle_.size());
-  return true;
-}
-
-int Scheduler::take_idle_sequence(const std::vector<int32_t>& prompt) {
-  size_t best = idle_.size(), best_common = 0;
-  for (size_t i = 0; i < idle_.size(); ++i) {
-    const auto& held = idle_[i].tokens;
-    const size_t limit = std::min(held.size(), prompt.size() - 1);
-    size_t common = 0;
-    while (common < limit && held[common] == prompt[common]) ++common;
-    if (common > best_common) {
-      best = i;
-      best_common = common;
-    }
-  }
-  // Shorter shared starts (a system prompt) come as cached blocks without taking the sequence
-  // away from the conversation it holds.
-  if (best == idle_.size() || best_common < static_cast<size_t>(engine_.cache_stats().block_size)) {
-    return -1;
-  }
-  const int seq = idle_[best].seq;
-  idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(best));
-  std::lock_guard<std::mutex> lock(mutex_);
-  stats_.idle = static_cast<int>(idle_.size());
-  return seq;
+  stats_.paused = 0;
 }
 
 std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, int seq,
@@ -218,6 +193,8 @@ std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, i
       opencamp::fail(ErrorKind::QueueFull, "too many requests are waiting (", waiting_.size(),
                      "); try again later");
     }
+    // From here the caller's sequence is this request's: the engine refuses outside changes.
+    if (active->seq >= 0) engine_.hold_sequence(active->seq, this);
     active->arrival = next_arrival_++;
     waiting_.push_back(std::move(active));
     stats_.waiting = static_cast<int>(waiting_.size());
@@ -235,19 +212,27 @@ void Scheduler::wake() {
 }
 
 Scheduler::Stats Scheduler::stats() const {
+  const int kept = engine_.kept_count(this);
   std::lock_guard<std::mutex> lock(mutex_);
-  return stats_;
+  Stats stats = stats_;
+  stats.idle = kept;
+  return stats;
 }
 
 void Scheduler::loop() {
   bool idle = false;  // the last step found nothing it could do
   for (;;) {
     {
+      // Read before taking mutex_: a request's lock is taken before mutex_, never inside it.
+      const Clock::time_point deadline = idle ? next_idle_deadline() : Clock::time_point::max();
       std::unique_lock<std::mutex> lock(mutex_);
-      if (idle) {
+      if (idle && deadline != Clock::time_point::max()) {
+        // Nothing to do until something changes or a paused stream's reader times out.
+        work_.wait_until(lock, deadline, [this] { return stopping_ || woken_; });
+      } else if (idle) {
         work_.wait(lock, [this] { return stopping_ || woken_; });
       } else {
-        work_.wait(lock, [this] { return stopping_ || !waiting_.empty() || !running_.empty(); });
+        work_.wait(lock, [this] { return stopping_ || woken_ || !waiting_.empty() || !running_.empty() || !paused_.empty(); });
       }
       woken_ = false;
       if (stopping_) return;
@@ -262,6 +247,62 @@ void Scheduler::loop() {
   }
 }
 
+Clock::time_point Scheduler::next_idle_deadline() const {
+  Clock::time_point deadline = Clock::time_point::max();
+  if (options_.stream_idle_timeout_seconds <= 0.0) return deadline;
+  const auto timeout = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(options_.stream_idle_timeout_seconds));
+  for (const auto& a : paused_) {
+    std::lock_guard<std::mutex> lock(a->handle->mutex_);
+    deadline = std::min(deadline, std::max(a->handle->last_read_, a->paused_at) + timeout);
+  }
+  return deadline;
+}
+
+void Scheduler::pause_and_resume() {
+  auto reader_behind = [this](Active& a) {
+    std::lock_guard<std::mutex> lock(a.handle->mutex_);
+    return a.handle->queue_.size() >= options_.max_unread_tokens && !a.handle->waiting_for_end_;
+  };
+  const Clock::time_point now = Clock::now();
+  int64_t paused_now = 0, timed_out = 0;
+  for (auto& a : running_) {
+    if (!a->decoding || !reader_behind(*a)) continue;
+    a->paused_at = now;
+    paused_.push_back(std::move(a));
+    ++paused_now;
+  }
+  std::erase_if(running_, [](const auto& a) { return a == nullptr; });
+  // Resumed streams come before anyone waiting: they were admitted already.
+  const double timeout = options_.stream_idle_timeout_seconds;
+  for (auto& a : paused_) {
+    if (a->handle->cancelled_.load()) {
+      finish(*a, FinishReason::Cancelled);
+    } else if (!reader_behind(*a)) {
+      if (static_cast<int>(running_.size()) < options_.max_running) running_.push_back(std::move(a));
+    } else if (timeout > 0.0) {
+      Clock::time_point last_read;
+      {
+        std::lock_guard<std::mutex> lock(a->handle->mutex_);
+        last_read = std::max(a->handle->last_read_, a->paused_at);
+      }
+      if (seconds_between(last_read, now) >= timeout) {
+        fail(*a, std::make_exception_ptr(Error(
+                     ErrorKind::Timeout, "the stream's reader read nothing for " +
+                                             std::to_string(timeout) +
+                                             " s while its generation waited; it was ended "
+                                             "and its KV cache freed")));
+        ++timed_out;
+      }
+    }
+  }
+  std::erase_if(paused_, [](const auto& a) { return a == nullptr || a->done; });
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.paused = static_cast<int>(paused_.size());
+  stats_.pauses += paused_now;
+  stats_.stream_timeouts += timed_out;
+}
+
 void Scheduler::finish(Active& a, FinishReason reason) {
   if (a.done) return;
   a.done = true;
@@ -273,20 +314,22 @@ void Scheduler::finish(Active& a, FinishReason reason) {
     bool kept = false;
     if (reason != FinishReason::Cancelled && options_.max_idle_sequences > 0) {
       try {  // kept for a request that continues this conversation
-        idle_.push_back({a.seq, engine_.sequence_tokens(a.seq)});
+        engine_.keep_sequence(a.seq, this);
         kept = true;
-        while (idle_.size() > options_.max_idle_sequences) free_oldest_idle();
-        std::lock_guard<std::mutex> lock(mutex_);
-        stats_.idle = static_cast<int>(idle_.size());
+        while (engine_.kept_count(this) > static_cast<int>(options_.max_idle_sequences)) {
+          engine_.free_oldest_kept(this);
+        }
       } catch (...) {
       }
     }
     if (!kept) {
       try {
-        engine_.free_sequence(a.seq);
+        engine_.free_sequence_as(a.seq, this);
       } catch (...) {
       }
     }
+  } else if (a.seq >= 0) {
+    engine_.release_sequence(a.seq, this);  // the caller's sequence is the caller's again
   }
   {
     // The stats before the handle: whoever wait() wakes sees this request counted as ended.
@@ -331,19 +374,15 @@ void Scheduler::admit() {
     }
     try {
       if (a->seq < 0) {
-        a->seq = take_idle_sequence(a->prompt);
-        if (a->seq < 0) a->seq = engine_.create_sequence();
+        // A kept conversation this prompt continues (shorter shared starts, such as a system
+        // prompt, come as cached blocks without taking the sequence from its conversation).
+        const size_t min_common = static_cast<size_t>(engine_.cache_stats().block_size);
+        a->seq = engine_.take_kept_sequence(this, a->prompt, min_common);
+        if (a->seq < 0) a->seq = engine_.create_sequence_for(this);
         a->owns_sequence = true;
       }
-      int reused;
-      for (;;) {  // idle conversations give their blocks back before anyone waits
-        try {
-          reused = engine_.reuse_prefix(a->seq, a->prompt);
-          break;
-        } catch (const Error& e) {
-          if (e.kind() != ErrorKind::CapacityExceeded || !free_oldest_idle()) throw;
-        }
-      }
+      // Kept conversations give their blocks back inside the engine when this needs them.
+      const int reused = engine_.reuse_prefix_as(a->seq, a->prompt, this);
       a->prefilled = static_cast<size_t>(reused);
       a->cache_length = a->prefilled;
       if (!a->admitted_once) {
@@ -357,8 +396,9 @@ void Scheduler::admit() {
         stats_.cached_tokens += reused;
       }
     } catch (const Error& e) {
-      if (e.kind() == ErrorKind::CapacityExceeded && !running_.empty()) {
-        // Not now: it waits (first in line) for running requests to free their blocks.
+      if (e.kind() == ErrorKind::CapacityExceeded && (!running_.empty() || !paused_.empty())) {
+        // Not now: it waits (first in line) for running or paused requests to free their
+        // blocks (paused ones do when their readers return, or at the idle timeout).
         std::lock_guard<std::mutex> lock(mutex_);
         waiting_.push_front(std::move(a));
         stats_.waiting = static_cast<int>(waiting_.size());
@@ -382,11 +422,11 @@ void Scheduler::preempt_newest() {
   // Its blocks go back (full ones stay cached, so the recomputation is mostly prefix hits);
   // what it generated so far becomes part of what it recomputes.
   if (a->owns_sequence) {
-    engine_.free_sequence(a->seq);
+    engine_.free_sequence_as(a->seq, this);
     a->seq = -1;
     a->owns_sequence = false;
   } else {
-    engine_.truncate_sequence(a->seq, 0);
+    engine_.truncate_sequence_as(a->seq, 0, this);
   }
   a->prompt = a->request.prompt;
   a->prompt.insert(a->prompt.end(), a->result.tokens.begin(), a->result.tokens.end());
@@ -421,6 +461,7 @@ bool Scheduler::step() {
     if (a->handle->cancelled_.load()) finish(*a, FinishReason::Cancelled);
   }
   std::erase_if(running_, [](const auto& a) { return a->done; });
+  pause_and_resume();
   admit();
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -428,38 +469,39 @@ bool Scheduler::step() {
   }
   if (running_.empty()) return false;
 
-  // The step: every decoding sequence's next token, then prompt chunks in arrival order.
+  // The step: every decoding sequence's next token, then prompt chunks, the prompt with the
+  // fewest tokens left first (ties: first come), each taking what the budget still holds.
   std::vector<Engine::Chunk> chunks;
   std::vector<Active*> owners;
   int budget = options_.step_tokens;
+  std::vector<Active*> prefilling;
   for (auto& a : running_) {
-    if (!a->decoding) continue;
-    {
-      std::lock_guard<std::mutex> lock(a->handle->mutex_);
-      if (a->handle->queue_.size() >= options_.max_unread_tokens && !a->handle->waiting_for_end_) {
-        continue;  // its reader is behind
-      }
+    if (!a->decoding) {
+      prefilling.push_back(a.get());
+      continue;
     }
     chunks.push_back({a->seq, std::span(&a->last_token, 1), Engine::Chunk::Logits::Last});
     owners.push_back(a.get());
     budget -= 1;
   }
-  for (auto& a : running_) {
-    if (a->decoding || budget <= 0) continue;
+  std::stable_sort(prefilling.begin(), prefilling.end(), [](const Active* x, const Active* y) {
+    return x->prompt.size() - x->prefilled < y->prompt.size() - y->prefilled;
+  });
+  for (Active* a : prefilling) {
+    if (budget <= 0) break;
     const size_t n = std::min(a->prompt.size() - a->prefilled, static_cast<size_t>(budget));
     const bool completes = a->prefilled + n == a->prompt.size();
     chunks.push_back({a->seq, std::span(a->prompt).subspan(a->prefilled, n),
                       completes ? Engine::Chunk::Logits::Last : Engine::Chunk::Logits::None});
-    owners.push_back(a.get());
+    owners.push_back(a);
     budget -= static_cast<int>(n);
   }
-  if (chunks.empty()) return false;  // every running request waits for its reader
+  if (chunks.empty()) return false;
   const int64_t vocab = engine_.config().vocab_size;
   std::vector<float> logits(static_cast<size_t>(Engine::logit_rows(chunks) * vocab));
   try {
-    engine_.forward(chunks, logits);
+    engine_.forward_as(chunks, logits, this);  // kept conversations give way inside
   } catch (const Error& e) {
-    if (e.kind() == ErrorKind::CapacityExceeded && free_oldest_idle()) return true;  // retry
     if (e.kind() == ErrorKind::CapacityExceeded && running_.size() > 1) {
       preempt_newest();  // then try again with one sequence fewer
       return true;

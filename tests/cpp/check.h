@@ -75,6 +75,7 @@ inline const char* kind_name(opencamp::ErrorKind kind) {
     case opencamp::ErrorKind::Unsupported: return "Unsupported";
     case opencamp::ErrorKind::CapacityExceeded: return "CapacityExceeded";
     case opencamp::ErrorKind::QueueFull: return "QueueFull";
+    case opencamp::ErrorKind::Timeout: return "Timeout";
     case opencamp::ErrorKind::Internal: return "Internal";
   }
   return "?";

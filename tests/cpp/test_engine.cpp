@@ -569,10 +569,8 @@ TEST_CASE(scheduled_request_streams_and_cancels) {
     }
     CHECK(abandoned->finished());
     CHECK(abandoned->wait().finish_reason == FinishReason::Cancelled);
-    // Errors raised on the loop thread come back from next() / wait().
-    auto failing = scheduler.submit(request, 12345);
-    CHECK_THROWS_WITH(failing->next(30.0), ErrorKind::InvalidArgument, "12345");
-    CHECK_THROWS_WITH(failing->wait(), ErrorKind::InvalidArgument, "12345");
+    // A sequence that does not exist is refused when the request is submitted.
+    CHECK_THROWS_WITH(scheduler.submit(request, 12345), ErrorKind::InvalidArgument, "12345");
   }
 }
 

@@ -1,7 +1,9 @@
 // Continuous batching: many requests in one loop give exactly the tokens each gives alone;
 // chunked prompts, preemption, cancellation and hundreds of random requests leave no request
 // hanging and every KV block free.
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <future>
 #include <map>
 #include <random>
@@ -298,6 +300,192 @@ TEST_CASE(a_full_queue_is_queue_full_not_capacity_exceeded) {
   Scheduler scheduler(engine, no_queue);
   CHECK_THROWS_WITH(scheduler.submit(greedy(prompt_of(8, 1, 200), 4)), ErrorKind::QueueFull, "waiting");
   CHECK_EQ(std::string(error_kind_name(ErrorKind::QueueFull)), std::string("queue_full"));
+}
+
+// Waits (at most a minute) until `condition` holds; a test never hangs on a missed event.
+template <class Condition>
+void wait_until(Condition condition, const char* what) {
+  for (int i = 0; i < 6000 && !condition(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK_MSG(condition(), "timed out waiting for " << what);
+}
+
+TEST_CASE(the_engine_refuses_outside_changes_to_sequences_a_generation_owns) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  SchedulerOptions so;
+  so.max_unread_tokens = 2;  // the requests wait for their readers: they stay alive meanwhile
+  Scheduler scheduler(engine, so);
+  const GenerationRequest request = greedy(prompt_of(9, 1, vocab), 12);
+  // A caller's sequence, continued by a stream: the caller may not change it while it streams.
+  const int mine = engine.create_sequence();
+  auto on_mine = scheduler.submit(request, mine);
+  std::vector<int32_t> streamed{on_mine->next(60.0)->token};
+  std::vector<float> logits(static_cast<size_t>(vocab));
+  const std::vector<int32_t> more{1, 2};
+  CHECK_THROWS_WITH(engine.free_sequence(mine), ErrorKind::InvalidArgument, "sequence", "owned by a generation");
+  CHECK_THROWS_WITH(engine.truncate_sequence(mine, 1), ErrorKind::InvalidArgument, "owned by a generation");
+  CHECK_THROWS_WITH(engine.prefill(mine, more, logits), ErrorKind::InvalidArgument, "owned by a generation");
+  CHECK_THROWS_WITH(engine.reuse_prefix(mine, more), ErrorKind::InvalidArgument, "owned by a generation");
+  const int seqs[] = {mine};
+  CHECK_THROWS_WITH(engine.decode(seqs, std::span(more).first(1), logits), ErrorKind::InvalidArgument,
+                    "owned by a generation");
+  // One stream at a time per sequence.
+  CHECK_THROWS_WITH(scheduler.submit(request, mine), ErrorKind::InvalidArgument, "already held");
+  // A sequence the scheduler made for a request (the first one of a fresh engine is 0 here,
+  // `mine` aside) is refused the same way, and the batch goes on unharmed.
+  auto fresh = scheduler.submit(greedy(prompt_of(7, 2, vocab), 12));
+  const int scheduler_seq = mine == 0 ? 1 : 0;
+  CHECK(fresh->next(60.0).has_value());
+  CHECK_THROWS_WITH(engine.free_sequence(scheduler_seq), ErrorKind::InvalidArgument, "owned by a generation");
+  while (auto event = on_mine->next(60.0)) streamed.push_back(event->token);
+  CHECK(wait_for(*on_mine).tokens == alone("tiny-llama", request));
+  CHECK(streamed == on_mine->wait().tokens);
+  while (fresh->next(60.0)) {
+  }
+  CHECK(wait_for(*fresh).tokens == alone("tiny-llama", greedy(prompt_of(7, 2, vocab), 12)));
+  // Kept for the next turn it is still the scheduler's; the caller's is the caller's again.
+  CHECK_EQ(scheduler.stats().idle, 1);
+  CHECK_THROWS_WITH(engine.free_sequence(scheduler_seq), ErrorKind::InvalidArgument, "keeps for the next turn");
+  CHECK_EQ(engine.truncate_sequence(mine, 3), 3);
+  engine.free_sequence(mine);
+}
+
+TEST_CASE(kept_conversations_give_way_to_any_caller_that_needs_blocks) {
+  Engine engine(fixture("tiny-llama"), options(64));  // 4 blocks of 16
+  const int vocab = engine.config().vocab_size;
+  Scheduler scheduler(engine);
+  wait_for(*scheduler.submit(greedy(prompt_of(30, 5, vocab), 30)));  // holds ~59 positions
+  CHECK_EQ(scheduler.stats().idle, 1);
+  CHECK_EQ(engine.cache_stats().kept_sequences, 1);
+  // A plain prefill (what LLM.logits() does) on a fresh sequence takes the kept one's blocks.
+  const int seq = engine.create_sequence();
+  const std::vector<int32_t> prompt = prompt_of(60, 6, vocab);
+  std::vector<float> logits(static_cast<size_t>(vocab) * prompt.size());
+  engine.prefill(seq, prompt, logits, true);
+  CHECK_EQ(scheduler.stats().idle, 0);
+  CHECK_EQ(engine.cache_stats().kept_sequences, 0);
+  // When sequences really hold everything it is still a clear CapacityExceeded.
+  const int other = engine.create_sequence();
+  const std::vector<int32_t> ten = prompt_of(10, 7, vocab);
+  std::vector<float> last(static_cast<size_t>(vocab));
+  CHECK_THROWS_WITH(engine.prefill(other, ten, last), ErrorKind::CapacityExceeded, "KV cache is full");
+  engine.free_sequence(seq);
+  engine.free_sequence(other);
+}
+
+TEST_CASE(streams_whose_readers_stop_are_paused_off_the_batch_and_resume) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  SchedulerOptions so;
+  so.max_running = 2;
+  so.max_unread_tokens = 4;
+  Scheduler scheduler(engine, so);
+  const GenerationRequest slow_request = greedy(prompt_of(5, 8, vocab), 60);
+  auto unread_a = scheduler.submit(slow_request);
+  auto unread_b = scheduler.submit(greedy(prompt_of(6, 9, vocab), 60));
+  wait_until([&] { return scheduler.stats().paused == 2; }, "both unread streams to pause");
+  CHECK_EQ(scheduler.stats().running, 0);  // their slots are free
+  // Every running slot was theirs; a third request now runs to its end while they wait.
+  const GenerationRequest normal = greedy(prompt_of(7, 10, vocab), 8);
+  auto third = scheduler.submit(normal);
+  while (third->next(60.0)) {
+  }
+  CHECK(wait_for(*third).tokens == alone("tiny-llama", normal));
+  CHECK(!unread_a->finished());
+  CHECK(!unread_b->finished());
+  CHECK_EQ(scheduler.stats().paused, 2);
+  CHECK(scheduler.stats().pauses >= 2);
+  // Reading again resumes a paused stream, from its kept cache, to the same tokens.
+  std::vector<int32_t> streamed;
+  while (auto event = unread_a->next(60.0)) streamed.push_back(event->token);
+  CHECK(streamed == alone("tiny-llama", slow_request));
+  unread_b->cancel();
+  wait_for(*unread_b);
+}
+
+TEST_CASE(a_paused_stream_whose_reader_stays_idle_is_ended_and_frees_its_blocks) {
+  Engine engine(fixture("tiny-llama"), options());
+  SchedulerOptions so;
+  so.max_unread_tokens = 3;
+  so.stream_idle_timeout_seconds = 0.05;
+  Scheduler scheduler(engine, so);
+  auto unread = scheduler.submit(greedy(prompt_of(20, 11, engine.config().vocab_size), 80));
+  wait_until([&] { return unread->finished(); }, "the idle stream to end");
+  CHECK_THROWS_WITH(unread->wait(), ErrorKind::Timeout, "read nothing");
+  CHECK_EQ(scheduler.stats().stream_timeouts, int64_t(1));
+  CHECK_EQ(scheduler.stats().paused, 0);
+  CHECK_EQ(engine.cache_stats().used_blocks, 0);  // its sequence is gone, not kept
+  CHECK_EQ(engine.cache_stats().sequences, 0);
+  CHECK_THROWS_WITH(Scheduler(engine, [] { SchedulerOptions o; o.stream_idle_timeout_seconds = -1; return o; }()),
+                    ErrorKind::InvalidArgument, "stream_idle_timeout_seconds");
+}
+
+TEST_CASE(a_short_prompt_gets_its_first_token_during_a_long_prefill) {
+  Engine engine(fixture("tiny-llama"), options(1024));  // room for all three at once
+  const int vocab = engine.config().vocab_size;
+  SchedulerOptions so;
+  so.step_tokens = 4;  // one decode token + 3 prompt tokens a step: the long prompt takes 40
+  Scheduler scheduler(engine, so);
+  // A gate: a decoding request whose token callback (on the loop thread) waits for a permit,
+  // so the test lets the loop run one step at a time and nothing depends on speed.
+  std::mutex gate_mutex;
+  std::condition_variable gate_changed;
+  int permits = 0, entries = 0;
+  bool open = false;
+  auto gate = scheduler.submit(greedy(prompt_of(3, 14, vocab), 60), -1, [&](int32_t, bool) {
+    std::unique_lock<std::mutex> lock(gate_mutex);
+    ++entries;
+    gate_changed.notify_all();
+    gate_changed.wait(lock, [&] { return open || permits > 0; });
+    if (!open) --permits;
+    return true;
+  });
+  auto step_once = [&] {  // lets the blocked step finish and waits for the next one to block
+    std::unique_lock<std::mutex> lock(gate_mutex);
+    const int before = entries;
+    ++permits;
+    gate_changed.notify_all();
+    CHECK(gate_changed.wait_for(lock, std::chrono::seconds(60), [&] { return entries > before; }));
+  };
+  {
+    std::unique_lock<std::mutex> lock(gate_mutex);
+    CHECK(gate_changed.wait_for(lock, std::chrono::seconds(60), [&] { return entries > 0; }));
+  }
+  std::atomic<bool> long_first{false};
+  const GenerationRequest long_request = greedy(prompt_of(120, 12, vocab), 2);
+  auto long_handle = scheduler.submit(long_request, -1, [&](int32_t, bool) {
+    long_first = true;
+    return true;
+  });
+  step_once();
+  step_once();  // the long prompt has had a chunk or two
+  CHECK(!long_first.load());
+  const int64_t steps_at_short_submit = scheduler.stats().steps;
+  std::atomic<int64_t> steps_at_short_first{-1};
+  std::atomic<bool> short_before_long{false};
+  const GenerationRequest short_request = greedy(prompt_of(3, 13, vocab), 2);
+  auto short_handle = scheduler.submit(short_request, -1, [&](int32_t, bool) {
+    if (steps_at_short_first.load() < 0) {
+      steps_at_short_first = scheduler.stats().steps;
+      short_before_long = !long_first.load();
+    }
+    return true;
+  });
+  for (int i = 0; i < 3; ++i) step_once();
+  {
+    std::lock_guard<std::mutex> lock(gate_mutex);
+    open = true;
+  }
+  gate_changed.notify_all();
+  CHECK(wait_for(*short_handle).tokens == alone("tiny-llama", short_request));
+  CHECK(wait_for(*long_handle).tokens == alone("tiny-llama", long_request));
+  wait_for(*gate);
+  // The short prompt's first token came while the long prompt was still prefilling, in the
+  // first step after the one running when it arrived.
+  CHECK(short_before_long.load());
+  CHECK(steps_at_short_first.load() >= 0);
+  CHECK_MSG(steps_at_short_first.load() - steps_at_short_submit <= 1,
+            "first token at step " << steps_at_short_first.load() << ", submitted at " << steps_at_short_submit);
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -59,6 +59,11 @@ class ServerOptions:
     # other address every name (set --api-key there).
     allowed_hosts: tuple[str, ...] | None = None
     body_timeout: float = 30.0  # seconds a request body may take to arrive, else 408
+    # Fair service for clients that do not read: a stream with this many tokens generated but
+    # not delivered is paused off the batch (KV cache kept) until its client reads again...
+    stream_buffer_tokens: int = 64
+    # ...and ended, its KV cache freed, when the client reads nothing for this long (0: never).
+    stream_idle_timeout: float = 60.0
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -99,7 +104,9 @@ class ServerState:
 
     def _set_model(self, llm: LLM) -> None:
         scheduler = RequestRelay(llm, parallel=self.options.parallel,
-                              max_waiting=self.options.max_waiting)
+                                 max_waiting=self.options.max_waiting,
+                                 stream_buffer_tokens=self.options.stream_buffer_tokens,
+                                 stream_idle_timeout=self.options.stream_idle_timeout)
         scheduler.on_finish = self._record
         self.llm, self.scheduler = llm, scheduler
 
@@ -188,6 +195,12 @@ class ServerState:
                     lambda: self.scheduler.total_blocks if self.scheduler else 0)
         m.add_gauge("opencamp_scheduler_steps", "Forward passes the batching loop has run.",
                     stat("steps"))
+        m.add_gauge("opencamp_requests_paused",
+                    "Streams paused off the batch because their clients stopped reading.",
+                    stat("paused"))
+        m.add_gauge("opencamp_stream_idle_timeouts",
+                    "Paused streams ended because their clients read nothing for "
+                    "--stream-idle-timeout seconds.", stat("stream_timeouts"))
         m.add_gauge("opencamp_scheduler_preemptions",
                     "Requests pushed back to the queue to recompute later when the KV cache "
                     "filled up.", stat("preemptions"))
@@ -330,6 +343,8 @@ def _engine_error(error: BaseException) -> APIError:
         return bad_request(str(error))
     if kind == "capacity_exceeded":
         return APIError(400, str(error), code="context_length_exceeded")
+    if kind == "timeout":  # the client stopped reading (--stream-idle-timeout)
+        return APIError(408, str(error), code="stream_idle_timeout")
     return APIError(500, f"generation failed: {type(error).__name__}: {error}",
                     type="server_error", code="internal_error")
 
@@ -400,7 +415,7 @@ async def _whole(start, writer: ResponseWriter) -> dict:
     pieces: list[str] = []
     try:
         while True:
-            event, value = await generation.events.get()
+            event, value = await generation.next_event()
             if event == "text":
                 pieces.append(value)
             elif event == "done":
@@ -421,7 +436,7 @@ async def _sse_stream(start, writer: ResponseWriter):
     try:
         generation = await start()
         while True:
-            event, value = await generation.events.get()
+            event, value = await generation.next_event()
             if event == "text":
                 yield sse(writer.content_chunk(value))
             elif event == "done":
@@ -506,6 +521,11 @@ async def metrics(request: Request) -> Response:
         # The engine's prefix cache: full blocks kept after their sequence ended, shared by
         # later prompts that start the same way.
         for key, name, kind, text in [
+            ("sequences", "opencamp_kv_cache_sequences", "gauge",
+             "Sequences holding KV cache blocks: running, paused, or kept conversations."),
+            ("kept_sequences", "opencamp_kv_cache_kept_conversations", "gauge",
+             "Finished conversations kept for their next turn (they give way when blocks are "
+             "needed)."),
             ("cached_blocks", "opencamp_kv_cache_blocks_cached", "gauge",
              "Blocks kept for prefix reuse by the engine (reclaimable)."),
             ("prefix_hit_blocks", "opencamp_kv_cache_prefix_hit_blocks_total", "counter",

@@ -5,6 +5,12 @@ Admission, batching and the KV cache are the engine's business: every request go
 decoding together, prefix caching across requests, preemption when the cache is full). Here
 each request gets a reader thread that turns its tokens into text pieces (the Python Stream)
 and hands them to the event loop; cancelling stops the request at the engine's next step.
+
+The reader never runs ahead of the client: it hands at most HANDOFF_WINDOW pieces to the event
+loop that the response has not taken yet, so the undelivered tokens of a client that stops
+reading pile up in the C++ scheduler's queue, which pauses the stream (off the batch, KV cache
+kept) at `stream_buffer_tokens` and ends it after `stream_idle_timeout` seconds. That policy
+lives there alone; this side only passes the client's pace through.
 """
 from __future__ import annotations
 
@@ -34,6 +40,12 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
 
 
+# Pieces handed to the event loop and not yet taken by the response.
+HANDOFF_WINDOW = 4
+# How often a reader waiting for its client looks whether the generation ended meanwhile.
+_WINDOW_POLL_SECONDS = 0.25
+
+
 class Generation:
     """One request, seen from the event loop: an asyncio queue of events
 
@@ -51,6 +63,21 @@ class Generation:
         self._thread: threading.Thread | None = None
         self._cancelled = False
         self._lock = threading.Lock()
+        self._window = threading.Semaphore(HANDOFF_WINDOW)  # released as the response takes
+
+    async def next_event(self) -> tuple:
+        """The next event, for the response: taking it makes room for the reader's next piece
+        (so a client that does not read soon holds the generation back)."""
+        event = await self.events.get()
+        self._window.release()
+        return event
+
+    def _wait_for_room(self, stream: Stream) -> None:
+        """On the reader thread: wait until the response has taken enough, or the generation
+        ended (cancelled, timed out, finished: then what is left is bounded and drained)."""
+        while not self._window.acquire(timeout=_WINDOW_POLL_SECONDS):
+            if self._cancelled or stream.finished:
+                return
 
     def _attach(self, stream: Stream) -> None:
         with self._lock:
@@ -81,15 +108,19 @@ class RequestRelay:
     """Hands each request to the engine's scheduler (`_core.Scheduler`, which decides what runs)
     and relays its text pieces to the event loop from a reader thread."""
 
-    def __init__(self, llm: LLM, parallel: int = 4, max_waiting: int = 256):
+    def __init__(self, llm: LLM, parallel: int = 4, max_waiting: int = 256,
+                 stream_buffer_tokens: int = 64, stream_idle_timeout: float = 60.0):
         if parallel < 1:
             raise ValueError("parallel must be >= 1")
         self.llm = llm
         self.parallel = parallel
         self.max_waiting = max_waiting
-        # The server's own batching loop on the shared engine, with the server's limits.
+        # The server's own batching loop on the shared engine, with the server's limits (and
+        # its policy for clients that stop reading).
         self.engine_scheduler = _core.Scheduler(llm.engine, max_running=parallel,
-                                                max_waiting=max_waiting)
+                                                max_waiting=max_waiting,
+                                                max_unread_tokens=stream_buffer_tokens,
+                                                stream_idle_timeout=stream_idle_timeout)
         stats = llm.engine.cache_stats()
         self.block_size: int = stats["block_size"]
         self.total_blocks: int = stats["total_blocks"]
@@ -161,6 +192,7 @@ class RequestRelay:
             for piece in stream:
                 if generation.first_text_at is None:
                     generation.first_text_at = time.perf_counter()
+                generation._wait_for_room(stream)
                 self._post(generation.events.put_nowait, ("text", piece))
             completion: Completion = stream.completion
             self._post(self._finished, generation, completion)
