@@ -53,6 +53,9 @@ struct GenerationRequest {
   int max_tokens = 256;
   std::vector<int32_t> stop_token_ids;  // extra stop ids, besides the model's EOS ids
   bool ignore_eos = false;              // do not stop at the model's EOS ids
+  // -1: no log-probabilities (no cost). 0..kMaxTopLogprobs: every token comes with its
+  // log-probability and this many most likely alternatives (see token_logprobs).
+  int logprobs = -1;
 };
 
 struct GenerationResult {

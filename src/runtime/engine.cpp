@@ -377,6 +377,10 @@ void Engine::check_request(const GenerationRequest& request) const {
   if (request.max_tokens < 1) {
     fail(ErrorKind::InvalidArgument, "max_tokens must be >= 1, got ", request.max_tokens);
   }
+  if (request.logprobs < -1 || request.logprobs > kMaxTopLogprobs) {
+    fail(ErrorKind::InvalidArgument, "logprobs must be -1 (none) or in [0, ", kMaxTopLogprobs,
+         "], got ", request.logprobs);
+  }
   check_tokens(request.prompt);
   check_tokens(request.stop_token_ids);
   const int prompt_tokens = static_cast<int>(request.prompt.size());
