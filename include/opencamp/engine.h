@@ -160,7 +160,8 @@ class Engine {
   // Keeps a finished conversation of `scheduler` for a later request that continues it.
   void keep_sequence(int seq, const Scheduler* scheduler);
   // Takes back the kept sequence of `scheduler` sharing the longest prefix with `prompt` (at
-  // least `min_common` tokens, and always leaving one prompt token to compute), or -1.
+  // least `min_common` tokens, and always leaving one prompt token to compute), or -1; also -1
+  // when the prefix cache holds more of the prompt than that conversation does.
   int take_kept_sequence(const Scheduler* scheduler, std::span<const int32_t> prompt,
                          size_t min_common);
   bool free_oldest_kept(const Scheduler* scheduler);  // false when it keeps none

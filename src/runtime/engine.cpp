@@ -134,6 +134,9 @@ int Engine::take_kept_sequence(const Scheduler* scheduler, std::span<const int32
     }
   }
   if (best < 0 || best_common < min_common) return -1;
+  // Cached blocks (from a running sequence with the same prompt, say: the other choices of an
+  // n > 1 request) may hold more of the prompt than this conversation does: map those instead.
+  if (static_cast<int>(best_common) < cache_->cached_prefix_length(prompt)) return -1;
   holders_[best].kept = false;
   return best;
 }

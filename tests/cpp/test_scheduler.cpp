@@ -535,8 +535,14 @@ TEST_CASE(after_the_first_token_a_same_prompt_request_shares_the_prompt_blocks) 
   so.max_unread_tokens = 2;  // the first stays unread, so it pauses alive (not kept, not done)
   Scheduler scheduler(engine, so);
   const auto prompt = prompt_of(40, 5, engine.config().vocab_size);  // 2 full blocks + 8
+  // A kept conversation sharing only the first 20 tokens (a system prompt, say) must not be
+  // taken over instead of mapping the 32 tokens the first choice's blocks hold.
   const auto first = scheduler.submit(greedy(prompt, 50));
   CHECK(first->wait_first_token(60.0));
+  auto system_only = std::vector<int32_t>(prompt.begin(), prompt.begin() + 20);
+  system_only.push_back(1);
+  CHECK_EQ(scheduler.submit(greedy(system_only, 1))->wait().tokens.size(), size_t{1});
+  CHECK_EQ(scheduler.stats().idle, 1);
   const auto second = scheduler.submit(greedy(prompt, 3));
   CHECK_EQ(second->wait().cached_tokens, 32);  // wait(): never paused for its unread tokens
   first->cancel();
