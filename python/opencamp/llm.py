@@ -58,8 +58,9 @@ class TokenLogprob:
 
 class Piece(str):
     """A text piece of a Stream (a str), with the generated tokens consumed since the previous
-    piece: `token_ids` (a stop token included), and `logprobs` (TokenLogprob each, stop tokens
-    left out as they are from the text) when the stream asked for them."""
+    piece: `token_ids`, and `logprobs` (a TokenLogprob each, stop tokens left out as they are
+    from the text) when the stream asked for them. Tokens after the last piece (a final stop
+    token, text a stop string cut) come with no piece: `completion` has every one."""
 
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
