@@ -386,6 +386,7 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
 
     \b
     POST /v1/chat/completions, POST /v1/completions (streaming with SSE, or not)
+    POST /tokenize, /detokenize (vLLM's shapes)
     GET  /v1/models, /health (503 while loading), /metrics (Prometheus), / (chat page)
     """
     from . import LLM, _core
