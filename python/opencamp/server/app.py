@@ -545,7 +545,10 @@ async def _whole(start, writer: ResponseWriter, plan: _Plan) -> dict:
         echo = {}
         if plan.params.echo and plan.params.logprobs is not None:
             for p in range(len(plan.prompts)):
-                echo[p] = await anyio.to_thread.run_sync(plan.echo_entries, p)
+                try:
+                    echo[p] = await anyio.to_thread.run_sync(plan.echo_entries, p)
+                except Exception as error:  # noqa: BLE001 - the engine refused it (a full cache)
+                    raise _engine_error(error) from None
         results = await asyncio.gather(*(_collect(g) for g in generations))
     finally:
         for generation in started:
