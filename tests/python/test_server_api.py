@@ -20,7 +20,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import opencamp
-from opencamp.server import ServerOptions, create_app
+from opencamp.server import ServerOptions, create_app, protocol
 from serverkit import (HELLO, assert_openai_error, JSON_TYPE, MODEL, TINY_CONTEXT, hold_streams, live_app, make_app,
                        metric, parse_sse, sse_events, wait_until)
 
@@ -321,6 +321,19 @@ BAD_REQUESTS = [
 def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pattern):
     assert_openai_error(client.post("/v1/chat/completions", json=body), status, param=param,
                  match=pattern)
+
+
+@pytest.mark.parametrize("name", sorted(protocol.REFUSED_FIELDS))
+def test_fields_that_would_change_the_answer_are_refused_by_name(client, name):
+    assert_openai_error(chat(client, **{name: 3}), 400, param=name, code="invalid_value")
+
+
+def test_off_values_of_refused_fields_are_accepted(client):
+    off = {"min_tokens": 0, "use_beam_search": False, "modalities": ["text"], "suffix": "",
+           "length_penalty": 1, "add_generation_prompt": True, "bad_words": []}
+    assert chat(client, max_tokens=1, **off).status_code == 200
+    assert chat(client, max_tokens=1, user="someone", store=False,
+                metadata={"k": "v"}).status_code == 200  # nothing in the answer changes
 
 
 @pytest.mark.parametrize("raw,pattern", [
@@ -642,6 +655,15 @@ def test_client_disconnect_cancels_generation_and_frees_the_cache(live, tiny_llm
                what="the second generation to be cancelled")
     wait_until(lambda: no_leaks(tiny_llm, state), what="the sequence to be freed")
     assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == 0
+
+
+def test_a_disconnect_ends_every_choice_of_an_n_request(live, tiny_llm, held_streams):
+    url, state = live
+    _read_stream(url, {"messages": HELLO, "stream": True, "max_tokens": 3000, "n": 3},
+                 chunks_wanted=2)
+    wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled")
+               == 3, what="the three choices to be cancelled")
+    wait_until(lambda: no_leaks(tiny_llm, state), what="their sequences to be freed")
 
 
 def _first_content(response):
