@@ -83,6 +83,8 @@ TEST_CASE(concurrent_requests_give_exactly_what_each_gives_alone) {
     CHECK(stats.steps > 0);
     CHECK(stats.batch_tokens > stats.steps);  // steps really held several tokens
     CHECK_EQ(stats.idle, static_cast<int>(engine.cache_stats().sequences));  // kept for reuse
+    // Nothing runs: every block in use is a kept conversation's.
+    CHECK_EQ(engine.cache_stats().used_blocks, engine.cache_stats().kept_blocks);
   }
 }
 
@@ -357,6 +359,7 @@ TEST_CASE(kept_conversations_give_way_to_any_caller_that_needs_blocks) {
   wait_for(*scheduler.submit(greedy(prompt_of(30, 5, vocab), 30)));  // holds ~59 positions
   CHECK_EQ(scheduler.stats().idle, 1);
   CHECK_EQ(engine.cache_stats().kept_sequences, 1);
+  CHECK_EQ(engine.cache_stats().kept_blocks, 4);  // 59 positions in blocks of 16
   // A plain prefill (what LLM.logits() does) on a fresh sequence takes the kept one's blocks.
   const int seq = engine.create_sequence();
   const std::vector<int32_t> prompt = prompt_of(60, 6, vocab);
