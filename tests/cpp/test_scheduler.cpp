@@ -491,4 +491,21 @@ TEST_CASE(a_short_prompt_gets_its_first_token_during_a_long_prefill) {
             "first token at step " << steps_at_short_first.load() << ", submitted at " << steps_at_short_submit);
 }
 
+TEST_CASE(chunks_deep_into_a_long_prompt_are_smaller) {
+  // tiny-llama: hidden 32, 4 heads of 8, 2 KV heads, ffn 64, so a token's attention costs as
+  // much as its matrix products at position (32 * 96 + 3 * 32 * 64) / 64 = 144. A 120-token
+  // prompt (its context is 128) in 16-token steps would take 8 steps unweighted; with
+  // positions weighted the chunks shrink from 16 tokens at the start to 9 near position 100:
+  // 11 steps.
+  Engine engine(fixture("tiny-llama"), options(512));
+  SchedulerOptions so;
+  so.step_tokens = 16;
+  Scheduler scheduler(engine, so);
+  const GenerationRequest request = greedy(prompt_of(120, 3, engine.config().vocab_size), 1);
+  CHECK(wait_for(*scheduler.submit(request)).tokens == alone("tiny-llama", request));
+  const auto stats = scheduler.stats();
+  CHECK_EQ(stats.batch_tokens, 120);
+  CHECK_EQ(stats.steps, 11);
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
