@@ -171,7 +171,8 @@ def test_200_streams_disconnects_unread_clients_a_long_prompt_and_sigterm(tiny_8
                                   "ignore_eos": True}, path="/v1/completions"))
                 await asyncio.sleep(0.2)  # its prefill under way before the crowd arrives
                 for i in range(UNREAD):  # never read, each holding a connection
-                    unread.append(await asyncio.to_thread(open_unread_stream, url, chat(1000 + i, 2000)))
+                    unread.append(await asyncio.to_thread(open_unread_stream, url,
+                                                          chat(1000 + i, 2000)))
                 tasks = [asyncio.ensure_future(read_stream(
                     client, url, chat(i, 2000 if i in leaving else 16), path="/v1/chat/completions",
                     leave_after=2 if i in leaving else None)) for i in range(STREAMS)]
@@ -181,7 +182,6 @@ def test_200_streams_disconnects_unread_clients_a_long_prompt_and_sigterm(tiny_8
         started = time.monotonic()
         long_result, results = asyncio.run(load())
         load_seconds = time.monotonic() - started
-        print(f"\nthe load: {load_seconds:.1f} s")
 
         assert_ended(long_result)
         for i in leaving:
