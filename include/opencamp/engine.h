@@ -143,6 +143,8 @@ class Engine {
     int64_t prefix_hit_blocks, prefix_miss_blocks, evictions;
     size_t bytes_per_position;
     int kept_sequences;  // finished conversations kept by schedulers (evictable)
+    int kept_blocks;     // distinct blocks those conversations hold: with nothing running,
+                         // used_blocks == kept_blocks (any more would be a leak)
   };
   CacheStats cache_stats() const;
 

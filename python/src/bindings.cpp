@@ -308,7 +308,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
-          if (std::filesystem::is_regular_file(path)) return config_dict(gguf_model_config(*open_gguf(path)));
+          // The non-throwing query: what it cannot tell (a symlink loop, no permission) goes on
+          // to load_model_config, whose error (InvalidModel) names the path.
+          std::error_code unknown;
+          if (std::filesystem::is_regular_file(path, unknown)) {
+            return config_dict(gguf_model_config(*open_gguf(path)));
+          }
           return config_dict(load_model_config(path));
         },
         py::arg("model_path"),
@@ -495,6 +500,7 @@ PYBIND11_MODULE(_core, m) {
              d["evictions"] = s.evictions;
              d["bytes_per_position"] = s.bytes_per_position;
              d["kept_sequences"] = s.kept_sequences;
+             d["kept_blocks"] = s.kept_blocks;
              return d;
            })
       .def("prefill",

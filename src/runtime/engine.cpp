@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <set>
+#include <unordered_set>
 
 #include "models/decoder.h"
 #include "runtime/profiling_backend.h"
@@ -180,11 +181,18 @@ void Engine::check_may_change_locked(int seq, const Scheduler* scheduler, const 
 Engine::CacheStats Engine::cache_stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto& prefix = cache_->prefix_stats();
+  int kept = 0;
+  std::unordered_set<int32_t> kept_blocks;  // kept conversations may share prefix blocks
+  for (const auto& [seq, holder] : holders_) {
+    if (!holder.kept) continue;
+    ++kept;
+    const auto& table = cache_->block_table(seq);
+    kept_blocks.insert(table.begin(), table.end());
+  }
   return {cache_->used_blocks(), cache_->shape().n_blocks, cache_->shape().block_size,
           cache_->sequence_count(), cache_->cached_blocks(), prefix.hit_blocks,
-          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position(),
-          static_cast<int>(std::count_if(holders_.begin(), holders_.end(),
-                                         [](const auto& h) { return h.second.kept; }))};
+          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position(), kept,
+          static_cast<int>(kept_blocks.size())};
 }
 
 void Engine::check_sequence_locked(int seq) const {

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <set>
 
 #include "opencamp/error.h"
@@ -148,7 +149,34 @@ Scheduler::Scheduler(Engine& engine, const SchedulerOptions& options)
     opencamp::fail(ErrorKind::InvalidArgument, "stream_idle_timeout_seconds must be >= 0 (0: "
                    "never), got ", options.stream_idle_timeout_seconds);
   }
+  // Where a token's attention (2 * q_dim multiply-adds per key: scores and values) costs as
+  // much as its matrix products (q, k, v, o and a gated MLP): 3072 positions for SmolLM2-135M.
+  const ModelConfig& c = engine_.config();
+  const double q_dim = static_cast<double>(c.num_heads) * c.head_dim;
+  const double kv_dim = static_cast<double>(c.num_kv_heads) * c.head_dim;
+  const double matrix_work = c.hidden_size * (2.0 * q_dim + 2.0 * kv_dim) +
+                             3.0 * c.hidden_size * c.intermediate_size;
+  attention_span_ = std::max(1.0, matrix_work / (2.0 * q_dim));
   thread_ = std::thread([this] { loop(); });
+}
+
+size_t Scheduler::chunk_within(int64_t budget, size_t start, size_t left) const {
+  // The largest n with chunk_cost(start, n) <= budget, from the real root of
+  // n + n (start + n / 2) / S = budget, then made exact; at least one token, so every prompt
+  // goes on.
+  const double S = attention_span_;
+  const double b = 1.0 + static_cast<double>(start) / S;
+  const double root = S * (std::sqrt(b * b + 2.0 * static_cast<double>(budget) / S) - b);
+  size_t n = std::min(left, static_cast<size_t>(std::max(0.0, root)) + 1);
+  while (n > 1 && chunk_cost(start, n) > budget) --n;
+  return std::max<size_t>(n, 1);
+}
+
+int64_t Scheduler::chunk_cost(size_t start, size_t n) const {
+  // n tokens, plus the extra attention work of positions start .. start + n - 1 in units of a
+  // token's matrix products (rounded down: a short prompt early on costs its length).
+  const double extra = static_cast<double>(n) * (static_cast<double>(start) + 0.5 * n) / attention_span_;
+  return static_cast<int64_t>(n) + static_cast<int64_t>(extra);
 }
 
 Scheduler::~Scheduler() { shutdown(); }
@@ -481,10 +509,12 @@ bool Scheduler::step() {
   if (running_.empty()) return false;
 
   // The step: every decoding sequence's next token, then prompt chunks, the prompt with the
-  // fewest tokens left first (ties: first come), each taking what the budget still holds.
+  // fewest tokens left first (ties: first come), each taking what the budget still holds. A
+  // prompt token counts more the further into its sequence it is (it attends to more keys),
+  // so a step late in a long prefill takes about as long as one early in it.
   std::vector<Engine::Chunk> chunks;
   std::vector<Active*> owners;
-  int budget = options_.step_tokens;
+  int64_t budget = options_.step_tokens;
   std::vector<Active*> prefilling;
   for (auto& a : running_) {
     if (!a->decoding) {
@@ -493,19 +523,19 @@ bool Scheduler::step() {
     }
     chunks.push_back({a->seq, std::span(&a->last_token, 1), Engine::Chunk::Logits::Last});
     owners.push_back(a.get());
-    budget -= 1;
+    budget -= chunk_cost(a->cache_length, 1);
   }
   std::stable_sort(prefilling.begin(), prefilling.end(), [](const Active* x, const Active* y) {
     return x->prompt.size() - x->prefilled < y->prompt.size() - y->prefilled;
   });
   for (Active* a : prefilling) {
     if (budget <= 0) break;
-    const size_t n = std::min(a->prompt.size() - a->prefilled, static_cast<size_t>(budget));
+    const size_t n = chunk_within(budget, a->cache_length, a->prompt.size() - a->prefilled);
     const bool completes = a->prefilled + n == a->prompt.size();
     chunks.push_back({a->seq, std::span(a->prompt).subspan(a->prefilled, n),
                       completes ? Engine::Chunk::Logits::Last : Engine::Chunk::Logits::None});
     owners.push_back(a);
-    budget -= static_cast<int>(n);
+    budget -= chunk_cost(a->cache_length, n);
   }
   if (chunks.empty()) return false;
   const int64_t vocab = engine_.config().vocab_size;

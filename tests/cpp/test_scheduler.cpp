@@ -83,6 +83,8 @@ TEST_CASE(concurrent_requests_give_exactly_what_each_gives_alone) {
     CHECK(stats.steps > 0);
     CHECK(stats.batch_tokens > stats.steps);  // steps really held several tokens
     CHECK_EQ(stats.idle, static_cast<int>(engine.cache_stats().sequences));  // kept for reuse
+    // Nothing runs: every block in use is a kept conversation's.
+    CHECK_EQ(engine.cache_stats().used_blocks, engine.cache_stats().kept_blocks);
   }
 }
 
@@ -357,6 +359,7 @@ TEST_CASE(kept_conversations_give_way_to_any_caller_that_needs_blocks) {
   wait_for(*scheduler.submit(greedy(prompt_of(30, 5, vocab), 30)));  // holds ~59 positions
   CHECK_EQ(scheduler.stats().idle, 1);
   CHECK_EQ(engine.cache_stats().kept_sequences, 1);
+  CHECK_EQ(engine.cache_stats().kept_blocks, 4);  // 59 positions in blocks of 16
   // A plain prefill (what LLM.logits() does) on a fresh sequence takes the kept one's blocks.
   const int seq = engine.create_sequence();
   const std::vector<int32_t> prompt = prompt_of(60, 6, vocab);
@@ -548,6 +551,23 @@ TEST_CASE(after_the_first_token_a_same_prompt_request_shares_the_prompt_blocks) 
   first->cancel();
   wait_for(*first);
   CHECK(first->wait_first_token(0.0));  // ended: returns at once
+}
+
+TEST_CASE(chunks_deep_into_a_long_prompt_are_smaller) {
+  // tiny-llama: hidden 32, 4 heads of 8, 2 KV heads, ffn 64, so a token's attention costs as
+  // much as its matrix products at position (32 * 96 + 3 * 32 * 64) / 64 = 144. A 120-token
+  // prompt (its context is 128) in 16-token steps would take 8 steps unweighted; with
+  // positions weighted the chunks shrink from 16 tokens at the start to 9 near position 100:
+  // 11 steps.
+  Engine engine(fixture("tiny-llama"), options(512));
+  SchedulerOptions so;
+  so.step_tokens = 16;
+  Scheduler scheduler(engine, so);
+  const GenerationRequest request = greedy(prompt_of(120, 3, engine.config().vocab_size), 1);
+  CHECK(wait_for(*scheduler.submit(request)).tokens == alone("tiny-llama", request));
+  const auto stats = scheduler.stats();
+  CHECK_EQ(stats.batch_tokens, 120);
+  CHECK_EQ(stats.steps, 11);
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -730,6 +730,8 @@ async def metrics(request: Request) -> Response:
             ("kept_sequences", "opencamp_kv_cache_kept_conversations", "gauge",
              "Finished conversations kept for their next turn (they give way when blocks are "
              "needed)."),
+            ("kept_blocks", "opencamp_kv_cache_blocks_kept", "gauge",
+             "Blocks the kept conversations hold (with nothing running, every used block)."),
             ("cached_blocks", "opencamp_kv_cache_blocks_cached", "gauge",
              "Blocks kept for prefix reuse by the engine (reclaimable)."),
             ("prefix_hit_blocks", "opencamp_kv_cache_prefix_hit_blocks_total", "counter",
