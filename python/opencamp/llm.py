@@ -400,9 +400,13 @@ class LLM:
                         seed=seed, stop=stop, **more)
         return s if stream else s.text()
 
-    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The model's chat template applied to `messages`, ready for the assistant's turn."""
-        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: Sequence[Message],
+                        tools: Sequence[dict] | None = None) -> list[int]:
+        """The model's chat template applied to `messages`, ready for the assistant's turn;
+        `tools` (OpenAI's function descriptions) go to the template as transformers passes
+        them."""
+        extra = {} if tools is None else {"tools": list(tools)}
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, **extra)
 
     def chat(self, messages: Sequence[Message], stream: bool = False, **options) -> str | Stream:
         """Answer the last message of a conversation (rendered with the model's template)."""

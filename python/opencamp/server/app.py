@@ -29,12 +29,14 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__, sampling
+from ..grammar import GrammarError
 from ..llm import LLM, Completion
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from .protocol import (SSE_DONE, APIError, GenerationParams, ResponseWriter, bad_request,
                        context_error, parse_chat_request, parse_completion_request,
                        parse_json_body, sse)
 from .relay import Generation, QueueFull, RequestRelay
+from . import tools as tool_calls
 
 log = logging.getLogger("opencamp.server")
 
@@ -292,11 +294,36 @@ def _check_model(state: ServerState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
+def _prepare(llm: LLM, params: GenerationParams):
+    """Runs on a worker thread: the prompt ids (templates and tokenizers can take a while on
+    long prompts), the tool plan (None without tools), and the request's grammar matcher
+    (compiling one can take a while too)."""
+    plan = None
+    if params.kind == "chat":
+        template = llm.tokenizer.chat_template if llm._tokenizer is not None else None
+        messages = tool_calls.history_for(tool_calls.tool_format(template), params.messages)
+        if params.tools is not None:
+            plan = tool_calls.plan(template, messages, params.tools, params.tool_choice,
+                                   params.parallel_tool_calls)
+            messages, params.template_tools = plan.messages, plan.template_tools
+        params.messages = messages
+    prompt_ids = _prompt_ids(llm, params)
+    grammar, where = params.grammar, params.grammar_param
+    if plan is not None and plan.grammar is not None:
+        grammar, where = plan.grammar, "tools"
+    constraint = None
+    if grammar is not None:
+        try:
+            constraint = llm.grammar_constraint(grammar)
+        except GrammarError as error:  # not valid, or llguidance is not installed
+            raise bad_request(str(error), where) from None
+    return prompt_ids, plan, constraint
+
+
 def _prompt_ids(llm: LLM, params: GenerationParams) -> list[int]:
-    """Runs on a worker thread: templates and tokenizers can take a while on long prompts."""
     try:
         if params.kind == "chat":
-            return llm.chat_prompt_ids(params.messages)
+            return llm.chat_prompt_ids(params.messages, tools=params.template_tools)
         if isinstance(params.prompt, str):
             return llm.tokenizer.encode(params.prompt, add_special_tokens=True)
     except ValueError as error:  # chat template errors, messages the template refuses
@@ -328,10 +355,16 @@ def _engine_options(state: ServerState, llm: LLM, params: GenerationParams,
     if bad:
         raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})",
                           "stop_token_ids")
+    for name, ids in (("logit_bias", list(params.logit_bias or ())),
+                      ("allowed_token_ids", params.allowed_token_ids or [])):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise bad_request(f"{name} holds {bad[0]}, outside the vocabulary [0, {vocab})", name)
     sampling = {k: v for k, v in state.defaults.items() if k != "max_tokens"}
     sampling.update(params.sampling)
     return dict(sampling, max_tokens=max_tokens, stop=params.stop,
-                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+                logit_bias=params.logit_bias, allowed_token_ids=params.allowed_token_ids)
 
 
 def _engine_error(error: BaseException) -> APIError:
@@ -367,8 +400,9 @@ async def _generate(request: Request, kind: str) -> Response:
     params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     _check_model(state, params.model)
     llm, scheduler = state.admit()
-    prompt_ids = await anyio.to_thread.run_sync(_prompt_ids, llm, params)
+    prompt_ids, plan, constraint = await anyio.to_thread.run_sync(_prepare, llm, params)
     options = _engine_options(state, llm, params, len(prompt_ids))
+    options["grammar"] = constraint
     max_tokens = options.pop("max_tokens")
     writer = ResponseWriter(kind, state.options.model_name, params.include_usage)
 
@@ -393,11 +427,11 @@ async def _generate(request: Request, kind: str) -> Response:
             raise _engine_error(error) from None
 
     if params.stream:
-        return StreamingResponse(_sse_stream(start, writer), media_type="text/event-stream",
+        return StreamingResponse(_sse_stream(start, writer, plan), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # Not streamed: still stop generating when the client goes away.
-    work = asyncio.ensure_future(_whole(start, writer))
+    work = asyncio.ensure_future(_whole(start, writer, plan))
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -410,7 +444,16 @@ async def _generate(request: Request, kind: str) -> Response:
     return JSONResponse(work.result())
 
 
-async def _whole(start, writer: ResponseWriter) -> dict:
+def _answer(plan, text: str, finish_reason: str) -> tuple[str | None, list[dict], str]:
+    """(content, tool_calls, finish_reason) of a finished answer: with tools, the calls read out
+    of the text (tools.parse), finish_reason "tool_calls" when there are any."""
+    if plan is None:
+        return text, [], finish_reason
+    content, calls = tool_calls.parse(plan, text)
+    return content, calls, "tool_calls" if calls else finish_reason
+
+
+async def _whole(start, writer: ResponseWriter, plan=None) -> dict:
     generation = await start()
     pieces: list[str] = []
     try:
@@ -420,28 +463,39 @@ async def _whole(start, writer: ResponseWriter) -> dict:
                 pieces.append(value)
             elif event == "done":
                 c: Completion = value
-                return writer.whole("".join(pieces), c.finish_reason, c.prompt_tokens,
-                                    c.completion_tokens, c.cached_tokens)
+                content, calls, finish_reason = _answer(plan, "".join(pieces), c.finish_reason)
+                return writer.whole(content, finish_reason, c.prompt_tokens,
+                                    c.completion_tokens, c.cached_tokens, tool_calls=calls)
             else:
                 raise _engine_error(value)
     finally:
         generation.cancel()  # a no-op once it has finished
 
 
-async def _sse_stream(start, writer: ResponseWriter):
+async def _sse_stream(start, writer: ResponseWriter, plan=None):
     first = writer.first_chunk()
     if first is not None:
         yield sse(first)
     generation = None
+    held: list[str] = []  # with tools the answer is read whole before it is sent
     try:
         generation = await start()
         while True:
             event, value = await generation.next_event()
-            if event == "text":
+            if event == "text" and plan is not None:
+                held.append(value)
+            elif event == "text":
                 yield sse(writer.content_chunk(value))
             elif event == "done":
                 c: Completion = value
-                yield sse(writer.final_chunk(c.finish_reason))
+                finish_reason = c.finish_reason
+                if plan is not None:
+                    content, calls, finish_reason = _answer(plan, "".join(held), finish_reason)
+                    if content:
+                        yield sse(writer.content_chunk(content))
+                    for delta in tool_calls.stream_fragments(calls):
+                        yield sse(writer.tool_calls_chunk(delta))
+                yield sse(writer.final_chunk(finish_reason))
                 if writer.include_usage:
                     yield sse(writer.usage_chunk(c.prompt_tokens, c.completion_tokens,
                                                  c.cached_tokens))

@@ -68,6 +68,7 @@ class GenerationParams:
     tools: list[dict] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool = True
+    template_tools: list[dict] | None = None  # what the chat template gets as tools= (app.py)
 
 
 # ---- reading requests -------------------------------------------------------------------

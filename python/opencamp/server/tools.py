@@ -49,6 +49,32 @@ def tool_format(template: str | None) -> str:
     return "generic"
 
 
+def history_for(fmt: str, messages: list[dict]) -> list[dict]:
+    """The conversation as the template can render it. Templates that know tools read
+    assistant `tool_calls` and `tool` messages themselves; for the generic format (a template
+    that knows no tools) earlier calls become the JSON the model wrote, and tool results user
+    messages holding {"tool_response": ...}, as llama.cpp's polyfill does."""
+    if fmt != "generic":
+        return messages
+    out = []
+    for message in messages:
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                     for c in message["tool_calls"]]
+            out.append({"role": "assistant",
+                        "content": json.dumps({"tool_calls": calls}, ensure_ascii=False)})
+        elif message["role"] == "tool":
+            response = {"content": message["content"]}
+            for key in ("name", "tool_call_id"):
+                if key in message:
+                    response[key] = message[key]
+            out.append({"role": "user",
+                        "content": json.dumps({"tool_response": response}, ensure_ascii=False)})
+        else:
+            out.append(message)
+    return out
+
+
 def _parameters(tool: dict) -> dict:
     params = tool["function"].get("parameters")
     return params if isinstance(params, dict) and params else {"type": "object"}
