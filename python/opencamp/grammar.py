@@ -54,18 +54,23 @@ class Grammar:
 
     kind: str
     value: Any = None
+    # JSON kinds: the whitespace allowed between tokens (vLLM's guided_whitespace_pattern, a
+    # regex). None: none but one space after "," and ":", so even a model that would pad
+    # forever with newlines must get on with the answer.
+    whitespace_pattern: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"grammar kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
 
     @classmethod
-    def json_schema(cls, schema: dict | str) -> "Grammar":
-        return cls("json_schema", json.loads(schema) if isinstance(schema, str) else schema)
+    def json_schema(cls, schema: dict | str, whitespace_pattern: str | None = None) -> "Grammar":
+        return cls("json_schema", json.loads(schema) if isinstance(schema, str) else schema,
+                   whitespace_pattern)
 
     @classmethod
-    def json_object(cls) -> "Grammar":
-        return cls("json_object")
+    def json_object(cls, whitespace_pattern: str | None = None) -> "Grammar":
+        return cls("json_object", None, whitespace_pattern)
 
     @classmethod
     def regex(cls, pattern: str) -> "Grammar":
@@ -83,11 +88,15 @@ class Grammar:
         """The grammar in llguidance's own form (what LLMatcher takes)."""
         llg = _llguidance()
         matcher = llg.LLMatcher
+        if self.whitespace_pattern is None:
+            layout = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+        else:
+            layout = {"whitespace_pattern": self.whitespace_pattern}
         try:
             if self.kind == "json_schema":
-                return matcher.grammar_from_json_schema(self.value)
+                return matcher.grammar_from_json_schema(self.value, defaults=layout)
             if self.kind == "json_object":
-                return matcher.grammar_from_json_schema({"type": "object"})
+                return matcher.grammar_from_json_schema({"type": "object"}, defaults=layout)
             if self.kind == "regex":
                 return matcher.grammar_from_regex(self.value)
             if self.kind == "choice":

@@ -227,7 +227,7 @@ BAD_REQUESTS = [
     ({"messages": HELLO, "guided_json": {"type": "bogus"}}, 400, "guided_json", "not valid"),
     ({"messages": HELLO, "guided_choice": []}, 400, "guided_choice", "non-empty list"),
     ({"messages": HELLO, "guided_whitespace_pattern": " "}, 400, "guided_whitespace_pattern",
-     "not supported"),
+     "JSON output only"),
     ({"messages": HELLO, "structured_outputs": {"structural_tag": "x"}}, 400,
      "structured_outputs", "not supported"),
     ({"messages": HELLO, "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),

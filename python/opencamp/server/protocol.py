@@ -257,9 +257,6 @@ def _refuse_unsupported(body: dict) -> None:
     if body.get("functions") or body.get("function_call"):
         raise bad_request("functions and function_call (the deprecated form) are not supported: "
                           "send tools and tool_choice", "functions")
-    if body.get("guided_whitespace_pattern") is not None:
-        raise bad_request("guided_whitespace_pattern is not supported by this server",
-                          "guided_whitespace_pattern")
 
 
 def _schema(value: Any, name: str) -> dict:
@@ -352,6 +349,14 @@ def _grammar(body: dict) -> tuple[Grammar | None, str | None]:
     if len(found) > 1:
         names = ", ".join(dict.fromkeys(name for _, name in found))
         raise bad_request(f"only one output constraint may be given, got {names}", found[1][1])
+    whitespace = body.get("guided_whitespace_pattern")
+    if whitespace is not None:
+        _text(whitespace, "guided_whitespace_pattern")
+        if not found or found[0][0].kind not in ("json_schema", "json_object"):
+            raise bad_request("guided_whitespace_pattern applies to JSON output only (guided_json"
+                              ", response_format json_*)", "guided_whitespace_pattern")
+        grammar, name = found[0]
+        found[0] = (Grammar(grammar.kind, grammar.value, whitespace), name)
     return found[0] if found else (None, None)
 
 

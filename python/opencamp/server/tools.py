@@ -133,7 +133,10 @@ def plan(template: str | None, messages: list[dict], tools: list[dict], choice: 
             messages = [{"role": "system", "content": system}, *messages]
         return ToolPlan(fmt, messages, None, grammar, names)
     if forced and fmt == "hermes":
-        call = "%json " + json.dumps(_one_of([_call_schema(t) for t in offered]))
+        schema = {**_one_of([_call_schema(t) for t in offered]),
+                  "x-guidance": {"whitespace_flexible": False, "item_separator": ", ",
+                                 "key_separator": ": "}}  # as Grammar's JSON layout
+        call = "%json " + json.dumps(schema)
         repeat = ' ("\\n" call)*' if parallel else ""
         grammar = Grammar.lark(f'start: call{repeat}\ncall: "<tool_call>\\n" {call} '
                                '"\\n</tool_call>"\n')
