@@ -163,7 +163,7 @@ def test_forced_tool_calls_validate_and_stream_the_same(client, tool_choice):
 def test_a_tool_result_continues_the_conversation(client):
     first = client.chat.completions.create(
         model=NAME, messages=ASK_WEATHER, tools=[WEATHER], tool_choice="required",
-        temperature=0, max_tokens=120)
+        temperature=0, max_tokens=60)
     call = first.choices[0].message.tool_calls[0]
     history = ASK_WEATHER + [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -172,19 +172,17 @@ def test_a_tool_result_continues_the_conversation(client):
         {"role": "tool", "tool_call_id": call.id,
          "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
     follow = client.chat.completions.create(model=NAME, messages=history, tools=[WEATHER],
-                                            temperature=0, max_tokens=80)
+                                            temperature=0, max_tokens=60)
     choice = follow.choices[0]
+    # The history went in: the call the model wrote and the tool's result, as the template
+    # renders them.
+    assert follow.usage.prompt_tokens > first.usage.prompt_tokens + 20
     # tool_choice auto in the generic format: a reply ({"response": ...}) or another call.
     if choice.finish_reason == "tool_calls":
         assert choice.message.tool_calls[0].function.name == "get_weather"
     else:
         assert choice.finish_reason == "stop"
         assert isinstance(choice.message.content, str) and choice.message.content.strip()
-    # Without tools the same history is plain chat, the tool result in it.
-    plain = client.chat.completions.create(model=NAME, messages=history, temperature=0,
-                                           max_tokens=40)
-    assert plain.choices[0].message.content.strip()
-    assert plain.usage.prompt_tokens > first.usage.prompt_tokens - 200  # the history went in
 
 
 def test_tool_choice_without_tools_is_refused(client):
