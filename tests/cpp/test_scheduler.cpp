@@ -552,4 +552,34 @@ TEST_CASE(a_constraint_decides_every_token_and_eos_only_when_complete) {
   CHECK(wait_for(*d).tokens == alone("tiny-llama", free_running));
 }
 
+TEST_CASE(a_constrained_request_keeps_its_place_in_the_grammar_across_a_preemption) {
+  // As a_full_kv_cache_preempts_the_newest_and_recomputes_it_later, with every request held to
+  // a 40-token pattern: the preempted ones recompute what they generated and go on with the
+  // pattern where they left it (the constraint is told each token exactly once).
+  Engine engine(fixture("tiny-llama"), options(96));
+  SchedulerOptions so;
+  so.max_running = 4;
+  Scheduler scheduler(engine, so);
+  const int vocab = engine.config().vocab_size;
+  std::vector<std::shared_ptr<SpellOut>> constraints;
+  std::vector<std::shared_ptr<ScheduledRequest>> handles;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> pattern;
+    for (int k = 0; k < 39; ++k) pattern.push_back((k * 7 + i * 13 + 20) % (vocab - 8) + 8);
+    constraints.push_back(std::make_shared<SpellOut>(pattern, 7));
+    GenerationRequest r = greedy(prompt_of(30, 10 + i, vocab), 40);
+    r.ignore_eos = false;
+    r.stop_token_ids = {7};
+    r.constraint = constraints.back();
+    handles.push_back(scheduler.submit(r));
+  }
+  for (size_t i = 0; i < handles.size(); ++i) {
+    std::vector<int32_t> expected = constraints[i]->pattern;
+    expected.push_back(7);
+    CHECK_MSG(wait_for(*handles[i]).tokens == expected, "request " << i << " left its pattern");
+    CHECK_EQ(constraints[i]->accepted, 39);
+  }
+  CHECK(scheduler.stats().preemptions > 0);
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
