@@ -166,7 +166,12 @@ class PythonConstraint final : public TokenConstraint {
   explicit PythonConstraint(py::object target) : target_(std::move(target)) {}
   ~PythonConstraint() override {
     // At interpreter exit the GIL can no longer be taken: the object is left to the exit.
-    if (!Py_IsInitialized() || _Py_IsFinalizing()) {
+#if PY_VERSION_HEX >= 0x030D0000
+    const bool finalizing = Py_IsFinalizing() != 0;
+#else
+    const bool finalizing = _Py_IsFinalizing() != 0;
+#endif
+    if (!Py_IsInitialized() || finalizing) {
       target_.release();
       return;
     }
