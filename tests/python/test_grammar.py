@@ -176,3 +176,15 @@ def test_a_pydantic_model_class_is_a_grammar(tiny_llm):
     text = tiny_llm.chat(HELLO, grammar=Point, max_tokens=60, temperature=1.0, seed=9)
     point = Point.model_validate_json(text)
     assert -5 <= point.x <= 5
+
+
+def test_the_server_answers_400_when_llguidance_is_missing(client, monkeypatch):
+    from serverkit import HELLO as CHAT, assert_openai_error
+
+    monkeypatch.setitem(sys.modules, "llguidance", None)
+    body = {"messages": CHAT, "max_tokens": 4, "response_format": {"type": "json_object"}}
+    assert_openai_error(client.post("/v1/chat/completions", json=body), 400,
+                        param="response_format", match=r"pip install 'opencamp\[grammar\]'")
+    # Requests without a grammar are served as before.
+    plain = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
+    assert plain.status_code == 200
