@@ -134,3 +134,30 @@ def test_streamed_fragments_assemble_to_the_call():
     assert len(deltas) > 2  # the arguments come in several fragments
     assert "".join(d[0]["function"]["arguments"] for d in deltas) == \
         calls[0]["function"]["arguments"]
+
+
+def test_text_before_a_call_streams_and_the_call_is_held():
+    auto = tools.plan(HERMES_TEMPLATE, ASK, [WEATHER], "auto", True)
+    streamer = tools.ContentStreamer(auto)
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    sent = [streamer.push(p) for p in ["Let me ", "look. <tool", "_call>", call[11:]]]
+    assert sent == ["Let me ", "look. ", "", ""]
+    content, calls = streamer.finish()
+    assert content is None and calls[0]["function"]["name"] == "get_weather"
+    # Text that only looked like the start of a call goes on, late by a few characters.
+    streamer = tools.ContentStreamer(auto)
+    assert [streamer.push(p) for p in ["a <tool", "s are here"]] == ["a ", "<tools are here"]
+    assert streamer.finish() == ("", [])
+    # A Llama 3 answer that opens as JSON is held; prose streams.
+    llama = tools.plan(LLAMA3_TEMPLATE, ASK, [WEATHER], "auto", True)
+    prose = tools.ContentStreamer(llama)
+    assert prose.push("It is") == "It is"
+    held = tools.ContentStreamer(llama)
+    assert held.push(' {"name": "get_weather", ') == ""
+    assert held.push('"parameters": {"city": "Rome"}}') == ""
+    assert json.loads(held.finish()[1][0]["function"]["arguments"]) == {"city": "Rome"}
+    # Forced calls and the generic format hold everything.
+    forced = tools.ContentStreamer(tools.plan(HERMES_TEMPLATE, ASK, [WEATHER], "required", True))
+    assert forced.push(call) == ""
+    generic = tools.ContentStreamer(tools.plan("{{ messages }}", ASK, [WEATHER], "auto", True))
+    assert generic.push('{"response": "hi"}') == "" and generic.finish() == ("hi", [])

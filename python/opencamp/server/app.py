@@ -477,20 +477,23 @@ async def _sse_stream(start, writer: ResponseWriter, plan=None):
     if first is not None:
         yield sse(first)
     generation = None
-    held: list[str] = []  # with tools the answer is read whole before it is sent
+    # With tools, text before a call streams; the calls are read whole (tools.ContentStreamer).
+    streamer = tool_calls.ContentStreamer(plan) if plan is not None else None
     try:
         generation = await start()
         while True:
             event, value = await generation.next_event()
-            if event == "text" and plan is not None:
-                held.append(value)
-            elif event == "text":
-                yield sse(writer.content_chunk(value))
+            if event == "text":
+                piece = streamer.push(value) if streamer is not None else value
+                if piece:
+                    yield sse(writer.content_chunk(piece))
             elif event == "done":
                 c: Completion = value
                 finish_reason = c.finish_reason
-                if plan is not None:
-                    content, calls, finish_reason = _answer(plan, "".join(held), finish_reason)
+                if streamer is not None:
+                    content, calls = streamer.finish()
+                    if calls:
+                        finish_reason = "tool_calls"
                     if content:
                         yield sse(writer.content_chunk(content))
                     for delta in tool_calls.stream_fragments(calls):

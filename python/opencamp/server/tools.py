@@ -207,6 +207,50 @@ def parse(tool_plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
     return (None, calls) if calls else (text, [])
 
 
+class ContentStreamer:
+    """A streamed answer with tools: text before any call is handed on as it comes (hermes and
+    llama3 formats under tool_choice auto); from the first sign of a call (a `<tool_call>`, or
+    an answer that opens as JSON) the rest is held, and finish() reads it whole. Forced calls
+    and the generic format (always JSON) hold everything."""
+
+    MARKER = "<tool_call>"
+
+    def __init__(self, tool_plan: ToolPlan):
+        self.plan = tool_plan
+        self.free = tool_plan.grammar is None and tool_plan.format in ("hermes", "llama3_json")
+        self.held = ""
+        self.holding = not self.free
+
+    def push(self, piece: str) -> str:
+        """The part of `piece` (with what was held back) that may go to the client now."""
+        self.held += piece
+        if self.holding:
+            return ""
+        if self.plan.format == "llama3_json":
+            start = self.held.lstrip()
+            if not start:
+                return ""
+            if start.startswith(("{", "<|python_tag|>"[: len(start)])):
+                self.holding = True
+                return ""
+            out, self.held = self.held, ""
+            return out
+        found = self.held.find(self.MARKER)
+        if found >= 0:
+            self.holding = True
+            out, self.held = self.held[:found], self.held[found:]
+            return out
+        keep = next((n for n in range(min(len(self.MARKER) - 1, len(self.held)), 0, -1)
+                     if self.MARKER.startswith(self.held[-n:])), 0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def finish(self) -> tuple[str | None, list[dict]]:
+        """(the content not yet sent, the tool calls) from what was held."""
+        content, calls = parse(self.plan, self.held)
+        return content, calls
+
+
 def stream_fragments(calls: list[dict], pieces: int = 3) -> list[list[dict]]:
     """The calls as `delta.tool_calls` lists, OpenAI style: per call a first delta with its
     index, id, type, name and empty arguments, then the arguments in a few fragments."""
