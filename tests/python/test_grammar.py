@@ -188,3 +188,27 @@ def test_the_server_answers_400_when_llguidance_is_missing(client, monkeypatch):
     # Requests without a grammar are served as before.
     plain = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 2})
     assert plain.status_code == 200
+
+
+def test_completions_and_chat_routes_take_the_constraints(client, tokenizer):
+    from serverkit import HELLO as CHAT
+
+    done = client.post("/v1/completions", json={
+        "prompt": "Pick one:", "max_tokens": 8, "guided_choice": ["left", "right"]}).json()
+    assert done["choices"][0]["text"] in ("left", "right")
+    assert done["choices"][0]["finish_reason"] == "stop"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    chat = client.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 20, "temperature": 1.0, "seed": 5,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "r", "schema": schema, "strict": True}}})
+    assert json.loads(chat.json()["choices"][0]["message"]["content"]) in ({"ok": True},
+                                                                           {"ok": False})
+    yes = tokenizer.token_to_id("yes")
+    biased = client.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 3, "logit_bias": {str(yes): 100}}).json()
+    assert biased["choices"][0]["message"]["content"] == "yes" * 3
+    only = client.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 3, "allowed_token_ids": [yes]}).json()
+    assert only["choices"][0]["message"]["content"] == "yes" * 3
