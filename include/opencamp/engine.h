@@ -58,6 +58,9 @@ struct GenerationRequest {
   // sequence's next mask while the forward pass that makes its logits runs.
   TokenRules token_rules;
   std::shared_ptr<TokenConstraint> constraint;
+  // -1: no log-probabilities (no cost). 0..kMaxTopLogprobs: every token comes with its
+  // log-probability and this many most likely alternatives (see token_logprobs).
+  int logprobs = -1;
 };
 
 struct GenerationResult {
@@ -162,7 +165,8 @@ class Engine {
   // Keeps a finished conversation of `scheduler` for a later request that continues it.
   void keep_sequence(int seq, const Scheduler* scheduler);
   // Takes back the kept sequence of `scheduler` sharing the longest prefix with `prompt` (at
-  // least `min_common` tokens, and always leaving one prompt token to compute), or -1.
+  // least `min_common` tokens, and always leaving one prompt token to compute), or -1; also -1
+  // when the prefix cache holds more of the prompt than that conversation does.
   int take_kept_sequence(const Scheduler* scheduler, std::span<const int32_t> prompt,
                          size_t min_common);
   bool free_oldest_kept(const Scheduler* scheduler);  // false when it keeps none

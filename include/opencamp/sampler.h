@@ -15,6 +15,10 @@
 //
 // top_p and min_p see the probabilities at temperature 1, so changing the temperature never
 // changes which tokens are candidates, only how likely each is.
+//
+// Log-probabilities (token_logprobs, for OpenAI's logprobs) are the log-softmax of the logits
+// after stage 1 and before stages 2-7, as OpenAI and vLLM document: what the model (with its
+// penalties) thinks of each token, whatever temperature, top-k or top-p then did with it.
 #pragma once
 
 #include <cstdint>
@@ -86,8 +90,10 @@ class Sampler {
   // Takes effect from the next token on; reseeds only when the seed changes.
   void set_params(const SamplingParams& params);
 
-  // logits: [vocab], modified in place. history: the tokens of the sequence so far.
-  // constraint_mask: the constraint's mask for this token (mask_words(vocab) words), or empty.
+  // logits: [vocab], modified in place: afterwards it holds the logits after the mask and the
+  // penalties (stages 0-1), what token_logprobs takes. history: the tokens of the sequence so
+  // far. constraint_mask: the constraint's mask for this token (mask_words(vocab) words), or
+  // empty.
   int32_t sample(std::span<float> logits, std::span<const int32_t> history,
                  std::span<const uint32_t> constraint_mask = {});
 
@@ -120,5 +126,22 @@ class Sampler {
 void apply_penalties(std::span<float> logits, std::span<const int32_t> history,
                      float repetition_penalty, float presence_penalty, float frequency_penalty);
 int32_t argmax(std::span<const float> logits);
+
+// The most alternatives token_logprobs reports (OpenAI's top_logprobs limit).
+inline constexpr int kMaxTopLogprobs = 20;
+
+struct TokenLogprob {
+  int32_t id;
+  float logprob;
+};
+// One sampled token's log-probability and the `top_n` most likely tokens with theirs (highest
+// first, ties by lowest id, so at temperature 0 the chosen token is top[0]).
+struct TokenLogprobs {
+  float logprob;
+  std::vector<TokenLogprob> top;
+};
+// log-softmax of `logits` [vocab] at `chosen`, and the top_n (0..kMaxTopLogprobs) best; NaN
+// logits count as impossible (-inf). Computed in double, O(vocab) (a partial sort for top_n).
+TokenLogprobs token_logprobs(std::span<const float> logits, int32_t chosen, int top_n);
 
 }  // namespace opencamp

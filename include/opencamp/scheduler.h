@@ -37,6 +37,9 @@ namespace opencamp {
 struct TokenEvent {
   int32_t token;
   bool is_stop;  // the token that ended generation (EOS / stop id); not part of the text
+  // Only when the request asked (GenerationRequest::logprobs >= 0), else null: the token's
+  // log-probability and the most likely alternatives, from the logits it was sampled from.
+  std::shared_ptr<const TokenLogprobs> logprobs;
 };
 
 struct SchedulerOptions {
@@ -66,6 +69,9 @@ class ScheduledRequest {
   // nullopt with timed_out() true.
   std::optional<TokenEvent> next(double timeout_seconds = -1.0);
   bool timed_out() const { return timed_out_; }
+  // Blocks until the first token was sampled (the prompt is in the KV cache, its full blocks
+  // shared with later prompts that start the same way) or the request ended; false on timeout.
+  bool wait_first_token(double timeout_seconds = -1.0);
   // Stops the request at the next step; its sequence's blocks are freed (or stay cached).
   void cancel();
   // Waits for the end (the request no longer waits for its tokens to be read); rethrows the
@@ -84,6 +90,7 @@ class ScheduledRequest {
   bool done_ = false;
   bool timed_out_ = false;
   bool waiting_for_end_ = false;  // wait() was called: unread tokens do not pause the request
+  bool sampled_first_ = false;    // a token was sampled (wait_first_token)
   std::exception_ptr error_;
   GenerationResult result_;
   double queue_seconds_ = 0.0;

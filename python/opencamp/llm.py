@@ -20,6 +20,7 @@ from .streaming import IncrementalDecoder, StopMatcher
 from .tokenizer import Tokenizer
 
 Message = dict
+MAX_TOP_LOGPROBS = 20  # kMaxTopLogprobs in include/opencamp/sampler.h
 
 
 def describe_model(path: Path, gguf_metadata: dict | None = None) -> dict:
@@ -45,6 +46,27 @@ def describe_model(path: Path, gguf_metadata: dict | None = None) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability (the log-softmax of the logits after the
+    penalties, before temperature / top-k / top-p / min-p) and the `top` most likely tokens at
+    that step as (id, logprob), highest first."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Piece(str):
+    """A text piece of a Stream (a str), with the generated tokens consumed since the previous
+    piece: `token_ids`, and `logprobs` (a TokenLogprob each, stop tokens left out as they are
+    from the text) when the stream asked for them. Tokens after the last piece (a final stop
+    token, text a stop string cut) come with no piece: `completion` has every one."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
 @dataclass
 class Completion:
     """Everything known about one finished generation."""
@@ -57,6 +79,8 @@ class Completion:
     prefill_seconds: float = 0.0  # admitted -> first token
     decode_seconds: float = 0.0   # first token -> end
     queue_seconds: float = 0.0    # waiting for the scheduler to admit it
+    # With logprobs asked: one TokenLogprob per generated token of the text (no stop token).
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def time_to_first_token(self) -> float:
@@ -113,6 +137,12 @@ def _build_sampling_options(cls, stop: str | Sequence[str] | None = None, **kwar
         if kwargs.get("ignore_eos"):
             raise ValueError("ignore_eos cannot be combined with a grammar: the grammar ends "
                              "the answer with EOS")
+    logprobs = kwargs.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise sampling.SamplingValueError(
+            "logprobs", f"logprobs must be None or an integer between 0 and {MAX_TOP_LOGPROBS}, "
+                        f"got {logprobs!r}")
     return cls(stop=stops, **kwargs)
 
 
@@ -136,7 +166,10 @@ SamplingOptions = make_dataclass(
        # a Grammar the answer must match (or a GrammarConstraint already made for it).
        ("allowed_token_ids", list | None, field(default=None)),
        ("logit_bias", dict | None, field(default=None)),
-       ("grammar", object, field(default=None))],
+       ("grammar", object, field(default=None)),
+       # None: no log-probabilities; 0-20: each token's and this many alternatives' (no cost
+       # to generations that do not ask).
+       ("logprobs", int | None, field(default=None))],
     namespace={"build": classmethod(_build_sampling_options), "core": _core_sampling,
                "__module__": __name__,
                "__doc__": "The knobs of generate/chat/send; see README 'Sampling'."})
@@ -177,6 +210,9 @@ class Stream(_ClosedOnExit):
         self._decoder = IncrementalDecoder(llm.tokenizer) if llm._tokenizer is not None else None
         self._stopper = StopMatcher(options.stop)
         self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
+        self._pending_ids: list[int] = []  # generated tokens not yet carried by a Piece
+        self._pending_logprobs: list[TokenLogprob] = []
         self._text: list[str] = []
         self._stopped_by_string = False
         self.completion: Completion | None = None
@@ -189,8 +225,9 @@ class Stream(_ClosedOnExit):
         self._generation = (scheduler or llm.scheduler).submit(
             prompt_ids, seq=-1 if sequence is None else sequence, max_tokens=options.max_tokens,
             sampling=options.core(), stop_token_ids=list(options.stop_token_ids),
-            ignore_eos=options.ignore_eos, allowed_token_ids=options.allowed_token_ids,
-            logit_bias=options.logit_bias, constraint=constraint)
+            ignore_eos=options.ignore_eos, logprobs=options.logprobs,
+            allowed_token_ids=options.allowed_token_ids, logit_bias=options.logit_bias,
+            constraint=constraint)
 
     def __iter__(self) -> "Stream":
         return self
@@ -205,8 +242,14 @@ class Stream(_ClosedOnExit):
                 if piece:
                     return self._emit(piece)
                 break
-            token, is_stop = event
+            token, is_stop = event[0], event[1]
             self._token_ids.append(token)
+            self._pending_ids.append(token)
+            if len(event) > 2 and not is_stop:  # a stop token is not part of the text
+                logprob, top = event[2]
+                record = TokenLogprob(token, logprob, tuple(top))
+                self._logprobs.append(record)
+                self._pending_logprobs.append(record)
             if is_stop or self._decoder is None:  # a stop token is not part of the text
                 continue
             piece, hit = self._stopper.push(self._decoder.push(token))
@@ -221,9 +264,21 @@ class Stream(_ClosedOnExit):
                 return self._emit(piece)
         raise StopIteration
 
-    def _emit(self, piece: str) -> str:
-        self._text.append(piece)
+    def _emit(self, text: str) -> Piece:
+        self._text.append(text)
+        piece = Piece(text)
+        piece.token_ids = tuple(self._pending_ids)
+        if self._logprobs is not None:
+            piece.logprobs = tuple(self._pending_logprobs)
+        self._pending_ids.clear()
+        self._pending_logprobs.clear()
         return piece
+
+    def wait_first_token(self, timeout: float | None = None) -> bool:
+        """Block until the first token was sampled (the prompt is in the KV cache, its full
+        blocks shared with any later prompt that starts the same way) or the generation ended.
+        False when `timeout` seconds passed first."""
+        return self._generation.wait_first_token(timeout)
 
     def _finish(self) -> None:
         result = self._generation.wait()
@@ -234,7 +289,8 @@ class Stream(_ClosedOnExit):
             text="".join(self._text), token_ids=list(self._token_ids),
             finish_reason=finish_reason, prompt_tokens=self._prompt_tokens,
             cached_tokens=result["cached_tokens"], prefill_seconds=result["prefill_seconds"],
-            decode_seconds=result["decode_seconds"], queue_seconds=result["queue_seconds"])
+            decode_seconds=result["decode_seconds"], queue_seconds=result["queue_seconds"],
+            logprobs=None if self._logprobs is None else list(self._logprobs))
         if self._on_finish is not None:
             self._on_finish(self.completion)
 
@@ -361,6 +417,15 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits of every position of a fresh sequence: float32 [n_tokens, vocab]."""
         return self.engine.logits(list(token_ids))
+
+    def prompt_logprobs(self, token_ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """Each token of `token_ids` after the first, with its log-probability given the ones
+        before it and the `top` (0-20) most likely tokens there (one pass over the prompt on a
+        fresh sequence, the same log-softmax in C++ as generated tokens get)."""
+        ids = [int(t) for t in token_ids]
+        found = self.engine.prompt_logprobs(ids, top)
+        return [TokenLogprob(token, logprob, tuple(alternatives))
+                for token, (logprob, alternatives) in zip(ids[1:], found)]
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

@@ -234,9 +234,18 @@ struct RequestHandle {
   py::object scheduler;
 };
 
-// (token, is_stop), or None at the end / on timeout.
+// (logprob, [(id, logprob), ...]): one token's log-probability and its top alternatives.
+py::tuple logprobs_tuple(const TokenLogprobs& lp) {
+  py::list top(lp.top.size());
+  for (size_t i = 0; i < lp.top.size(); ++i) top[i] = py::make_tuple(lp.top[i].id, lp.top[i].logprob);
+  return py::make_tuple(lp.logprob, std::move(top));
+}
+
+// (token, is_stop), or (token, is_stop, (logprob, top)) when the request asked for
+// log-probabilities; None at the end / on timeout.
 py::object event_or_none(const std::optional<TokenEvent>& event) {
   if (!event) return py::none();
+  if (event->logprobs) return py::make_tuple(event->token, event->is_stop, logprobs_tuple(*event->logprobs));
   return py::make_tuple(event->token, event->is_stop);
 }
 
@@ -595,7 +604,38 @@ PYBIND11_MODULE(_core, m) {
              e.free_sequence(seq);
              return logits;
            },
-           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].");
+           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].")
+      .def("prompt_logprobs",
+           [](Engine& e, py::object tokens, py::object top_n) {
+             const std::vector<int32_t> ids = ids_argument(tokens, "tokens");
+             const int n = static_cast<int>(int_argument(top_n, "top_n", 0, kMaxTopLogprobs));
+             const size_t vocab = static_cast<size_t>(e.config().vocab_size);
+             std::vector<TokenLogprobs> found;
+             {
+               py::gil_scoped_release release;
+               std::vector<float> logits(ids.size() * vocab);
+               const int seq = e.create_sequence();
+               try {
+                 e.prefill(seq, ids, logits, true);
+               } catch (...) {
+                 e.free_sequence(seq);
+                 throw;
+               }
+               e.free_sequence(seq);
+               // Position i's logits predict token i + 1: the first token has no log-probability.
+               for (size_t i = 0; i + 1 < ids.size(); ++i) {
+                 found.push_back(token_logprobs(std::span<const float>(logits).subspan(i * vocab, vocab),
+                                                ids[i + 1], n));
+               }
+             }
+             py::list out(found.size());
+             for (size_t i = 0; i < found.size(); ++i) out[i] = logprobs_tuple(found[i]);
+             return out;
+           },
+           py::arg("tokens"), py::arg("top_n") = 0,
+           "Log-probabilities of each prompt token after the first given the ones before it, on "
+           "a fresh sequence (the same log-softmax as generated tokens, no penalties): a list of "
+           "(logprob, [(id, logprob), ...top_n]) for tokens[1:].");
 
   py::class_<RequestHandle>(m, "ScheduledRequest")
       .def("next",
@@ -612,6 +652,15 @@ PYBIND11_MODULE(_core, m) {
            "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
            "check timed_out).")
       .def_property_readonly("timed_out", [](const RequestHandle& h) { return h.request->timed_out(); })
+      .def("wait_first_token",
+           [](RequestHandle& h, py::object timeout) {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             py::gil_scoped_release release;
+             return h.request->wait_first_token(seconds);
+           },
+           py::arg("timeout") = py::none(),
+           "Wait until the first token was sampled (the prompt is cached) or the request ended; "
+           "False on timeout.")
       .def("cancel", [](RequestHandle& h) { h.request->cancel(); })
       .def_property_readonly("finished", [](const RequestHandle& h) { return h.request->finished(); })
       .def_property_readonly("queue_seconds", [](const RequestHandle& h) { return h.request->queue_seconds(); })
@@ -655,7 +704,8 @@ PYBIND11_MODULE(_core, m) {
       .def("submit",
            [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
               py::object sampling, py::object stop_token_ids, py::object ignore_eos,
-              py::object allowed_token_ids, py::object logit_bias, py::object constraint) {
+              py::object logprobs, py::object allowed_token_ids, py::object logit_bias,
+              py::object constraint) {
              GenerationRequest request;
              request.prompt = ids_argument(prompt, "prompt");
              request.max_tokens = static_cast<int>(int_argument(max_tokens, "max_tokens", INT32_MIN, INT32_MAX));
@@ -670,20 +720,25 @@ PYBIND11_MODULE(_core, m) {
                }
                request.constraint = std::make_shared<PythonConstraint>(constraint);
              }
+             request.logprobs = logprobs.is_none()
+                                    ? -1
+                                    : static_cast<int>(int_argument(logprobs, "logprobs", 0, kMaxTopLogprobs));
              const int sequence = static_cast<int>(int_argument(seq, "seq", -1, INT32_MAX));
              Scheduler& scheduler = self.cast<Scheduler&>();
              return RequestHandle{scheduler.submit(std::move(request), sequence), self};
            },
            py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
            py::arg("sampling") = py::none(), py::arg("stop_token_ids") = py::tuple(),
-           py::arg("ignore_eos") = false, py::arg("allowed_token_ids") = py::none(),
-           py::arg("logit_bias") = py::none(), py::arg("constraint") = py::none(),
+           py::arg("ignore_eos") = false, py::arg("logprobs") = py::none(),
+           py::arg("allowed_token_ids") = py::none(), py::arg("logit_bias") = py::none(),
+           py::arg("constraint") = py::none(),
            "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one; "
-           "sampling: a SamplingParams, None for the engine's defaults; allowed_token_ids, "
-           "logit_bias ({id: bias}) and constraint (an object with fill_mask(words: uint32 "
-           "numpy array, bit t of words[t // 32] allows token t) and accept(token), called on "
-           "the scheduler's mask worker) are sampling's stage 0); returns a ScheduledRequest, "
-           "which keeps this scheduler alive.")
+           "sampling: a SamplingParams, None for the engine's defaults; logprobs: None, or "
+           "0-20 for each token's log-probability and that many alternatives in its events; "
+           "allowed_token_ids, logit_bias ({id: bias}) and constraint (an object with "
+           "fill_mask(words: uint32 numpy array, bit t of words[t // 32] allows token t) and "
+           "accept(token), called on the scheduler's mask worker) are sampling's stage 0); "
+           "returns a ScheduledRequest, which keeps this scheduler alive.")
       .def("stats",
            [](const Scheduler& scheduler) {
              const auto s = scheduler.stats();

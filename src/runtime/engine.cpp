@@ -134,6 +134,9 @@ int Engine::take_kept_sequence(const Scheduler* scheduler, std::span<const int32
     }
   }
   if (best < 0 || best_common < min_common) return -1;
+  // Cached blocks (from a running sequence with the same prompt, say: the other choices of an
+  // n > 1 request) may hold more of the prompt than this conversation does: map those instead.
+  if (static_cast<int>(best_common) < cache_->cached_prefix_length(prompt)) return -1;
   holders_[best].kept = false;
   return best;
 }
@@ -376,6 +379,10 @@ void Engine::check_request(const GenerationRequest& request) const {
   if (request.prompt.empty()) fail(ErrorKind::InvalidArgument, "the prompt is empty");
   if (request.max_tokens < 1) {
     fail(ErrorKind::InvalidArgument, "max_tokens must be >= 1, got ", request.max_tokens);
+  }
+  if (request.logprobs < -1 || request.logprobs > kMaxTopLogprobs) {
+    fail(ErrorKind::InvalidArgument, "logprobs must be -1 (none) or in [0, ", kMaxTopLogprobs,
+         "], got ", request.logprobs);
   }
   check_tokens(request.prompt);
   check_tokens(request.stop_token_ids);

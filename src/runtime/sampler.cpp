@@ -64,6 +64,50 @@ void apply_token_mask(std::span<float> logits, std::span<const uint32_t> allowed
   if (!any) fail(ErrorKind::InvalidArgument, "the token mask allows no token of the vocabulary");
 }
 
+TokenLogprobs token_logprobs(std::span<const float> logits, int32_t chosen, int top_n) {
+  if (logits.empty()) fail(ErrorKind::InvalidArgument, "cannot take log-probabilities of empty logits");
+  if (chosen < 0 || static_cast<size_t>(chosen) >= logits.size()) {
+    fail(ErrorKind::InvalidArgument, "token ", chosen, " is outside the logits [0, ", logits.size(), ")");
+  }
+  if (top_n < 0 || top_n > kMaxTopLogprobs) {
+    fail(ErrorKind::InvalidArgument, "top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", top_n);
+  }
+  constexpr float kImpossible = -std::numeric_limits<float>::infinity();
+  float max_logit = kImpossible;
+  for (float x : logits) {
+    if (x > max_logit) max_logit = x;  // NaN never wins
+  }
+  double total = 0.0;
+  if (max_logit != kImpossible) {
+    for (float x : logits) {
+      if (!std::isnan(x)) total += std::exp(static_cast<double>(x) - max_logit);
+    }
+  }
+  // log p(x) = x - max - log(sum exp(x - max)); all -inf (or NaN): nothing is possible.
+  const double log_total = max_logit == kImpossible ? 0.0 : std::log(total);
+  auto logprob = [&](float x) -> float {
+    if (std::isnan(x) || max_logit == kImpossible || x == kImpossible) return kImpossible;
+    return static_cast<float>(static_cast<double>(x) - max_logit - log_total);
+  };
+  TokenLogprobs out{logprob(logits[static_cast<size_t>(chosen)]), {}};
+  if (top_n > 0) {
+    std::vector<TokenLogprob> all;
+    all.reserve(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) {
+      all.push_back({static_cast<int32_t>(i), std::isnan(logits[i]) ? kImpossible : logits[i]});
+    }
+    const size_t n = std::min(static_cast<size_t>(top_n), all.size());
+    std::partial_sort(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), all.end(),
+                      [](const TokenLogprob& a, const TokenLogprob& b) {
+                        return a.logprob > b.logprob || (a.logprob == b.logprob && a.id < b.id);
+                      });
+    all.resize(n);
+    for (TokenLogprob& t : all) t.logprob = logprob(t.logprob);  // the logit, until here
+    out.top = std::move(all);
+  }
+  return out;
+}
+
 Sampler::Sampler(const SamplingParams& params) {
   params.validate();
   params_ = params;

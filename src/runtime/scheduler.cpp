@@ -31,7 +31,7 @@ std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
     return std::nullopt;
   }
   if (queue.empty()) return std::nullopt;
-  const TokenEvent event = queue.front();
+  TokenEvent event = std::move(queue.front());
   queue.pop_front();
   return event;
 }
@@ -50,6 +50,16 @@ std::optional<TokenEvent> ScheduledRequest::next(double timeout_seconds) {
     std::rethrow_exception(error_);
   }
   return event;
+}
+
+bool ScheduledRequest::wait_first_token(double timeout_seconds) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  auto started = [this] { return sampled_first_ || done_; };
+  if (timeout_seconds < 0) {
+    changed_.wait(lock, started);
+    return true;
+  }
+  return changed_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), started);
 }
 
 void ScheduledRequest::cancel() {
@@ -125,11 +135,12 @@ struct Scheduler::Active {
   }
 
   // Hands a sampled token on; false when the token callback asks to end the request.
-  bool emit(int32_t token, bool is_stop) {
+  bool emit(int32_t token, bool is_stop, std::shared_ptr<const TokenLogprobs> logprobs) {
     const bool go_on = !on_token || on_token(token, is_stop);
     {
       std::lock_guard<std::mutex> lock(handle->mutex_);
-      handle->queue_.push_back({token, is_stop});
+      handle->queue_.push_back({token, is_stop, std::move(logprobs)});
+      handle->sampled_first_ = true;
     }
     handle->changed_.notify_all();
     return go_on;
@@ -584,7 +595,12 @@ bool Scheduler::step() {
     }
     const bool is_stop = a.stop_ids.count(token) > 0;
     a.result.tokens.push_back(token);
-    const bool go_on = a.emit(token, is_stop);
+    // Only for requests that ask: row_logits now holds the logits after the penalties.
+    std::shared_ptr<const TokenLogprobs> logprobs;
+    if (a.request.logprobs >= 0) {
+      logprobs = std::make_shared<const TokenLogprobs>(token_logprobs(row_logits, token, a.request.logprobs));
+    }
+    const bool go_on = a.emit(token, is_stop, std::move(logprobs));
     if (const auto reason = a.finish_reason_after(token, go_on, engine_.max_context())) {
       finish(a, *reason);
     } else {

@@ -433,4 +433,88 @@ TEST_CASE(allowed_token_ids_and_logit_bias_are_stage_zero) {
   CHECK_THROWS_WITH(nan_bias.check(4), ErrorKind::InvalidArgument, "finite");
 }
 
+// ---- log-probabilities (OpenAI's logprobs) -------------------------------------------------
+
+// log-softmax by the book, in long double, for the reference.
+std::vector<double> reference_log_softmax(const std::vector<float>& logits) {
+  long double total = 0;
+  for (float x : logits) total += std::exp(static_cast<long double>(x));
+  std::vector<double> out;
+  for (float x : logits) out.push_back(static_cast<double>(x - std::log(total)));
+  return out;
+}
+
+TEST_CASE(token_logprobs_are_the_log_softmax_with_the_top_alternatives) {
+  const std::vector<float> logits = {1.0f, 3.5f, -2.0f, 3.5f, 0.25f, 7.0f};
+  const auto expected = reference_log_softmax(logits);
+  for (int32_t chosen = 0; chosen < 6; ++chosen) {
+    const TokenLogprobs lp = token_logprobs(logits, chosen, 0);
+    CHECK_NEAR(lp.logprob, expected[static_cast<size_t>(chosen)], 1e-6);
+    CHECK(lp.top.empty());  // top_n 0: the chosen token alone
+  }
+  // Highest first, ties by lowest id (3.5 at ids 1 and 3); the chosen token need not be in it.
+  const TokenLogprobs lp = token_logprobs(logits, 2, 4);
+  CHECK_EQ(lp.top.size(), size_t{4});
+  const std::vector<int32_t> order = {5, 1, 3, 0};
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK_EQ(lp.top[i].id, order[i]);
+    CHECK_NEAR(lp.top[i].logprob, expected[static_cast<size_t>(order[i])], 1e-6);
+  }
+  CHECK_NEAR(lp.logprob, expected[2], 1e-6);
+  // top_n beyond the vocabulary: every token once.
+  CHECK_EQ(token_logprobs(logits, 0, 20).top.size(), logits.size());
+  // Probabilities sum to 1.
+  double total = 0;
+  for (const auto& t : token_logprobs(logits, 0, 20).top) total += std::exp(t.logprob);
+  CHECK_NEAR(total, 1.0, 1e-6);
+}
+
+TEST_CASE(token_logprobs_hold_for_large_logits_and_impossible_tokens) {
+  // Large logits do not overflow (max subtracted); -inf and NaN are impossible (-inf).
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> logits = {1000.0f, 999.0f, -inf, std::nanf(""), 1000.0f};
+  const double log_z = 1000.0 + std::log(2.0 + std::exp(-1.0));
+  CHECK_NEAR(token_logprobs(logits, 0, 0).logprob, 1000.0 - log_z, 1e-5);
+  CHECK_NEAR(token_logprobs(logits, 1, 0).logprob, 999.0 - log_z, 1e-5);
+  CHECK(token_logprobs(logits, 2, 0).logprob == -inf);
+  CHECK(token_logprobs(logits, 3, 0).logprob == -inf);
+  const auto top = token_logprobs(logits, 0, 5).top;
+  CHECK_EQ(top[0].id, 0);
+  CHECK_EQ(top[1].id, 4);
+  CHECK_EQ(top[2].id, 1);
+  CHECK(top[3].logprob == -inf && top[4].logprob == -inf);
+  CHECK_THROWS_WITH(token_logprobs(logits, 5, 0), ErrorKind::InvalidArgument, "outside");
+  CHECK_THROWS_WITH(token_logprobs(logits, 0, 21), ErrorKind::InvalidArgument, "top_logprobs");
+  CHECK_THROWS_WITH(token_logprobs(logits, 0, -1), ErrorKind::InvalidArgument, "top_logprobs");
+}
+
+TEST_CASE(logprobs_see_the_penalties_but_not_temperature_or_truncation) {
+  // sample() leaves the penalised logits in place: their log-softmax is what is reported,
+  // whatever temperature and top_k did to the draw. Greedy: the chosen token is top-1.
+  const std::vector<float> base = {3.0f, 2.0f, 0.5f, -1.0f};
+  SamplingParams p = seeded(0.0f);
+  p.repetition_penalty = 2.0f;  // 3 -> 1.5: token 1 becomes the argmax
+  Sampler greedy(p);
+  std::vector<float> logits = base;
+  const int32_t token = greedy.sample(logits, std::vector<int32_t>{0});
+  CHECK_EQ(token, 1);
+  const TokenLogprobs lp = token_logprobs(logits, token, 2);
+  CHECK_EQ(lp.top[0].id, token);
+  CHECK_NEAR(lp.top[0].logprob, lp.logprob, 0.0);
+  const auto expected = reference_log_softmax({1.5f, 2.0f, 0.5f, -1.0f});
+  CHECK_NEAR(lp.logprob, expected[1], 1e-6);
+  CHECK_NEAR(lp.top[1].logprob, expected[0], 1e-6);
+  // Hot and truncated: the same log-probabilities for the same token.
+  SamplingParams hot = p;
+  hot.temperature = 5.0f;
+  hot.top_k = 2;
+  Sampler sampler(hot);
+  for (int i = 0; i < 20; ++i) {
+    logits = base;
+    const int32_t drawn = sampler.sample(logits, std::vector<int32_t>{0});
+    CHECK(drawn == 0 || drawn == 1);
+    CHECK_NEAR(token_logprobs(logits, drawn, 0).logprob, expected[static_cast<size_t>(drawn)], 1e-6);
+  }
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

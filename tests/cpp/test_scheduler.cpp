@@ -582,4 +582,66 @@ TEST_CASE(a_constrained_request_keeps_its_place_in_the_grammar_across_a_preempti
   CHECK(scheduler.stats().preemptions > 0);
 }
 
+TEST_CASE(log_probabilities_come_only_to_requests_that_ask_and_match_the_logits) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  Scheduler scheduler(engine);
+  const auto prompt = prompt_of(9, 3, vocab);
+  GenerationRequest asking = greedy(prompt, 5);
+  asking.logprobs = 3;
+  const auto with = scheduler.submit(asking);
+  const auto without = scheduler.submit(greedy(prompt, 5));
+  std::vector<TokenEvent> events;
+  while (auto event = with->next(60.0)) events.push_back(*event);
+  while (auto event = without->next(60.0)) CHECK(event->logprobs == nullptr);
+  CHECK_EQ(events.size(), size_t{5});
+  // The reference: the logits of the prompt and the tokens, log-softmaxed here.
+  std::vector<int32_t> all = prompt;
+  for (const auto& e : events) all.push_back(e.token);
+  all.pop_back();
+  std::vector<float> logits(all.size() * static_cast<size_t>(vocab));
+  const int seq = engine.create_sequence();
+  engine.prefill(seq, all, logits, true);
+  engine.free_sequence(seq);
+  for (size_t i = 0; i < events.size(); ++i) {
+    CHECK(events[i].logprobs != nullptr);
+    if (!events[i].logprobs) continue;
+    const auto& lp = *events[i].logprobs;
+    const size_t row = prompt.size() - 1 + i;
+    std::span<const float> row_logits(logits.data() + row * vocab, static_cast<size_t>(vocab));
+    double total = 0;
+    for (float x : row_logits) total += std::exp(static_cast<double>(x));
+    CHECK_NEAR(lp.logprob, row_logits[static_cast<size_t>(events[i].token)] - std::log(total), 1e-4);
+    CHECK_EQ(lp.top.size(), size_t{3});
+    CHECK_EQ(lp.top[0].id, events[i].token);  // greedy: the chosen token is the most likely
+    CHECK(lp.top[0].logprob >= lp.top[1].logprob && lp.top[1].logprob >= lp.top[2].logprob);
+  }
+  GenerationRequest bad = greedy(prompt, 5);
+  bad.logprobs = 21;
+  CHECK_THROWS_WITH(scheduler.submit(bad), ErrorKind::InvalidArgument, "logprobs");
+}
+
+TEST_CASE(after_the_first_token_a_same_prompt_request_shares_the_prompt_blocks) {
+  // How n > 1 choices prefill the prompt once: the first choice's first token means its prompt
+  // is in the cache (full blocks published), so the next ones map those blocks.
+  Engine engine(fixture("tiny-llama"), options());
+  SchedulerOptions so;
+  so.max_unread_tokens = 2;  // the first stays unread, so it pauses alive (not kept, not done)
+  Scheduler scheduler(engine, so);
+  const auto prompt = prompt_of(40, 5, engine.config().vocab_size);  // 2 full blocks + 8
+  // A kept conversation sharing only the first 20 tokens (a system prompt, say) must not be
+  // taken over instead of mapping the 32 tokens the first choice's blocks hold.
+  const auto first = scheduler.submit(greedy(prompt, 50));
+  CHECK(first->wait_first_token(60.0));
+  auto system_only = std::vector<int32_t>(prompt.begin(), prompt.begin() + 20);
+  system_only.push_back(1);
+  CHECK_EQ(scheduler.submit(greedy(system_only, 1))->wait().tokens.size(), size_t{1});
+  CHECK_EQ(scheduler.stats().idle, 1);
+  const auto second = scheduler.submit(greedy(prompt, 3));
+  CHECK_EQ(second->wait().cached_tokens, 32);  // wait(): never paused for its unread tokens
+  first->cancel();
+  wait_for(*first);
+  CHECK(first->wait_first_token(0.0));  // ended: returns at once
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
