@@ -212,3 +212,15 @@ def test_completions_and_chat_routes_take_the_constraints(client, tokenizer):
     only = client.post("/v1/chat/completions", json={
         "messages": CHAT, "max_tokens": 3, "allowed_token_ids": [yes]}).json()
     assert only["choices"][0]["message"]["content"] == "yes" * 3
+
+
+def test_each_of_n_choices_has_its_own_matcher(client):
+    from serverkit import HELLO as CHAT
+
+    answer = client.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 30, "n": 3, "temperature": 1.0, "seed": 11,
+        "guided_regex": r"[a-c]{2}-[0-9]{3}"}).json()
+    import re
+    texts = [c["message"]["content"] for c in answer["choices"]]
+    assert len(texts) == 3 and all(re.fullmatch(r"[a-c]{2}-[0-9]{3}", t) for t in texts), texts
+    assert all(c["finish_reason"] == "stop" for c in answer["choices"])
