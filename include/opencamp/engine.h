@@ -53,6 +53,11 @@ struct GenerationRequest {
   int max_tokens = 256;
   std::vector<int32_t> stop_token_ids;  // extra stop ids, besides the model's EOS ids
   bool ignore_eos = false;              // do not stop at the model's EOS ids
+  // Stage 0 of sampling (sampler.h): allowed_token_ids, logit_bias, and a constraint (a
+  // grammar) asked for the mask of every token; the scheduler computes a constrained
+  // sequence's next mask while the forward pass that makes its logits runs.
+  TokenRules token_rules;
+  std::shared_ptr<TokenConstraint> constraint;
   // -1: no log-probabilities (no cost). 0..kMaxTopLogprobs: every token comes with its
   // log-probability and this many most likely alternatives (see token_logprobs).
   int logprobs = -1;

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import _core, sampling
+from .grammar import Grammar, GrammarCompiler, GrammarConstraint, GrammarError
 from .gguf_file import describe_gguf, read_metadata, tensor_types
 from .hub import resolve_model
 from .streaming import IncrementalDecoder, StopMatcher
@@ -119,6 +120,23 @@ def _build_sampling_options(cls, stop: str | Sequence[str] | None = None, **kwar
         kwargs["stop_token_ids"] = sampling.check_token_ids("stop_token_ids", kwargs["stop_token_ids"])
     if not isinstance(kwargs.get("ignore_eos", False), bool):
         raise ValueError("ignore_eos must be True or False")
+    if kwargs.get("allowed_token_ids") is not None:
+        kwargs["allowed_token_ids"] = sampling.check_token_ids("allowed_token_ids",
+                                                               kwargs["allowed_token_ids"])
+        if not kwargs["allowed_token_ids"]:
+            raise sampling.SamplingValueError("allowed_token_ids",
+                                              "allowed_token_ids must name at least one token")
+    if kwargs.get("logit_bias") is not None:
+        kwargs["logit_bias"] = sampling.check_logit_bias(kwargs["logit_bias"])
+    grammar = kwargs.get("grammar")
+    if grammar is not None:
+        if hasattr(grammar, "model_json_schema"):  # a pydantic model class
+            kwargs["grammar"] = grammar = Grammar.json_schema(grammar.model_json_schema())
+        if not isinstance(grammar, (Grammar, GrammarConstraint)):
+            raise TypeError("grammar must be an opencamp.Grammar (or a pydantic model class)")
+        if kwargs.get("ignore_eos"):
+            raise ValueError("ignore_eos cannot be combined with a grammar: the grammar ends "
+                             "the answer with EOS")
     logprobs = kwargs.get("logprobs")
     if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
                                  or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
@@ -144,6 +162,11 @@ SamplingOptions = make_dataclass(
     + [("stop", list, field(default_factory=list)),  # stop strings, not included in the text
        ("stop_token_ids", list, field(default_factory=list)),  # besides the model's EOS ids
        ("ignore_eos", bool, field(default=False)),
+       # Sampling's stage 0 (README 'Sampling'): only these ids; {id: bias} added to logits;
+       # a Grammar the answer must match (or a GrammarConstraint already made for it).
+       ("allowed_token_ids", list | None, field(default=None)),
+       ("logit_bias", dict | None, field(default=None)),
+       ("grammar", object, field(default=None)),
        # None: no log-probabilities; 0-20: each token's and this many alternatives' (no cost
        # to generations that do not ask).
        ("logprobs", int | None, field(default=None))],
@@ -195,10 +218,16 @@ class Stream(_ClosedOnExit):
         self.completion: Completion | None = None
         self._prompt_tokens = len(prompt_ids)
         # The request joins the scheduler's batch; its tokens arrive through a C++ queue.
+        constraint = options.grammar
+        if isinstance(constraint, Grammar):
+            constraint = llm.grammar_constraint(constraint)
+        self.constraint: GrammarConstraint | None = constraint
         self._generation = (scheduler or llm.scheduler).submit(
             prompt_ids, seq=-1 if sequence is None else sequence, max_tokens=options.max_tokens,
             sampling=options.core(), stop_token_ids=list(options.stop_token_ids),
-            ignore_eos=options.ignore_eos, logprobs=options.logprobs)
+            ignore_eos=options.ignore_eos, logprobs=options.logprobs,
+            allowed_token_ids=options.allowed_token_ids, logit_bias=options.logit_bias,
+            constraint=constraint)
 
     def __iter__(self) -> "Stream":
         return self
@@ -323,6 +352,7 @@ class LLM:
         self._max_running = max_running
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
+        self._grammar_compiler: GrammarCompiler | None = None
 
     @property
     def scheduler(self):
@@ -333,6 +363,16 @@ class LLM:
             if self._scheduler is None:
                 self._scheduler = _core.Scheduler(self.engine, max_running=self._max_running)
             return self._scheduler
+
+    def grammar_constraint(self, grammar: Grammar) -> GrammarConstraint:
+        """A fresh matcher for `grammar` on this model's vocabulary (what a constrained request
+        carries; the `grammar=` option makes one itself). GrammarError when the grammar is not
+        valid, GrammarUnavailable without llguidance."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer.backend.to_str(), self.config["vocab_size"],
+                self.config["eos_token_ids"])
+        return self._grammar_compiler.constraint(grammar)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -425,9 +465,13 @@ class LLM:
                         seed=seed, stop=stop, **more)
         return s if stream else s.text()
 
-    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The model's chat template applied to `messages`, ready for the assistant's turn."""
-        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: Sequence[Message],
+                        tools: Sequence[dict] | None = None) -> list[int]:
+        """The model's chat template applied to `messages`, ready for the assistant's turn;
+        `tools` (OpenAI's function descriptions) go to the template as transformers passes
+        them."""
+        extra = {} if tools is None else {"tools": list(tools)}
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, **extra)
 
     def chat(self, messages: Sequence[Message], stream: bool = False, **options) -> str | Stream:
         """Answer the last message of a conversation (rendered with the model's template)."""

@@ -158,6 +158,75 @@ SamplingParams sampling_argument(py::handle value) {
   return value.cast<SamplingParams>();
 }
 
+// A token constraint written in Python (opencamp.grammar's matcher): any object with
+// fill_mask(words) (words: a writable uint32 numpy view of the mask, zeroed) and
+// accept(token). The scheduler calls it on its mask worker thread, taking the GIL for the call.
+class PythonConstraint final : public TokenConstraint {
+ public:
+  explicit PythonConstraint(py::object target) : target_(std::move(target)) {}
+  ~PythonConstraint() override {
+    // At interpreter exit the GIL can no longer be taken: the object is left to the exit.
+#if PY_VERSION_HEX >= 0x030D0000
+    const bool finalizing = Py_IsFinalizing() != 0;
+#else
+    const bool finalizing = _Py_IsFinalizing() != 0;
+#endif
+    if (!Py_IsInitialized() || finalizing) {
+      target_.release();
+      return;
+    }
+    py::gil_scoped_acquire gil;
+    target_ = py::object();
+  }
+  void fill_mask(std::span<uint32_t> allowed) override {
+    py::gil_scoped_acquire gil;
+    // A view of the scheduler's buffer (no copy), valid during the call only.
+    py::array_t<uint32_t> view({static_cast<py::ssize_t>(allowed.size())},
+                               {static_cast<py::ssize_t>(sizeof(uint32_t))}, allowed.data(), py::none());
+    call("fill_mask", view);
+  }
+  void accept(int32_t token) override {
+    py::gil_scoped_acquire gil;
+    call("accept", py::int_(token));
+  }
+
+ private:
+  void call(const char* method, py::handle argument) {
+    try {
+      target_.attr(method)(argument);
+    } catch (py::error_already_set& e) {
+      // Python's error becomes the engine's (it crosses to another thread without the GIL).
+      throw Error(ErrorKind::InvalidArgument, std::string("the token constraint failed: ") + e.what());
+    }
+  }
+  py::object target_;
+};
+
+// Destroys a Scheduler without the GIL: its loop thread may be waiting for it (a constraint).
+struct DeleteWithoutGil {
+  void operator()(Scheduler* scheduler) const {
+    py::gil_scoped_release release;
+    delete scheduler;
+  }
+};
+
+// allowed_token_ids / logit_bias ({id: bias} or [(id, bias)], ids as int or str) for stage 0.
+TokenRules token_rules_argument(py::handle allowed, py::handle bias) {
+  TokenRules rules;
+  if (!allowed.is_none()) rules.allowed_token_ids = ids_argument(allowed, "allowed_token_ids");
+  if (!bias.is_none()) {
+    py::object items = py::isinstance<py::dict>(bias) ? py::reinterpret_borrow<py::dict>(bias).attr("items")()
+                                                     : py::reinterpret_borrow<py::object>(bias);
+    for (py::handle item : py::iter(items)) {
+      py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+      if (pair.size() != 2) throw py::value_error("logit_bias items must be (token id, bias) pairs");
+      rules.logit_bias.emplace_back(static_cast<int32_t>(int_argument(pair[0], "logit_bias token id", INT32_MIN, INT32_MAX)),
+                                    float_argument(pair[1], "logit_bias"));
+    }
+  }
+  return rules;
+}
+
 // The handle Python holds: the request, and its scheduler, kept alive as long as the handle
 // (instead of keep_alive, see int_argument).
 struct RequestHandle {
@@ -617,7 +686,7 @@ PYBIND11_MODULE(_core, m) {
            "Wait for the end; returns tokens, finish_reason, prompt_tokens, cached_tokens, "
            "queue_seconds, prefill_seconds, decode_seconds.");
 
-  py::class_<Scheduler>(m, "Scheduler")
+  py::class_<Scheduler, std::unique_ptr<Scheduler, DeleteWithoutGil>>(m, "Scheduler")
       .def(py::init([](Engine& engine, int max_running, int step_tokens, size_t max_waiting,
                        size_t max_unread_tokens, double stream_idle_timeout) {
              SchedulerOptions options;
@@ -626,7 +695,7 @@ PYBIND11_MODULE(_core, m) {
              options.max_waiting = max_waiting;
              options.max_unread_tokens = max_unread_tokens;
              options.stream_idle_timeout_seconds = stream_idle_timeout;
-             return std::make_unique<Scheduler>(engine, options);
+             return std::unique_ptr<Scheduler, DeleteWithoutGil>(new Scheduler(engine, options));
            }),
            py::keep_alive<1, 2>(),  // the engine outlives its scheduler
            py::arg("engine"), py::arg("max_running") = SchedulerOptions{}.max_running,
@@ -641,7 +710,8 @@ PYBIND11_MODULE(_core, m) {
       .def("submit",
            [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
               py::object sampling, py::object stop_token_ids, py::object ignore_eos,
-              py::object logprobs) {
+              py::object logprobs, py::object allowed_token_ids, py::object logit_bias,
+              py::object constraint) {
              GenerationRequest request;
              request.prompt = ids_argument(prompt, "prompt");
              request.max_tokens = static_cast<int>(int_argument(max_tokens, "max_tokens", INT32_MIN, INT32_MAX));
@@ -649,6 +719,13 @@ PYBIND11_MODULE(_core, m) {
              request.stop_token_ids = ids_argument(stop_token_ids, "stop_token_ids");
              if (!PyBool_Check(ignore_eos.ptr())) throw py::type_error("ignore_eos must be True or False");
              request.ignore_eos = ignore_eos.ptr() == Py_True;
+             request.token_rules = token_rules_argument(allowed_token_ids, logit_bias);
+             if (!constraint.is_none()) {
+               if (!py::hasattr(constraint, "fill_mask") || !py::hasattr(constraint, "accept")) {
+                 throw py::type_error("constraint must have fill_mask(words) and accept(token)");
+               }
+               request.constraint = std::make_shared<PythonConstraint>(constraint);
+             }
              request.logprobs = logprobs.is_none()
                                     ? -1
                                     : static_cast<int>(int_argument(logprobs, "logprobs", 0, kMaxTopLogprobs));
@@ -659,9 +736,14 @@ PYBIND11_MODULE(_core, m) {
            py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
            py::arg("sampling") = py::none(), py::arg("stop_token_ids") = py::tuple(),
            py::arg("ignore_eos") = false, py::arg("logprobs") = py::none(),
+           py::arg("allowed_token_ids") = py::none(), py::arg("logit_bias") = py::none(),
+           py::arg("constraint") = py::none(),
            "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one; "
            "sampling: a SamplingParams, None for the engine's defaults; logprobs: None, or "
-           "0-20 for each token's log-probability and that many alternatives in its events); "
+           "0-20 for each token's log-probability and that many alternatives in its events; "
+           "allowed_token_ids, logit_bias ({id: bias}) and constraint (an object with "
+           "fill_mask(words: uint32 numpy array, bit t of words[t // 32] allows token t) and "
+           "accept(token), called on the scheduler's mask worker) are sampling's stage 0); "
            "returns a ScheduledRequest, which keeps this scheduler alive.")
       .def("stats",
            [](const Scheduler& scheduler) {

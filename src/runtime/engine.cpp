@@ -394,6 +394,7 @@ void Engine::check_request(const GenerationRequest& request) const {
   }
   check_tokens(request.prompt);
   check_tokens(request.stop_token_ids);
+  request.token_rules.check(static_cast<size_t>(config().vocab_size));
   const int prompt_tokens = static_cast<int>(request.prompt.size());
   if (prompt_tokens > max_context_) {
     fail(ErrorKind::CapacityExceeded, "the prompt has ", prompt_tokens,

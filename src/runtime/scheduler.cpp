@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <future>
 #include <set>
 
 #include "opencamp/error.h"
@@ -108,11 +109,31 @@ struct Scheduler::Active {
   std::unique_ptr<Sampler> sampler;
   std::vector<int32_t> history;  // prompt and generated tokens, for penalties
   std::set<int32_t> stop_ids;
+  // A constrained request: the mask of its next token, the token sampled that the constraint
+  // has not been told yet (it is told on the worker, just before the next mask), and what
+  // went wrong there.
+  std::vector<uint32_t> mask;
+  std::optional<int32_t> unaccepted;
+  std::exception_ptr mask_error;
   TokenCallback on_token;  // runs on the loop thread; false ends the request
   GenerationResult result;
   Clock::time_point submitted, admitted, first_token;
   Clock::time_point paused_at;  // when its reader's backlog took it off the batch
   bool done = false;
+
+  // On the mask worker: tells the constraint the last token, then asks for the next mask.
+  void compute_mask(size_t words) {
+    try {
+      if (unaccepted) {
+        request.constraint->accept(*unaccepted);
+        unaccepted.reset();
+      }
+      mask.assign(words, 0u);
+      request.constraint->fill_mask(mask);
+    } catch (...) {
+      mask_error = std::current_exception();
+    }
+  }
 
   // Hands a sampled token on; false when the token callback asks to end the request.
   bool emit(int32_t token, bool is_stop, std::shared_ptr<const TokenLogprobs> logprobs) {
@@ -216,7 +237,8 @@ std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, i
   active->seq = seq;
   active->prompt = active->request.prompt;
   active->history = active->request.prompt;
-  active->sampler = std::make_unique<Sampler>(active->request.sampling);
+  active->sampler = std::make_unique<Sampler>(active->request.sampling, active->request.token_rules,
+                                              static_cast<size_t>(engine_.config().vocab_size));
   active->on_token = std::move(on_token);
   active->stop_ids.insert(active->request.stop_token_ids.begin(), active->request.stop_token_ids.end());
   if (!active->request.ignore_eos) {
@@ -539,10 +561,26 @@ bool Scheduler::step() {
   }
   if (chunks.empty()) return false;
   const int64_t vocab = engine_.config().vocab_size;
+  // The masks of the constrained sequences that get logits this step are computed on a
+  // worker while the forward pass runs: the step waits only for a mask slower than the pass,
+  // and unconstrained sequences cost nothing.
+  std::vector<Active*> constrained;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (chunks[i].logits != Engine::Chunk::Logits::None && owners[i]->request.constraint) {
+      constrained.push_back(owners[i]);
+    }
+  }
+  std::future<void> masks;
+  if (!constrained.empty()) {
+    masks = std::async(std::launch::async, [&constrained, words = mask_words(static_cast<size_t>(vocab))] {
+      for (Active* a : constrained) a->compute_mask(words);
+    });
+  }
   std::vector<float> logits(static_cast<size_t>(Engine::logit_rows(chunks) * vocab));
   try {
     engine_.forward_as(chunks, logits, this);  // kept conversations give way inside
   } catch (const Error& e) {
+    if (masks.valid()) masks.wait();  // it works on these requests
     if (e.kind() == ErrorKind::CapacityExceeded && running_.size() > 1) {
       preempt_newest();  // then try again with one sequence fewer
       return true;
@@ -551,6 +589,7 @@ bool Scheduler::step() {
     std::erase_if(running_, [](const auto& a) { return a->done; });
     return true;
   }
+  if (masks.valid()) masks.wait();
   int64_t batch_tokens = 0;
   for (const auto& c : chunks) batch_tokens += static_cast<int64_t>(c.tokens.size());
   {
@@ -567,7 +606,16 @@ bool Scheduler::step() {
     if (chunks[i].logits == Engine::Chunk::Logits::None) continue;
     std::span<float> row_logits(logits.data() + row * vocab, static_cast<size_t>(vocab));
     ++row;
-    const int32_t token = a.sampler->sample(row_logits, a.history);
+    int32_t token;
+    try {
+      if (a.mask_error) std::rethrow_exception(a.mask_error);
+      token = a.sampler->sample(row_logits, a.history,
+                                a.request.constraint ? std::span<const uint32_t>(a.mask)
+                                                     : std::span<const uint32_t>());
+    } catch (...) {  // the constraint failed, or allows nothing: this request ends, not the step
+      fail(a, std::current_exception());
+      continue;
+    }
     if (!a.decoding) {  // the prompt is in: this is its first token (or the first after a preemption)
       a.decoding = true;
       if (a.result.tokens.empty()) {
@@ -588,6 +636,7 @@ bool Scheduler::step() {
     } else {
       a.last_token = token;
       a.history.push_back(token);
+      if (a.request.constraint) a.unaccepted = token;
     }
   }
   std::erase_if(running_, [](const auto& a) { return a->done; });

@@ -354,6 +354,85 @@ TEST_CASE(stage_order_filters_before_temperature) {
   CHECK(support(histogram(penalised, logits, 200, history)) == (std::set<int>{1}));
 }
 
+// Stage 0: a mask leaves only the tokens it allows, whatever the other stages would prefer.
+TEST_CASE(the_token_mask_comes_before_every_other_stage) {
+  const std::vector<float> logits = {5.0f, 1.0f, 4.0f, 0.5f, 3.0f, 2.0f, 0.0f, 6.0f,
+                                     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                                     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                                     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                                     1.0f, 9.0f};  // 34 tokens: the mask spans two words
+  CHECK_EQ(mask_words(logits.size()), size_t{2});
+  const std::vector<uint32_t> allow_1_3_33 = {(1u << 1) | (1u << 3), 1u << 1};
+  // Greedy picks the best allowed token, not the best token (7, 33 would win unmasked).
+  Sampler greedy(seeded(0.0f));
+  std::vector<float> copy = logits;
+  CHECK_EQ(greedy.sample(copy, {}, allow_1_3_33), 33);
+  const std::vector<uint32_t> allow_1_3 = {(1u << 1) | (1u << 3), 0u};
+  copy = logits;
+  CHECK_EQ(greedy.sample(copy, {}, allow_1_3), 1);
+  CHECK(std::isinf(copy[7]) && copy[7] < 0);  // the others are -infinity...
+  // ...so no later stage brings them back: a repetition penalty that pushes token 1 down, a
+  // top_k of 1, any temperature, still only ever give 1 or 3.
+  SamplingParams p = seeded(2.0f, 3);
+  p.repetition_penalty = 3.0f;
+  Sampler sampler(p);
+  std::set<int> seen;
+  for (int i = 0; i < 500; ++i) {
+    copy = logits;
+    seen.insert(sampler.sample(copy, std::vector<int32_t>{1, 7}, allow_1_3));
+  }
+  CHECK(seen == (std::set<int>{1, 3}));
+  // A mask shorter than the vocabulary allows nothing past its end.
+  copy = logits;
+  CHECK_EQ(greedy.sample(copy, {}, std::vector<uint32_t>{1u << 4}), 4);
+  // A mask that allows nothing is an error, never a silent pick of token 0.
+  copy = logits;
+  CHECK_THROWS_WITH(greedy.sample(copy, {}, std::vector<uint32_t>{0u, 0u}),
+                    ErrorKind::InvalidArgument, "allows no token");
+}
+
+TEST_CASE(allowed_token_ids_and_logit_bias_are_stage_zero) {
+  const std::vector<float> logits = {3.0f, 2.0f, 1.0f, 0.0f};
+  TokenRules allowed;
+  allowed.allowed_token_ids = {2, 3};
+  Sampler only(seeded(0.0f), allowed, logits.size());
+  std::vector<float> copy = logits;
+  CHECK_EQ(only.sample(copy, {}), 2);
+  // With a constraint's mask as well, only what both allow.
+  copy = logits;
+  CHECK_EQ(only.sample(copy, {}, std::vector<uint32_t>{(1u << 3) | 1u}), 3);
+  copy = logits;
+  CHECK_THROWS_WITH(only.sample(copy, {}, std::vector<uint32_t>{1u}), ErrorKind::InvalidArgument,
+                    "allow no token");
+  // logit_bias: +10 on token 3 wins greedy, -100 on token 0 removes it from a hot draw...
+  TokenRules bias;
+  bias.logit_bias = {{3, 10.0f}};
+  Sampler biased(seeded(0.0f), bias, logits.size());
+  copy = logits;
+  CHECK_EQ(biased.sample(copy, {}), 3);
+  TokenRules ban;
+  ban.logit_bias = {{0, -100.0f}};
+  Sampler banned(seeded(1.0f, 8), ban, logits.size());
+  const std::vector<int> banned_counts = histogram(banned, logits, 2000);
+  CHECK_EQ(banned_counts[0], 0);
+  CHECK(banned_counts[1] > 0);
+  // ...but a bias never revives a masked token.
+  TokenRules both;
+  both.allowed_token_ids = {1};
+  both.logit_bias = {{0, 100.0f}};
+  Sampler masked(seeded(0.0f), both, logits.size());
+  copy = logits;
+  CHECK_EQ(masked.sample(copy, {}), 1);
+  // Ids outside the vocabulary and non-finite biases are refused.
+  TokenRules outside;
+  outside.allowed_token_ids = {4};
+  CHECK_THROWS_WITH(Sampler(seeded(0.0f), outside, logits.size()), ErrorKind::InvalidArgument,
+                    "allowed_token_ids", "outside the vocabulary");
+  TokenRules nan_bias;
+  nan_bias.logit_bias = {{1, std::numeric_limits<float>::quiet_NaN()}};
+  CHECK_THROWS_WITH(nan_bias.check(4), ErrorKind::InvalidArgument, "finite");
+}
+
 // ---- log-probabilities (OpenAI's logprobs) -------------------------------------------------
 
 // log-softmax by the book, in long double, for the reference.

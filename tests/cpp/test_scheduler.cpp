@@ -491,6 +491,100 @@ TEST_CASE(a_short_prompt_gets_its_first_token_during_a_long_prefill) {
             "first token at step " << steps_at_short_first.load() << ", submitted at " << steps_at_short_submit);
 }
 
+namespace {
+
+// A grammar in miniature: the answer must be `pattern` token by token, then EOS; EOS is
+// forbidden until the pattern is complete. It counts its calls so the test sees the
+// scheduler's protocol: one mask per sampled token, told each token before the next mask.
+struct SpellOut : TokenConstraint {
+  std::vector<int32_t> pattern;
+  int32_t eos;
+  size_t position = 0;
+  int masks = 0, accepted = 0;
+  SpellOut(std::vector<int32_t> p, int32_t e) : pattern(std::move(p)), eos(e) {}
+  void fill_mask(std::span<uint32_t> allowed) override {
+    ++masks;
+    const int32_t next = position < pattern.size() ? pattern[position] : eos;
+    allowed[static_cast<size_t>(next) / 32] |= 1u << (next % 32);
+  }
+  void accept(int32_t token) override {
+    ++accepted;
+    CHECK_MSG(position < pattern.size() && token == pattern[position], "accepted a token the mask forbade");
+    ++position;
+  }
+};
+
+}  // namespace
+
+TEST_CASE(a_constraint_decides_every_token_and_eos_only_when_complete) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  const int32_t eos = 7;
+  SchedulerOptions so;
+  so.max_running = 4;
+  so.step_tokens = 5;  // the prompt arrives in chunks: the mask is asked for only with logits
+  Scheduler scheduler(engine, so);
+  auto constraint = std::make_shared<SpellOut>(std::vector<int32_t>{11, 12, 13, 11, 200}, eos);
+  GenerationRequest constrained = greedy(prompt_of(12, 1, vocab), 20);
+  constrained.ignore_eos = false;
+  constrained.stop_token_ids = {eos};
+  constrained.constraint = constraint;
+  constrained.sampling.temperature = 1.5f;  // any draw must still follow the pattern
+  constrained.sampling.seed = 3;
+  // Unconstrained neighbours in the same batch are untouched by it.
+  const GenerationRequest free_running = greedy(prompt_of(9, 2, vocab), 8);
+  auto a = scheduler.submit(constrained);
+  auto b = scheduler.submit(free_running);
+  const GenerationResult& result = wait_for(*a);
+  CHECK(result.tokens == (std::vector<int32_t>{11, 12, 13, 11, 200, eos}));
+  CHECK(result.finish_reason == FinishReason::Stop);
+  CHECK_EQ(constraint->masks, 6);
+  CHECK_EQ(constraint->accepted, 5);  // the stop token ends it: nobody needs it told
+  CHECK(wait_for(*b).tokens == alone("tiny-llama", free_running));
+
+  // A constraint that throws ends its own request with that error, not the others.
+  struct Broken : TokenConstraint {
+    void fill_mask(std::span<uint32_t>) override { throw Error(ErrorKind::InvalidArgument, "grammar broke"); }
+    void accept(int32_t) override {}
+  };
+  GenerationRequest broken = greedy(prompt_of(6, 3, vocab), 5);
+  broken.constraint = std::make_shared<Broken>();
+  auto c = scheduler.submit(broken);
+  auto d = scheduler.submit(free_running);
+  CHECK_THROWS_WITH(wait_for(*c), ErrorKind::InvalidArgument, "grammar broke");
+  CHECK(wait_for(*d).tokens == alone("tiny-llama", free_running));
+}
+
+TEST_CASE(a_constrained_request_keeps_its_place_in_the_grammar_across_a_preemption) {
+  // As a_full_kv_cache_preempts_the_newest_and_recomputes_it_later, with every request held to
+  // a 40-token pattern: the preempted ones recompute what they generated and go on with the
+  // pattern where they left it (the constraint is told each token exactly once).
+  Engine engine(fixture("tiny-llama"), options(96));
+  SchedulerOptions so;
+  so.max_running = 4;
+  Scheduler scheduler(engine, so);
+  const int vocab = engine.config().vocab_size;
+  std::vector<std::shared_ptr<SpellOut>> constraints;
+  std::vector<std::shared_ptr<ScheduledRequest>> handles;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> pattern;
+    for (int k = 0; k < 39; ++k) pattern.push_back((k * 7 + i * 13 + 20) % (vocab - 8) + 8);
+    constraints.push_back(std::make_shared<SpellOut>(pattern, 7));
+    GenerationRequest r = greedy(prompt_of(30, 10 + i, vocab), 40);
+    r.ignore_eos = false;
+    r.stop_token_ids = {7};
+    r.constraint = constraints.back();
+    handles.push_back(scheduler.submit(r));
+  }
+  for (size_t i = 0; i < handles.size(); ++i) {
+    std::vector<int32_t> expected = constraints[i]->pattern;
+    expected.push_back(7);
+    CHECK_MSG(wait_for(*handles[i]).tokens == expected, "request " << i << " left its pattern");
+    CHECK_EQ(constraints[i]->accepted, 39);
+  }
+  CHECK(scheduler.stats().preemptions > 0);
+}
+
 TEST_CASE(log_probabilities_come_only_to_requests_that_ask_and_match_the_logits) {
   Engine engine(fixture("tiny-llama"), options());
   const int vocab = engine.config().vocab_size;

@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__, sampling
+from ..grammar import GrammarError
 from ..llm import LLM, Completion
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from .protocol import (SSE_DONE, APIError, ChoiceResult, GenerationParams, LogprobEntry,
@@ -38,6 +39,7 @@ from .protocol import (SSE_DONE, APIError, ChoiceResult, GenerationParams, Logpr
                        context_error, parse_chat_request, parse_completion_request,
                        parse_json_body, sse)
 from .relay import Generation, QueueFull, RequestRelay
+from . import tools as tool_calls
 
 log = logging.getLogger("opencamp.server")
 
@@ -317,12 +319,38 @@ def _check_model(state: ServerState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
+def _prepare(llm: LLM, params: GenerationParams):
+    """Runs on a worker thread: every prompt's ids (templates and tokenizers can take a while on
+    long prompts), the tool plan (None without tools), and one grammar matcher per choice
+    (compiling one can take a while too; each choice advances its own)."""
+    plan = None
+    if params.kind == "chat":
+        template = llm.tokenizer.chat_template if llm._tokenizer is not None else None
+        messages = tool_calls.history_for(tool_calls.tool_format(template), params.messages)
+        if params.tools is not None:
+            plan = tool_calls.plan(template, messages, params.tools, params.tool_choice,
+                                   params.parallel_tool_calls)
+            messages, params.template_tools = plan.messages, plan.template_tools
+        params.messages = messages
+    prompts = _prompt_ids(llm, params)
+    grammar, where = params.grammar, params.grammar_param
+    if plan is not None and plan.grammar is not None:
+        grammar, where = plan.grammar, "tools"
+    constraints = []
+    if grammar is not None:
+        try:
+            constraints = [llm.grammar_constraint(grammar)
+                           for _ in range(len(prompts) * params.n)]
+        except GrammarError as error:  # not valid, or llguidance is not installed
+            raise bad_request(str(error), where) from None
+    return prompts, plan, constraints
+
+
 def _prompt_ids(llm: LLM, params: GenerationParams) -> list[list[int]]:
-    """Every prompt's ids (chat: one). Runs on a worker thread: templates and tokenizers can
-    take a while on long prompts."""
+    """Every prompt's ids (chat: one)."""
     try:
         if params.kind == "chat":
-            return [llm.chat_prompt_ids(params.messages)]
+            return [llm.chat_prompt_ids(params.messages, tools=params.template_tools)]
         prompts = [llm.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str)
                    else list(p) for p in params.prompts]
     except ValueError as error:  # chat template errors, messages the template refuses
@@ -354,11 +382,17 @@ def _engine_options(state: ServerState, llm: LLM, params: GenerationParams,
     if bad:
         raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})",
                           "stop_token_ids")
+    for name, ids in (("logit_bias", list(params.logit_bias or ())),
+                      ("allowed_token_ids", params.allowed_token_ids or [])):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise bad_request(f"{name} holds {bad[0]}, outside the vocabulary [0, {vocab})", name)
     sampling = {k: v for k, v in state.defaults.items() if k != "max_tokens"}
     sampling.update(params.sampling)
     return dict(sampling, max_tokens=max_tokens, stop=params.stop,
                 stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
-                logprobs=params.logprobs)
+                logprobs=params.logprobs, logit_bias=params.logit_bias,
+                allowed_token_ids=params.allowed_token_ids)
 
 
 def _engine_error(error: BaseException) -> APIError:
@@ -393,6 +427,8 @@ class _Plan:
     params: GenerationParams
     prompts: list[list[int]]  # token ids of each prompt
     options: list[dict[str, Any]]  # engine options of each prompt (max_tokens included)
+    tools: Any = None  # the tool plan (tools.ToolPlan) of a chat request with tools
+    constraints: list = field(default_factory=list)  # each choice's grammar matcher, if any
 
     @property
     def total(self) -> int:
@@ -408,7 +444,17 @@ class _Plan:
         choice = index % self.params.n
         if choice and options.get("seed") is not None:
             options["seed"] = (options["seed"] + choice) % 2**64
+        if self.constraints:
+            options["grammar"] = self.constraints[index]
         return options
+
+    def answer(self, text: str, finish_reason: str) -> tuple[str | None, list[dict], str]:
+        """(content, tool_calls, finish_reason) of a finished choice: with tools, the calls read
+        out of the text (tools.parse), finish_reason "tool_calls" when there are any."""
+        if self.tools is None:
+            return text, [], finish_reason
+        content, calls = tool_calls.parse(self.tools, text)
+        return content, calls, "tool_calls" if calls else finish_reason
 
     @property
     def prompt_tokens(self) -> int:
@@ -459,9 +505,10 @@ async def _generate(request: Request, kind: str) -> Response:
     params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     _check_model(state, params.model)
     llm, scheduler = state.admit()
-    prompts = await anyio.to_thread.run_sync(_prompt_ids, llm, params)
+    prompts, tool_plan, constraints = await anyio.to_thread.run_sync(_prepare, llm, params)
     plan = _Plan(llm, params, prompts,
-                 [_engine_options(state, llm, params, len(ids)) for ids in prompts])
+                 [_engine_options(state, llm, params, len(ids)) for ids in prompts],
+                 tools=tool_plan, constraints=constraints)
     writer = ResponseWriter(kind, state.options.model_name, params.include_usage,
                             state.system_fingerprint)
 
@@ -569,7 +616,8 @@ async def _whole(start, writer: ResponseWriter, plan: _Plan) -> dict:
             text = head + text
         else:
             logprobs = plan.logprobs(c.logprobs)
-        choices.append(ChoiceResult(text, c.finish_reason, logprobs))
+        content, calls, finish_reason = plan.answer(text, c.finish_reason)
+        choices.append(ChoiceResult(content, finish_reason, logprobs, calls or None))
     return writer.whole(choices, plan.prompt_tokens, completion_tokens, cached)
 
 
@@ -621,6 +669,9 @@ async def _sse_stream(start, writer: ResponseWriter, plan: _Plan):
         if first is not None:
             yield sse(first)
     started: list[Generation] = []
+    # With tools, text before a call streams; the calls are read whole (tools.ContentStreamer).
+    streamers = ([tool_calls.ContentStreamer(plan.tools) for _ in range(plan.total)]
+                 if plan.tools is not None else None)
     try:
         generations = await start(started)
         offsets = [0] * plan.total  # characters of each choice's text sent (text_offset)
@@ -639,15 +690,28 @@ async def _sse_stream(start, writer: ResponseWriter, plan: _Plan):
             if event == "text":
                 counts[index] += len(value.token_ids)
                 logprobs = plan.logprobs(value.logprobs, offsets[index])
-                offsets[index] += len(value)
-                yield sse(writer.content_chunk(value, index, logprobs, usage_now()))
+                piece = value if streamers is None else streamers[index].push(value)
+                if piece:
+                    offsets[index] += len(piece)
+                    yield sse(writer.content_chunk(piece, index,
+                                                   logprobs if piece is value else None,
+                                                   usage_now()))
             elif event == "done":
                 c: Completion = value
                 counts[index] = c.completion_tokens
                 completion_tokens += c.completion_tokens
                 if index % params.n == 0:
                     cached += c.cached_tokens
-                yield sse(writer.final_chunk(c.finish_reason, index, usage_now()))
+                finish_reason = c.finish_reason
+                if streamers is not None:
+                    content, calls = streamers[index].finish()
+                    if calls:
+                        finish_reason = "tool_calls"
+                    if content:
+                        yield sse(writer.content_chunk(content, index, None, usage_now()))
+                    for delta in tool_calls.stream_fragments(calls):
+                        yield sse(writer.tool_calls_chunk(delta, index))
+                yield sse(writer.final_chunk(finish_reason, index, usage_now()))
             else:
                 raise value
         if writer.include_usage:

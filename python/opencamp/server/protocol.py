@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import sampling
+from ..grammar import Grammar
 
 # Sampling fields a request may set: the one table's (see README "Sampling").
 SAMPLING_FIELDS = sampling.NAMES
@@ -70,6 +72,19 @@ class GenerationParams:
     # logprobs true; completions: logprobs)
     logprobs: int | None = None
     echo: bool = False  # completions: the prompt (and its log-probabilities) before the answer
+    # Sampling's stage 0: what the answer must match, and the field that asked for it
+    # (response_format, guided_*, structured_outputs); logit_bias; allowed_token_ids.
+    grammar: Grammar | None = None
+    grammar_param: str | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # Chat only: the functions offered, tool_choice ("auto", "required" or
+    # {"type": "function", "function": {"name": ...}}; "none" leaves tools None).
+    tools: list[dict] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool = True
+    template_tools: list[dict] | None = None  # what the chat template gets as tools= (app.py)
+
 
 
 # ---- reading requests -------------------------------------------------------------------
@@ -290,14 +305,164 @@ def _refuse_unsupported(body: dict, kind: str) -> None:
         raise bad_request(message, name)
     if kind == "chat" and body.get("echo"):
         raise bad_request("echo is only for /v1/completions", "echo")
-    if body.get("tools"):
-        raise bad_request("tools (function calling) are not supported by this server", "tools")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("response_format other than {\"type\": \"text\"} is not supported",
+
+
+def _schema(value: Any, name: str) -> dict:
+    """A JSON schema given as an object or as its JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise bad_request(f"{name} must be a JSON schema (an object, or its JSON text)",
+                              name) from None
+    if not isinstance(value, dict):
+        raise bad_request(f"{name} must be a JSON schema (an object)", name)
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise bad_request(f"{name} must be a non-empty string", name)
+    return value
+
+
+def _choice_list(value: Any, name: str) -> list[str]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(c, str) and c for c in value)):
+        raise bad_request(f"{name} must be a non-empty list of non-empty strings", name)
+    return value
+
+
+def _response_format(fmt: Any) -> Grammar | None:
+    rule = ('response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad_request(rule, "response_format")
+    if fmt["type"] == "text":
+        return None
+    if fmt["type"] == "json_object":
+        return Grammar.json_object()
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad_request(rule, "response_format")
+    if spec.get("strict") not in (None, True, False):
+        raise bad_request("response_format.json_schema.strict must be true or false",
                           "response_format")
-    if body.get("logit_bias"):
-        raise bad_request("logit_bias is not supported by this server", "logit_bias")
+    # strict or not, the schema is enforced token by token: every answer matches it.
+    schema = spec.get("schema")
+    return Grammar.json_schema({} if schema is None else _schema(schema, "response_format"))
+
+
+# vLLM's structured_outputs keys (and their guided_* forms).
+_STRUCTURED = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice",
+               "grammar": "guided_grammar", "json_object": None}
+
+
+def _grammar(body: dict) -> tuple[Grammar | None, str | None]:
+    """The one constraint a request may set: response_format, a guided_* field, or
+    structured_outputs (vLLM's newer form of guided_*), with the field that set it."""
+    found: list[tuple[Grammar, str]] = []
+    if body.get("response_format") is not None:
+        grammar = _response_format(body["response_format"])
+        if grammar is not None:
+            found.append((grammar, "response_format"))
+
+    def guided(kind: str, value: Any, name: str) -> Grammar:
+        if kind == "json":
+            return Grammar.json_schema(_schema(value, name))
+        if kind == "regex":
+            return Grammar.regex(_text(value, name))
+        if kind == "choice":
+            return Grammar.choice(_choice_list(value, name))
+        if kind == "grammar":
+            return Grammar("gbnf", _text(value, name))  # Lark or GBNF: llguidance reads both
+        if value is not True:
+            raise bad_request(f"{name} must be true", name)
+        return Grammar.json_object()
+
+    for kind, field_name in _STRUCTURED.items():
+        if field_name is not None and body.get(field_name) is not None:
+            found.append((guided(kind, body[field_name], field_name), field_name))
+    structured = body.get("structured_outputs")
+    if structured is not None:
+        if not isinstance(structured, dict):
+            raise bad_request("structured_outputs must be an object", "structured_outputs")
+        for key, value in structured.items():
+            name = f"structured_outputs.{key}"
+            if key not in _STRUCTURED:
+                raise bad_request(f"{name} is not supported by this server (it takes "
+                                  f"{', '.join(_STRUCTURED)})", "structured_outputs")
+            if value is not None and value is not False:
+                found.append((guided(key, value, name), "structured_outputs"))
+    if len(found) > 1:
+        names = ", ".join(dict.fromkeys(name for _, name in found))
+        raise bad_request(f"only one output constraint may be given, got {names}", found[1][1])
+    whitespace = body.get("guided_whitespace_pattern")
+    if whitespace is not None:
+        _text(whitespace, "guided_whitespace_pattern")
+        if not found or found[0][0].kind not in ("json_schema", "json_object"):
+            raise bad_request("guided_whitespace_pattern applies to JSON output only (guided_json"
+                              ", response_format json_*)", "guided_whitespace_pattern")
+        grammar, name = found[0]
+        found[0] = (Grammar(grammar.kind, grammar.value, whitespace), name)
+    return found[0] if found else (None, None)
+
+
+_FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, Any]:
+    """tools and tool_choice, checked as OpenAI does; tool_choice "none" drops the tools."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None:
+        if choice is not None:
+            raise bad_request("'tool_choice' is only allowed when 'tools' are specified",
+                              "tool_choice")
+        return None, None
+    if not isinstance(tools, list) or not tools:
+        raise bad_request("tools must be a non-empty list of {\"type\": \"function\", "
+                          "\"function\": {...}} objects", "tools")
+    checked = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad_request(f"{where} must be {{\"type\": \"function\", \"function\": "
+                              "{...}} (the only kind of tool this server runs)", where)
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                or not _FUNCTION_NAME.match(function["name"]):
+            raise bad_request(f"{where}.function.name must be 1-64 letters, digits, _ or -",
+                              f"{where}.function.name")
+        if function.get("description") is not None and not isinstance(function["description"],
+                                                                       str):
+            raise bad_request(f"{where}.function.description must be a string",
+                              f"{where}.function.description")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise bad_request(f"{where}.function.parameters must be a JSON schema object",
+                              f"{where}.function.parameters")
+        if function.get("strict") not in (None, True, False):
+            raise bad_request(f"{where}.function.strict must be true or false",
+                              f"{where}.function.strict")
+        checked.append({"type": "function",
+                        "function": {k: v for k, v in function.items() if v is not None}})
+    names = [t["function"]["name"] for t in checked]
+    if len(set(names)) != len(names):
+        raise bad_request("tools holds two functions of the same name", "tools")
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        if (choice.get("type") != "function" or not isinstance(function, dict)
+                or function.get("name") not in names):
+            raise bad_request("tool_choice must be \"none\", \"auto\", \"required\" or "
+                              "{\"type\": \"function\", \"function\": {\"name\": <one of "
+                              "tools>}}", "tool_choice")
+        choice = {"type": "function", "function": {"name": function["name"]}}
+    elif choice not in ("none", "auto", "required"):
+        raise bad_request("tool_choice must be \"none\", \"auto\", \"required\" or a named "
+                          "function", "tool_choice")
+    return (None, None) if choice == "none" else (checked, choice)
 
 
 def _choices(body: dict) -> int:
@@ -368,8 +533,42 @@ def _messages(body: dict) -> list[dict]:
         content = message.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": "system" if role == "developer" else role,
-                    "content": _message_content(content, index)})
+        entry = {"role": "system" if role == "developer" else role,
+                 "content": _message_content(content, index)}
+        if role == "assistant" and message.get("tool_calls") is not None:
+            entry["tool_calls"] = _history_tool_calls(message["tool_calls"], index)
+        if role == "tool":
+            for key in ("tool_call_id", "name"):
+                if message.get(key) is not None:
+                    if not isinstance(message[key], str):
+                        raise bad_request(f"messages[{index}].{key} must be a string",
+                                          f"messages[{index}].{key}")
+                    entry[key] = message[key]
+        out.append(entry)
+    return out
+
+
+def _history_tool_calls(calls: Any, index: int) -> list[dict]:
+    """An assistant message's tool_calls, with the arguments as objects (what chat templates
+    read, as transformers and vLLM hand them over)."""
+    where = f"messages[{index}].tool_calls"
+    if not isinstance(calls, list):
+        raise bad_request(f"{where} must be a list", where)
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"{where} items must be {{\"id\", \"type\": \"function\", "
+                              "\"function\": {\"name\", \"arguments\"}}", where)
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise bad_request(f"{where}: the arguments of {function['name']} are not JSON",
+                                  where) from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
     return out
 
 
@@ -417,17 +616,42 @@ def _common(body: dict, kind: str) -> GenerationParams:
         include_usage = bool(_bool(options, "include_usage"))
         continuous_usage = bool(_bool(options, "continuous_usage_stats"))
     stop_token_ids = body.get("stop_token_ids")
+    grammar, grammar_param = _grammar(body)
+    logit_bias = body.get("logit_bias")
+    if logit_bias is not None:
+        try:
+            logit_bias = sampling.check_logit_bias(logit_bias) or None
+        except sampling.SamplingValueError as error:
+            raise bad_request(str(error), "logit_bias") from None
+    allowed = body.get("allowed_token_ids")
+    if allowed is not None:
+        allowed = _token_ids(allowed, "allowed_token_ids")
+        if not allowed:
+            raise bad_request("allowed_token_ids must name at least one token",
+                              "allowed_token_ids")
+    ignore_eos = bool(_bool(body, "ignore_eos"))
+    if grammar is not None and ignore_eos:
+        raise bad_request(f"ignore_eos cannot be combined with {grammar_param}: the constrained "
+                          "answer ends with EOS", "ignore_eos")
     return GenerationParams(
         kind=kind, model=model, max_tokens=max_tokens, sampling=_sampling(body), stop=_stop(body),
         stop_token_ids=[] if stop_token_ids is None else _token_ids(stop_token_ids,
                                                                      "stop_token_ids"),
-        ignore_eos=bool(_bool(body, "ignore_eos")), stream=stream, include_usage=include_usage,
-        continuous_usage=continuous_usage, n=_choices(body), logprobs=_logprobs(body, kind))
+        ignore_eos=ignore_eos, stream=stream, include_usage=include_usage,
+        continuous_usage=continuous_usage, n=_choices(body), logprobs=_logprobs(body, kind),
+        grammar=grammar, grammar_param=grammar_param, logit_bias=logit_bias,
+        allowed_token_ids=allowed)
 
 
 def parse_chat_request(body: dict) -> GenerationParams:
     params = _common(body, "chat")
     params.messages = _messages(body)
+    params.tools, params.tool_choice = _tools(body)
+    parallel = _bool(body, "parallel_tool_calls")
+    params.parallel_tool_calls = True if parallel is None else parallel
+    if params.tools is not None and params.grammar is not None:
+        raise bad_request(f"{params.grammar_param} cannot be combined with tools (unless "
+                          "tool_choice is \"none\")", params.grammar_param)
     return params
 
 
@@ -439,6 +663,10 @@ def parse_completion_request(body: dict) -> GenerationParams:
         raise bad_request(f"{len(params.prompts)} prompts x n={params.n} is more than "
                           f"{MAX_TOTAL_CHOICES} choices in one request", "n")
     params.echo = bool(_bool(body, "echo"))
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if body.get(name) is not None:
+            raise bad_request(f"{name} is a chat completions field (POST /v1/chat/completions)",
+                              name)
     return params
 
 
@@ -517,9 +745,10 @@ def completion_logprobs(entries: list[LogprobEntry], text_offset: int = 0) -> di
 class ChoiceResult:
     """One finished choice of a whole (not streamed) answer."""
 
-    text: str
+    text: str | None  # None: a chat answer that is only tool calls
     finish_reason: str
     logprobs: dict | None = None  # already in the endpoint's shape
+    tool_calls: list[dict] | None = None  # chat, in OpenAI's shape (tools.parse)
 
 
 class ResponseWriter:
@@ -567,6 +796,10 @@ class ResponseWriter:
         return self._chunk([self._choice({"content": text} if self.kind == "chat" else text,
                                          None, index, logprobs)], usage_now)
 
+    def tool_calls_chunk(self, tool_calls: list[dict], index: int = 0) -> dict:
+        """One `delta.tool_calls` fragment (see tools.stream_fragments)."""
+        return self._chunk([self._choice({"tool_calls": tool_calls}, None, index)])
+
     def final_chunk(self, finish_reason: str, index: int = 0,
                     usage_now: dict | None = None) -> dict:
         return self._chunk([self._choice({} if self.kind == "chat" else "", finish_reason,
@@ -580,9 +813,11 @@ class ResponseWriter:
         out = []
         for index, c in enumerate(choices):
             if self.kind == "chat":
-                out.append({"index": index,
-                            "message": {"role": "assistant", "content": c.text, "refusal": None},
-                            "logprobs": c.logprobs, "finish_reason": c.finish_reason})
+                message = {"role": "assistant", "content": c.text, "refusal": None}
+                if c.tool_calls:
+                    message["tool_calls"] = c.tool_calls
+                out.append({"index": index, "message": message, "logprobs": c.logprobs,
+                            "finish_reason": c.finish_reason})
             else:
                 out.append({"index": index, "text": c.text, "logprobs": c.logprobs,
                             "finish_reason": c.finish_reason})
