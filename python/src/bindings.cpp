@@ -171,6 +171,14 @@ py::object event_or_none(const std::optional<TokenEvent>& event) {
   return py::make_tuple(event->token, event->is_stop);
 }
 
+// A batch of token events as (ids, ends_with_stop): only a request's last token can be a stop
+// token (it ends the request), so one flag says it.
+py::tuple token_batch(const std::vector<TokenEvent>& events) {
+  py::list ids(events.size());
+  for (size_t i = 0; i < events.size(); ++i) ids[i] = py::int_(events[i].token);
+  return py::make_tuple(std::move(ids), !events.empty() && events.back().is_stop);
+}
+
 py::dict result_dict(const GenerationResult& r) {
   py::dict d;
   d["tokens"] = r.tokens;
@@ -542,6 +550,24 @@ PYBIND11_MODULE(_core, m) {
            py::arg("timeout") = py::none(),
            "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
            "check timed_out).")
+      .def("next_batch",
+           [](RequestHandle& h, py::object timeout) -> py::object {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             std::vector<TokenEvent> events;
+             {
+               py::gil_scoped_release release;
+               events = h.request->next_batch(seconds);
+             }
+             if (events.empty()) return py::none();
+             return token_batch(events);
+           },
+           py::arg("timeout") = py::none(),
+           "Every token queued (waiting for at least one) as (ids, ends_with_stop), or None when "
+           "finished (or when `timeout` seconds passed: check timed_out).")
+      .def("acknowledge", [](RequestHandle& h, size_t tokens) { h.request->acknowledge(tokens); },
+           py::arg("tokens"),
+           "A collected request's client took `tokens` more (what pauses it is what it has not).")
+      .def_property_readonly("id", [](const RequestHandle& h) { return h.request->id(); })
       .def_property_readonly("timed_out", [](const RequestHandle& h) { return h.request->timed_out(); })
       .def("cancel", [](RequestHandle& h) { h.request->cancel(); })
       .def_property_readonly("finished", [](const RequestHandle& h) { return h.request->finished(); })
@@ -585,7 +611,8 @@ PYBIND11_MODULE(_core, m) {
            "and its blocks freed, 0 for never.")
       .def("submit",
            [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
-              py::object sampling, py::object stop_token_ids, py::object ignore_eos) {
+              py::object sampling, py::object stop_token_ids, py::object ignore_eos,
+              py::object collected) {
              GenerationRequest request;
              request.prompt = ids_argument(prompt, "prompt");
              request.max_tokens = static_cast<int>(int_argument(max_tokens, "max_tokens", INT32_MIN, INT32_MAX));
@@ -594,15 +621,39 @@ PYBIND11_MODULE(_core, m) {
              if (!PyBool_Check(ignore_eos.ptr())) throw py::type_error("ignore_eos must be True or False");
              request.ignore_eos = ignore_eos.ptr() == Py_True;
              const int sequence = static_cast<int>(int_argument(seq, "seq", -1, INT32_MAX));
+             if (!PyBool_Check(collected.ptr())) throw py::type_error("collected must be True or False");
              Scheduler& scheduler = self.cast<Scheduler&>();
-             return RequestHandle{scheduler.submit(std::move(request), sequence), self};
+             return RequestHandle{scheduler.submit(std::move(request), sequence, {},
+                                                   collected.ptr() == Py_True),
+                                  self};
            },
            py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
            py::arg("sampling") = py::none(), py::arg("stop_token_ids") = py::tuple(),
-           py::arg("ignore_eos") = false,
+           py::arg("ignore_eos") = false, py::arg("collected") = false,
            "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one; "
-           "sampling: a SamplingParams, None for the engine's defaults); returns a "
-           "ScheduledRequest, which keeps this scheduler alive.")
+           "sampling: a SamplingParams, None for the engine's defaults; collected: its tokens "
+           "come through collect(), not its own next()); returns a ScheduledRequest, which "
+           "keeps this scheduler alive.")
+      .def("collect",
+           [](Scheduler& scheduler, py::object timeout) {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             std::vector<Scheduler::Collected> collected;
+             {
+               py::gil_scoped_release release;
+               collected = scheduler.collect(seconds);
+             }
+             py::list out(collected.size());
+             for (size_t i = 0; i < collected.size(); ++i) {
+               const auto& c = collected[i];
+               py::tuple batch = token_batch(c.tokens);
+               out[i] = py::make_tuple(c.request->id(), batch[0], batch[1], c.ended);
+             }
+             return out;
+           },
+           py::arg("timeout") = py::none(),
+           "The news of every collected request since the last call, one wake-up per step: a "
+           "list of (id, token ids, ends_with_stop, ended), waiting for some at most `timeout` "
+           "seconds (None: until there is some or the scheduler shuts down).")
       .def("stats",
            [](const Scheduler& scheduler) {
              const auto s = scheduler.stats();
