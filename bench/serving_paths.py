@@ -10,7 +10,8 @@ Every stream gets its own synthetic prompt of --prompt-tokens (+ its index, so n
 prefix) and generates exactly --tokens tokens (ignore_eos), greedy:
 
   * scheduler: `llm.scheduler.submit(...)` for every stream, then `wait()` (no Python per token);
-  * threads:   one Python thread per stream iterating `llm.stream(...)` (what llm.complete does);
+  * complete:  one Python thread per stream calling `llm.complete(...)`;
+  * threads:   one Python thread per stream iterating `llm.stream(...)` (pieces as they come);
   * serve:     one `opencamp serve` process (--parallel 16), one HTTP client per stream on
                /v1/completions (token-id prompts), non-streamed JSON and streamed SSE;
   * bench:     `opencamp bench --prompt-tokens P --gen-tokens T` decode tokens/s (one stream,
@@ -68,7 +69,24 @@ def run_scheduler(llm, batch: list[list[int]], tokens: int) -> dict:
     return {"aggregate": generated / (time.perf_counter() - start)}
 
 
+def run_complete(llm, batch: list[list[int]], tokens: int) -> dict:
+    """One Python thread per stream calling llm.complete (the whole answer)."""
+    generated = [0] * len(batch)
+    start = time.perf_counter()
+
+    def one(i: int) -> None:
+        generated[i] = llm.complete(batch[i], max_tokens=tokens, ignore_eos=True).completion_tokens
+
+    workers = [threading.Thread(target=one, args=(i,)) for i in range(len(batch))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return {"aggregate": sum(generated) / (time.perf_counter() - start)}
+
+
 def run_threads(llm, batch: list[list[int]], tokens: int) -> dict:
+    """One Python thread per stream iterating llm.stream (text pieces as they come)."""
     generated, first = [0] * len(batch), [0.0] * len(batch)
     start = time.perf_counter()
 
@@ -181,8 +199,8 @@ def main() -> None:
     parser.add_argument("--streams", default="1,4,8,16")
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=96)
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--paths", default="scheduler,threads,http,sse,bench",
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--paths", default="scheduler,complete,threads,http,sse,bench",
                         help="which rows to measure")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = parser.parse_args()
@@ -190,41 +208,45 @@ def main() -> None:
     counts = [int(n) for n in args.streams.split(",")]
     paths = set(args.paths.split(","))
     parallel, context = max(counts), 2048
-    table: dict[str, dict[int, dict]] = {}
 
     import opencamp
+    from opencamp import bench
 
+    # Both engines stay loaded for the whole run (the idle one sleeps), and every repetition
+    # measures every cell once, so a quiet or busy moment of the machine falls on all rows.
+    server = Server(model, args.threads, parallel, context) if paths & {"http", "sse"} else None
     llm = opencamp.LLM(model, threads=args.threads, max_context=context, max_running=parallel)
-    vocab = llm.config["vocab_size"]
-    loads = {n: prompts(n, args.prompt_tokens, vocab) for n in counts}
-    run_scheduler(llm, loads[counts[0]], 8)  # warm-up
-    for name, run in (("scheduler", run_scheduler), ("threads", run_threads)):
-        if name in paths:
-            table[name] = {n: best([run(llm, loads[n], args.tokens) for _ in range(args.repeat)])
-                           for n in counts}
-    if "bench" in paths:
-        from opencamp import bench
-
-        result = max((bench.run(str(model), llm=llm, prompt_tokens=args.prompt_tokens,
-                                gen_tokens=args.tokens, repeat=1) for _ in range(args.repeat)),
-                     key=lambda r: r["decode_tokens_per_s"])
-        table["bench"] = {1: {"aggregate": result["decode_tokens_per_s"]}}
-    llm.scheduler.shutdown()
-    del llm
-
-    if paths & {"http", "sse"}:
-        server = Server(model, args.threads, parallel, context)
-        try:
-            run_http(server.url, loads[counts[0]], 8, True)  # warm-up
-            for name, stream in (("http", False), ("sse", True)):
-                if name in paths:
-                    table[name] = {n: best([run_http(server.url, loads[n], args.tokens, stream)
-                                            for _ in range(args.repeat)]) for n in counts}
-        finally:
+    try:
+        vocab = llm.config["vocab_size"]
+        loads = {n: prompts(n, args.prompt_tokens, vocab) for n in counts}
+        run_scheduler(llm, loads[counts[0]], 8)  # warm-up
+        if server:
+            run_http(server.url, loads[counts[0]], 8, True)
+        runs: dict[str, dict[int, list]] = {}
+        in_process = {"scheduler": run_scheduler, "complete": run_complete, "threads": run_threads}
+        for _ in range(args.repeat):
+            for n in counts:
+                for name in ("scheduler", "complete", "threads", "http", "sse"):
+                    if name not in paths:
+                        continue
+                    if name in in_process:
+                        result = in_process[name](llm, loads[n], args.tokens)
+                    else:
+                        result = run_http(server.url, loads[n], args.tokens, name == "sse")
+                    runs.setdefault(name, {}).setdefault(n, []).append(result)
+            if "bench" in paths:
+                result = bench.run(str(model), llm=llm, prompt_tokens=args.prompt_tokens,
+                                   gen_tokens=args.tokens, repeat=1)
+                runs.setdefault("bench", {}).setdefault(1, []).append(
+                    {"aggregate": result["decode_tokens_per_s"]})
+        table = {name: {n: best(r) for n, r in row.items()} for name, row in runs.items()}
+    finally:
+        if server:
             server.close()
 
     labels = {"scheduler": "`llm.scheduler.submit(...)` then `wait()`",
-              "threads": "`llm.stream(...)` from N Python threads",
+              "complete": "`llm.complete(...)` from N Python threads",
+              "threads": "`llm.stream(...)` iterated from N Python threads",
               "http": "`opencamp serve`, N clients, non-streamed",
               "sse": "`opencamp serve`, N clients, streamed (SSE)",
               "bench": "`opencamp bench` decode (one stream)"}
