@@ -20,7 +20,10 @@ prefix) and generates exactly --tokens tokens (ignore_eos), greedy:
 Aggregate = generated tokens of all streams / wall time from the first submit to the last token
 (prefills included, as a burst of users has them). For one SSE stream also its decode rate (tokens
 after the first / time from the first chunk to the last), the one to hold against `opencamp bench`;
-TTFT is the mean time from sending a request to its first content chunk.
+TTFT is the mean time from sending a request to its first content chunk. A second table gives
+the CPU time the serving process used per generated token (engine and Python together), which a
+busy machine disturbs less than tokens/s: what the Python and HTTP layers add is the difference
+from the scheduler's row.
 """
 from __future__ import annotations
 
@@ -135,6 +138,11 @@ class Server:
             time.sleep(0.2)
         raise RuntimeError("opencamp serve did not come up")
 
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (all its threads), from /proc."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(30)
@@ -185,10 +193,13 @@ def run_http(url: str, batch: list[list[int]], tokens: int, stream: bool) -> dic
 
 
 def best(runs: list[dict]) -> dict:
-    """The run with the best aggregate (its TTFT with it); the best decode rate of any."""
+    """The run with the best aggregate (its TTFT with it); the best decode rate and the least
+    CPU per token of any."""
     top = dict(max(runs, key=lambda r: r["aggregate"]))
     if "decode" in top:
         top["decode"] = max(r["decode"] for r in runs)
+    if "cpu_ms_per_token" in top:
+        top["cpu_ms_per_token"] = min(r["cpu_ms_per_token"] for r in runs)
     return top
 
 
@@ -230,9 +241,14 @@ def main() -> None:
                     if name not in paths:
                         continue
                     if name in in_process:
+                        cpu = time.process_time()
                         result = in_process[name](llm, loads[n], args.tokens)
+                        cpu = time.process_time() - cpu
                     else:
+                        cpu = server.cpu_seconds()
                         result = run_http(server.url, loads[n], args.tokens, name == "sse")
+                        cpu = server.cpu_seconds() - cpu
+                    result["cpu_ms_per_token"] = 1e3 * cpu / (n * args.tokens)
                     runs.setdefault(name, {}).setdefault(n, []).append(result)
             if "bench" in paths:
                 result = bench.run(str(model), llm=llm, prompt_tokens=args.prompt_tokens,
@@ -262,6 +278,16 @@ def main() -> None:
         cells = [f"{row[n]['aggregate']:.0f}" if n in row else "" for n in counts]
         ratio = f"{row[8]['aggregate'] / row[1]['aggregate']:.1f}x" if 8 in row and 1 in row else ""
         print(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    print("\nCPU time per generated token (ms; the process serving it, all its threads: engine "
+          "and Python; the HTTP client's not included)\n")
+    print("| path | " + " | ".join(str(n) for n in counts) + " |")
+    print("|---|" + "---|" * len(counts))
+    for name, label in labels.items():
+        row = table.get(name, {})
+        if name == "bench" or not row:
+            continue
+        print(f"| {label} | " + " | ".join(f"{row[n]['cpu_ms_per_token']:.1f}" if n in row else ""
+                                         for n in counts) + " |")
     print()
     sched, sse = table.get("scheduler", {}), table.get("sse", {})
     if 8 in sched and 8 in sse:
