@@ -71,16 +71,28 @@ struct SchedulerOptions {
 class Scheduler;
 
 // The caller's side of one request: tokens as they come, cancellation, the final result.
+//
+// Tokens are read either by the caller (next / next_batch, one reader per request), or, for a
+// request submitted `collected`, by whoever calls Scheduler::collect (one dispatcher for all of
+// them, woken once per step); such a reader says with acknowledge() how many tokens its client
+// has really taken. Either way "unread" means emitted and not yet taken by the client, and that
+// count is what pauses the request (SchedulerOptions::max_unread_tokens).
 class ScheduledRequest {
  public:
   // Blocks until the next token or the end: nullopt once finished and drained (then, or on an
   // error, wait() tells why). timeout_seconds < 0 waits without limit; on timeout returns
   // nullopt with timed_out() true.
   std::optional<TokenEvent> next(double timeout_seconds = -1.0);
+  // The same, but takes every token already queued (at least one): empty once finished and
+  // drained, or on timeout (timed_out()).
+  std::vector<TokenEvent> next_batch(double timeout_seconds = -1.0);
   bool timed_out() const { return timed_out_; }
   // Blocks until the first token was sampled (the prompt is in the KV cache, its full blocks
   // shared with later prompts that start the same way) or the request ended; false on timeout.
   bool wait_first_token(double timeout_seconds = -1.0);
+  // For a collected request: the client took `tokens` more of what collect() handed over.
+  void acknowledge(size_t tokens);
+  uint64_t id() const { return id_; }  // unique per scheduler (collect() names requests by it)
   // Stops the request at the next step; its sequence's blocks are freed (or stay cached).
   void cancel();
   // Waits for the end (the request no longer waits for its tokens to be read); rethrows the
@@ -91,11 +103,19 @@ class ScheduledRequest {
 
  private:
   friend class Scheduler;
+  // After the client took some: lets the loop resume the request if it paused it (under mutex_).
+  void taken_locked(size_t tokens);
   Scheduler* scheduler_ = nullptr;
+  uint64_t id_ = 0;
+  bool collected_ = false;  // read through Scheduler::collect, not next()
   std::atomic<bool> cancelled_{false};
   mutable std::mutex mutex_;
   std::condition_variable changed_;
   std::deque<TokenEvent> queue_;
+  size_t unread_ = 0;         // emitted, not yet taken by the client
+  bool paused_ = false;       // off the batch for its unread tokens (the loop sets it)
+  bool in_outbox_ = false;    // collected: listed for the next collect()
+  bool reported_end_ = false; // collected: collect() has handed over its end
   bool done_ = false;
   bool timed_out_ = false;
   bool waiting_for_end_ = false;  // wait() was called: unread tokens do not pause the request
@@ -123,8 +143,20 @@ class Scheduler {
   // (mapping any cached prefix) and frees it at the end, its full blocks staying cached.
   // `on_token`, when given, runs on the loop thread with every token as it is sampled (before
   // the request's queue has it); returning false ends the request there (Cancelled).
+  // `collected`: its tokens go to collect() instead of the request's own next().
   std::shared_ptr<ScheduledRequest> submit(GenerationRequest request, int seq = -1,
-                                           TokenCallback on_token = {});
+                                           TokenCallback on_token = {}, bool collected = false);
+
+  // What collect() hands over for one collected request: the tokens sampled since the last
+  // collect, and whether it has ended (then wait() returns at once, or rethrows its error).
+  struct Collected {
+    std::shared_ptr<ScheduledRequest> request;
+    std::vector<TokenEvent> tokens;
+    bool ended = false;
+  };
+  // Every collected request with news, at most one wake-up per step: waits until there is
+  // some, the scheduler is shut down, or timeout_seconds pass (< 0: no limit; then empty).
+  std::vector<Collected> collect(double timeout_seconds = -1.0);
 
   struct Stats {
     int running = 0, waiting = 0, idle = 0;
@@ -169,6 +201,15 @@ class Scheduler {
   // Finished conversations are kept by the Engine (keep_sequence), which frees them least
   // recently kept first whenever anyone needs their blocks.
   Stats stats_;
+  // Collected requests with news since the last collect(); collectors wait on outbox_ready_,
+  // notified once at the end of a step (and when a request ends), not per token.
+  std::mutex outbox_mutex_;
+  std::condition_variable outbox_ready_;
+  std::vector<std::shared_ptr<ScheduledRequest>> outbox_;
+  bool outbox_stopping_ = false;
+  // Listed during a step (the loop thread's alone), handed to outbox_ when it ends.
+  std::vector<std::shared_ptr<ScheduledRequest>> step_outbox_;
+  void flush_outbox();
   bool stopping_ = false;
   bool woken_ = false;  // something changed since the loop last found nothing to do
   // After a preemption nothing new is admitted until a request ends: otherwise a re-admitted

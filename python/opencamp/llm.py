@@ -201,12 +201,19 @@ class Stream(_ClosedOnExit):
     Pieces never split a UTF-8 character and never contain any part of a stop string. After
     the iterator is exhausted, `completion` holds the full result. Closing the stream (or
     dropping it) stops the generation within one decode step.
+
+    Each step of the iterator takes every token the engine has queued at once (one wake-up per
+    batch, not per token). `collected=True` is for a dispatcher that reads many streams at once
+    (the server's, opencamp/server/relay.py): the tokens then come from Scheduler.collect(),
+    and the dispatcher hands them over with feed() and the end with end() instead of iterating.
     """
 
     def __init__(self, llm: "LLM", prompt_ids: list[int], options: SamplingOptions,
-                 sequence: int | None = None, scheduler=None, on_finish=None):
+                 sequence: int | None = None, scheduler=None, on_finish=None,
+                 collected: bool = False):
         self._on_finish = on_finish
         # Without a tokenizer (an ids-only model) the stream yields no text, only token ids.
+        self._tokenizer = llm._tokenizer
         self._decoder = IncrementalDecoder(llm.tokenizer) if llm._tokenizer is not None else None
         self._stopper = StopMatcher(options.stop)
         self._token_ids: list[int] = []
@@ -215,6 +222,7 @@ class Stream(_ClosedOnExit):
         self._pending_logprobs: list[TokenLogprob] = []
         self._text: list[str] = []
         self._stopped_by_string = False
+        self._collected = collected
         self.completion: Completion | None = None
         self._prompt_tokens = len(prompt_ids)
         # The request joins the scheduler's batch; its tokens arrive through a C++ queue.
@@ -227,44 +235,69 @@ class Stream(_ClosedOnExit):
             sampling=options.core(), stop_token_ids=list(options.stop_token_ids),
             ignore_eos=options.ignore_eos, logprobs=options.logprobs,
             allowed_token_ids=options.allowed_token_ids, logit_bias=options.logit_bias,
-            constraint=constraint)
+            constraint=constraint, collected=collected)
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> str:
         while self.completion is None:
-            event = self._generation.next()  # raises the engine's error, if one ended it
-            if event is None:  # the engine finished on its own
-                piece, _ = self._stopper.push(self._decoder.flush() if self._decoder else "")
-                piece += self._stopper.flush()
-                self._finish()
-                if piece:
-                    return self._emit(piece)
-                break
-            token, is_stop = event[0], event[1]
+            batch = self._generation.next_batch()  # raises the engine's error, if one ended it
+            piece = self.end() if batch is None else self.feed(*batch)
+            if piece:
+                return piece
+        raise StopIteration
+
+    def feed(self, token_ids: Sequence[int], ends_with_stop: bool = False,
+             logprobs: Sequence[tuple] | None = None) -> "Piece | str":
+        """Take the next tokens of the generation (`ends_with_stop`: the last one is the stop
+        token that ended it, not part of the text; `logprobs`: each token's (logprob, top) when
+        the request asked for them); return the text they complete.
+
+        On a stop string the generation is cancelled and later tokens are ignored; an iterated
+        stream then finishes at once, a collected one at end()."""
+        if self._stopped_by_string or self.completion is not None:
+            return ""
+        pieces = []
+        last = len(token_ids) - 1
+        for index, token in enumerate(token_ids):
             self._token_ids.append(token)
             self._pending_ids.append(token)
-            if len(event) > 2 and not is_stop:  # a stop token is not part of the text
-                logprob, top = event[2]
+            is_stop = ends_with_stop and index == last
+            if logprobs is not None and self._logprobs is not None and not is_stop:
+                logprob, top = logprobs[index]  # a stop token is not part of the text
                 record = TokenLogprob(token, logprob, tuple(top))
                 self._logprobs.append(record)
                 self._pending_logprobs.append(record)
-            if is_stop or self._decoder is None:  # a stop token is not part of the text
+            if self._decoder is None or is_stop:
                 continue
             piece, hit = self._stopper.push(self._decoder.push(token))
+            pieces.append(piece)
             if hit:
                 self._stopped_by_string = True
                 self._generation.cancel()
-                self._finish()
-                if piece:
-                    return self._emit(piece)
                 break
-            if piece:
-                return self._emit(piece)
-        raise StopIteration
+        piece = self._emit("".join(pieces))
+        if self._stopped_by_string and not self._collected:
+            self._finish()
+        return piece
 
-    def _emit(self, text: str) -> Piece:
+    def end(self) -> str:
+        """The engine ended the generation: the text still held back, and `completion` set
+        (raises the engine's error, if one ended it)."""
+        if self.completion is not None:
+            return ""
+        piece = ""
+        if not self._stopped_by_string:
+            piece, _ = self._stopper.push(self._decoder.flush() if self._decoder else "")
+            piece += self._stopper.flush()
+        piece = self._emit(piece)
+        self._finish()
+        return piece
+
+    def _emit(self, text: str) -> "Piece | str":
+        if not text:  # the tokens so far ride with the next piece that has text
+            return ""
         self._text.append(text)
         piece = Piece(text)
         piece.token_ids = tuple(self._pending_ids)
@@ -316,6 +349,16 @@ class Stream(_ClosedOnExit):
 
     def text(self) -> str:
         """Consume the rest of the stream and return the whole answer."""
+        if (not self._token_ids and self.completion is None and not self._collected
+                and self._decoder is not None and not self._stopper.has_stops):
+            # Nothing to watch for on the way: wait for the end in C++ and decode once (the
+            # pieces of an iteration add up to the same text, see IncrementalDecoder).
+            result = self._generation.wait()
+            ids = [int(t) for t in result["tokens"]]
+            self._token_ids = ids
+            ends_with_stop = result["finish_reason"] == "stop" and bool(ids)
+            self._emit(self._tokenizer.decode(ids[:-1] if ends_with_stop else ids))
+            self._finish()
         for _ in self:
             pass
         assert self.completion is not None

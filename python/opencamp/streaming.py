@@ -110,6 +110,10 @@ class StopMatcher:
     def stopped(self) -> bool:
         return self._stopped
 
+    @property
+    def has_stops(self) -> bool:
+        return bool(self._stops)
+
     def push(self, text: str) -> tuple[str, bool]:
         """Add a piece; return (text safe to emit now, whether a stop string was hit).
 

@@ -249,6 +249,23 @@ py::object event_or_none(const std::optional<TokenEvent>& event) {
   return py::make_tuple(event->token, event->is_stop);
 }
 
+// A batch of token events as (ids, ends_with_stop, logprobs): only a request's last token can
+// be a stop token (it ends the request), so one flag says it; logprobs is None, or each
+// token's (logprob, top) when the request asked for log-probabilities.
+py::tuple token_batch(const std::vector<TokenEvent>& events) {
+  py::list ids(events.size());
+  for (size_t i = 0; i < events.size(); ++i) ids[i] = py::int_(events[i].token);
+  py::object logprobs = py::none();
+  if (!events.empty() && events.front().logprobs) {
+    py::list records(events.size());
+    for (size_t i = 0; i < events.size(); ++i) {
+      records[i] = events[i].logprobs ? py::object(logprobs_tuple(*events[i].logprobs)) : py::none();
+    }
+    logprobs = std::move(records);
+  }
+  return py::make_tuple(std::move(ids), !events.empty() && events.back().is_stop, std::move(logprobs));
+}
+
 py::dict result_dict(const GenerationResult& r) {
   py::dict d;
   d["tokens"] = r.tokens;
@@ -657,6 +674,24 @@ PYBIND11_MODULE(_core, m) {
            py::arg("timeout") = py::none(),
            "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
            "check timed_out).")
+      .def("next_batch",
+           [](RequestHandle& h, py::object timeout) -> py::object {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             std::vector<TokenEvent> events;
+             {
+               py::gil_scoped_release release;
+               events = h.request->next_batch(seconds);
+             }
+             if (events.empty()) return py::none();
+             return token_batch(events);
+           },
+           py::arg("timeout") = py::none(),
+           "Every token queued (waiting for at least one) as (ids, ends_with_stop, logprobs), or None when "
+           "finished (or when `timeout` seconds passed: check timed_out).")
+      .def("acknowledge", [](RequestHandle& h, size_t tokens) { h.request->acknowledge(tokens); },
+           py::arg("tokens"),
+           "A collected request's client took `tokens` more (what pauses it is what it has not).")
+      .def_property_readonly("id", [](const RequestHandle& h) { return h.request->id(); })
       .def_property_readonly("timed_out", [](const RequestHandle& h) { return h.request->timed_out(); })
       .def("wait_first_token",
            [](RequestHandle& h, py::object timeout) {
@@ -711,7 +746,7 @@ PYBIND11_MODULE(_core, m) {
            [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
               py::object sampling, py::object stop_token_ids, py::object ignore_eos,
               py::object logprobs, py::object allowed_token_ids, py::object logit_bias,
-              py::object constraint) {
+              py::object constraint, py::object collected) {
              GenerationRequest request;
              request.prompt = ids_argument(prompt, "prompt");
              request.max_tokens = static_cast<int>(int_argument(max_tokens, "max_tokens", INT32_MIN, INT32_MAX));
@@ -730,21 +765,45 @@ PYBIND11_MODULE(_core, m) {
                                     ? -1
                                     : static_cast<int>(int_argument(logprobs, "logprobs", 0, kMaxTopLogprobs));
              const int sequence = static_cast<int>(int_argument(seq, "seq", -1, INT32_MAX));
+             if (!PyBool_Check(collected.ptr())) throw py::type_error("collected must be True or False");
              Scheduler& scheduler = self.cast<Scheduler&>();
-             return RequestHandle{scheduler.submit(std::move(request), sequence), self};
+             return RequestHandle{scheduler.submit(std::move(request), sequence, {},
+                                                   collected.ptr() == Py_True),
+                                  self};
            },
            py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
            py::arg("sampling") = py::none(), py::arg("stop_token_ids") = py::tuple(),
            py::arg("ignore_eos") = false, py::arg("logprobs") = py::none(),
            py::arg("allowed_token_ids") = py::none(), py::arg("logit_bias") = py::none(),
-           py::arg("constraint") = py::none(),
+           py::arg("constraint") = py::none(), py::arg("collected") = false,
            "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one; "
            "sampling: a SamplingParams, None for the engine's defaults; logprobs: None, or "
            "0-20 for each token's log-probability and that many alternatives in its events; "
            "allowed_token_ids, logit_bias ({id: bias}) and constraint (an object with "
            "fill_mask(words: uint32 numpy array, bit t of words[t // 32] allows token t) and "
-           "accept(token), called on the scheduler's mask worker) are sampling's stage 0); "
-           "returns a ScheduledRequest, which keeps this scheduler alive.")
+           "accept(token), called on the scheduler's mask worker) are sampling's stage 0; "
+           "collected: its tokens come through collect(), not its own next()); returns a "
+           "ScheduledRequest, which keeps this scheduler alive.")
+      .def("collect",
+           [](Scheduler& scheduler, py::object timeout) {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             std::vector<Scheduler::Collected> collected;
+             {
+               py::gil_scoped_release release;
+               collected = scheduler.collect(seconds);
+             }
+             py::list out(collected.size());
+             for (size_t i = 0; i < collected.size(); ++i) {
+               const auto& c = collected[i];
+               py::tuple batch = token_batch(c.tokens);
+               out[i] = py::make_tuple(c.request->id(), batch[0], batch[1], c.ended, batch[2]);
+             }
+             return out;
+           },
+           py::arg("timeout") = py::none(),
+           "The news of every collected request since the last call, one wake-up per step: a "
+           "list of (id, token ids, ends_with_stop, ended, logprobs), waiting for some at most `timeout` "
+           "seconds (None: until there is some or the scheduler shuts down).")
       .def("stats",
            [](const Scheduler& scheduler) {
              const auto s = scheduler.stats();

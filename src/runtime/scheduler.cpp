@@ -5,6 +5,7 @@
 #include <cmath>
 #include <future>
 #include <set>
+#include <utility>
 
 #include "opencamp/error.h"
 
@@ -18,23 +19,15 @@ double seconds_between(Clock::time_point a, Clock::time_point b) {
 }
 
 // The consumer's side of a request's token queue: waits, under `lock`, until `queue` has a
-// token or `done` is set, at most timeout_seconds (< 0: no limit). Returns the token popped,
-// or nullopt when finished and drained, or on timeout with timed_out set.
-std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
-                                    std::condition_variable& ready, std::deque<TokenEvent>& queue,
-                                    const bool& done, double timeout_seconds, bool& timed_out) {
-  timed_out = false;
+// token or `done` is set, at most timeout_seconds (< 0: no limit). False on timeout.
+bool wait_for_news(std::unique_lock<std::mutex>& lock, std::condition_variable& ready,
+                   const std::deque<TokenEvent>& queue, const bool& done, double timeout_seconds) {
   auto has_news = [&] { return !queue.empty() || done; };
   if (timeout_seconds < 0) {
     ready.wait(lock, has_news);
-  } else if (!ready.wait_for(lock, std::chrono::duration<double>(timeout_seconds), has_news)) {
-    timed_out = true;
-    return std::nullopt;
+    return true;
   }
-  if (queue.empty()) return std::nullopt;
-  TokenEvent event = std::move(queue.front());
-  queue.pop_front();
-  return event;
+  return ready.wait_for(lock, std::chrono::duration<double>(timeout_seconds), has_news);
 }
 
 }  // namespace
@@ -43,14 +36,42 @@ std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
 
 std::optional<TokenEvent> ScheduledRequest::next(double timeout_seconds) {
   std::unique_lock<std::mutex> lock(mutex_);
-  const auto event = pop_token(lock, changed_, queue_, done_, timeout_seconds, timed_out_);
-  if (event) {
-    last_read_ = Clock::now();
-    if (scheduler_ != nullptr) scheduler_->wake();  // it may have paused this request for us
-  } else if (!timed_out_ && error_) {
+  timed_out_ = !wait_for_news(lock, changed_, queue_, done_, timeout_seconds);
+  if (!queue_.empty() && !timed_out_) {
+    TokenEvent event = std::move(queue_.front());
+    queue_.pop_front();
+    taken_locked(1);
+    return event;
+  }
+  if (!timed_out_ && error_) std::rethrow_exception(error_);
+  return std::nullopt;
+}
+
+std::vector<TokenEvent> ScheduledRequest::next_batch(double timeout_seconds) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  timed_out_ = !wait_for_news(lock, changed_, queue_, done_, timeout_seconds);
+  std::vector<TokenEvent> events;
+  if (timed_out_) return events;
+  events.assign(queue_.begin(), queue_.end());
+  queue_.clear();
+  if (!events.empty()) {
+    taken_locked(events.size());
+  } else if (error_) {
     std::rethrow_exception(error_);
   }
-  return event;
+  return events;
+}
+
+void ScheduledRequest::acknowledge(size_t tokens) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (collected_) taken_locked(tokens);
+}
+
+void ScheduledRequest::taken_locked(size_t tokens) {
+  unread_ -= std::min(tokens, unread_);
+  last_read_ = Clock::now();
+  // Only a paused request needs the loop to look again: a running one is never waited for.
+  if (paused_ && scheduler_ != nullptr) scheduler_->wake();
 }
 
 bool ScheduledRequest::wait_first_token(double timeout_seconds) {
@@ -135,15 +156,24 @@ struct Scheduler::Active {
     }
   }
 
-  // Hands a sampled token on; false when the token callback asks to end the request.
-  bool emit(int32_t token, bool is_stop, std::shared_ptr<const TokenLogprobs> logprobs) {
+  // Hands a sampled token on (a collected request's through the step's outbox); false when
+  // the token callback asks to end the request.
+  bool emit(int32_t token, bool is_stop, std::shared_ptr<const TokenLogprobs> logprobs,
+            std::vector<std::shared_ptr<ScheduledRequest>>& outbox) {
     const bool go_on = !on_token || on_token(token, is_stop);
+    bool list = false;
+    bool first = false;
     {
       std::lock_guard<std::mutex> lock(handle->mutex_);
       handle->queue_.push_back({token, is_stop, std::move(logprobs)});
-      handle->sampled_first_ = true;
+      first = !std::exchange(handle->sampled_first_, true);
+      ++handle->unread_;
+      list = handle->collected_ && !std::exchange(handle->in_outbox_, true);
     }
-    handle->changed_.notify_all();
+    if (list) outbox.push_back(handle);
+    // A collected request's reader is the dispatcher, woken by collect(); wait_first_token()
+    // still waits on changed_.
+    if (!handle->collected_ || first) handle->changed_.notify_all();
     return go_on;
   }
 
@@ -223,16 +253,63 @@ void Scheduler::shutdown() {
   for (auto& a : waiting) finish(*a, FinishReason::Cancelled);
   while (engine_.free_oldest_kept(this)) {
   }
+  flush_outbox();
+  {
+    std::lock_guard<std::mutex> lock(outbox_mutex_);
+    outbox_stopping_ = true;  // collectors take what is left, then return at once
+  }
+  outbox_ready_.notify_all();
   std::lock_guard<std::mutex> lock(mutex_);
   stats_.paused = 0;
 }
 
+void Scheduler::flush_outbox() {
+  if (step_outbox_.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(outbox_mutex_);
+    outbox_.insert(outbox_.end(), step_outbox_.begin(), step_outbox_.end());
+  }
+  step_outbox_.clear();
+  outbox_ready_.notify_all();
+}
+
+std::vector<Scheduler::Collected> Scheduler::collect(double timeout_seconds) {
+  std::vector<std::shared_ptr<ScheduledRequest>> handles;
+  {
+    std::unique_lock<std::mutex> lock(outbox_mutex_);
+    auto ready = [this] { return !outbox_.empty() || outbox_stopping_; };
+    if (timeout_seconds < 0) {
+      outbox_ready_.wait(lock, ready);
+    } else {
+      outbox_ready_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), ready);
+    }
+    handles.swap(outbox_);
+  }
+  std::vector<Collected> collected;
+  collected.reserve(handles.size());
+  for (auto& handle : handles) {
+    Collected c;
+    {
+      std::lock_guard<std::mutex> lock(handle->mutex_);
+      c.tokens.assign(handle->queue_.begin(), handle->queue_.end());
+      handle->queue_.clear();
+      handle->in_outbox_ = false;
+      c.ended = handle->done_ && !std::exchange(handle->reported_end_, true);
+    }
+    if (c.tokens.empty() && !c.ended) continue;
+    c.request = std::move(handle);
+    collected.push_back(std::move(c));
+  }
+  return collected;
+}
+
 std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, int seq,
-                                                    TokenCallback on_token) {
+                                                    TokenCallback on_token, bool collected) {
   engine_.check_request(request);
   auto active = std::make_unique<Active>();
   active->handle = std::make_shared<ScheduledRequest>();
   active->handle->scheduler_ = this;
+  active->handle->collected_ = collected;
   active->request = std::move(request);
   active->seq = seq;
   active->prompt = active->request.prompt;
@@ -257,6 +334,7 @@ std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, i
     // From here the caller's sequence is this request's: the engine refuses outside changes.
     if (active->seq >= 0) engine_.hold_sequence(active->seq, this);
     active->arrival = next_arrival_++;
+    active->handle->id_ = active->arrival;
     waiting_.push_back(std::move(active));
     stats_.waiting = static_cast<int>(waiting_.size());
   }
@@ -305,6 +383,7 @@ void Scheduler::loop() {
       for (auto& a : running_) fail(*a, std::current_exception());
       running_.clear();
     }
+    flush_outbox();  // the step's tokens and ends to collect(), in one wake-up
   }
 }
 
@@ -321,14 +400,21 @@ Clock::time_point Scheduler::next_idle_deadline() const {
 }
 
 void Scheduler::pause_and_resume() {
-  auto reader_behind = [this](Active& a) {
+  // Whether the reader is max_unread_tokens behind; marks the request paused or running as
+  // `pause_if_behind` / `resume_if_not` say, under the request's lock, so that a reader taking
+  // tokens meanwhile sees the mark (and wakes the loop when it is paused).
+  auto behind = [this](Active& a, bool pause_if_behind, bool resume_if_not) {
     std::lock_guard<std::mutex> lock(a.handle->mutex_);
-    return a.handle->queue_.size() >= options_.max_unread_tokens && !a.handle->waiting_for_end_;
+    const bool is_behind =
+        a.handle->unread_ >= options_.max_unread_tokens && !a.handle->waiting_for_end_;
+    if (is_behind && pause_if_behind) a.handle->paused_ = true;
+    if (!is_behind && resume_if_not) a.handle->paused_ = false;
+    return is_behind;
   };
   const Clock::time_point now = Clock::now();
   int64_t paused_now = 0, timed_out = 0;
   for (auto& a : running_) {
-    if (!a->decoding || !reader_behind(*a)) continue;
+    if (!a->decoding || !behind(*a, true, false)) continue;
     a->paused_at = now;
     paused_.push_back(std::move(a));
     ++paused_now;
@@ -337,10 +423,11 @@ void Scheduler::pause_and_resume() {
   // Resumed streams come before anyone waiting: they were admitted already.
   const double timeout = options_.stream_idle_timeout_seconds;
   for (auto& a : paused_) {
+    const bool room = static_cast<int>(running_.size()) < options_.max_running;
     if (a->handle->cancelled_.load()) {
       finish(*a, FinishReason::Cancelled);
-    } else if (!reader_behind(*a)) {
-      if (static_cast<int>(running_.size()) < options_.max_running) running_.push_back(std::move(a));
+    } else if (!behind(*a, false, room)) {
+      if (room) running_.push_back(std::move(a));  // else: caught up, waits for a slot
     } else if (timeout > 0.0) {
       Clock::time_point last_read;
       {
@@ -399,12 +486,15 @@ void Scheduler::finish(Active& a, FinishReason reason) {
     stats_.running = static_cast<int>(
         std::count_if(running_.begin(), running_.end(), [](const auto& r) { return !r->done; }));
   }
+  bool list = false;
   {
     std::lock_guard<std::mutex> lock(a.handle->mutex_);
     a.handle->result_ = a.result;
     a.handle->done_ = true;
     a.handle->scheduler_ = nullptr;
+    list = a.handle->collected_ && !std::exchange(a.handle->in_outbox_, true);
   }
+  if (list) step_outbox_.push_back(a.handle);
   a.handle->changed_.notify_all();
 }
 
@@ -630,7 +720,7 @@ bool Scheduler::step() {
     if (a.request.logprobs >= 0) {
       logprobs = std::make_shared<const TokenLogprobs>(token_logprobs(row_logits, token, a.request.logprobs));
     }
-    const bool go_on = a.emit(token, is_stop, std::move(logprobs));
+    const bool go_on = a.emit(token, is_stop, std::move(logprobs), step_outbox_);
     if (const auto reason = a.finish_reason_after(token, go_on, engine_.max_context())) {
       finish(a, *reason);
     } else {

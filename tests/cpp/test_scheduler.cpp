@@ -1,6 +1,7 @@
 // Continuous batching: many requests in one loop give exactly the tokens each gives alone;
 // chunked prompts, preemption, cancellation and hundreds of random requests leave no request
 // hanging and every KV block free.
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -665,3 +666,48 @@ TEST_CASE(chunks_deep_into_a_long_prompt_are_smaller) {
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
+
+TEST_CASE(collected_requests_come_through_one_collector_per_step_and_pause_until_acknowledged) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  SchedulerOptions so;
+  so.max_running = 4;
+  so.max_unread_tokens = 5;
+  Scheduler scheduler(engine, so);
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 4; ++i) requests.push_back(greedy(prompt_of(4 + 3 * i, 20 + i, vocab), 12 + i));
+  std::map<uint64_t, size_t> index;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    index[scheduler.submit(requests[i], -1, {}, /*collected=*/true)->id()] = i;
+  }
+  // Read without acknowledging: every request stops at max_unread_tokens, paused off the batch.
+  std::vector<std::vector<int32_t>> got(requests.size());
+  std::vector<std::shared_ptr<ScheduledRequest>> handles(requests.size());
+  std::vector<bool> ended(requests.size(), false);
+  auto collect_some = [&] {
+    for (auto& c : scheduler.collect(1.0)) {
+      const size_t i = index.at(c.request->id());
+      handles[i] = c.request;
+      for (const auto& t : c.tokens) got[i].push_back(t.token);
+      CHECK(!ended[i]);  // an end is handed over once
+      ended[i] = c.ended;
+    }
+  };
+  wait_until([&] { collect_some(); return scheduler.stats().paused == 4; }, "all four to pause");
+  for (size_t i = 0; i < requests.size(); ++i) CHECK_EQ(got[i].size(), static_cast<size_t>(5));
+  // Acknowledging what the client took resumes them, to the tokens each gives alone.
+  for (int round = 0; round < 6000; ++round) {
+    for (size_t i = 0; i < requests.size(); ++i) {
+      if (handles[i]) handles[i]->acknowledge(5);
+    }
+    collect_some();
+    if (std::all_of(ended.begin(), ended.end(), [](bool e) { return e; })) break;
+  }
+  for (size_t i = 0; i < requests.size(); ++i) {
+    CHECK_MSG(ended[i], "request " << i << " never ended");
+    CHECK(got[i] == alone("tiny-llama", requests[i]));
+    CHECK(handles[i]->wait().tokens == got[i]);
+  }
+  CHECK(scheduler.collect(0.0).empty());  // nothing left, and no wait
+  CHECK(scheduler.stats().pauses >= 4);
+}

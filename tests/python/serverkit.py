@@ -138,56 +138,69 @@ def live_app(app, timeout: float = 30.0, http_timeout: float = 30.0,
 
 
 class HeldStream:
-    """A generation the server started, whose reader stops after `after` pieces until the server
-    cancels (or closes) it. Unread, the request soon sits out the engine's steps (the scheduler
-    pauses a request with max_unread_tokens unread), so it keeps running, holding its place in
-    the batch, for as long as a test needs, however fast this machine generates. `holding` is
-    set when the reader stops."""
+    """A generation the server started, whose dispatcher stops handing its tokens on after
+    `after` pieces until the server cancels it (or the test releases it). Unread, the request
+    soon sits out the engine's steps (the scheduler pauses a request with max_unread_tokens
+    unread), so it keeps running, holding its place in the batch, for as long as a test needs,
+    however fast this machine generates. `holding` is set when it stops."""
 
-    def __init__(self, stream, after: int):
-        self.inner, self.after, self.pieces = stream, after, 0
+    def __init__(self, relay, generation, after: int, real_advance):
+        self.relay, self.generation, self.after = relay, generation, after
+        self.pieces = 0
         self.holding = threading.Event()
-        self._released = threading.Event()
+        self._real_advance = real_advance
+        self._released = False
+        self._held: list[tuple] = []  # the news not handed on, in order
+        self._lock = threading.Lock()  # one of the dispatcher and release() at a time
 
-    def __iter__(self):
-        return self
+    def advance(self, request_id, ids, ends_with_stop, ended, logprobs, handoff) -> None:
+        """In place of RequestRelay._advance, on the dispatcher thread."""
+        with self._lock:
+            if not self._released and self.pieces >= self.after and not self.generation.cancelled:
+                self._held.append((request_id, ids, ends_with_stop, ended, logprobs))
+                return
+            self._hand_on(request_id, ids, ends_with_stop, ended, logprobs, handoff)
 
-    def __next__(self):
-        if self.pieces == self.after:
+    def _hand_on(self, request_id, ids, ends_with_stop, ended, logprobs, handoff) -> None:
+        for news in self._held + [(request_id, ids, ends_with_stop, ended, logprobs)]:
+            before = len(handoff)
+            self._real_advance(self.relay, news[0], self.generation, *news[1:], handoff)
+            self.pieces += sum(1 for _, event in handoff[before:] if event[0] == "text")
+        self._held.clear()
+        if self.pieces >= self.after:
             self.holding.set()
-            # Only guards against a hang: a correct server cancels within the test's steps.
-            if not self._released.wait(120):
-                raise AssertionError("the server never cancelled a held generation")
-        self.pieces += 1
-        return next(self.inner)
 
     def release(self):
         """Let it go on to its end."""
-        self._released.set()
-
-    def cancel(self):
-        self._released.set()
-        self.inner.cancel()
-
-    def close(self):
-        self._released.set()
-        self.inner.close()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        with self._lock:
+            self._released = True
+            if self._held:
+                handoff: list = []
+                last = self._held.pop()
+                self._hand_on(*last, handoff)
+                self.relay._post(self.relay._deliver, handoff)
 
 
 def hold_streams(llm, monkeypatch, after: int) -> list[HeldStream]:
-    """From here on every generation `llm` starts is a HeldStream (held after `after` pieces);
-    returns the list of them, in the order they started."""
-    real_stream = llm.stream
+    """From here on every generation a server on `llm` starts is a HeldStream (held after
+    `after` pieces); returns the list of them, in the order they started."""
+    from opencamp.server.relay import RequestRelay
+
+    real_advance = RequestRelay._advance
     held: list[HeldStream] = []
+    by_generation: dict[int, HeldStream] = {}
 
-    def stream(*args, **kwargs):
-        held.append(HeldStream(real_stream(*args, **kwargs), after=after))
-        return held[-1]
+    def advance(relay, request_id, generation, ids, ends_with_stop, ended, logprobs, handoff):
+        if relay.llm is not llm:
+            return real_advance(relay, request_id, generation, ids, ends_with_stop, ended,
+                                logprobs, handoff)
+        if id(generation) not in by_generation:
+            by_generation[id(generation)] = HeldStream(relay, generation, after, real_advance)
+            held.append(by_generation[id(generation)])
+        by_generation[id(generation)].advance(request_id, ids, ends_with_stop, ended, logprobs,
+                                              handoff)
 
-    monkeypatch.setattr(llm, "stream", stream)
+    monkeypatch.setattr(RequestRelay, "_advance", advance)
     return held
 
 

@@ -215,13 +215,14 @@ def test_cors_is_off_unless_origins_are_allowed(client, tiny_llm):
     assert "access-control-allow-origin" not in client.post(
         "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1},
         headers={"Origin": "http://page.example"}).headers
-    opened = TestClient(make_app(tiny_llm, allowed_origins=("http://page.example",)))
-    allowed = opened.options("/v1/chat/completions", headers=preflight)
-    assert allowed.status_code == 200
-    assert allowed.headers["access-control-allow-origin"] == "http://page.example"
-    answer = opened.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1},
-                         headers={"Origin": "http://page.example"})
-    assert answer.headers["access-control-allow-origin"] == "http://page.example"
+    # Entered, so the app's scheduler shuts down (and frees its kept conversations) at the end.
+    with TestClient(make_app(tiny_llm, allowed_origins=("http://page.example",))) as opened:
+        allowed = opened.options("/v1/chat/completions", headers=preflight)
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://page.example"
+        answer = opened.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1},
+                             headers={"Origin": "http://page.example"})
+        assert answer.headers["access-control-allow-origin"] == "http://page.example"
 
 
 def test_stop_strings_cut_the_answer(client):
@@ -489,28 +490,20 @@ def test_failed_load_is_reported(tmp_path):
 
 
 def test_error_after_streaming_began_ends_the_stream_cleanly(tiny_llm, monkeypatch):
-    real_stream = tiny_llm.stream
+    real_feed = opencamp.llm.Stream.feed
+    pieces = {}
 
-    class FailingStream:
-        """The real stream, but the third piece fails (as a decoding bug or an engine error
-        would)."""
-
-        def __init__(self, stream):
-            self.inner, self.pieces = stream, 0
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            self.pieces += 1
-            if self.pieces == 3:
+    def failing_feed(self, *args, **kwargs):
+        """The real decoding, but a stream's third piece fails (as a decoding bug or an engine
+        error would)."""
+        piece = real_feed(self, *args, **kwargs)
+        if piece:
+            pieces[id(self)] = pieces.get(id(self), 0) + 1
+            if pieces[id(self)] == 3:
                 raise RuntimeError("injected failure")
-            return next(self.inner)
+        return piece
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-    monkeypatch.setattr(tiny_llm, "stream", lambda *a, **k: FailingStream(real_stream(*a, **k)))
+    monkeypatch.setattr(opencamp.llm.Stream, "feed", failing_feed)
     with TestClient(make_app(tiny_llm)) as c:
         response = chat(c, max_tokens=50, stream=True)
         assert response.status_code == 200
@@ -523,7 +516,7 @@ def test_error_after_streaming_began_ends_the_stream_cleanly(tiny_llm, monkeypat
         assert set(error) == {"message", "type", "param", "code"}
         # Not streamed, the same failure is a 500 in OpenAI's shape.
         assert_openai_error(chat(c, max_tokens=50), 500, code="internal_error", match="injected")
-        monkeypatch.setattr(tiny_llm, "stream", real_stream)
+        monkeypatch.setattr(opencamp.llm.Stream, "feed", real_feed)
         assert chat(c, max_tokens=2).status_code == 200  # the server goes on serving
         state = c.app.state.opencamp
         assert no_leaks(tiny_llm, state)

@@ -3,14 +3,17 @@
 Admission, batching and the KV cache are the engine's business: every request goes to one
 `_core.Scheduler` (continuous batching, first come first served, at most `parallel` sequences
 decoding together, prefix caching across requests, preemption when the cache is full). Here
-each request gets a reader thread that turns its tokens into text pieces (the Python Stream)
-and hands them to the event loop; cancelling stops the request at the engine's next step.
+one dispatcher thread takes every request's new tokens once per scheduler step
+(`Scheduler.collect`: one wake-up per step, not a thread per request woken per token), turns
+them into text pieces (each request's Stream: no split UTF-8, no partial stop string) and hands
+all of the step's pieces to the event loop in one call. Cancelling stops the request at the
+engine's next step.
 
-The reader never runs ahead of the client: it hands at most HANDOFF_WINDOW pieces to the event
-loop that the response has not taken yet, so the undelivered tokens of a client that stops
-reading pile up in the C++ scheduler's queue, which pauses the stream (off the batch, KV cache
-kept) at `stream_buffer_tokens` and ends it after `stream_idle_timeout` seconds. That policy
-lives there alone; this side only passes the client's pace through.
+Back-pressure is the engine's one policy (SchedulerOptions::max_unread_tokens): a token counts
+as unread until the response has taken the piece it is in (`acknowledge`), so the stream of a
+client that stops reading is paused (off the batch, KV cache kept) at `stream_buffer_tokens`
+and ended after `stream_idle_timeout` seconds; a client that reads is never held back by the
+dispatcher or the event loop being busy for a moment.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import _core
-from ..llm import LLM, Completion, Stream
+from ..llm import LLM, Completion, SamplingOptions, Stream
 
 log = logging.getLogger("opencamp.server")
 
@@ -40,10 +43,8 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
 
 
-# Pieces handed to the event loop and not yet taken by the response.
-HANDOFF_WINDOW = 4
-# How often a reader waiting for its client looks whether the generation ended meanwhile.
-_WINDOW_POLL_SECONDS = 0.25
+# How often the dispatcher, with nothing to hand over, looks whether the relay was closed.
+_DISPATCH_POLL_SECONDS = 0.5
 
 
 class Generation:
@@ -57,27 +58,20 @@ class Generation:
 
     def __init__(self, job: Job):
         self.job = job
+        # (kind, value, tokens): tokens, for a text piece, is how many tokens it holds.
         self.events: asyncio.Queue = asyncio.Queue()
         self.first_text_at: float | None = None  # perf_counter of the first text piece
         self._stream: Stream | None = None
-        self._thread: threading.Thread | None = None
         self._cancelled = False
         self._lock = threading.Lock()
-        self._window = threading.Semaphore(HANDOFF_WINDOW)  # released as the response takes
 
     async def next_event(self) -> tuple:
-        """The next event, for the response: taking it makes room for the reader's next piece
-        (so a client that does not read soon holds the generation back)."""
-        event = await self.events.get()
-        self._window.release()
-        return event
-
-    def _wait_for_room(self, stream: Stream) -> None:
-        """On the reader thread: wait until the response has taken enough, or the generation
-        ended (cancelled, timed out, finished: then what is left is bounded and drained)."""
-        while not self._window.acquire(timeout=_WINDOW_POLL_SECONDS):
-            if self._cancelled or stream.finished:
-                return
+        """The next event, for the response: taking a piece tells the engine its client read
+        those tokens (a client that does not read soon has its stream paused)."""
+        kind, value, tokens = await self.events.get()
+        if tokens:
+            self._stream._generation.acknowledge(tokens)
+        return kind, value
 
     def _attach(self, stream: Stream) -> None:
         with self._lock:
@@ -101,7 +95,7 @@ class Generation:
     def end_with(self, error: BaseException) -> None:
         """End it now with `error` as its last event (on the event loop): the reader's own
         events that follow are never read."""
-        self.events.put_nowait(("error", error))
+        self.events.put_nowait(("error", error, 0))
         self.cancel()
 
     @property
@@ -111,7 +105,7 @@ class Generation:
 
 class RequestRelay:
     """Hands each request to the engine's scheduler (`_core.Scheduler`, which decides what runs)
-    and relays its text pieces to the event loop from a reader thread."""
+    and relays every request's text pieces to the event loop from one dispatcher thread."""
 
     def __init__(self, llm: LLM, parallel: int = 4, max_waiting: int = 256,
                  stream_buffer_tokens: int = 64, stream_idle_timeout: float = 60.0):
@@ -131,7 +125,10 @@ class RequestRelay:
         self.total_blocks: int = stats["total_blocks"]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._live: set[Generation] = set()
+        self._scheduler_stopped = False
+        self._live: dict[int, Generation] = {}  # by request id, until its end is handed over
+        self._live_lock = threading.Lock()  # _live: start() and the dispatcher
+        self._dispatcher: threading.Thread | None = None
         # Called on the event loop when a generation ends: (generation, completion), completion
         # None when it failed.
         self.on_finish = None
@@ -143,7 +140,8 @@ class RequestRelay:
 
     def generations(self) -> list[Generation]:
         """The generations started and not yet finished."""
-        return list(self._live)
+        with self._live_lock:
+            return list(self._live.values())
 
     @property
     def running(self) -> int:
@@ -168,7 +166,7 @@ class RequestRelay:
 
     async def start(self, prompt_ids: list[int], max_tokens: int, options: dict[str, Any],
                     endpoint: str = "chat", arrived: float | None = None) -> Generation:
-        """Queue the request with the engine's scheduler and start its reader thread."""
+        """Queue the request with the engine's scheduler; the dispatcher relays its pieces."""
         self._loop = asyncio.get_running_loop()
         if self._closed:
             raise RuntimeError("the server is shutting down")
@@ -177,40 +175,80 @@ class RequestRelay:
         if len(prompt_ids) + max_tokens > self.capacity_tokens:  # could never fit
             raise ValueError(f"the request needs {len(prompt_ids) + max_tokens} KV-cache "
                              f"positions but the cache holds {self.capacity_tokens}")
+        sampling = SamplingOptions.build(**options)
         generation = Generation(job)
-        try:
-            stream = self.llm.stream(prompt_ids, scheduler=self.engine_scheduler, **options)
-        except _core.OpencampError as error:
-            if getattr(error, "kind", None) == "queue_full":
-                raise QueueFull(str(error)) from None
-            raise
-        generation._attach(stream)
-        generation._thread = threading.Thread(target=self._read, args=(generation, stream),
-                                              name="opencamp-reader", daemon=True)
-        self._live.add(generation)
-        generation._thread.start()
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(target=self._dispatch, name="opencamp-dispatch",
+                                                daemon=True)
+            self._dispatcher.start()
+        with self._live_lock:  # listed before the dispatcher can collect its first tokens
+            try:
+                stream = Stream(self.llm, list(prompt_ids), sampling,
+                                scheduler=self.engine_scheduler, collected=True)
+            except _core.OpencampError as error:
+                if getattr(error, "kind", None) == "queue_full":
+                    raise QueueFull(str(error)) from None
+                raise
+            generation._attach(stream)
+            self._live[stream._generation.id] = generation
         return generation
 
-    def _read(self, generation: Generation, stream: Stream) -> None:
-        """The request's reader thread: text pieces to the event loop, then the completion."""
+    def _dispatch(self) -> None:
+        """The dispatcher thread: each step's tokens of every request, as text pieces, to the
+        event loop in one hand-off."""
+        while True:
+            news = self.engine_scheduler.collect(_DISPATCH_POLL_SECONDS)
+            if not news:
+                if self._scheduler_stopped:
+                    return
+                continue
+            with self._live_lock:
+                targets = [self._live.get(request_id) for request_id, *_ in news]
+            handoff: list[tuple[Generation, tuple]] = []
+            for generation, (request_id, ids, ends_with_stop, ended, logprobs) in zip(targets, news):
+                if generation is not None:
+                    self._advance(request_id, generation, ids, ends_with_stop, ended, logprobs,
+                                  handoff)
+            if handoff:
+                self._post(self._deliver, handoff)
+
+    def _advance(self, request_id: int, generation: Generation, ids: list[int],
+                 ends_with_stop: bool, ended: bool, logprobs: list | None, handoff: list) -> None:
+        """One request's news: its pieces (and its end) onto `handoff`."""
+        stream = generation._stream
         try:
-            for piece in stream:
+            piece = stream.feed(ids, ends_with_stop, logprobs) if ids else ""
+            if piece:
                 if generation.first_text_at is None:
                     generation.first_text_at = time.perf_counter()
-                generation._wait_for_room(stream)
-                self._post(generation.events.put_nowait, ("text", piece))
-            completion: Completion = stream.completion
-            self._post(self._finished, generation, completion)
-            self._post(generation.events.put_nowait, ("done", completion))
+                handoff.append((generation, ("text", piece, len(ids))))
+            elif ids:  # held back (part of a character or of a stop string): not the client's
+                stream._generation.acknowledge(len(ids))
+            if not ended:
+                return
+            piece = stream.end()  # raises the engine's error, if one ended it
+            if piece:
+                handoff.append((generation, ("text", piece, 0)))
+            handoff.append((generation, ("done", stream.completion, 0)))
         except BaseException as error:  # the engine refused or failed it: report it
             if not isinstance(error, _core.OpencampError) or error.kind == "internal":
                 log.exception("generation failed")
             try:
-                stream.close()  # a failure on this side: the engine stops it and frees its cache
+                stream.cancel()  # a failure on this side: the engine stops it and frees its cache
             except BaseException:
                 pass
-            self._post(self._finished, generation, None)
-            self._post(generation.events.put_nowait, ("error", error))
+            handoff.append((generation, ("error", error, 0)))
+        with self._live_lock:
+            self._live.pop(request_id, None)
+
+    def _deliver(self, handoff: list) -> None:
+        """On the event loop: one dispatch's events into their generations' queues."""
+        for generation, event in handoff:
+            if event[0] == "done":
+                self._finished(generation, event[1])
+            elif event[0] == "error":
+                self._finished(generation, None)
+            generation.events.put_nowait(event)
 
     def _post(self, callback, *args) -> None:
         try:
@@ -219,7 +257,6 @@ class RequestRelay:
             pass
 
     def _finished(self, generation: Generation, completion: Completion | None) -> None:
-        self._live.discard(generation)
         if self.on_finish is not None:
             try:
                 self.on_finish(generation, completion)
@@ -227,14 +264,20 @@ class RequestRelay:
                 log.exception("on_finish failed")
 
     def close(self, timeout: float = 30.0) -> None:
-        """At shutdown: stop every request (each at the engine's next step) and wait for their
-        reader threads."""
+        """At shutdown: stop every request (each at the engine's next step), let the dispatcher
+        hand over their ends, then stop the scheduler and the dispatcher."""
         self._closed = True
-        live = list(self._live)
-        for generation in live:
+        for generation in self.generations():
             generation.cancel()
         deadline = time.monotonic() + timeout
-        for generation in live:
-            if generation._thread is not None:
-                generation._thread.join(max(0.0, deadline - time.monotonic()))
+        while self._dispatcher is not None and self._dispatcher.is_alive():
+            with self._live_lock:
+                if not self._live:
+                    break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         self.engine_scheduler.shutdown()  # the kept conversations go too
+        self._scheduler_stopped = True  # the dispatcher takes what is left, then returns
+        if self._dispatcher is not None:
+            self._dispatcher.join(max(0.0, deadline - time.monotonic()) + 1.0)
