@@ -197,7 +197,12 @@ class RequestRelay:
         """The dispatcher thread: each step's tokens of every request, as text pieces, to the
         event loop in one hand-off."""
         while True:
-            news = self.engine_scheduler.collect(_DISPATCH_POLL_SECONDS)
+            try:
+                news = self.engine_scheduler.collect(_DISPATCH_POLL_SECONDS)
+            except Exception:  # noqa: BLE001 - never happens; if it did, every stream would hang
+                log.exception("collecting tokens failed")
+                time.sleep(_DISPATCH_POLL_SECONDS)
+                continue
             if not news:
                 if self._scheduler_stopped:
                     return
@@ -206,7 +211,7 @@ class RequestRelay:
                 targets = [self._live.get(request_id) for request_id, *_ in news]
             handoff: list[tuple[Generation, tuple]] = []
             for generation, (request_id, ids, ends_with_stop, ended, logprobs) in zip(targets, news):
-                if generation is not None:
+                if generation is not None:  # None: its end was handed over already
                     self._advance(request_id, generation, ids, ends_with_stop, ended, logprobs,
                                   handoff)
             if handoff:
