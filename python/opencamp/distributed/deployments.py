@@ -36,6 +36,7 @@ log = logging.getLogger("opencamp.distributed")
 
 REPLICA_HEADER = "x-opencamp-replica"  # which replica answered (tests, debugging)
 REPLICA_GONE = (RayActorError, ActorUnavailableError)  # ActorDiedError is a RayActorError
+METRICS_TIMEOUT = 10.0  # seconds a replica's /metrics may take before it is left out
 DROPPED_HEADERS = {b"content-length", b"transfer-encoding", b"connection"}
 
 
@@ -59,8 +60,9 @@ class EngineReplica:
         if lifespan is not None:
             await lifespan.__aexit__(None, None, None)
 
-    def pid(self) -> int:
-        return os.getpid()
+    def process(self) -> dict:
+        """Which replica this is, in which process (for tests and operators)."""
+        return {"replica": self.replica_id, "pid": os.getpid()}
 
     async def handle_http(self, request: ForwardedRequest):
         """Runs the app on `request`; yields (status, headers) once, then the body's chunks."""
@@ -244,10 +246,16 @@ class _Gateway:
         try:
             router = ROUTERS.get(self.engine_name)
             ids = router.replica_ids() if router is not None else []
-            if not ids:  # the router starts with the first request through the handle
-                answers = [await self._ask_replica(scope, None)]
-            else:
-                answers = await asyncio.gather(*(self._ask_replica(scope, r) for r in ids))
+            # One after the other: Ray gives the calls made while serving one request the
+            # same internal request id, and its router matches replicas to requests by it.
+            answers = []
+            for replica in ids or [None]:  # None: any replica
+                try:
+                    answers.append(await asyncio.wait_for(self._ask_replica(scope, replica),
+                                                          METRICS_TIMEOUT))
+                except (asyncio.TimeoutError, *REPLICA_GONE) as error:
+                    log.warning("replica %s left out of /metrics: %s", replica,
+                                type(error).__name__)
         except APIError as error:
             return JSONResponse(error.to_dict(), status_code=error.status)
         texts = {}

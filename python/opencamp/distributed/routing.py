@@ -3,10 +3,11 @@
 A conversation's next turn sends the whole conversation again: its prompt starts with the last
 turn's prompt. The replica that served the last turn still holds that prefix in its KV cache
 (kept conversations, the engine's prefix cache), so sending the turn there skips recomputing
-it. The router remembers which replica each prompt went to, as a chain of hashes of fixed-size
-blocks of the prompt's text (the request's shape, not its tokens: the gateway never tokenises),
-and prefers the replica holding the longest run of leading blocks, unless that replica has
-`imbalance_threshold` more requests in flight than the least-loaded one. Prompts nobody has
+it. The router remembers which replica each prompt went to, as a chain of hashes of blocks of
+the prompt's text (the request's shape, not its tokens: the gateway never tokenises; each chat
+message ends a block), and prefers the replica holding the longest run of leading blocks,
+unless that replica has `imbalance_threshold` more requests in flight than the least-loaded
+one. Prompts nobody has
 seen go to the least-loaded replica, ties to the one holding the fewest remembered blocks
 (where new conversations take cache from nobody).
 
@@ -29,6 +30,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 BLOCK_CHARS = 64  # prompt characters per remembered block (about 16 tokens of English)
+MESSAGE_START = "\x1e"  # before each chat message in prompt_text
 
 
 @dataclass
@@ -70,7 +72,7 @@ def prompt_text(path: str, body: bytes) -> str:
         return ""
     messages = request.get("messages")
     if isinstance(messages, list):
-        return "".join(f"\x1e{m.get('role', '')}\x1f{_text_of(m.get('content'))}"
+        return "".join(f"{MESSAGE_START}{m.get('role', '')}\x1f{_text_of(m.get('content'))}"
                        for m in messages if isinstance(m, dict))
     prompt = request.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -81,12 +83,16 @@ def prompt_text(path: str, body: bytes) -> str:
 
 
 def block_hashes(text: str, block_chars: int = BLOCK_CHARS) -> list[bytes]:
-    """Hash i covers text[: (i + 1) * block_chars]: whole blocks only, chained."""
+    """Chained hashes of the text's blocks: hash i stands for everything up to block i. A
+    chat's messages each end a block (a later turn repeats the earlier messages exactly, so
+    their blocks match even when a message is shorter than a block); within a message, and
+    in a completion's prompt, blocks are `block_chars` long."""
     hashes, previous = [], b""
-    for start in range(0, len(text) - block_chars + 1, block_chars):
-        previous = hashlib.blake2b(previous + text[start:start + block_chars].encode(),
-                                   digest_size=12).digest()
-        hashes.append(previous)
+    for piece in text.split(MESSAGE_START):
+        for start in range(0, len(piece), block_chars):
+            previous = hashlib.blake2b(previous + piece[start:start + block_chars].encode(),
+                                       digest_size=12).digest()
+            hashes.append(previous)
     return hashes
 
 
@@ -194,6 +200,8 @@ class PrefixAffinityRouter(RequestRouter):
                               ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
+        if pending_request is not None:  # when every replica we name is full: back off, retry
+            pending_request.routing_context.should_backoff = True
         request = self._request(pending_request)
         if request is not None and request.replica is not None:
             named = [r for r in candidate_replicas if r.replica_id.unique_id == request.replica]
