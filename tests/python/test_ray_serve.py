@@ -21,11 +21,10 @@ import pytest
 pytest.importorskip("ray.serve", reason="opencamp on Ray Serve needs the optional extra "
                     "opencamp[ray] (ray[serve]), which is not installed here")
 
-from opencamp.distributed import BuildArgs, start, stop  # noqa: E402
 from opencamp.distributed.launch import ENGINE  # noqa: E402
 from opencamp.distributed.routing import (PrefixAffinityRouter, PrefixTable,  # noqa: E402
                                           block_hashes, prompt_text)
-from serverkit import MODEL, TINY_CONTEXT, sse_events  # noqa: E402
+from serverkit import MODEL, TINY_CONTEXT, ServeProcess, sse_events  # noqa: E402
 
 REPLICA = "x-opencamp-replica"
 APP = "opencamp"
@@ -33,14 +32,25 @@ APP = "opencamp"
 
 @pytest.fixture(scope="module")
 def ray_url(tiny_dir):
-    args = BuildArgs(str(tiny_dir), model_name=MODEL, replicas=2, threads=1,
-                     max_context=TINY_CONTEXT, kv_cache_tokens=4 * TINY_CONTEXT, parallel=8,
-                     imbalance_threshold=32, defaults={"temperature": 0.0})
-    url = start(args, host="127.0.0.1", port=0, num_cpus=2, app_name=APP)
+    """A local Ray instance (this process is its driver, for serve.status and handles), and
+    `opencamp serve --replicas 2 --ray-address ...` joining it as a child process."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             object_store_memory=100 * 2**20, log_to_driver=False)
+    server = None
     try:
-        yield url
+        server = ServeProcess([
+            "--model", str(tiny_dir), "--served-model-name", MODEL, "--replicas", "2",
+            "--threads", "1", "--max-context", str(TINY_CONTEXT),
+            "--kv-cache-tokens", str(4 * TINY_CONTEXT), "--max-running", "16",
+            "--temperature", "0", "--ray-address", ray.get_runtime_context().gcs_address])
+        yield server.wait_ready(timeout=180)
     finally:
-        stop()
+        if server is not None:
+            assert server.stop() == 0, server.output
+        ray.shutdown()
 
 
 def chat(client, messages, max_tokens=8, **extra):

@@ -37,7 +37,9 @@ class BuildArgs:
     parallel: int = 8  # sequences per batch, per replica (--max-running)
     max_waiting: int = 256  # queued per replica before 429
     routing: str = "prefix"  # "prefix", or "random" (for comparison)
-    imbalance_threshold: int = 4  # requests more than the least-loaded before prefix gives way
+    # Requests in flight more than the least-loaded replica beyond which a conversation's
+    # replica gives way (its turn is recomputed elsewhere). None: one batch (parallel).
+    imbalance_threshold: int | None = None
     api_key: str | None = None
     allowed_hosts: tuple[str, ...] | None = None
     max_request_bytes: int = 1 << 20
@@ -102,7 +104,8 @@ def build_app(args: BuildArgs):
         request_router_config=RequestRouterConfig(
             request_router_class="opencamp.distributed.routing:PrefixAffinityRouter",
             request_router_kwargs={"prefix_routing": args.routing == "prefix",
-                                   "imbalance_threshold": args.imbalance_threshold}),
+                                   "imbalance_threshold": args.parallel if args.imbalance_threshold is None
+                                   else args.imbalance_threshold}),
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5,
         **_scaling(args))
     gateway = serve.deployment(Gateway, name=GATEWAY, num_replicas=1,
@@ -149,26 +152,34 @@ def start(args: BuildArgs, *, host: str = "127.0.0.1", port: int = 8000,
     return f"http://{shown}:{port}"
 
 
-def stop() -> None:
+def stop(app_name: str | None = None) -> None:
+    """Stops what `start` started: on a local instance Serve and Ray; on a cluster joined with
+    a ray_address only the application `app_name` (other applications there go on)."""
     import ray
     from ray import serve
 
     try:
-        serve.shutdown()
+        if app_name is not None:
+            serve.delete(app_name)
+        else:
+            serve.shutdown()
     finally:
         ray.shutdown()
 
 
-def serve_until_signalled(args: BuildArgs, **start_options) -> None:
-    """`opencamp serve --replicas N`: runs until SIGTERM or Ctrl-C, then stops Serve and Ray."""
+def serve_until_signalled(args: BuildArgs, *, announce: str = "opencamp", **start_options) -> None:
+    """`opencamp serve --replicas N`: runs until SIGTERM or Ctrl-C, then stops."""
     stopping = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stopping.set())
                 for s in (signal.SIGINT, signal.SIGTERM)}
+    joined = bool(start_options.get("ray_address"))
+    app_name = start_options.get("app_name", "opencamp")
     try:
         url = start(args, **start_options)
-        print(f"serving on {url} (chat page: {url}/ , API: {url}/v1); Ctrl-C stops", flush=True)
+        print(f"serving {announce} on {url} (chat page: {url}/ , API: {url}/v1, per-replica "
+              f"metrics: {url}/metrics/replicas); Ctrl-C stops", flush=True)
         stopping.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        stop()
+        stop(app_name if joined else None)
