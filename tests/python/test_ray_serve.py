@@ -87,6 +87,25 @@ def test_prefix_table_finds_the_longest_run_of_leading_blocks():
     assert table.longest_match(block_hashes(a), {"r1", "r2"}) == (1, {"r2"})
 
 
+def test_the_deploy_configs_in_docs_are_valid():
+    """docs/ray: the `serve deploy` config and the KubeRay RayService pass Ray's own schema,
+    and their arguments are opencamp's."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+    from conftest import REPO
+    from opencamp.distributed import BuildArgs
+
+    config = yaml.safe_load((REPO / "docs" / "ray" / "serve-config.yaml").read_text())
+    service = yaml.safe_load((REPO / "docs" / "ray" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    for deploy in (config, yaml.safe_load(service["spec"]["serveConfigV2"])):
+        app = ServeDeploySchema.model_validate(deploy).applications[0]
+        assert app.import_path == "opencamp.distributed:app_builder"
+        BuildArgs.from_dict(app.args)
+    with pytest.raises(ValueError, match="unknown argument"):
+        BuildArgs.from_dict({"model": "m", "replica": 2})
+
+
 class _Replica:
     def __init__(self, name):
         from ray.serve.request_router import ReplicaID

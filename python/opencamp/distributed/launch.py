@@ -89,7 +89,8 @@ def build_app(args: BuildArgs):
     options = ServerOptions(
         model_name=name, model_aliases=(args.model,), api_key=args.api_key,
         parallel=args.parallel, max_waiting=args.max_waiting,
-        max_request_bytes=args.max_request_bytes, allowed_hosts=args.allowed_hosts,
+        max_request_bytes=args.max_request_bytes,
+        allowed_hosts=tuple(args.allowed_hosts) if args.allowed_hosts else None,
         body_timeout=args.http_timeout, stream_buffer_tokens=args.stream_buffer_tokens,
         stream_idle_timeout=args.stream_idle_timeout, defaults=dict(args.defaults))
     options.sampling_defaults()  # a bad default fails here, not in every replica
