@@ -86,7 +86,8 @@ def one_turn(client: httpx.Client, messages: list[dict], max_tokens: int) -> dic
     body = {"messages": messages, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}}
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
