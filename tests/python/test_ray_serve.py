@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="opencamp on Ray Serve needs the optional extra "
                     "opencamp[ray] (ray[serve]), which is not installed here")
 
+from opencamp.distributed import BuildArgs  # noqa: E402
 from opencamp.distributed.launch import ENGINE  # noqa: E402
 from opencamp.distributed.routing import (PrefixAffinityRouter, PrefixTable,  # noqa: E402
                                           block_hashes, prompt_text)
@@ -93,7 +94,6 @@ def test_the_deploy_configs_in_docs_are_valid():
     import yaml
     from ray.serve.schema import ServeDeploySchema
     from conftest import REPO
-    from opencamp.distributed import BuildArgs
 
     config = yaml.safe_load((REPO / "docs" / "ray" / "serve-config.yaml").read_text())
     service = yaml.safe_load((REPO / "docs" / "ray" / "rayservice.yaml").read_text())
@@ -104,6 +104,21 @@ def test_the_deploy_configs_in_docs_are_valid():
         BuildArgs.from_dict(app.args)
     with pytest.raises(ValueError, match="unknown argument"):
         BuildArgs.from_dict({"model": "m", "replica": 2})
+
+
+def test_replica_bounds_become_ray_autoscaling(tiny_dir):
+    from opencamp.distributed import build_app
+    from opencamp.distributed.launch import _scaling
+
+    fixed = BuildArgs(str(tiny_dir), replicas=3)
+    assert _scaling(fixed) == {"num_replicas": 3}
+    bounds = BuildArgs(str(tiny_dir), min_replicas=1, max_replicas=4, parallel=8)
+    config = _scaling(bounds)["autoscaling_config"]
+    assert (config["min_replicas"], config["max_replicas"]) == (1, 4)
+    assert config["target_ongoing_requests"] == 8  # a batch in flight per replica
+    build_app(bounds)  # Ray Serve accepts the deployment options
+    with pytest.raises(ValueError, match="min-replicas"):
+        _scaling(BuildArgs(str(tiny_dir), min_replicas=5, max_replicas=2))
 
 
 class _Replica:
