@@ -211,6 +211,10 @@ def test_the_openai_client_works_unchanged(ray_url):
 
 def test_metrics_add_up_the_replicas(ray_url):
     with httpx.Client(base_url=ray_url, timeout=60) as client:
+        messages = [{"role": "user", "content": "A conversation for the metrics test"}]
+        answer = chat(client, messages).json()["choices"][0]["message"]["content"]
+        chat(client, messages + [{"role": "assistant", "content": answer},
+                                 {"role": "user", "content": "Go on"}])
         per_replica = client.get("/metrics/replicas")
         total = client.get("/metrics")
     assert per_replica.status_code == total.status_code == 200
@@ -222,12 +226,15 @@ def test_metrics_add_up_the_replicas(ray_url):
 
     lines = samples(per_replica.text, "opencamp_generation_tokens_total")
     assert len(lines) == 2 and len({line.split('"')[1] for line in lines}) == 2
-    # Requests may still be finishing elsewhere? None run now: the sums match exactly.
+    # Nothing runs now: the sum matches exactly.
     summed = sum(float(line.rsplit(" ", 1)[1]) for line in lines)
     assert samples(total.text, "opencamp_generation_tokens_total") == \
         [f"opencamp_generation_tokens_total {int(summed)}"]
     assert summed > 0
     assert len(samples(total.text, "opencamp_model_info")) == 2  # one per replica
+    prefix_routed = samples(total.text, "opencamp_routing_decisions_total")
+    assert 'opencamp_routing_decisions_total{decision="prefix"}' in "\n".join(prefix_routed)
+    assert float(next(line for line in prefix_routed if '"prefix"' in line).split()[-1]) >= 1
 
 
 def test_a_replica_killed_mid_run_loses_nothing_that_had_not_begun(ray_url):

@@ -266,6 +266,8 @@ class _Gateway:
                                          for k, v in headers})
             texts[replica] = body.decode()
         text = (replica_metrics.per_replica if per_replica else replica_metrics.aggregate)(texts)
+        if router is not None and not per_replica:
+            text += replica_metrics.routing(router.decisions)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

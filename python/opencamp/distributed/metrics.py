@@ -109,3 +109,14 @@ def per_replica(texts: dict[str, str]) -> str:
     for family in order:
         lines.extend(by_family[family])
     return "\n".join(lines) + "\n"
+
+
+def routing(decisions: dict[str, int]) -> str:
+    """The gateway's own series: how its router placed requests."""
+    lines = ["# HELP opencamp_routing_decisions_total Requests the gateway routed, by how: to "
+             "the replica holding their prefix, to the least loaded, to a named replica "
+             "(per-replica /metrics), or at random (--routing random).",
+             "# TYPE opencamp_routing_decisions_total counter"]
+    lines += [f'opencamp_routing_decisions_total{{decision="{k}"}} {v}'
+              for k, v in sorted(decisions.items())]
+    return "\n".join(lines) + "\n"

@@ -24,7 +24,7 @@ import json
 import random
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -46,7 +46,6 @@ class ForwardedRequest:
     scheme: str = "http"
     prefix_text: str = ""  # what the router matches on: the prompt, normalised (prompt_text)
     replica: str | None = None  # route to this replica (unique id) rather than by prefix
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _text_of(content: Any) -> str:
@@ -166,12 +165,13 @@ class PrefixAffinityRouter(RequestRouter):
 
     def initialize_state(self, imbalance_threshold: int = 4, block_chars: int = BLOCK_CHARS,
                          min_match_blocks: int = 1, prefix_routing: bool = True,
-                         capacity_blocks: int = 200_000, **kwargs):
+                         capacity_blocks: int = 200_000):
         self.imbalance_threshold = imbalance_threshold
         self.block_chars = block_chars
         self.min_match_blocks = min_match_blocks
         self.prefix_routing = prefix_routing
         self.table = PrefixTable(capacity_blocks)
+        # How requests were routed (the gateway's /metrics: opencamp_routing_decisions_total).
         self.decisions = {"prefix": 0, "least_loaded": 0, "pinned": 0, "random": 0}
         if self._deployment_id is not None:
             # Ray ships this class to the gateway by value, a copy whose globals are its own:
