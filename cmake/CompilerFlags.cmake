@@ -1,7 +1,11 @@
 # Warnings every target of ours gets; -Wall -Wextra clean is a house rule.
 function(opencamp_warnings target)
   if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
-    target_compile_options(${target} PRIVATE -Wall -Wextra -Wshadow=local)
+    target_compile_options(${target} PRIVATE -Wall -Wextra)
+    # GCC's alone: clang does not know -Wshadow=local (an error under -Werror).
+    if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
+      target_compile_options(${target} PRIVATE -Wshadow=local)
+    endif()
     if(OPENCAMP_WERROR)
       target_compile_options(${target} PRIVATE -Werror)
     endif()

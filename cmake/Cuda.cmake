@@ -119,7 +119,8 @@ target_include_directories(opencamp_cuda PRIVATE
 target_link_libraries(opencamp_cuda PRIVATE CUDA::cudart_static)  # its include directories
 # House warnings on the host code, through nvcc for the .cu files too.
 target_compile_options(opencamp_cuda PRIVATE
-  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wshadow=local>
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra>
+  $<$<AND:$<COMPILE_LANGUAGE:CXX>,$<CXX_COMPILER_ID:GNU>>:-Wshadow=local>
   $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra>)
 if(OPENCAMP_WERROR)
   target_compile_options(opencamp_cuda PRIVATE

@@ -53,6 +53,14 @@ struct GenerationRequest {
   int max_tokens = 256;
   std::vector<int32_t> stop_token_ids;  // extra stop ids, besides the model's EOS ids
   bool ignore_eos = false;              // do not stop at the model's EOS ids
+  // Stage 0 of sampling (sampler.h): allowed_token_ids, logit_bias, and a constraint (a
+  // grammar) asked for the mask of every token; the scheduler computes a constrained
+  // sequence's next mask while the forward pass that makes its logits runs.
+  TokenRules token_rules;
+  std::shared_ptr<TokenConstraint> constraint;
+  // -1: no log-probabilities (no cost). 0..kMaxTopLogprobs: every token comes with its
+  // log-probability and this many most likely alternatives (see token_logprobs).
+  int logprobs = -1;
 };
 
 struct GenerationResult {
@@ -140,6 +148,8 @@ class Engine {
     int64_t prefix_hit_blocks, prefix_miss_blocks, evictions;
     size_t bytes_per_position;
     int kept_sequences;  // finished conversations kept by schedulers (evictable)
+    int kept_blocks;     // distinct blocks those conversations hold: with nothing running,
+                         // used_blocks == kept_blocks (any more would be a leak)
   };
   CacheStats cache_stats() const;
 
@@ -157,7 +167,8 @@ class Engine {
   // Keeps a finished conversation of `scheduler` for a later request that continues it.
   void keep_sequence(int seq, const Scheduler* scheduler);
   // Takes back the kept sequence of `scheduler` sharing the longest prefix with `prompt` (at
-  // least `min_common` tokens, and always leaving one prompt token to compute), or -1.
+  // least `min_common` tokens, and always leaving one prompt token to compute), or -1; also -1
+  // when the prefix cache holds more of the prompt than that conversation does.
   int take_kept_sequence(const Scheduler* scheduler, std::span<const int32_t> prompt,
                          size_t min_common);
   bool free_oldest_kept(const Scheduler* scheduler);  // false when it keeps none

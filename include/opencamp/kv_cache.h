@@ -72,6 +72,8 @@ class KVCache {
   // `tokens`, leaving at least one token for the caller to compute (it needs its logits).
   // Returns the positions mapped; counts hits and misses.
   int map_cached_prefix(int seq, std::span<const int32_t> tokens);
+  // The positions map_cached_prefix would map for `tokens`, changing nothing.
+  int cached_prefix_length(std::span<const int32_t> tokens) const;
   // Offers the sequence's full blocks to the prefix cache; call once their keys and values are
   // written.
   void publish(int seq);
@@ -110,6 +112,12 @@ class KVCache {
   void unpublish(int32_t b);
   static uint64_t chain_hash(uint64_t previous, std::span<const int32_t> block_tokens);
   bool block_holds(int32_t b, std::span<const int32_t> block_tokens) const;
+  struct CachedBlock {
+    int32_t block;
+    uint64_t hash;
+  };
+  // The cached blocks holding the longest whole-block prefix of `prompt` (one token left over).
+  std::vector<CachedBlock> find_cached_prefix(std::span<const int32_t> prompt) const;
 
   KVCacheShape shape_;
   std::shared_ptr<Buffer> storage_;

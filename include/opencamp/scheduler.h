@@ -11,6 +11,10 @@
 //   then to prompts, the one with the fewest prompt tokens left first. A short prompt that
 //   arrives during a long prefill gets its first token after at most one more step (one chunk
 //   of the long prompt); the long prompt keeps whatever budget the others leave.
+// - A token at position p counts 1 + p / S of the budget (rounded down per chunk), S being where a token's attention
+//   costs as much as its matrix products (from the model's shape; 3072 for SmolLM2-135M): a
+//   chunk deep into a long prompt is smaller, so every step, and so that one-step wait, takes
+//   about as long late in a long prefill as early in it.
 // - A stream whose reader has max_unread_tokens tokens unread is paused: its sequence leaves
 //   the batch (keeping its KV cache) and frees its running slot for someone else. It resumes
 //   when the reader takes a token, and is ended (Error(Timeout), blocks freed) when the reader
@@ -37,11 +41,19 @@ namespace opencamp {
 struct TokenEvent {
   int32_t token;
   bool is_stop;  // the token that ended generation (EOS / stop id); not part of the text
+  // Only when the request asked (GenerationRequest::logprobs >= 0), else null: the token's
+  // log-probability and the most likely alternatives, from the logits it was sampled from.
+  std::shared_ptr<const TokenLogprobs> logprobs;
 };
 
 struct SchedulerOptions {
   int max_running = 16;        // sequences decoding together
-  int step_tokens = 256;       // tokens per forward pass: decode tokens first, then prompt chunks
+  // Tokens per forward pass (a prompt token deep into its sequence counting more, see above):
+  // decode tokens first, then prompt chunks. It bounds how long a step takes, so how long a
+  // new prompt waits for its first token and a stream for its next: 64 keeps both under a
+  // second for SmolLM2-135M on 2 busy cores while an 8k prompt prefills, for ~13% of that
+  // prefill's speed against 256 (bench/test_prefill_fairness.py).
+  int step_tokens = 64;
   size_t max_waiting = 4096;   // queued requests beyond this are refused (QueueFull)
   // A request whose reader has this many tokens unread is paused (out of the batch, off its
   // running slot, its cache kept) until the reader takes one: a stalled client costs no compute
@@ -66,6 +78,9 @@ class ScheduledRequest {
   // nullopt with timed_out() true.
   std::optional<TokenEvent> next(double timeout_seconds = -1.0);
   bool timed_out() const { return timed_out_; }
+  // Blocks until the first token was sampled (the prompt is in the KV cache, its full blocks
+  // shared with later prompts that start the same way) or the request ended; false on timeout.
+  bool wait_first_token(double timeout_seconds = -1.0);
   // Stops the request at the next step; its sequence's blocks are freed (or stay cached).
   void cancel();
   // Waits for the end (the request no longer waits for its tokens to be read); rethrows the
@@ -84,6 +99,7 @@ class ScheduledRequest {
   bool done_ = false;
   bool timed_out_ = false;
   bool waiting_for_end_ = false;  // wait() was called: unread tokens do not pause the request
+  bool sampled_first_ = false;    // a token was sampled (wait_first_token)
   std::exception_ptr error_;
   GenerationResult result_;
   double queue_seconds_ = 0.0;
@@ -135,9 +151,16 @@ class Scheduler {
   // When the loop must look at paused_ again for the idle timeout (max() when never).
   std::chrono::steady_clock::time_point next_idle_deadline() const;
   void wake();
+  // Prompt tokens from position `start` (at most `left`, at least 1) that fit in `budget`, and
+  // what `n` of them cost: a token at position p counts 1 + p / attention_span_.
+  size_t chunk_within(int64_t budget, size_t start, size_t left) const;
+  int64_t chunk_cost(size_t start, size_t n) const;
 
   Engine& engine_;
   SchedulerOptions options_;
+  // The position at which a token's attention costs as much as its matrix products (from the
+  // model's shape): what weights a prompt token's share of a step's budget.
+  double attention_span_ = 1.0;
   mutable std::mutex mutex_;  // waiting_, stats_, stopping_
   std::condition_variable work_;
   std::deque<std::unique_ptr<Active>> waiting_;

@@ -6,6 +6,7 @@
 """
 from ._core import OpencampError
 from ._core import version as _core_version
+from .grammar import Grammar, GrammarError, GrammarUnavailable
 from .hub import ModelNotFoundError, resolve_model
 from .llm import LLM, Completion, SamplingOptions, Session, Stream
 from .tokenizer import Tokenizer
@@ -29,5 +30,5 @@ def architectures() -> list[tuple[str, str]]:
 
 __all__ = [
     "LLM", "Session", "Stream", "Completion", "SamplingOptions", "Tokenizer", "OpencampError",
-    "ModelNotFoundError", "resolve_model", "backends", "architectures", "__version__",
+    "ModelNotFoundError", "resolve_model", "Grammar", "GrammarError", "GrammarUnavailable", "backends", "architectures", "__version__",
 ]

@@ -358,6 +358,10 @@ def _bind(host: str, port: int) -> socket.socket:
               help="Host header names to answer (comma-separated or repeated; name or name:port; "
                    "'*' for any). Default: on a loopback address only localhost, 127.0.0.1 and "
                    "[::1] (a web page using DNS rebinding sends its own name), else any.")
+@click.option("--allowed-origins", multiple=True, metavar="ORIGINS",
+              help="Web page origins (scheme://host:port, comma-separated or repeated; '*' for "
+                   "any) whose scripts may call the API (CORS, preflights answered). Default: "
+                   "none, so a page from another site cannot reach this server.")
 @click.option("--http-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
               show_default=True,
               help="Seconds a connection has to send a request's headers, and then its body "
@@ -393,13 +397,14 @@ def _bind(host: str, port: int) -> socket.socket:
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
-          allowed_hosts, http_timeout, shutdown_timeout, stream_buffer_tokens,
+          allowed_hosts, allowed_origins, http_timeout, shutdown_timeout, stream_buffer_tokens,
           stream_idle_timeout, replicas, min_replicas, max_replicas, ray_address, routing,
           log_level, **overrides) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
     \b
     POST /v1/chat/completions, POST /v1/completions (streaming with SSE, or not)
+    POST /tokenize, /detokenize (vLLM's shapes)
     GET  /v1/models, /health (503 while loading), /metrics (Prometheus), / (chat page)
     """
     from . import LLM, _core
@@ -430,6 +435,8 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
                             parallel=parallel, max_waiting=max_waiting,
                             max_request_bytes=max_request_bytes, defaults=defaults,
                             allowed_hosts=hosts, body_timeout=http_timeout,
+                            allowed_origins=tuple(o.strip() for given in allowed_origins
+                                                  for o in given.split(",") if o.strip()),
                             stream_buffer_tokens=stream_buffer_tokens,
                             stream_idle_timeout=stream_idle_timeout)
     try:
@@ -503,7 +510,8 @@ def _serve_on_ray(path, name, model, threads, backend, dtype, context, kv_tokens
         max_replicas=max_replicas, threads=threads, backend=backend, dtype=dtype,
         max_context=context, kv_cache_tokens=kv_tokens, parallel=parallel,
         max_waiting=max_waiting, routing=routing, api_key=options.api_key,
-        allowed_hosts=options.allowed_hosts, max_request_bytes=options.max_request_bytes,
+        allowed_hosts=options.allowed_hosts, allowed_origins=options.allowed_origins,
+        max_request_bytes=options.max_request_bytes,
         http_timeout=options.body_timeout, stream_buffer_tokens=options.stream_buffer_tokens,
         stream_idle_timeout=options.stream_idle_timeout, defaults=options.defaults)
     if replicas is None and min_replicas is None and max_replicas is None:

@@ -307,6 +307,9 @@ def resolve_model(model: str | os.PathLike, *, revision: str | None = None,
         # Not resolved: a Hugging Face cache's snapshot file is a link to a blob without its
         # name, and the folder it is in is where a tokenizer.json would be.
         return _local_file(path.absolute(), str(model))
+    if path.is_symlink():  # exists() is False for a dangling link or a loop: not a repo id
+        raise ModelNotFoundError(f"{model} is a symbolic link that leads to no file (it dangles "
+                                 "or is a symlink loop)")
     if isinstance(model, str):
         repo_id, tag = split_tag(model)
         if looks_like_repo_id(repo_id):

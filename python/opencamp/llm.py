@@ -13,12 +13,14 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import _core, sampling
+from .grammar import Grammar, GrammarCompiler, GrammarConstraint, GrammarError
 from .gguf_file import describe_gguf, read_metadata, tensor_types
 from .hub import resolve_model
 from .streaming import IncrementalDecoder, StopMatcher
 from .tokenizer import Tokenizer
 
 Message = dict
+MAX_TOP_LOGPROBS = 20  # kMaxTopLogprobs in include/opencamp/sampler.h
 
 
 def describe_model(path: Path, gguf_metadata: dict | None = None) -> dict:
@@ -44,6 +46,27 @@ def describe_model(path: Path, gguf_metadata: dict | None = None) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability (the log-softmax of the logits after the
+    penalties, before temperature / top-k / top-p / min-p) and the `top` most likely tokens at
+    that step as (id, logprob), highest first."""
+
+    id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+class Piece(str):
+    """A text piece of a Stream (a str), with the generated tokens consumed since the previous
+    piece: `token_ids`, and `logprobs` (a TokenLogprob each, stop tokens left out as they are
+    from the text) when the stream asked for them. Tokens after the last piece (a final stop
+    token, text a stop string cut) come with no piece: `completion` has every one."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
 @dataclass
 class Completion:
     """Everything known about one finished generation."""
@@ -56,6 +79,8 @@ class Completion:
     prefill_seconds: float = 0.0  # admitted -> first token
     decode_seconds: float = 0.0   # first token -> end
     queue_seconds: float = 0.0    # waiting for the scheduler to admit it
+    # With logprobs asked: one TokenLogprob per generated token of the text (no stop token).
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def time_to_first_token(self) -> float:
@@ -95,6 +120,29 @@ def _build_sampling_options(cls, stop: str | Sequence[str] | None = None, **kwar
         kwargs["stop_token_ids"] = sampling.check_token_ids("stop_token_ids", kwargs["stop_token_ids"])
     if not isinstance(kwargs.get("ignore_eos", False), bool):
         raise ValueError("ignore_eos must be True or False")
+    if kwargs.get("allowed_token_ids") is not None:
+        kwargs["allowed_token_ids"] = sampling.check_token_ids("allowed_token_ids",
+                                                               kwargs["allowed_token_ids"])
+        if not kwargs["allowed_token_ids"]:
+            raise sampling.SamplingValueError("allowed_token_ids",
+                                              "allowed_token_ids must name at least one token")
+    if kwargs.get("logit_bias") is not None:
+        kwargs["logit_bias"] = sampling.check_logit_bias(kwargs["logit_bias"])
+    grammar = kwargs.get("grammar")
+    if grammar is not None:
+        if hasattr(grammar, "model_json_schema"):  # a pydantic model class
+            kwargs["grammar"] = grammar = Grammar.json_schema(grammar.model_json_schema())
+        if not isinstance(grammar, (Grammar, GrammarConstraint)):
+            raise TypeError("grammar must be an opencamp.Grammar (or a pydantic model class)")
+        if kwargs.get("ignore_eos"):
+            raise ValueError("ignore_eos cannot be combined with a grammar: the grammar ends "
+                             "the answer with EOS")
+    logprobs = kwargs.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise sampling.SamplingValueError(
+            "logprobs", f"logprobs must be None or an integer between 0 and {MAX_TOP_LOGPROBS}, "
+                        f"got {logprobs!r}")
     return cls(stop=stops, **kwargs)
 
 
@@ -113,7 +161,15 @@ SamplingOptions = make_dataclass(
        for o in sampling.OPTIONS]
     + [("stop", list, field(default_factory=list)),  # stop strings, not included in the text
        ("stop_token_ids", list, field(default_factory=list)),  # besides the model's EOS ids
-       ("ignore_eos", bool, field(default=False))],
+       ("ignore_eos", bool, field(default=False)),
+       # Sampling's stage 0 (README 'Sampling'): only these ids; {id: bias} added to logits;
+       # a Grammar the answer must match (or a GrammarConstraint already made for it).
+       ("allowed_token_ids", list | None, field(default=None)),
+       ("logit_bias", dict | None, field(default=None)),
+       ("grammar", object, field(default=None)),
+       # None: no log-probabilities; 0-20: each token's and this many alternatives' (no cost
+       # to generations that do not ask).
+       ("logprobs", int | None, field(default=None))],
     namespace={"build": classmethod(_build_sampling_options), "core": _core_sampling,
                "__module__": __name__,
                "__doc__": "The knobs of generate/chat/send; see README 'Sampling'."})
@@ -154,15 +210,24 @@ class Stream(_ClosedOnExit):
         self._decoder = IncrementalDecoder(llm.tokenizer) if llm._tokenizer is not None else None
         self._stopper = StopMatcher(options.stop)
         self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprob] | None = [] if options.logprobs is not None else None
+        self._pending_ids: list[int] = []  # generated tokens not yet carried by a Piece
+        self._pending_logprobs: list[TokenLogprob] = []
         self._text: list[str] = []
         self._stopped_by_string = False
         self.completion: Completion | None = None
         self._prompt_tokens = len(prompt_ids)
         # The request joins the scheduler's batch; its tokens arrive through a C++ queue.
+        constraint = options.grammar
+        if isinstance(constraint, Grammar):
+            constraint = llm.grammar_constraint(constraint)
+        self.constraint: GrammarConstraint | None = constraint
         self._generation = (scheduler or llm.scheduler).submit(
             prompt_ids, seq=-1 if sequence is None else sequence, max_tokens=options.max_tokens,
             sampling=options.core(), stop_token_ids=list(options.stop_token_ids),
-            ignore_eos=options.ignore_eos)
+            ignore_eos=options.ignore_eos, logprobs=options.logprobs,
+            allowed_token_ids=options.allowed_token_ids, logit_bias=options.logit_bias,
+            constraint=constraint)
 
     def __iter__(self) -> "Stream":
         return self
@@ -177,8 +242,14 @@ class Stream(_ClosedOnExit):
                 if piece:
                     return self._emit(piece)
                 break
-            token, is_stop = event
+            token, is_stop = event[0], event[1]
             self._token_ids.append(token)
+            self._pending_ids.append(token)
+            if len(event) > 2 and not is_stop:  # a stop token is not part of the text
+                logprob, top = event[2]
+                record = TokenLogprob(token, logprob, tuple(top))
+                self._logprobs.append(record)
+                self._pending_logprobs.append(record)
             if is_stop or self._decoder is None:  # a stop token is not part of the text
                 continue
             piece, hit = self._stopper.push(self._decoder.push(token))
@@ -193,9 +264,21 @@ class Stream(_ClosedOnExit):
                 return self._emit(piece)
         raise StopIteration
 
-    def _emit(self, piece: str) -> str:
-        self._text.append(piece)
+    def _emit(self, text: str) -> Piece:
+        self._text.append(text)
+        piece = Piece(text)
+        piece.token_ids = tuple(self._pending_ids)
+        if self._logprobs is not None:
+            piece.logprobs = tuple(self._pending_logprobs)
+        self._pending_ids.clear()
+        self._pending_logprobs.clear()
         return piece
+
+    def wait_first_token(self, timeout: float | None = None) -> bool:
+        """Block until the first token was sampled (the prompt is in the KV cache, its full
+        blocks shared with any later prompt that starts the same way) or the generation ended.
+        False when `timeout` seconds passed first."""
+        return self._generation.wait_first_token(timeout)
 
     def _finish(self) -> None:
         result = self._generation.wait()
@@ -206,7 +289,8 @@ class Stream(_ClosedOnExit):
             text="".join(self._text), token_ids=list(self._token_ids),
             finish_reason=finish_reason, prompt_tokens=self._prompt_tokens,
             cached_tokens=result["cached_tokens"], prefill_seconds=result["prefill_seconds"],
-            decode_seconds=result["decode_seconds"], queue_seconds=result["queue_seconds"])
+            decode_seconds=result["decode_seconds"], queue_seconds=result["queue_seconds"],
+            logprobs=None if self._logprobs is None else list(self._logprobs))
         if self._on_finish is not None:
             self._on_finish(self.completion)
 
@@ -268,6 +352,7 @@ class LLM:
         self._max_running = max_running
         self._scheduler = None
         self._scheduler_lock = threading.Lock()
+        self._grammar_compiler: GrammarCompiler | None = None
 
     @property
     def scheduler(self):
@@ -278,6 +363,16 @@ class LLM:
             if self._scheduler is None:
                 self._scheduler = _core.Scheduler(self.engine, max_running=self._max_running)
             return self._scheduler
+
+    def grammar_constraint(self, grammar: Grammar) -> GrammarConstraint:
+        """A fresh matcher for `grammar` on this model's vocabulary (what a constrained request
+        carries; the `grammar=` option makes one itself). GrammarError when the grammar is not
+        valid, GrammarUnavailable without llguidance."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(
+                self.tokenizer.backend.to_str(), self.config["vocab_size"],
+                self.config["eos_token_ids"])
+        return self._grammar_compiler.constraint(grammar)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -323,6 +418,15 @@ class LLM:
         """Logits of every position of a fresh sequence: float32 [n_tokens, vocab]."""
         return self.engine.logits(list(token_ids))
 
+    def prompt_logprobs(self, token_ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+        """Each token of `token_ids` after the first, with its log-probability given the ones
+        before it and the `top` (0-20) most likely tokens there (one pass over the prompt on a
+        fresh sequence, the same log-softmax in C++ as generated tokens get)."""
+        ids = [int(t) for t in token_ids]
+        found = self.engine.prompt_logprobs(ids, top)
+        return [TokenLogprob(token, logprob, tuple(alternatives))
+                for token, (logprob, alternatives) in zip(ids[1:], found)]
+
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -361,9 +465,13 @@ class LLM:
                         seed=seed, stop=stop, **more)
         return s if stream else s.text()
 
-    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
-        """The model's chat template applied to `messages`, ready for the assistant's turn."""
-        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True)
+    def chat_prompt_ids(self, messages: Sequence[Message],
+                        tools: Sequence[dict] | None = None) -> list[int]:
+        """The model's chat template applied to `messages`, ready for the assistant's turn;
+        `tools` (OpenAI's function descriptions) go to the template as transformers passes
+        them."""
+        extra = {} if tools is None else {"tools": list(tools)}
+        return self.tokenizer.encode_chat(list(messages), add_generation_prompt=True, **extra)
 
     def chat(self, messages: Sequence[Message], stream: bool = False, **options) -> str | Stream:
         """Answer the last message of a conversation (rendered with the model's template)."""

@@ -137,6 +137,28 @@ def check_token_ids(name: str, values: Any) -> list[int]:
     return ids
 
 
+def check_logit_bias(values: Any) -> dict[int, float]:
+    """{token id: bias}, OpenAI's range -100..100 (ids may come as strings, as JSON keys do)."""
+    if not isinstance(values, dict):
+        raise SamplingValueError("logit_bias", "logit_bias must map token ids to numbers")
+    out: dict[int, float] = {}
+    for key, bias in values.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        if isinstance(key, bool) or token < 0 or token > INT32_MAX or (
+                isinstance(key, str) and not key.strip().isdigit()):
+            raise SamplingValueError("logit_bias", f"logit_bias keys must be token ids, got "
+                                                   f"{key!r}")
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float))
+                or not -100.0 <= bias <= 100.0):
+            raise SamplingValueError("logit_bias", f"logit_bias values must be numbers between "
+                                                   f"-100 and 100, got {bias!r} for {key!r}")
+        out[token] = float(bias)
+    return out
+
+
 def engine_defaults() -> dict[str, Any]:
     return {o.name: o.default for o in OPTIONS}
 

@@ -494,6 +494,29 @@ def _compile_template(source: str):
     return environment.from_string(source)
 
 
+def _decoder_type(backend: tokenizers.Tokenizer) -> str | None:
+    decoder = backend.decoder
+    return None if decoder is None else type(decoder).__name__
+
+
+_BYTE_LEVEL: dict[str, int] = {}
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the character each byte is written as -> the byte."""
+    if not _BYTE_LEVEL:
+        printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1))
+                     + list(range(ord("\xae"), ord("\xff") + 1)))
+        shifted = 0
+        for byte in range(256):
+            if byte in printable:
+                _BYTE_LEVEL[chr(byte)] = byte
+            else:
+                _BYTE_LEVEL[chr(256 + shifted)] = byte
+                shifted += 1
+    return _BYTE_LEVEL
+
+
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template."""
 
@@ -597,6 +620,31 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a byte-level BPE token may hold part of a UTF-8
+        character, which decode() would show as U+FFFD): what OpenAI's logprobs `bytes` hold."""
+        cache = self.__dict__.setdefault("_token_bytes", {})
+        found = cache.get(token_id)
+        if found is None:
+            found = cache[token_id] = self._bytes_of(int(token_id))
+        return found
+
+    def _bytes_of(self, token_id: int) -> bytes:
+        piece = self._backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        added = self._backend.get_added_tokens_decoder().get(token_id)
+        if added is not None:
+            return added.content.encode("utf-8")
+        byte_fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if byte_fallback:  # SentencePiece's byte tokens
+            return bytes([int(byte_fallback.group(1), 16)])
+        if _decoder_type(self._backend) == "ByteLevel":
+            table = _byte_level_table()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)

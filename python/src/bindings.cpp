@@ -158,6 +158,75 @@ SamplingParams sampling_argument(py::handle value) {
   return value.cast<SamplingParams>();
 }
 
+// A token constraint written in Python (opencamp.grammar's matcher): any object with
+// fill_mask(words) (words: a writable uint32 numpy view of the mask, zeroed) and
+// accept(token). The scheduler calls it on its mask worker thread, taking the GIL for the call.
+class PythonConstraint final : public TokenConstraint {
+ public:
+  explicit PythonConstraint(py::object target) : target_(std::move(target)) {}
+  ~PythonConstraint() override {
+    // At interpreter exit the GIL can no longer be taken: the object is left to the exit.
+#if PY_VERSION_HEX >= 0x030D0000
+    const bool finalizing = Py_IsFinalizing() != 0;
+#else
+    const bool finalizing = _Py_IsFinalizing() != 0;
+#endif
+    if (!Py_IsInitialized() || finalizing) {
+      target_.release();
+      return;
+    }
+    py::gil_scoped_acquire gil;
+    target_ = py::object();
+  }
+  void fill_mask(std::span<uint32_t> allowed) override {
+    py::gil_scoped_acquire gil;
+    // A view of the scheduler's buffer (no copy), valid during the call only.
+    py::array_t<uint32_t> view({static_cast<py::ssize_t>(allowed.size())},
+                               {static_cast<py::ssize_t>(sizeof(uint32_t))}, allowed.data(), py::none());
+    call("fill_mask", view);
+  }
+  void accept(int32_t token) override {
+    py::gil_scoped_acquire gil;
+    call("accept", py::int_(token));
+  }
+
+ private:
+  void call(const char* method, py::handle argument) {
+    try {
+      target_.attr(method)(argument);
+    } catch (py::error_already_set& e) {
+      // Python's error becomes the engine's (it crosses to another thread without the GIL).
+      throw Error(ErrorKind::InvalidArgument, std::string("the token constraint failed: ") + e.what());
+    }
+  }
+  py::object target_;
+};
+
+// Destroys a Scheduler without the GIL: its loop thread may be waiting for it (a constraint).
+struct DeleteWithoutGil {
+  void operator()(Scheduler* scheduler) const {
+    py::gil_scoped_release release;
+    delete scheduler;
+  }
+};
+
+// allowed_token_ids / logit_bias ({id: bias} or [(id, bias)], ids as int or str) for stage 0.
+TokenRules token_rules_argument(py::handle allowed, py::handle bias) {
+  TokenRules rules;
+  if (!allowed.is_none()) rules.allowed_token_ids = ids_argument(allowed, "allowed_token_ids");
+  if (!bias.is_none()) {
+    py::object items = py::isinstance<py::dict>(bias) ? py::reinterpret_borrow<py::dict>(bias).attr("items")()
+                                                     : py::reinterpret_borrow<py::object>(bias);
+    for (py::handle item : py::iter(items)) {
+      py::tuple pair = py::reinterpret_borrow<py::object>(item).cast<py::tuple>();
+      if (pair.size() != 2) throw py::value_error("logit_bias items must be (token id, bias) pairs");
+      rules.logit_bias.emplace_back(static_cast<int32_t>(int_argument(pair[0], "logit_bias token id", INT32_MIN, INT32_MAX)),
+                                    float_argument(pair[1], "logit_bias"));
+    }
+  }
+  return rules;
+}
+
 // The handle Python holds: the request, and its scheduler, kept alive as long as the handle
 // (instead of keep_alive, see int_argument).
 struct RequestHandle {
@@ -165,9 +234,18 @@ struct RequestHandle {
   py::object scheduler;
 };
 
-// (token, is_stop), or None at the end / on timeout.
+// (logprob, [(id, logprob), ...]): one token's log-probability and its top alternatives.
+py::tuple logprobs_tuple(const TokenLogprobs& lp) {
+  py::list top(lp.top.size());
+  for (size_t i = 0; i < lp.top.size(); ++i) top[i] = py::make_tuple(lp.top[i].id, lp.top[i].logprob);
+  return py::make_tuple(lp.logprob, std::move(top));
+}
+
+// (token, is_stop), or (token, is_stop, (logprob, top)) when the request asked for
+// log-probabilities; None at the end / on timeout.
 py::object event_or_none(const std::optional<TokenEvent>& event) {
   if (!event) return py::none();
+  if (event->logprobs) return py::make_tuple(event->token, event->is_stop, logprobs_tuple(*event->logprobs));
   return py::make_tuple(event->token, event->is_stop);
 }
 
@@ -299,7 +377,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
-          if (std::filesystem::is_regular_file(path)) return config_dict(gguf_model_config(*open_gguf(path)));
+          // The non-throwing query: what it cannot tell (a symlink loop, no permission) goes on
+          // to load_model_config, whose error (InvalidModel) names the path.
+          std::error_code unknown;
+          if (std::filesystem::is_regular_file(path, unknown)) {
+            return config_dict(gguf_model_config(*open_gguf(path)));
+          }
           return config_dict(load_model_config(path));
         },
         py::arg("model_path"),
@@ -486,6 +569,7 @@ PYBIND11_MODULE(_core, m) {
              d["evictions"] = s.evictions;
              d["bytes_per_position"] = s.bytes_per_position;
              d["kept_sequences"] = s.kept_sequences;
+             d["kept_blocks"] = s.kept_blocks;
              return d;
            })
       .def("prefill",
@@ -526,7 +610,38 @@ PYBIND11_MODULE(_core, m) {
              e.free_sequence(seq);
              return logits;
            },
-           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].");
+           py::arg("tokens"), "Logits of every position of a fresh sequence: [n, vocab].")
+      .def("prompt_logprobs",
+           [](Engine& e, py::object tokens, py::object top_n) {
+             const std::vector<int32_t> ids = ids_argument(tokens, "tokens");
+             const int n = static_cast<int>(int_argument(top_n, "top_n", 0, kMaxTopLogprobs));
+             const size_t vocab = static_cast<size_t>(e.config().vocab_size);
+             std::vector<TokenLogprobs> found;
+             {
+               py::gil_scoped_release release;
+               std::vector<float> logits(ids.size() * vocab);
+               const int seq = e.create_sequence();
+               try {
+                 e.prefill(seq, ids, logits, true);
+               } catch (...) {
+                 e.free_sequence(seq);
+                 throw;
+               }
+               e.free_sequence(seq);
+               // Position i's logits predict token i + 1: the first token has no log-probability.
+               for (size_t i = 0; i + 1 < ids.size(); ++i) {
+                 found.push_back(token_logprobs(std::span<const float>(logits).subspan(i * vocab, vocab),
+                                                ids[i + 1], n));
+               }
+             }
+             py::list out(found.size());
+             for (size_t i = 0; i < found.size(); ++i) out[i] = logprobs_tuple(found[i]);
+             return out;
+           },
+           py::arg("tokens"), py::arg("top_n") = 0,
+           "Log-probabilities of each prompt token after the first given the ones before it, on "
+           "a fresh sequence (the same log-softmax as generated tokens, no penalties): a list of "
+           "(logprob, [(id, logprob), ...top_n]) for tokens[1:].");
 
   py::class_<RequestHandle>(m, "ScheduledRequest")
       .def("next",
@@ -543,6 +658,15 @@ PYBIND11_MODULE(_core, m) {
            "Next (token, is_stop), or None when finished (or when `timeout` seconds passed: "
            "check timed_out).")
       .def_property_readonly("timed_out", [](const RequestHandle& h) { return h.request->timed_out(); })
+      .def("wait_first_token",
+           [](RequestHandle& h, py::object timeout) {
+             const double seconds = timeout.is_none() ? -1.0 : timeout.cast<double>();
+             py::gil_scoped_release release;
+             return h.request->wait_first_token(seconds);
+           },
+           py::arg("timeout") = py::none(),
+           "Wait until the first token was sampled (the prompt is cached) or the request ended; "
+           "False on timeout.")
       .def("cancel", [](RequestHandle& h) { h.request->cancel(); })
       .def_property_readonly("finished", [](const RequestHandle& h) { return h.request->finished(); })
       .def_property_readonly("queue_seconds", [](const RequestHandle& h) { return h.request->queue_seconds(); })
@@ -562,7 +686,7 @@ PYBIND11_MODULE(_core, m) {
            "Wait for the end; returns tokens, finish_reason, prompt_tokens, cached_tokens, "
            "queue_seconds, prefill_seconds, decode_seconds.");
 
-  py::class_<Scheduler>(m, "Scheduler")
+  py::class_<Scheduler, std::unique_ptr<Scheduler, DeleteWithoutGil>>(m, "Scheduler")
       .def(py::init([](Engine& engine, int max_running, int step_tokens, size_t max_waiting,
                        size_t max_unread_tokens, double stream_idle_timeout) {
              SchedulerOptions options;
@@ -571,7 +695,7 @@ PYBIND11_MODULE(_core, m) {
              options.max_waiting = max_waiting;
              options.max_unread_tokens = max_unread_tokens;
              options.stream_idle_timeout_seconds = stream_idle_timeout;
-             return std::make_unique<Scheduler>(engine, options);
+             return std::unique_ptr<Scheduler, DeleteWithoutGil>(new Scheduler(engine, options));
            }),
            py::keep_alive<1, 2>(),  // the engine outlives its scheduler
            py::arg("engine"), py::arg("max_running") = SchedulerOptions{}.max_running,
@@ -585,7 +709,9 @@ PYBIND11_MODULE(_core, m) {
            "and its blocks freed, 0 for never.")
       .def("submit",
            [](py::object self, py::object prompt, py::object seq, py::object max_tokens,
-              py::object sampling, py::object stop_token_ids, py::object ignore_eos) {
+              py::object sampling, py::object stop_token_ids, py::object ignore_eos,
+              py::object logprobs, py::object allowed_token_ids, py::object logit_bias,
+              py::object constraint) {
              GenerationRequest request;
              request.prompt = ids_argument(prompt, "prompt");
              request.max_tokens = static_cast<int>(int_argument(max_tokens, "max_tokens", INT32_MIN, INT32_MAX));
@@ -593,16 +719,32 @@ PYBIND11_MODULE(_core, m) {
              request.stop_token_ids = ids_argument(stop_token_ids, "stop_token_ids");
              if (!PyBool_Check(ignore_eos.ptr())) throw py::type_error("ignore_eos must be True or False");
              request.ignore_eos = ignore_eos.ptr() == Py_True;
+             request.token_rules = token_rules_argument(allowed_token_ids, logit_bias);
+             if (!constraint.is_none()) {
+               if (!py::hasattr(constraint, "fill_mask") || !py::hasattr(constraint, "accept")) {
+                 throw py::type_error("constraint must have fill_mask(words) and accept(token)");
+               }
+               request.constraint = std::make_shared<PythonConstraint>(constraint);
+             }
+             request.logprobs = logprobs.is_none()
+                                    ? -1
+                                    : static_cast<int>(int_argument(logprobs, "logprobs", 0, kMaxTopLogprobs));
              const int sequence = static_cast<int>(int_argument(seq, "seq", -1, INT32_MAX));
              Scheduler& scheduler = self.cast<Scheduler&>();
              return RequestHandle{scheduler.submit(std::move(request), sequence), self};
            },
            py::arg("prompt"), py::kw_only(), py::arg("seq") = -1, py::arg("max_tokens") = 256,
            py::arg("sampling") = py::none(), py::arg("stop_token_ids") = py::tuple(),
-           py::arg("ignore_eos") = false,
+           py::arg("ignore_eos") = false, py::arg("logprobs") = py::none(),
+           py::arg("allowed_token_ids") = py::none(), py::arg("logit_bias") = py::none(),
+           py::arg("constraint") = py::none(),
            "Queue a request (seq: a caller-owned sequence to continue, or -1 for a new one; "
-           "sampling: a SamplingParams, None for the engine's defaults); returns a "
-           "ScheduledRequest, which keeps this scheduler alive.")
+           "sampling: a SamplingParams, None for the engine's defaults; logprobs: None, or "
+           "0-20 for each token's log-probability and that many alternatives in its events; "
+           "allowed_token_ids, logit_bias ({id: bias}) and constraint (an object with "
+           "fill_mask(words: uint32 numpy array, bit t of words[t // 32] allows token t) and "
+           "accept(token), called on the scheduler's mask worker) are sampling's stage 0); "
+           "returns a ScheduledRequest, which keeps this scheduler alive.")
       .def("stats",
            [](const Scheduler& scheduler) {
              const auto s = scheduler.stats();

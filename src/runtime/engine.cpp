@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <set>
+#include <unordered_set>
 
 #include "models/decoder.h"
 #include "runtime/profiling_backend.h"
@@ -134,6 +135,9 @@ int Engine::take_kept_sequence(const Scheduler* scheduler, std::span<const int32
     }
   }
   if (best < 0 || best_common < min_common) return -1;
+  // Cached blocks (from a running sequence with the same prompt, say: the other choices of an
+  // n > 1 request) may hold more of the prompt than this conversation does: map those instead.
+  if (static_cast<int>(best_common) < cache_->cached_prefix_length(prompt)) return -1;
   holders_[best].kept = false;
   return best;
 }
@@ -177,11 +181,18 @@ void Engine::check_may_change_locked(int seq, const Scheduler* scheduler, const 
 Engine::CacheStats Engine::cache_stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto& prefix = cache_->prefix_stats();
+  int kept = 0;
+  std::unordered_set<int32_t> kept_blocks;  // kept conversations may share prefix blocks
+  for (const auto& [seq, holder] : holders_) {
+    if (!holder.kept) continue;
+    ++kept;
+    const auto& table = cache_->block_table(seq);
+    kept_blocks.insert(table.begin(), table.end());
+  }
   return {cache_->used_blocks(), cache_->shape().n_blocks, cache_->shape().block_size,
           cache_->sequence_count(), cache_->cached_blocks(), prefix.hit_blocks,
-          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position(),
-          static_cast<int>(std::count_if(holders_.begin(), holders_.end(),
-                                         [](const auto& h) { return h.second.kept; }))};
+          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position(), kept,
+          static_cast<int>(kept_blocks.size())};
 }
 
 void Engine::check_sequence_locked(int seq) const {
@@ -377,8 +388,13 @@ void Engine::check_request(const GenerationRequest& request) const {
   if (request.max_tokens < 1) {
     fail(ErrorKind::InvalidArgument, "max_tokens must be >= 1, got ", request.max_tokens);
   }
+  if (request.logprobs < -1 || request.logprobs > kMaxTopLogprobs) {
+    fail(ErrorKind::InvalidArgument, "logprobs must be -1 (none) or in [0, ", kMaxTopLogprobs,
+         "], got ", request.logprobs);
+  }
   check_tokens(request.prompt);
   check_tokens(request.stop_token_ids);
+  request.token_rules.check(static_cast<size_t>(config().vocab_size));
   const int prompt_tokens = static_cast<int>(request.prompt.size());
   if (prompt_tokens > max_context_) {
     fail(ErrorKind::CapacityExceeded, "the prompt has ", prompt_tokens,

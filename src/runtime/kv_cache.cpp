@@ -223,28 +223,43 @@ void KVCache::publish(int seq) {
   }
 }
 
+std::vector<KVCache::CachedBlock> KVCache::find_cached_prefix(std::span<const int32_t> prompt) const {
+  std::vector<CachedBlock> found;
+  if (prompt.empty()) return found;
+  const size_t bs = static_cast<size_t>(shape_.block_size);
+  const size_t lookups = (prompt.size() - 1) / bs;  // whole blocks, one token left over
+  uint64_t h = 0;
+  for (size_t i = 0; i < lookups; ++i) {
+    const std::span<const int32_t> block_tokens = prompt.subspan(i * bs, bs);
+    h = chain_hash(h, block_tokens);
+    const auto it = index_.find(h);
+    if (it == index_.end() || !block_holds(it->second, block_tokens)) break;
+    found.push_back({it->second, h});
+  }
+  return found;
+}
+
+int KVCache::cached_prefix_length(std::span<const int32_t> prompt) const {
+  return static_cast<int>(find_cached_prefix(prompt).size()) * shape_.block_size;
+}
+
 int KVCache::map_cached_prefix(int seq, std::span<const int32_t> prompt) {
   Sequence& s = sequence(seq);
   if (!s.tokens.empty()) fail(ErrorKind::Internal, "map_cached_prefix needs an empty sequence");
   if (prompt.empty()) return 0;
   const size_t bs = static_cast<size_t>(shape_.block_size);
-  const size_t lookups = (prompt.size() - 1) / bs;  // whole blocks, one token left over
-  uint64_t h = 0;
-  size_t mapped = 0;
-  for (; mapped < lookups; ++mapped) {
-    const std::span<const int32_t> block_tokens = prompt.subspan(mapped * bs, bs);
-    h = chain_hash(h, block_tokens);
-    const auto it = index_.find(h);
-    if (it == index_.end() || !block_holds(it->second, block_tokens)) break;
-    const int32_t b = it->second;
-    if (blocks_[b].refs++ == 0) lru_.erase(blocks_[b].lru_position);
-    s.blocks.push_back(b);
-    s.hashes.push_back(h);
+  const size_t lookups = (prompt.size() - 1) / bs;
+  const std::vector<CachedBlock> found = find_cached_prefix(prompt);
+  for (const CachedBlock& c : found) {
+    if (blocks_[c.block].refs++ == 0) lru_.erase(blocks_[c.block].lru_position);
+    s.blocks.push_back(c.block);
+    s.hashes.push_back(c.hash);
+    const auto block_tokens = prompt.subspan(s.tokens.size(), bs);
     s.tokens.insert(s.tokens.end(), block_tokens.begin(), block_tokens.end());
   }
-  prefix_stats_.hit_blocks += static_cast<int64_t>(mapped);
-  prefix_stats_.miss_blocks += static_cast<int64_t>(lookups - mapped);
-  return static_cast<int>(mapped * bs);
+  prefix_stats_.hit_blocks += static_cast<int64_t>(found.size());
+  prefix_stats_.miss_blocks += static_cast<int64_t>(lookups - found.size());
+  return static_cast<int>(found.size() * bs);
 }
 
 }  // namespace opencamp

@@ -50,10 +50,94 @@ int32_t argmax(std::span<const float> logits) {
   return static_cast<int32_t>(best);
 }
 
+void apply_token_mask(std::span<float> logits, std::span<const uint32_t> allowed) {
+  const float masked = -std::numeric_limits<float>::infinity();
+  bool any = false;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const size_t word = i / 32;
+    if (word < allowed.size() && (allowed[word] >> (i % 32) & 1u) != 0) {
+      any = true;
+    } else {
+      logits[i] = masked;
+    }
+  }
+  if (!any) fail(ErrorKind::InvalidArgument, "the token mask allows no token of the vocabulary");
+}
+
+TokenLogprobs token_logprobs(std::span<const float> logits, int32_t chosen, int top_n) {
+  if (logits.empty()) fail(ErrorKind::InvalidArgument, "cannot take log-probabilities of empty logits");
+  if (chosen < 0 || static_cast<size_t>(chosen) >= logits.size()) {
+    fail(ErrorKind::InvalidArgument, "token ", chosen, " is outside the logits [0, ", logits.size(), ")");
+  }
+  if (top_n < 0 || top_n > kMaxTopLogprobs) {
+    fail(ErrorKind::InvalidArgument, "top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", top_n);
+  }
+  constexpr float kImpossible = -std::numeric_limits<float>::infinity();
+  float max_logit = kImpossible;
+  for (float x : logits) {
+    if (x > max_logit) max_logit = x;  // NaN never wins
+  }
+  double total = 0.0;
+  if (max_logit != kImpossible) {
+    for (float x : logits) {
+      if (!std::isnan(x)) total += std::exp(static_cast<double>(x) - max_logit);
+    }
+  }
+  // log p(x) = x - max - log(sum exp(x - max)); all -inf (or NaN): nothing is possible.
+  const double log_total = max_logit == kImpossible ? 0.0 : std::log(total);
+  auto logprob = [&](float x) -> float {
+    if (std::isnan(x) || max_logit == kImpossible || x == kImpossible) return kImpossible;
+    return static_cast<float>(static_cast<double>(x) - max_logit - log_total);
+  };
+  TokenLogprobs out{logprob(logits[static_cast<size_t>(chosen)]), {}};
+  if (top_n > 0) {
+    std::vector<TokenLogprob> all;
+    all.reserve(logits.size());
+    for (size_t i = 0; i < logits.size(); ++i) {
+      all.push_back({static_cast<int32_t>(i), std::isnan(logits[i]) ? kImpossible : logits[i]});
+    }
+    const size_t n = std::min(static_cast<size_t>(top_n), all.size());
+    std::partial_sort(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(n), all.end(),
+                      [](const TokenLogprob& a, const TokenLogprob& b) {
+                        return a.logprob > b.logprob || (a.logprob == b.logprob && a.id < b.id);
+                      });
+    all.resize(n);
+    for (TokenLogprob& t : all) t.logprob = logprob(t.logprob);  // the logit, until here
+    out.top = std::move(all);
+  }
+  return out;
+}
+
 Sampler::Sampler(const SamplingParams& params) {
   params.validate();
   params_ = params;
   rng_.seed(params.seed ? *params.seed : std::random_device{}());
+}
+
+void TokenRules::check(size_t vocab) const {
+  for (int32_t id : allowed_token_ids) {
+    if (id < 0 || static_cast<size_t>(id) >= vocab) {
+      fail(ErrorKind::InvalidArgument, "allowed_token_ids holds ", id,
+           ", outside the vocabulary [0, ", vocab, ")");
+    }
+  }
+  for (const auto& [id, bias] : logit_bias) {
+    if (id < 0 || static_cast<size_t>(id) >= vocab) {
+      fail(ErrorKind::InvalidArgument, "logit_bias names token ", id,
+           ", outside the vocabulary [0, ", vocab, ")");
+    }
+    if (!std::isfinite(bias)) fail(ErrorKind::InvalidArgument, "logit_bias must be finite, got ", bias);
+  }
+}
+
+Sampler::Sampler(const SamplingParams& params, const TokenRules& rules, size_t vocab)
+    : Sampler(params) {
+  rules.check(vocab);
+  if (!rules.allowed_token_ids.empty()) {
+    allowed_.assign(mask_words(vocab), 0u);
+    for (int32_t id : rules.allowed_token_ids) allowed_[static_cast<size_t>(id) / 32] |= 1u << (id % 32);
+  }
+  logit_bias_ = rules.logit_bias;
 }
 
 void Sampler::set_params(const SamplingParams& params) {
@@ -62,9 +146,19 @@ void Sampler::set_params(const SamplingParams& params) {
   params_ = params;
 }
 
-int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> history) {
+int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> history,
+                        std::span<const uint32_t> constraint_mask) {
   if (logits.empty()) fail(ErrorKind::InvalidArgument, "cannot sample from empty logits");
   const SamplingParams& p = params_;
+  if (!allowed_.empty()) apply_token_mask(logits, allowed_);
+  if (!constraint_mask.empty()) apply_token_mask(logits, constraint_mask);
+  // After the masks: -infinity plus any bias stays -infinity.
+  for (const auto& [id, bias] : logit_bias_) {
+    if (static_cast<size_t>(id) < logits.size()) logits[static_cast<size_t>(id)] += bias;
+  }
+  if ((!allowed_.empty() || !constraint_mask.empty()) && !std::isfinite(logits[static_cast<size_t>(argmax(logits))])) {
+    fail(ErrorKind::InvalidArgument, "the token masks together allow no token");
+  }
   apply_penalties(logits, history, p.repetition_penalty, p.presence_penalty, p.frequency_penalty);
   if (p.temperature == 0.0f) return argmax(logits);
   // 53 random bits -> [0, 1), the same on every standard library (distributions are not).
@@ -77,10 +171,14 @@ Sampler::Pick Sampler::pick(std::span<const float> logits, int top_k, float top_
   std::vector<Candidate>& candidates = scratch.candidates;
   std::vector<float>& probabilities = scratch.probabilities;
   candidates.clear();
+  // Masked tokens (-infinity) are never candidates: a constrained step sorts only what it allows.
+  const float masked = -std::numeric_limits<float>::infinity();
   for (size_t i = 0; i < logits.size(); ++i) {
-    if (!std::isnan(logits[i])) candidates.push_back({static_cast<int32_t>(i), logits[i]});
+    if (!std::isnan(logits[i]) && logits[i] != masked) {
+      candidates.push_back({static_cast<int32_t>(i), logits[i]});
+    }
   }
-  if (candidates.empty()) fail(ErrorKind::Internal, "every logit is NaN");
+  if (candidates.empty()) fail(ErrorKind::Internal, "every logit is NaN or masked");
   // Highest first; ties broken by id so the order (and thus the draw) is reproducible.
   auto higher = [](const Candidate& a, const Candidate& b) {
     return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <future>
 #include <set>
 
 #include "opencamp/error.h"
@@ -30,7 +32,7 @@ std::optional<TokenEvent> pop_token(std::unique_lock<std::mutex>& lock,
     return std::nullopt;
   }
   if (queue.empty()) return std::nullopt;
-  const TokenEvent event = queue.front();
+  TokenEvent event = std::move(queue.front());
   queue.pop_front();
   return event;
 }
@@ -49,6 +51,16 @@ std::optional<TokenEvent> ScheduledRequest::next(double timeout_seconds) {
     std::rethrow_exception(error_);
   }
   return event;
+}
+
+bool ScheduledRequest::wait_first_token(double timeout_seconds) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  auto started = [this] { return sampled_first_ || done_; };
+  if (timeout_seconds < 0) {
+    changed_.wait(lock, started);
+    return true;
+  }
+  return changed_.wait_for(lock, std::chrono::duration<double>(timeout_seconds), started);
 }
 
 void ScheduledRequest::cancel() {
@@ -97,18 +109,39 @@ struct Scheduler::Active {
   std::unique_ptr<Sampler> sampler;
   std::vector<int32_t> history;  // prompt and generated tokens, for penalties
   std::set<int32_t> stop_ids;
+  // A constrained request: the mask of its next token, the token sampled that the constraint
+  // has not been told yet (it is told on the worker, just before the next mask), and what
+  // went wrong there.
+  std::vector<uint32_t> mask;
+  std::optional<int32_t> unaccepted;
+  std::exception_ptr mask_error;
   TokenCallback on_token;  // runs on the loop thread; false ends the request
   GenerationResult result;
   Clock::time_point submitted, admitted, first_token;
   Clock::time_point paused_at;  // when its reader's backlog took it off the batch
   bool done = false;
 
+  // On the mask worker: tells the constraint the last token, then asks for the next mask.
+  void compute_mask(size_t words) {
+    try {
+      if (unaccepted) {
+        request.constraint->accept(*unaccepted);
+        unaccepted.reset();
+      }
+      mask.assign(words, 0u);
+      request.constraint->fill_mask(mask);
+    } catch (...) {
+      mask_error = std::current_exception();
+    }
+  }
+
   // Hands a sampled token on; false when the token callback asks to end the request.
-  bool emit(int32_t token, bool is_stop) {
+  bool emit(int32_t token, bool is_stop, std::shared_ptr<const TokenLogprobs> logprobs) {
     const bool go_on = !on_token || on_token(token, is_stop);
     {
       std::lock_guard<std::mutex> lock(handle->mutex_);
-      handle->queue_.push_back({token, is_stop});
+      handle->queue_.push_back({token, is_stop, std::move(logprobs)});
+      handle->sampled_first_ = true;
     }
     handle->changed_.notify_all();
     return go_on;
@@ -137,7 +170,34 @@ Scheduler::Scheduler(Engine& engine, const SchedulerOptions& options)
     opencamp::fail(ErrorKind::InvalidArgument, "stream_idle_timeout_seconds must be >= 0 (0: "
                    "never), got ", options.stream_idle_timeout_seconds);
   }
+  // Where a token's attention (2 * q_dim multiply-adds per key: scores and values) costs as
+  // much as its matrix products (q, k, v, o and a gated MLP): 3072 positions for SmolLM2-135M.
+  const ModelConfig& c = engine_.config();
+  const double q_dim = static_cast<double>(c.num_heads) * c.head_dim;
+  const double kv_dim = static_cast<double>(c.num_kv_heads) * c.head_dim;
+  const double matrix_work = c.hidden_size * (2.0 * q_dim + 2.0 * kv_dim) +
+                             3.0 * c.hidden_size * c.intermediate_size;
+  attention_span_ = std::max(1.0, matrix_work / (2.0 * q_dim));
   thread_ = std::thread([this] { loop(); });
+}
+
+size_t Scheduler::chunk_within(int64_t budget, size_t start, size_t left) const {
+  // The largest n with chunk_cost(start, n) <= budget, from the real root of
+  // n + n (start + n / 2) / S = budget, then made exact; at least one token, so every prompt
+  // goes on.
+  const double S = attention_span_;
+  const double b = 1.0 + static_cast<double>(start) / S;
+  const double root = S * (std::sqrt(b * b + 2.0 * static_cast<double>(budget) / S) - b);
+  size_t n = std::min(left, static_cast<size_t>(std::max(0.0, root)) + 1);
+  while (n > 1 && chunk_cost(start, n) > budget) --n;
+  return std::max<size_t>(n, 1);
+}
+
+int64_t Scheduler::chunk_cost(size_t start, size_t n) const {
+  // n tokens, plus the extra attention work of positions start .. start + n - 1 in units of a
+  // token's matrix products (rounded down: a short prompt early on costs its length).
+  const double extra = static_cast<double>(n) * (static_cast<double>(start) + 0.5 * n) / attention_span_;
+  return static_cast<int64_t>(n) + static_cast<int64_t>(extra);
 }
 
 Scheduler::~Scheduler() { shutdown(); }
@@ -177,7 +237,8 @@ std::shared_ptr<ScheduledRequest> Scheduler::submit(GenerationRequest request, i
   active->seq = seq;
   active->prompt = active->request.prompt;
   active->history = active->request.prompt;
-  active->sampler = std::make_unique<Sampler>(active->request.sampling);
+  active->sampler = std::make_unique<Sampler>(active->request.sampling, active->request.token_rules,
+                                              static_cast<size_t>(engine_.config().vocab_size));
   active->on_token = std::move(on_token);
   active->stop_ids.insert(active->request.stop_token_ids.begin(), active->request.stop_token_ids.end());
   if (!active->request.ignore_eos) {
@@ -470,10 +531,12 @@ bool Scheduler::step() {
   if (running_.empty()) return false;
 
   // The step: every decoding sequence's next token, then prompt chunks, the prompt with the
-  // fewest tokens left first (ties: first come), each taking what the budget still holds.
+  // fewest tokens left first (ties: first come), each taking what the budget still holds. A
+  // prompt token counts more the further into its sequence it is (it attends to more keys),
+  // so a step late in a long prefill takes about as long as one early in it.
   std::vector<Engine::Chunk> chunks;
   std::vector<Active*> owners;
-  int budget = options_.step_tokens;
+  int64_t budget = options_.step_tokens;
   std::vector<Active*> prefilling;
   for (auto& a : running_) {
     if (!a->decoding) {
@@ -482,26 +545,42 @@ bool Scheduler::step() {
     }
     chunks.push_back({a->seq, std::span(&a->last_token, 1), Engine::Chunk::Logits::Last});
     owners.push_back(a.get());
-    budget -= 1;
+    budget -= chunk_cost(a->cache_length, 1);
   }
   std::stable_sort(prefilling.begin(), prefilling.end(), [](const Active* x, const Active* y) {
     return x->prompt.size() - x->prefilled < y->prompt.size() - y->prefilled;
   });
   for (Active* a : prefilling) {
     if (budget <= 0) break;
-    const size_t n = std::min(a->prompt.size() - a->prefilled, static_cast<size_t>(budget));
+    const size_t n = chunk_within(budget, a->cache_length, a->prompt.size() - a->prefilled);
     const bool completes = a->prefilled + n == a->prompt.size();
     chunks.push_back({a->seq, std::span(a->prompt).subspan(a->prefilled, n),
                       completes ? Engine::Chunk::Logits::Last : Engine::Chunk::Logits::None});
     owners.push_back(a);
-    budget -= static_cast<int>(n);
+    budget -= chunk_cost(a->cache_length, n);
   }
   if (chunks.empty()) return false;
   const int64_t vocab = engine_.config().vocab_size;
+  // The masks of the constrained sequences that get logits this step are computed on a
+  // worker while the forward pass runs: the step waits only for a mask slower than the pass,
+  // and unconstrained sequences cost nothing.
+  std::vector<Active*> constrained;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (chunks[i].logits != Engine::Chunk::Logits::None && owners[i]->request.constraint) {
+      constrained.push_back(owners[i]);
+    }
+  }
+  std::future<void> masks;
+  if (!constrained.empty()) {
+    masks = std::async(std::launch::async, [&constrained, words = mask_words(static_cast<size_t>(vocab))] {
+      for (Active* a : constrained) a->compute_mask(words);
+    });
+  }
   std::vector<float> logits(static_cast<size_t>(Engine::logit_rows(chunks) * vocab));
   try {
     engine_.forward_as(chunks, logits, this);  // kept conversations give way inside
   } catch (const Error& e) {
+    if (masks.valid()) masks.wait();  // it works on these requests
     if (e.kind() == ErrorKind::CapacityExceeded && running_.size() > 1) {
       preempt_newest();  // then try again with one sequence fewer
       return true;
@@ -510,6 +589,7 @@ bool Scheduler::step() {
     std::erase_if(running_, [](const auto& a) { return a->done; });
     return true;
   }
+  if (masks.valid()) masks.wait();
   int64_t batch_tokens = 0;
   for (const auto& c : chunks) batch_tokens += static_cast<int64_t>(c.tokens.size());
   {
@@ -526,7 +606,16 @@ bool Scheduler::step() {
     if (chunks[i].logits == Engine::Chunk::Logits::None) continue;
     std::span<float> row_logits(logits.data() + row * vocab, static_cast<size_t>(vocab));
     ++row;
-    const int32_t token = a.sampler->sample(row_logits, a.history);
+    int32_t token;
+    try {
+      if (a.mask_error) std::rethrow_exception(a.mask_error);
+      token = a.sampler->sample(row_logits, a.history,
+                                a.request.constraint ? std::span<const uint32_t>(a.mask)
+                                                     : std::span<const uint32_t>());
+    } catch (...) {  // the constraint failed, or allows nothing: this request ends, not the step
+      fail(a, std::current_exception());
+      continue;
+    }
     if (!a.decoding) {  // the prompt is in: this is its first token (or the first after a preemption)
       a.decoding = true;
       if (a.result.tokens.empty()) {
@@ -536,12 +625,18 @@ bool Scheduler::step() {
     }
     const bool is_stop = a.stop_ids.count(token) > 0;
     a.result.tokens.push_back(token);
-    const bool go_on = a.emit(token, is_stop);
+    // Only for requests that ask: row_logits now holds the logits after the penalties.
+    std::shared_ptr<const TokenLogprobs> logprobs;
+    if (a.request.logprobs >= 0) {
+      logprobs = std::make_shared<const TokenLogprobs>(token_logprobs(row_logits, token, a.request.logprobs));
+    }
+    const bool go_on = a.emit(token, is_stop, std::move(logprobs));
     if (const auto reason = a.finish_reason_after(token, go_on, engine_.max_context())) {
       finish(a, *reason);
     } else {
       a.last_token = token;
       a.history.push_back(token);
+      if (a.request.constraint) a.unaccepted = token;
     }
   }
   std::erase_if(running_, [](const auto& a) { return a->done; });

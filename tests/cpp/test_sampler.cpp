@@ -354,4 +354,167 @@ TEST_CASE(stage_order_filters_before_temperature) {
   CHECK(support(histogram(penalised, logits, 200, history)) == (std::set<int>{1}));
 }
 
+// Stage 0: a mask leaves only the tokens it allows, whatever the other stages would prefer.
+TEST_CASE(the_token_mask_comes_before_every_other_stage) {
+  const std::vector<float> logits = {5.0f, 1.0f, 4.0f, 0.5f, 3.0f, 2.0f, 0.0f, 6.0f,
+                                     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                                     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                                     1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f, 1.0f,
+                                     1.0f, 9.0f};  // 34 tokens: the mask spans two words
+  CHECK_EQ(mask_words(logits.size()), size_t{2});
+  const std::vector<uint32_t> allow_1_3_33 = {(1u << 1) | (1u << 3), 1u << 1};
+  // Greedy picks the best allowed token, not the best token (7, 33 would win unmasked).
+  Sampler greedy(seeded(0.0f));
+  std::vector<float> copy = logits;
+  CHECK_EQ(greedy.sample(copy, {}, allow_1_3_33), 33);
+  const std::vector<uint32_t> allow_1_3 = {(1u << 1) | (1u << 3), 0u};
+  copy = logits;
+  CHECK_EQ(greedy.sample(copy, {}, allow_1_3), 1);
+  CHECK(std::isinf(copy[7]) && copy[7] < 0);  // the others are -infinity...
+  // ...so no later stage brings them back: a repetition penalty that pushes token 1 down, a
+  // top_k of 1, any temperature, still only ever give 1 or 3.
+  SamplingParams p = seeded(2.0f, 3);
+  p.repetition_penalty = 3.0f;
+  Sampler sampler(p);
+  std::set<int> seen;
+  for (int i = 0; i < 500; ++i) {
+    copy = logits;
+    seen.insert(sampler.sample(copy, std::vector<int32_t>{1, 7}, allow_1_3));
+  }
+  CHECK(seen == (std::set<int>{1, 3}));
+  // A mask shorter than the vocabulary allows nothing past its end.
+  copy = logits;
+  CHECK_EQ(greedy.sample(copy, {}, std::vector<uint32_t>{1u << 4}), 4);
+  // A mask that allows nothing is an error, never a silent pick of token 0.
+  copy = logits;
+  CHECK_THROWS_WITH(greedy.sample(copy, {}, std::vector<uint32_t>{0u, 0u}),
+                    ErrorKind::InvalidArgument, "allows no token");
+}
+
+TEST_CASE(allowed_token_ids_and_logit_bias_are_stage_zero) {
+  const std::vector<float> logits = {3.0f, 2.0f, 1.0f, 0.0f};
+  TokenRules allowed;
+  allowed.allowed_token_ids = {2, 3};
+  Sampler only(seeded(0.0f), allowed, logits.size());
+  std::vector<float> copy = logits;
+  CHECK_EQ(only.sample(copy, {}), 2);
+  // With a constraint's mask as well, only what both allow.
+  copy = logits;
+  CHECK_EQ(only.sample(copy, {}, std::vector<uint32_t>{(1u << 3) | 1u}), 3);
+  copy = logits;
+  CHECK_THROWS_WITH(only.sample(copy, {}, std::vector<uint32_t>{1u}), ErrorKind::InvalidArgument,
+                    "allow no token");
+  // logit_bias: +10 on token 3 wins greedy, -100 on token 0 removes it from a hot draw...
+  TokenRules bias;
+  bias.logit_bias = {{3, 10.0f}};
+  Sampler biased(seeded(0.0f), bias, logits.size());
+  copy = logits;
+  CHECK_EQ(biased.sample(copy, {}), 3);
+  TokenRules ban;
+  ban.logit_bias = {{0, -100.0f}};
+  Sampler banned(seeded(1.0f, 8), ban, logits.size());
+  const std::vector<int> banned_counts = histogram(banned, logits, 2000);
+  CHECK_EQ(banned_counts[0], 0);
+  CHECK(banned_counts[1] > 0);
+  // ...but a bias never revives a masked token.
+  TokenRules both;
+  both.allowed_token_ids = {1};
+  both.logit_bias = {{0, 100.0f}};
+  Sampler masked(seeded(0.0f), both, logits.size());
+  copy = logits;
+  CHECK_EQ(masked.sample(copy, {}), 1);
+  // Ids outside the vocabulary and non-finite biases are refused.
+  TokenRules outside;
+  outside.allowed_token_ids = {4};
+  CHECK_THROWS_WITH(Sampler(seeded(0.0f), outside, logits.size()), ErrorKind::InvalidArgument,
+                    "allowed_token_ids", "outside the vocabulary");
+  TokenRules nan_bias;
+  nan_bias.logit_bias = {{1, std::numeric_limits<float>::quiet_NaN()}};
+  CHECK_THROWS_WITH(nan_bias.check(4), ErrorKind::InvalidArgument, "finite");
+}
+
+// ---- log-probabilities (OpenAI's logprobs) -------------------------------------------------
+
+// log-softmax by the book, in long double, for the reference.
+std::vector<double> reference_log_softmax(const std::vector<float>& logits) {
+  long double total = 0;
+  for (float x : logits) total += std::exp(static_cast<long double>(x));
+  std::vector<double> out;
+  for (float x : logits) out.push_back(static_cast<double>(x - std::log(total)));
+  return out;
+}
+
+TEST_CASE(token_logprobs_are_the_log_softmax_with_the_top_alternatives) {
+  const std::vector<float> logits = {1.0f, 3.5f, -2.0f, 3.5f, 0.25f, 7.0f};
+  const auto expected = reference_log_softmax(logits);
+  for (int32_t chosen = 0; chosen < 6; ++chosen) {
+    const TokenLogprobs lp = token_logprobs(logits, chosen, 0);
+    CHECK_NEAR(lp.logprob, expected[static_cast<size_t>(chosen)], 1e-6);
+    CHECK(lp.top.empty());  // top_n 0: the chosen token alone
+  }
+  // Highest first, ties by lowest id (3.5 at ids 1 and 3); the chosen token need not be in it.
+  const TokenLogprobs lp = token_logprobs(logits, 2, 4);
+  CHECK_EQ(lp.top.size(), size_t{4});
+  const std::vector<int32_t> order = {5, 1, 3, 0};
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK_EQ(lp.top[i].id, order[i]);
+    CHECK_NEAR(lp.top[i].logprob, expected[static_cast<size_t>(order[i])], 1e-6);
+  }
+  CHECK_NEAR(lp.logprob, expected[2], 1e-6);
+  // top_n beyond the vocabulary: every token once.
+  CHECK_EQ(token_logprobs(logits, 0, 20).top.size(), logits.size());
+  // Probabilities sum to 1.
+  double total = 0;
+  for (const auto& t : token_logprobs(logits, 0, 20).top) total += std::exp(t.logprob);
+  CHECK_NEAR(total, 1.0, 1e-6);
+}
+
+TEST_CASE(token_logprobs_hold_for_large_logits_and_impossible_tokens) {
+  // Large logits do not overflow (max subtracted); -inf and NaN are impossible (-inf).
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> logits = {1000.0f, 999.0f, -inf, std::nanf(""), 1000.0f};
+  const double log_z = 1000.0 + std::log(2.0 + std::exp(-1.0));
+  CHECK_NEAR(token_logprobs(logits, 0, 0).logprob, 1000.0 - log_z, 1e-5);
+  CHECK_NEAR(token_logprobs(logits, 1, 0).logprob, 999.0 - log_z, 1e-5);
+  CHECK(token_logprobs(logits, 2, 0).logprob == -inf);
+  CHECK(token_logprobs(logits, 3, 0).logprob == -inf);
+  const auto top = token_logprobs(logits, 0, 5).top;
+  CHECK_EQ(top[0].id, 0);
+  CHECK_EQ(top[1].id, 4);
+  CHECK_EQ(top[2].id, 1);
+  CHECK(top[3].logprob == -inf && top[4].logprob == -inf);
+  CHECK_THROWS_WITH(token_logprobs(logits, 5, 0), ErrorKind::InvalidArgument, "outside");
+  CHECK_THROWS_WITH(token_logprobs(logits, 0, 21), ErrorKind::InvalidArgument, "top_logprobs");
+  CHECK_THROWS_WITH(token_logprobs(logits, 0, -1), ErrorKind::InvalidArgument, "top_logprobs");
+}
+
+TEST_CASE(logprobs_see_the_penalties_but_not_temperature_or_truncation) {
+  // sample() leaves the penalised logits in place: their log-softmax is what is reported,
+  // whatever temperature and top_k did to the draw. Greedy: the chosen token is top-1.
+  const std::vector<float> base = {3.0f, 2.0f, 0.5f, -1.0f};
+  SamplingParams p = seeded(0.0f);
+  p.repetition_penalty = 2.0f;  // 3 -> 1.5: token 1 becomes the argmax
+  Sampler greedy(p);
+  std::vector<float> logits = base;
+  const int32_t token = greedy.sample(logits, std::vector<int32_t>{0});
+  CHECK_EQ(token, 1);
+  const TokenLogprobs lp = token_logprobs(logits, token, 2);
+  CHECK_EQ(lp.top[0].id, token);
+  CHECK_NEAR(lp.top[0].logprob, lp.logprob, 0.0);
+  const auto expected = reference_log_softmax({1.5f, 2.0f, 0.5f, -1.0f});
+  CHECK_NEAR(lp.logprob, expected[1], 1e-6);
+  CHECK_NEAR(lp.top[1].logprob, expected[0], 1e-6);
+  // Hot and truncated: the same log-probabilities for the same token.
+  SamplingParams hot = p;
+  hot.temperature = 5.0f;
+  hot.top_k = 2;
+  Sampler sampler(hot);
+  for (int i = 0; i < 20; ++i) {
+    logits = base;
+    const int32_t drawn = sampler.sample(logits, std::vector<int32_t>{0});
+    CHECK(drawn == 0 || drawn == 1);
+    CHECK_NEAR(token_logprobs(logits, drawn, 0).logprob, expected[static_cast<size_t>(drawn)], 1e-6);
+  }
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -83,6 +83,8 @@ TEST_CASE(concurrent_requests_give_exactly_what_each_gives_alone) {
     CHECK(stats.steps > 0);
     CHECK(stats.batch_tokens > stats.steps);  // steps really held several tokens
     CHECK_EQ(stats.idle, static_cast<int>(engine.cache_stats().sequences));  // kept for reuse
+    // Nothing runs: every block in use is a kept conversation's.
+    CHECK_EQ(engine.cache_stats().used_blocks, engine.cache_stats().kept_blocks);
   }
 }
 
@@ -357,6 +359,7 @@ TEST_CASE(kept_conversations_give_way_to_any_caller_that_needs_blocks) {
   wait_for(*scheduler.submit(greedy(prompt_of(30, 5, vocab), 30)));  // holds ~59 positions
   CHECK_EQ(scheduler.stats().idle, 1);
   CHECK_EQ(engine.cache_stats().kept_sequences, 1);
+  CHECK_EQ(engine.cache_stats().kept_blocks, 4);  // 59 positions in blocks of 16
   // A plain prefill (what LLM.logits() does) on a fresh sequence takes the kept one's blocks.
   const int seq = engine.create_sequence();
   const std::vector<int32_t> prompt = prompt_of(60, 6, vocab);
@@ -486,6 +489,179 @@ TEST_CASE(a_short_prompt_gets_its_first_token_during_a_long_prefill) {
   CHECK(steps_at_short_first.load() >= 0);
   CHECK_MSG(steps_at_short_first.load() - steps_at_short_submit <= 1,
             "first token at step " << steps_at_short_first.load() << ", submitted at " << steps_at_short_submit);
+}
+
+namespace {
+
+// A grammar in miniature: the answer must be `pattern` token by token, then EOS; EOS is
+// forbidden until the pattern is complete. It counts its calls so the test sees the
+// scheduler's protocol: one mask per sampled token, told each token before the next mask.
+struct SpellOut : TokenConstraint {
+  std::vector<int32_t> pattern;
+  int32_t eos;
+  size_t position = 0;
+  int masks = 0, accepted = 0;
+  SpellOut(std::vector<int32_t> p, int32_t e) : pattern(std::move(p)), eos(e) {}
+  void fill_mask(std::span<uint32_t> allowed) override {
+    ++masks;
+    const int32_t next = position < pattern.size() ? pattern[position] : eos;
+    allowed[static_cast<size_t>(next) / 32] |= 1u << (next % 32);
+  }
+  void accept(int32_t token) override {
+    ++accepted;
+    CHECK_MSG(position < pattern.size() && token == pattern[position], "accepted a token the mask forbade");
+    ++position;
+  }
+};
+
+}  // namespace
+
+TEST_CASE(a_constraint_decides_every_token_and_eos_only_when_complete) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  const int32_t eos = 7;
+  SchedulerOptions so;
+  so.max_running = 4;
+  so.step_tokens = 5;  // the prompt arrives in chunks: the mask is asked for only with logits
+  Scheduler scheduler(engine, so);
+  auto constraint = std::make_shared<SpellOut>(std::vector<int32_t>{11, 12, 13, 11, 200}, eos);
+  GenerationRequest constrained = greedy(prompt_of(12, 1, vocab), 20);
+  constrained.ignore_eos = false;
+  constrained.stop_token_ids = {eos};
+  constrained.constraint = constraint;
+  constrained.sampling.temperature = 1.5f;  // any draw must still follow the pattern
+  constrained.sampling.seed = 3;
+  // Unconstrained neighbours in the same batch are untouched by it.
+  const GenerationRequest free_running = greedy(prompt_of(9, 2, vocab), 8);
+  auto a = scheduler.submit(constrained);
+  auto b = scheduler.submit(free_running);
+  const GenerationResult& result = wait_for(*a);
+  CHECK(result.tokens == (std::vector<int32_t>{11, 12, 13, 11, 200, eos}));
+  CHECK(result.finish_reason == FinishReason::Stop);
+  CHECK_EQ(constraint->masks, 6);
+  CHECK_EQ(constraint->accepted, 5);  // the stop token ends it: nobody needs it told
+  CHECK(wait_for(*b).tokens == alone("tiny-llama", free_running));
+
+  // A constraint that throws ends its own request with that error, not the others.
+  struct Broken : TokenConstraint {
+    void fill_mask(std::span<uint32_t>) override { throw Error(ErrorKind::InvalidArgument, "grammar broke"); }
+    void accept(int32_t) override {}
+  };
+  GenerationRequest broken = greedy(prompt_of(6, 3, vocab), 5);
+  broken.constraint = std::make_shared<Broken>();
+  auto c = scheduler.submit(broken);
+  auto d = scheduler.submit(free_running);
+  CHECK_THROWS_WITH(wait_for(*c), ErrorKind::InvalidArgument, "grammar broke");
+  CHECK(wait_for(*d).tokens == alone("tiny-llama", free_running));
+}
+
+TEST_CASE(a_constrained_request_keeps_its_place_in_the_grammar_across_a_preemption) {
+  // As a_full_kv_cache_preempts_the_newest_and_recomputes_it_later, with every request held to
+  // a 40-token pattern: the preempted ones recompute what they generated and go on with the
+  // pattern where they left it (the constraint is told each token exactly once).
+  Engine engine(fixture("tiny-llama"), options(96));
+  SchedulerOptions so;
+  so.max_running = 4;
+  Scheduler scheduler(engine, so);
+  const int vocab = engine.config().vocab_size;
+  std::vector<std::shared_ptr<SpellOut>> constraints;
+  std::vector<std::shared_ptr<ScheduledRequest>> handles;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int32_t> pattern;
+    for (int k = 0; k < 39; ++k) pattern.push_back((k * 7 + i * 13 + 20) % (vocab - 8) + 8);
+    constraints.push_back(std::make_shared<SpellOut>(pattern, 7));
+    GenerationRequest r = greedy(prompt_of(30, 10 + i, vocab), 40);
+    r.ignore_eos = false;
+    r.stop_token_ids = {7};
+    r.constraint = constraints.back();
+    handles.push_back(scheduler.submit(r));
+  }
+  for (size_t i = 0; i < handles.size(); ++i) {
+    std::vector<int32_t> expected = constraints[i]->pattern;
+    expected.push_back(7);
+    CHECK_MSG(wait_for(*handles[i]).tokens == expected, "request " << i << " left its pattern");
+    CHECK_EQ(constraints[i]->accepted, 39);
+  }
+  CHECK(scheduler.stats().preemptions > 0);
+}
+
+TEST_CASE(log_probabilities_come_only_to_requests_that_ask_and_match_the_logits) {
+  Engine engine(fixture("tiny-llama"), options());
+  const int vocab = engine.config().vocab_size;
+  Scheduler scheduler(engine);
+  const auto prompt = prompt_of(9, 3, vocab);
+  GenerationRequest asking = greedy(prompt, 5);
+  asking.logprobs = 3;
+  const auto with = scheduler.submit(asking);
+  const auto without = scheduler.submit(greedy(prompt, 5));
+  std::vector<TokenEvent> events;
+  while (auto event = with->next(60.0)) events.push_back(*event);
+  while (auto event = without->next(60.0)) CHECK(event->logprobs == nullptr);
+  CHECK_EQ(events.size(), size_t{5});
+  // The reference: the logits of the prompt and the tokens, log-softmaxed here.
+  std::vector<int32_t> all = prompt;
+  for (const auto& e : events) all.push_back(e.token);
+  all.pop_back();
+  std::vector<float> logits(all.size() * static_cast<size_t>(vocab));
+  const int seq = engine.create_sequence();
+  engine.prefill(seq, all, logits, true);
+  engine.free_sequence(seq);
+  for (size_t i = 0; i < events.size(); ++i) {
+    CHECK(events[i].logprobs != nullptr);
+    if (!events[i].logprobs) continue;
+    const auto& lp = *events[i].logprobs;
+    const size_t row = prompt.size() - 1 + i;
+    std::span<const float> row_logits(logits.data() + row * vocab, static_cast<size_t>(vocab));
+    double total = 0;
+    for (float x : row_logits) total += std::exp(static_cast<double>(x));
+    CHECK_NEAR(lp.logprob, row_logits[static_cast<size_t>(events[i].token)] - std::log(total), 1e-4);
+    CHECK_EQ(lp.top.size(), size_t{3});
+    CHECK_EQ(lp.top[0].id, events[i].token);  // greedy: the chosen token is the most likely
+    CHECK(lp.top[0].logprob >= lp.top[1].logprob && lp.top[1].logprob >= lp.top[2].logprob);
+  }
+  GenerationRequest bad = greedy(prompt, 5);
+  bad.logprobs = 21;
+  CHECK_THROWS_WITH(scheduler.submit(bad), ErrorKind::InvalidArgument, "logprobs");
+}
+
+TEST_CASE(after_the_first_token_a_same_prompt_request_shares_the_prompt_blocks) {
+  // How n > 1 choices prefill the prompt once: the first choice's first token means its prompt
+  // is in the cache (full blocks published), so the next ones map those blocks.
+  Engine engine(fixture("tiny-llama"), options());
+  SchedulerOptions so;
+  so.max_unread_tokens = 2;  // the first stays unread, so it pauses alive (not kept, not done)
+  Scheduler scheduler(engine, so);
+  const auto prompt = prompt_of(40, 5, engine.config().vocab_size);  // 2 full blocks + 8
+  // A kept conversation sharing only the first 20 tokens (a system prompt, say) must not be
+  // taken over instead of mapping the 32 tokens the first choice's blocks hold.
+  const auto first = scheduler.submit(greedy(prompt, 50));
+  CHECK(first->wait_first_token(60.0));
+  auto system_only = std::vector<int32_t>(prompt.begin(), prompt.begin() + 20);
+  system_only.push_back(1);
+  CHECK_EQ(scheduler.submit(greedy(system_only, 1))->wait().tokens.size(), size_t{1});
+  CHECK_EQ(scheduler.stats().idle, 1);
+  const auto second = scheduler.submit(greedy(prompt, 3));
+  CHECK_EQ(second->wait().cached_tokens, 32);  // wait(): never paused for its unread tokens
+  first->cancel();
+  wait_for(*first);
+  CHECK(first->wait_first_token(0.0));  // ended: returns at once
+}
+
+TEST_CASE(chunks_deep_into_a_long_prompt_are_smaller) {
+  // tiny-llama: hidden 32, 4 heads of 8, 2 KV heads, ffn 64, so a token's attention costs as
+  // much as its matrix products at position (32 * 96 + 3 * 32 * 64) / 64 = 144. A 120-token
+  // prompt (its context is 128) in 16-token steps would take 8 steps unweighted; with
+  // positions weighted the chunks shrink from 16 tokens at the start to 9 near position 100:
+  // 11 steps.
+  Engine engine(fixture("tiny-llama"), options(512));
+  SchedulerOptions so;
+  so.step_tokens = 16;
+  Scheduler scheduler(engine, so);
+  const GenerationRequest request = greedy(prompt_of(120, 3, engine.config().vocab_size), 1);
+  CHECK(wait_for(*scheduler.submit(request)).tokens == alone("tiny-llama", request));
+  const auto stats = scheduler.stats();
+  CHECK_EQ(stats.batch_tokens, 120);
+  CHECK_EQ(stats.steps, 11);
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -54,8 +54,9 @@ def make_app(llm, **options):
     return create_app(llm, ServerOptions(model_name=MODEL, **options))
 
 
-def make_tiny_chat_model(folder: Path, tokenizer_dir: Path) -> Path:
-    """A 2-layer random llama with SmolLM2's vocabulary, tokenizer and chat template.
+def make_tiny_chat_model(folder: Path, tokenizer_dir: Path, context: int = TINY_CONTEXT) -> Path:
+    """A 2-layer random llama with SmolLM2's vocabulary, tokenizer and chat template, whose
+    context is `context` positions.
 
     Fast enough (hundreds of tokens/s on the reference backend) to exercise the server's
     protocol, queueing and cancellation without waiting on a real model. Its special tokens
@@ -68,7 +69,7 @@ def make_tiny_chat_model(folder: Path, tokenizer_dir: Path) -> Path:
     hidden, layers, heads, kv_heads, head_dim, ffn = 64, 2, 4, 2, 16, 128
     config.update(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-                  max_position_embeddings=TINY_CONTEXT, tie_word_embeddings=False,
+                  max_position_embeddings=context, tie_word_embeddings=False,
                   torch_dtype="float32")
     rng = np.random.default_rng(1234)
 

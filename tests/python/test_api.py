@@ -73,6 +73,51 @@ def test_streamed_pieces_are_whole_utf8_characters(llm):
     assert "".join(pieces) == llm.tokenizer.decode(ids)
 
 
+def test_logprobs_ride_with_the_pieces_and_match_the_logits(llm):
+    prompt = llm.chat_prompt_ids(QUESTION)
+    stream = llm.stream(prompt, max_tokens=12, logprobs=3)
+    pieces = list(stream)
+    completion = stream.completion
+    # The pieces carry the generated tokens (the final stop token comes with no piece) and
+    # their logprobs.
+    assert [t for p in pieces for t in p.token_ids] == completion.token_ids[:-1]
+    records = [r for p in pieces for r in p.logprobs]
+    assert records == completion.logprobs
+    assert [r.id for r in records] == completion.token_ids[:-1]  # <|im_end|> is no text
+    logits = llm.logits(prompt + completion.token_ids[:-1]).astype(np.float64)[len(prompt) - 1:-1]
+    logits -= logits.max(axis=1, keepdims=True)
+    expected = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    # bf16 weights round activations to bf16: a prompt computed in another pass (this one is in
+    # the prefix cache from earlier tests) can differ by one rounding, ~4e-3 here (in f32 they
+    # agree to 1e-6: test_server_openai.py checks 1e-3 on an f32 server).
+    for row, record in enumerate(records):
+        assert abs(record.logprob - expected[row, record.id]) < 1e-2
+        assert [i for i, _ in record.top] == list(np.argsort(-expected[row], kind="stable")[:3])
+        assert record.top[0] == (record.id, record.logprob)  # greedy: the most likely
+    # Without logprobs nothing is computed or carried.
+    plain = llm.stream(prompt, max_tokens=4)
+    assert all(p.logprobs is None for p in plain)
+    # The prompt's own tokens, in one pass: each given the ones before it.
+    found = llm.prompt_logprobs(prompt, top=2)
+    whole = llm.logits(prompt).astype(np.float64)
+    whole -= whole.max(axis=1, keepdims=True)
+    whole -= np.log(np.exp(whole).sum(axis=1, keepdims=True))
+    assert [r.id for r in found] == prompt[1:]
+    assert max(abs(r.logprob - whole[i, r.id]) for i, r in enumerate(found)) < 1e-5  # one pass
+    with pytest.raises(ValueError, match="logprobs"):
+        llm.stream(prompt, logprobs=21)
+
+
+def test_token_bytes_are_exact_even_inside_a_character(llm):
+    tokenizer = llm.tokenizer
+    text = "Ça coûte 5 € 🙂 日本"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert b"".join(tokenizer.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert any(tokenizer.token_bytes(i).decode("utf-8", "replace") != tokenizer.decode([i])
+               or b"\xf0" in tokenizer.token_bytes(i) for i in ids)
+    assert tokenizer.token_bytes(tokenizer.eos_token_id) == tokenizer.eos_token.encode()
+
+
 def test_logits_match_prefill_of_engine(llm):
     ids = llm.chat_prompt_ids(QUESTION)
     logits = llm.logits(ids)

@@ -102,6 +102,26 @@ def test_symlink_loop_is_an_opencamp_error(tmp_path: Path) -> None:
     assert_invalid_model(error, "model.safetensors", "symlink loop")
 
 
+def test_load_config_on_a_symlink_loop_is_an_opencamp_error(tmp_path: Path) -> None:
+    # The model path itself loops (load_config once asked std::filesystem, which threw a bare
+    # RuntimeError), and a folder whose config.json loops.
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "back")
+    (tmp_path / "back").symlink_to(loop)
+    with pytest.raises(OpencampError) as error:
+        _core.load_config(str(loop))
+    assert_invalid_model(error, str(loop), "symlink loop")
+    with pytest.raises(opencamp.ModelNotFoundError, match="symlink loop"):  # not a repo id
+        opencamp.LLM(loop, threads=1)
+    model = tiny_copy(tmp_path)
+    (model / "config.json").unlink()
+    (model / "config.json").symlink_to(model / "other.json")
+    (model / "other.json").symlink_to(model / "config.json")
+    with pytest.raises(OpencampError) as error:
+        _core.load_config(str(model))
+    assert_invalid_model(error, "config.json", "symlink loop")
+
+
 def test_fifos_are_refused_without_blocking(tmp_path: Path, smollm2_tokenizer_dir: Path) -> None:
     # In a child process with a timeout: a regression would block open() forever.
     model = tiny_copy(tmp_path)

@@ -20,7 +20,7 @@ import pytest
 from starlette.testclient import TestClient
 
 import opencamp
-from opencamp.server import ServerOptions, create_app
+from opencamp.server import ServerOptions, create_app, protocol
 from serverkit import (HELLO, assert_openai_error, JSON_TYPE, MODEL, TINY_CONTEXT, hold_streams, live_app, make_app,
                        metric, parse_sse, sse_events, wait_until)
 
@@ -141,6 +141,89 @@ def test_completions_whole_and_streamed(client):
         assert by_ids["choices"][0]["text"] == choice["text"]
 
 
+def test_logprobs_n_and_prompt_lists_in_openai_shapes(client):
+    """The shapes on the tiny model (test_server_openai.py checks the values on SmolLM2)."""
+    body = chat(client, max_tokens=4, logprobs=True, top_logprobs=3).json()
+    assert body["system_fingerprint"].startswith("fp_")
+    [choice] = body["choices"]
+    content = choice["logprobs"]["content"]
+    assert choice["logprobs"]["refusal"] is None and len(content) == 4
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+        assert [set(t) for t in entry["top_logprobs"]] == [{"token", "logprob", "bytes"}] * 3
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"] <= 0  # greedy
+    assert chat(client, max_tokens=2, logprobs=False, top_logprobs=0).json()["choices"][0][
+        "logprobs"] is None
+    # Streamed with n=2: each chunk names its choice and carries its tokens' logprobs.
+    events = parse_sse(chat(client, max_tokens=3, n=2, logprobs=True, stream=True).text)
+    chunks = events[:-1]
+    roles = [c["choices"][0]["index"] for c in chunks if "role" in c["choices"][0]["delta"]]
+    assert roles == [0, 1]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert [m["finish_reason"] for m in mine][-1] == "length"
+        tokens = [e for m in mine if m["logprobs"] for e in m["logprobs"]["content"]]
+        assert len(tokens) == 3
+        assert "".join(e["token"] for e in tokens) == "".join(
+            m["delta"].get("content", "") for m in mine)
+    # Several prompts, n each: choices prompt-major, prompt tokens counted once per prompt.
+    prompts = ["Once upon a time", "Hello"]
+    whole = client.post("/v1/completions", json={"model": MODEL, "prompt": prompts, "n": 2,
+                                                 "max_tokens": 2, "logprobs": 2}).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2, 3]
+    assert whole["choices"][0]["text"] == whole["choices"][1]["text"]  # greedy
+    tokenizer = client.app.state.opencamp.llm.tokenizer
+    assert whole["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert whole["usage"]["completion_tokens"] == 8
+    lp = whole["choices"][2]["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert all(2 <= len(top) <= 3 for top in lp["top_logprobs"])
+    # echo, streamed: the prompt first, then the answer.
+    events = parse_sse(client.post("/v1/completions", json={
+        "model": MODEL, "prompt": "Hello", "max_tokens": 2, "echo": True, "stream": True}).text)
+    assert events[0]["choices"][0]["text"] == "Hello"
+
+
+def test_tokenize_detokenize_and_page_defaults(client, tiny_llm):
+    tokens = client.post("/tokenize", json={"prompt": "Hello there", "return_token_strs": True}).json()
+    assert tokens["tokens"] == tiny_llm.tokenizer.encode("Hello there")
+    assert tokens["token_strs"] == [tiny_llm.tokenizer.id_to_token(t) for t in tokens["tokens"]]
+    assert client.post("/detokenize", json={"tokens": tokens["tokens"]}).json() == {
+        "prompt": "Hello there"}
+    assert_openai_error(client.post("/detokenize", json={"tokens": [10**8]}), 400,
+                        param="tokens", match="vocabulary")
+    assert_openai_error(client.post("/tokenize", json={"prompt": 5}), 400, param="prompt")
+    # The app of these tests sets temperature 0: the page starts from the server's defaults.
+    config = client.get("/config").json()
+    assert config["page_defaults_source"] == "server"
+    assert config["page_defaults"]["temperature"] == 0.0
+    # With no sampling default anywhere, the page (not the API) starts chat-friendly.
+    bare = TestClient(create_app(tiny_llm, ServerOptions(model_name=MODEL)))
+    config = bare.get("/config").json()
+    assert config["page_defaults_source"] == "chat"
+    assert config["page_defaults"] | {"max_tokens": None} == {
+        **config["defaults"], "temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+    assert config["defaults"]["temperature"] == 1.0  # OpenAI's, for the API
+
+
+def test_cors_is_off_unless_origins_are_allowed(client, tiny_llm):
+    preflight = {"Origin": "http://page.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    refused = client.options("/v1/chat/completions", headers=preflight)
+    assert refused.status_code == 405 and "access-control-allow-origin" not in refused.headers
+    assert "access-control-allow-origin" not in client.post(
+        "/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1},
+        headers={"Origin": "http://page.example"}).headers
+    opened = TestClient(make_app(tiny_llm, allowed_origins=("http://page.example",)))
+    allowed = opened.options("/v1/chat/completions", headers=preflight)
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://page.example"
+    answer = opened.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 1},
+                         headers={"Origin": "http://page.example"})
+    assert answer.headers["access-control-allow-origin"] == "http://page.example"
+
+
 def test_stop_strings_cut_the_answer(client):
     full = chat(client, max_tokens=8).json()["choices"][0]["message"]["content"]
     stop = full.strip().split()[2]  # a word from the middle of the greedy answer
@@ -204,13 +287,52 @@ BAD_REQUESTS = [
     ({"messages": HELLO, "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
     ({"messages": HELLO, "max_tokens": "ten"}, 400, "max_tokens", "integer"),
     ({"messages": HELLO, "seed": 1.5}, 400, "seed", "integer"),
-    ({"messages": HELLO, "n": 2}, 400, "n", "n must be 1"),
+    ({"messages": HELLO, "n": 17}, 400, "n", "n must be between 1 and 16"),
+    ({"messages": HELLO, "n": 0}, 400, "n", "n must be"),
+    ({"messages": HELLO, "n": 2, "best_of": 3}, 400, "best_of", "best_of must equal n"),
     ({"messages": HELLO, "stop": [1, 2]}, 400, "stop", "stop"),
     ({"messages": HELLO, "stream": "yes"}, 400, "stream", "true or false"),
     ({"messages": HELLO, "stream_options": {"include_usage": True}}, 400, "stream_options",
      "only allowed when stream"),
-    ({"messages": HELLO, "logprobs": True}, 400, "logprobs", "not supported"),
-    ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    ({"messages": HELLO, "logprobs": "yes"}, 400, "logprobs", "true or false"),
+    ({"messages": HELLO, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs",
+     "between 0 and 20"),
+    ({"messages": HELLO, "top_logprobs": 2}, 400, "top_logprobs", "needs logprobs"),
+    ({"messages": HELLO, "echo": True}, 400, "echo", "only for /v1/completions"),
+    ({"messages": HELLO, "min_tokens": 4}, 400, "min_tokens", "not supported"),
+    ({"messages": HELLO, "use_beam_search": True}, 400, "use_beam_search", "beam search"),
+    ({"messages": HELLO, "prompt_logprobs": 1}, 400, "prompt_logprobs", "echo"),
+    ({"messages": HELLO, "reasoning_effort": "high"}, 400, "reasoning_effort", "not supported"),
+    ({"messages": HELLO, "stream": True, "stream_options": {"continuous_usage_stats": 1}}, 400,
+     "continuous_usage_stats", "true or false"),
+    ({"messages": HELLO, "tools": [{"type": "function"}]}, 400, "tools[0].function.name",
+     "name must be"),
+    ({"messages": HELLO, "tool_choice": "auto"}, 400, "tool_choice",
+     "'tool_choice' is only allowed when 'tools' are specified"),
+    ({"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice",
+     "one of tools"),
+    ({"messages": HELLO, "response_format": {"type": "xml"}}, 400, "response_format",
+     "json_object"),
+    ({"messages": HELLO, "response_format": {"type": "json_schema"}}, 400, "response_format",
+     "json_schema"),
+    ({"messages": HELLO, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, 400,
+     "guided_regex", "only one output constraint"),
+    ({"messages": HELLO, "guided_regex": "(("}, 400, "guided_regex", "not valid"),
+    ({"messages": HELLO, "guided_json": {"type": "bogus"}}, 400, "guided_json", "not valid"),
+    ({"messages": HELLO, "guided_choice": []}, 400, "guided_choice", "non-empty list"),
+    ({"messages": HELLO, "guided_whitespace_pattern": " "}, 400, "guided_whitespace_pattern",
+     "JSON output only"),
+    ({"messages": HELLO, "structured_outputs": {"structural_tag": "x"}}, 400,
+     "structured_outputs", "not supported"),
+    ({"messages": HELLO, "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),
+    ({"messages": HELLO, "logit_bias": {"word": 1}}, 400, "logit_bias", "token ids"),
+    ({"messages": HELLO, "logit_bias": {"99999999": 1}}, 400, "logit_bias",
+     "outside the vocabulary"),
+    ({"messages": HELLO, "allowed_token_ids": [10**9]}, 400, "allowed_token_ids",
+     "outside the vocabulary"),
+    ({"messages": HELLO, "allowed_token_ids": []}, 400, "allowed_token_ids", "at least one"),
+    ({"messages": HELLO, "functions": [{"name": "f"}]}, 400, "functions", "not supported"),
     ({"messages": []}, 400, "messages", "non-empty"),
     ({"messages": "hi"}, 400, "messages", "list"),
     ({}, 400, "messages", "messages"),
@@ -228,6 +350,19 @@ def test_bad_parameters_are_400_in_openai_shape(client, body, status, param, pat
                  match=pattern)
 
 
+@pytest.mark.parametrize("name", sorted(protocol.REFUSED_FIELDS))
+def test_fields_that_would_change_the_answer_are_refused_by_name(client, name):
+    assert_openai_error(chat(client, **{name: 3}), 400, param=name, code="invalid_value")
+
+
+def test_off_values_of_refused_fields_are_accepted(client):
+    off = {"min_tokens": 0, "use_beam_search": False, "modalities": ["text"], "suffix": "",
+           "length_penalty": 1, "add_generation_prompt": True, "bad_words": []}
+    assert chat(client, max_tokens=1, **off).status_code == 200
+    assert chat(client, max_tokens=1, user="someone", store=False,
+                metadata={"k": "v"}).status_code == 200  # nothing in the answer changes
+
+
 @pytest.mark.parametrize("raw,pattern", [
     (b"{not json", "not valid JSON"),
     (b"", "empty"),
@@ -240,15 +375,23 @@ def test_malformed_json_is_400(client, raw, pattern):
 
 
 def test_bad_completion_prompts_are_400(client):
-    assert_openai_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 400,
-                 param="prompt", match="one prompt per request")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": ["a", 5]}), 400,
+                 param="prompt", match="list of strings")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": ["a"] * 17}), 400,
+                 param="prompt", match="at most 16")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": ["a", []]}), 400,
+                 param="prompt", match="empty")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": ["a"] * 5, "n": 16}),
+                        400, param="n", match="64 choices")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": "a", "logprobs": 6}),
+                        400, param="logprobs", match="between 0 and 5")
+    assert_openai_error(client.post("/v1/completions", json={"prompt": "a", "logprobs": True}),
+                        400, param="logprobs", match="integer")
     assert_openai_error(client.post("/v1/completions", json={"prompt": 5}), 400, param="prompt")
     assert_openai_error(client.post("/v1/completions", json={"prompt": [1, 10**9]}), 400,
                  param="prompt", match="outside the vocabulary")
     assert_openai_error(client.post("/v1/completions", json={"prompt": ""}), 400, param="prompt",
                  match="empty")
-    assert_openai_error(client.post("/v1/completions", json={"prompt": "a", "echo": True}), 400,
-                 param="echo")
 
 
 def test_unknown_model_is_404(client):
@@ -539,6 +682,15 @@ def test_client_disconnect_cancels_generation_and_frees_the_cache(live, tiny_llm
                what="the second generation to be cancelled")
     wait_until(lambda: no_leaks(tiny_llm, state), what="the sequence to be freed")
     assert state.metrics.requests.value(endpoint="chat", finish_reason="length") == 0
+
+
+def test_a_disconnect_ends_every_choice_of_an_n_request(live, tiny_llm, held_streams):
+    url, state = live
+    _read_stream(url, {"messages": HELLO, "stream": True, "max_tokens": 3000, "n": 3},
+                 chunks_wanted=2)
+    wait_until(lambda: state.metrics.requests.value(endpoint="chat", finish_reason="cancelled")
+               == 3, what="the three choices to be cancelled")
+    wait_until(lambda: no_leaks(tiny_llm, state), what="their sequences to be freed")
 
 
 def _first_content(response):

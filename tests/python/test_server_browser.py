@@ -110,6 +110,28 @@ def test_page_loads_with_the_server_defaults(page):
     assert page.input_value("#max-tokens") == "48"
     assert page.input_value("#top-p") == "1"
     assert "context 1024 tokens" in page.text_content("#server-info")
+    assert page.is_hidden("#defaults-note")  # the command set them: no chat-page defaults
+
+
+def test_the_page_starts_chat_friendly_when_nothing_sets_defaults(browser, server):
+    """What /config says for a server whose model and command set no sampling defaults
+    (test_server_api.py checks the server's side): the page takes page_defaults and says so."""
+    config = httpx.get(server + "/config").json()
+    chat_friendly = {**config["defaults"], "temperature": 0.8, "top_k": 40, "top_p": 0.95,
+                     "min_p": 0.05}
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route("**/config", lambda route: route.fulfill(json={
+            **config, "page_defaults": chat_friendly, "page_defaults_source": "chat"}))
+        page.goto(server + "/")
+        page.wait_for_function("document.getElementById('temperature').value === '0.8'")
+        assert [page.input_value(f"#{c}") for c in ("top-k", "top-p", "min-p")] == \
+            ["40", "0.95", "0.05"]
+        assert "the model sets none" in page.text_content("#defaults-note")
+        assert page.is_visible("#defaults-note")
+    finally:
+        context.close()
 
 
 def test_markdown_is_rendered_safely(page):

@@ -433,6 +433,14 @@ def _fuzz_strategies():
         "n": st.integers(0, 3) | json_value,
         "logprobs": st.booleans() | json_value,
         "tools": json_value,
+        "tool_choice": json_value,
+        "response_format": st.fixed_dictionaries({"type": st.sampled_from(
+            ["text", "json_object", "json_schema", "xml"])}) | json_value,
+        "guided_json": json_value,
+        "guided_regex": any_text | json_value,
+        "guided_choice": st.lists(any_text, max_size=3) | json_value,
+        "logit_bias": st.dictionaries(any_text, json_value, max_size=2) | json_value,
+        "allowed_token_ids": st.lists(st.integers(-2, 60000), max_size=3) | json_value,
     }
 
     @st.composite

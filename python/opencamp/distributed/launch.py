@@ -42,6 +42,7 @@ class BuildArgs:
     imbalance_threshold: int | None = None
     api_key: str | None = None
     allowed_hosts: tuple[str, ...] | None = None
+    allowed_origins: tuple[str, ...] = ()  # CORS, as opencamp serve --allowed-origins
     max_request_bytes: int = 1 << 20
     http_timeout: float = 30.0
     stream_buffer_tokens: int = 64
@@ -91,6 +92,7 @@ def build_app(args: BuildArgs):
         parallel=args.parallel, max_waiting=args.max_waiting,
         max_request_bytes=args.max_request_bytes,
         allowed_hosts=tuple(args.allowed_hosts) if args.allowed_hosts else None,
+        allowed_origins=tuple(args.allowed_origins),
         body_timeout=args.http_timeout, stream_buffer_tokens=args.stream_buffer_tokens,
         stream_idle_timeout=args.stream_idle_timeout, defaults=dict(args.defaults))
     options.sampling_defaults()  # a bad default fails here, not in every replica

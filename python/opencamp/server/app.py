@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import logging
 import threading
@@ -23,18 +24,22 @@ from typing import Any, Callable
 import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import __version__, sampling
+from ..grammar import GrammarError
 from ..llm import LLM, Completion
 from .metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
-from .protocol import (SSE_DONE, APIError, GenerationParams, ResponseWriter, bad_request,
+from .protocol import (SSE_DONE, APIError, ChoiceResult, GenerationParams, LogprobEntry,
+                       ResponseWriter, bad_request, chat_logprobs, completion_logprobs,
                        context_error, parse_chat_request, parse_completion_request,
                        parse_json_body, sse)
 from .relay import Generation, QueueFull, RequestRelay
+from . import tools as tool_calls
 
 log = logging.getLogger("opencamp.server")
 
@@ -44,6 +49,14 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # values win. OpenAI's defaults unless the model's generation_config.json or the command says.
 # The table (opencamp/sampling.py) holds them, with max_tokens None: up to the end of the context.
 DEFAULT_SAMPLING = {**sampling.server_defaults(), "max_tokens": None}
+
+# Where the start of the chat page's controls comes from when neither the model's
+# generation_config.json nor the command sets any of these: llama.cpp's server defaults
+# (Ollama's are close: 0.8, 40, 0.9). At OpenAI's temperature 1 with no cut-off a small model
+# often wanders off in the long tail (SmolLM2-135M names an invented country as France's
+# capital); min-p 0.05 drops that tail relative to the best token, and top-k / top-p bound it
+# when the distribution is flat. The API itself keeps OpenAI's defaults.
+CHAT_PAGE_SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
 
 
 @dataclass
@@ -64,6 +77,10 @@ class ServerOptions:
     stream_buffer_tokens: int = 64
     # ...and ended, its KV cache freed, when the client reads nothing for this long (0: never).
     stream_idle_timeout: float = 60.0
+    # Web page origins (scheme://host[:port], or "*") whose scripts may call the API (CORS).
+    # Empty: none, so a page from elsewhere cannot use a local server; the chat page is served
+    # from the server's own origin and needs nothing here.
+    allowed_origins: tuple[str, ...] = ()
     defaults: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_SAMPLING
 
     def sampling_defaults(self) -> dict[str, Any]:
@@ -85,6 +102,13 @@ class ServerState:
                  on_load_error: Callable[[BaseException], None] | None = None):
         self.options = options
         self.defaults = options.sampling_defaults()
+        # The chat page's starting controls: the server's defaults, or chat-friendly ones when
+        # nothing (model or command) set any of CHAT_PAGE_SAMPLING's options.
+        given = {k for k, v in options.defaults.items() if v is not None}
+        self.page_defaults_source = "chat" if not given & set(CHAT_PAGE_SAMPLING) else "server"
+        self.page_defaults = ({**self.defaults, **CHAT_PAGE_SAMPLING}
+                              if self.page_defaults_source == "chat" else dict(self.defaults))
+        self.system_fingerprint: str | None = None  # once the model is loaded
         self.metrics = ServerMetrics()
         self.started = int(time.time())
         self.llm: LLM | None = None
@@ -109,6 +133,9 @@ class ServerState:
                                  stream_idle_timeout=self.options.stream_idle_timeout)
         scheduler.on_finish = self._record
         self.llm, self.scheduler = llm, scheduler
+        # What produced the answers: the same fingerprint, the same engine, weights and format.
+        made_by = f"{__version__}|{llm.model_path}|{llm.backend}|{llm.dtype}"
+        self.system_fingerprint = "fp_" + hashlib.sha256(made_by.encode()).hexdigest()[:12]
 
     def start_loading(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -253,8 +280,8 @@ def _check_auth(request: Request) -> None:
 
 def _check_content_type(request: Request) -> None:
     """POST bodies must say they are JSON. A web page can send text/plain (or a form) to any
-    address without a CORS preflight; application/json needs one, which this server never
-    grants, so no page the user visits can drive the API."""
+    address without a CORS preflight; application/json needs one, which this server grants
+    only to the origins of --allowed-origins, so no other page the user visits can drive it."""
     given = request.headers.get("content-type", "")
     if given.split(";")[0].strip().lower() != "application/json":
         shown = f"'{given}'" if given else "none"
@@ -292,21 +319,48 @@ def _check_model(state: ServerState, model: str | None) -> None:
                        param="model", code="model_not_found")
 
 
-def _prompt_ids(llm: LLM, params: GenerationParams) -> list[int]:
-    """Runs on a worker thread: templates and tokenizers can take a while on long prompts."""
+def _prepare(llm: LLM, params: GenerationParams):
+    """Runs on a worker thread: every prompt's ids (templates and tokenizers can take a while on
+    long prompts), the tool plan (None without tools), and one grammar matcher per choice
+    (compiling one can take a while too; each choice advances its own)."""
+    plan = None
+    if params.kind == "chat":
+        template = llm.tokenizer.chat_template if llm._tokenizer is not None else None
+        messages = tool_calls.history_for(tool_calls.tool_format(template), params.messages)
+        if params.tools is not None:
+            plan = tool_calls.plan(template, messages, params.tools, params.tool_choice,
+                                   params.parallel_tool_calls)
+            messages, params.template_tools = plan.messages, plan.template_tools
+        params.messages = messages
+    prompts = _prompt_ids(llm, params)
+    grammar, where = params.grammar, params.grammar_param
+    if plan is not None and plan.grammar is not None:
+        grammar, where = plan.grammar, "tools"
+    constraints = []
+    if grammar is not None:
+        try:
+            constraints = [llm.grammar_constraint(grammar)
+                           for _ in range(len(prompts) * params.n)]
+        except GrammarError as error:  # not valid, or llguidance is not installed
+            raise bad_request(str(error), where) from None
+    return prompts, plan, constraints
+
+
+def _prompt_ids(llm: LLM, params: GenerationParams) -> list[list[int]]:
+    """Every prompt's ids (chat: one)."""
     try:
         if params.kind == "chat":
-            return llm.chat_prompt_ids(params.messages)
-        if isinstance(params.prompt, str):
-            return llm.tokenizer.encode(params.prompt, add_special_tokens=True)
+            return [llm.chat_prompt_ids(params.messages, tools=params.template_tools)]
+        prompts = [llm.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str)
+                   else list(p) for p in params.prompts]
     except ValueError as error:  # chat template errors, messages the template refuses
         raise bad_request(str(error), "messages" if params.kind == "chat" else "prompt") from None
     vocab = llm.config["vocab_size"]
-    bad = [t for t in params.prompt if t >= vocab]
+    bad = [t for p in prompts for t in p if t >= vocab]
     if bad:
         raise bad_request(f"prompt holds token id {bad[0]}, outside the vocabulary [0, {vocab})",
                           "prompt")
-    return list(params.prompt)
+    return prompts
 
 
 def _engine_options(state: ServerState, llm: LLM, params: GenerationParams,
@@ -328,10 +382,17 @@ def _engine_options(state: ServerState, llm: LLM, params: GenerationParams,
     if bad:
         raise bad_request(f"stop_token_ids holds {bad[0]}, outside the vocabulary [0, {vocab})",
                           "stop_token_ids")
+    for name, ids in (("logit_bias", list(params.logit_bias or ())),
+                      ("allowed_token_ids", params.allowed_token_ids or [])):
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise bad_request(f"{name} holds {bad[0]}, outside the vocabulary [0, {vocab})", name)
     sampling = {k: v for k, v in state.defaults.items() if k != "max_tokens"}
     sampling.update(params.sampling)
     return dict(sampling, max_tokens=max_tokens, stop=params.stop,
-                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos)
+                stop_token_ids=params.stop_token_ids, ignore_eos=params.ignore_eos,
+                logprobs=params.logprobs, logit_bias=params.logit_bias,
+                allowed_token_ids=params.allowed_token_ids)
 
 
 def _engine_error(error: BaseException) -> APIError:
@@ -358,6 +419,83 @@ async def _until_disconnected(request: Request) -> None:
 
 # ---- generation routes -------------------------------------------------------------------
 
+@dataclass
+class _Plan:
+    """The choices of one request: prompts x n, numbered as OpenAI numbers them."""
+
+    llm: LLM
+    params: GenerationParams
+    prompts: list[list[int]]  # token ids of each prompt
+    options: list[dict[str, Any]]  # engine options of each prompt (max_tokens included)
+    tools: Any = None  # the tool plan (tools.ToolPlan) of a chat request with tools
+    constraints: list = field(default_factory=list)  # each choice's grammar matcher, if any
+
+    @property
+    def total(self) -> int:
+        return len(self.prompts) * self.params.n
+
+    def prompt_of(self, index: int) -> int:
+        return index // self.params.n
+
+    def choice_options(self, index: int) -> dict[str, Any]:
+        """Choice c of a prompt draws from its own seed stream: seed + c (reproducible when the
+        request, or the server, sets a seed; random otherwise)."""
+        options = dict(self.options[self.prompt_of(index)])
+        choice = index % self.params.n
+        if choice and options.get("seed") is not None:
+            options["seed"] = (options["seed"] + choice) % 2**64
+        if self.constraints:
+            options["grammar"] = self.constraints[index]
+        return options
+
+    def answer(self, text: str, finish_reason: str) -> tuple[str | None, list[dict], str]:
+        """(content, tool_calls, finish_reason) of a finished choice: with tools, the calls read
+        out of the text (tools.parse), finish_reason "tool_calls" when there are any."""
+        if self.tools is None:
+            return text, [], finish_reason
+        content, calls = tool_calls.parse(self.tools, text)
+        return content, calls, "tool_calls" if calls else finish_reason
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    # ---- log-probabilities and echo, in the endpoint's shape ------------------------------
+
+    def entry(self, record) -> LogprobEntry:
+        """A TokenLogprob (opencamp.llm) as the response writes it."""
+        tokenizer = self.llm.tokenizer
+
+        def text(token_id: int) -> tuple[str, bytes]:
+            raw = tokenizer.token_bytes(token_id)
+            return raw.decode("utf-8", errors="replace"), raw
+
+        token, raw = text(record.id)
+        top = [(*text(i), lp) for i, lp in record.top] if record.top is not None else None
+        return LogprobEntry(token, raw, record.logprob, top)
+
+    def logprobs(self, records, text_offset: int = 0) -> dict | None:
+        if self.params.logprobs is None:
+            return None
+        entries = [self.entry(r) for r in records or ()]
+        if self.params.kind == "chat":
+            return chat_logprobs(entries)
+        return completion_logprobs(entries, text_offset)
+
+    def echo_text(self, prompt: int) -> str:
+        given = self.params.prompts[prompt]
+        return given if isinstance(given, str) else self.llm.tokenizer.decode(self.prompts[prompt])
+
+    def echo_entries(self, prompt: int) -> list[LogprobEntry]:
+        """The prompt's tokens for echo with logprobs: the first has no log-probability. Runs
+        on a worker thread (one pass over the prompt)."""
+        ids = self.prompts[prompt]
+        found = self.llm.prompt_logprobs(ids, self.params.logprobs)
+        first = self.llm.tokenizer.token_bytes(ids[0])
+        return ([LogprobEntry(first.decode("utf-8", errors="replace"), first, None)]
+                + [self.entry(r) for r in found])
+
+
 async def _generate(request: Request, kind: str) -> Response:
     arrived = time.perf_counter()
     state = _state(request)
@@ -367,10 +505,12 @@ async def _generate(request: Request, kind: str) -> Response:
     params = parse_chat_request(body) if kind == "chat" else parse_completion_request(body)
     _check_model(state, params.model)
     llm, scheduler = state.admit()
-    prompt_ids = await anyio.to_thread.run_sync(_prompt_ids, llm, params)
-    options = _engine_options(state, llm, params, len(prompt_ids))
-    max_tokens = options.pop("max_tokens")
-    writer = ResponseWriter(kind, state.options.model_name, params.include_usage)
+    prompts, tool_plan, constraints = await anyio.to_thread.run_sync(_prepare, llm, params)
+    plan = _Plan(llm, params, prompts,
+                 [_engine_options(state, llm, params, len(ids)) for ids in prompts],
+                 tools=tool_plan, constraints=constraints)
+    writer = ResponseWriter(kind, state.options.model_name, params.include_usage,
+                            state.system_fingerprint)
 
     def busy(error: QueueFull) -> APIError:
         return APIError(429, f"the server is busy ({error}); retry later",
@@ -381,23 +521,46 @@ async def _generate(request: Request, kind: str) -> Response:
     except QueueFull as error:
         raise busy(error) from None
 
-    async def start() -> Generation:
+    async def start_one(index: int) -> Generation:
         if state.shutdown_deadline_passed:  # admitted before the shutdown, too late to start
             raise _shut_down_error()
+        options = plan.choice_options(index)
         try:
-            return await scheduler.start(prompt_ids, max_tokens, dict(options, max_tokens=max_tokens),
-                                         endpoint=kind, arrived=arrived)
+            return await scheduler.start(plan.prompts[plan.prompt_of(index)],
+                                         options["max_tokens"], options, endpoint=kind,
+                                         arrived=arrived)
         except QueueFull as error:
             raise busy(error) from None
         except Exception as error:  # noqa: BLE001 - the engine refused it: a 400 (or a 500)
             raise _engine_error(error) from None
 
+    async def start(started: list[Generation]) -> list[Generation]:
+        """Every choice, appended to `started` as it starts (the caller cancels them): each
+        prompt's first choice at once, the others of a prompt once its first has its first
+        token, so they map the prompt's KV blocks from the prefix cache instead of prefilling
+        the prompt again."""
+        n = params.n
+        firsts = []
+        for p in range(len(prompts)):
+            firsts.append(await start_one(p * n))
+            started.append(firsts[-1])
+        if n == 1:
+            return started
+        ordered = []
+        for p, first in enumerate(firsts):
+            await anyio.to_thread.run_sync(first.wait_first_token)
+            ordered.append(first)
+            for c in range(1, n):
+                ordered.append(await start_one(p * n + c))
+                started.append(ordered[-1])
+        return ordered
+
     if params.stream:
-        return StreamingResponse(_sse_stream(start, writer), media_type="text/event-stream",
+        return StreamingResponse(_sse_stream(start, writer, plan), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # Not streamed: still stop generating when the client goes away.
-    work = asyncio.ensure_future(_whole(start, writer))
+    work = asyncio.ensure_future(_whole(start, writer, plan))
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -410,44 +573,149 @@ async def _generate(request: Request, kind: str) -> Response:
     return JSONResponse(work.result())
 
 
-async def _whole(start, writer: ResponseWriter) -> dict:
-    generation = await start()
+async def _collect(generation: Generation) -> tuple[str, Completion]:
     pieces: list[str] = []
+    while True:
+        event, value = await generation.next_event()
+        if event == "text":
+            pieces.append(value)
+        elif event == "done":
+            return "".join(pieces), value
+        else:
+            raise _engine_error(value)
+
+
+async def _whole(start, writer: ResponseWriter, plan: _Plan) -> dict:
+    started: list[Generation] = []
     try:
-        while True:
-            event, value = await generation.next_event()
-            if event == "text":
-                pieces.append(value)
-            elif event == "done":
-                c: Completion = value
-                return writer.whole("".join(pieces), c.finish_reason, c.prompt_tokens,
-                                    c.completion_tokens, c.cached_tokens)
-            else:
-                raise _engine_error(value)
+        generations = await start(started)
+        echo = {}
+        if plan.params.echo and plan.params.logprobs is not None:
+            for p in range(len(plan.prompts)):
+                try:
+                    echo[p] = await anyio.to_thread.run_sync(plan.echo_entries, p)
+                except Exception as error:  # noqa: BLE001 - the engine refused it (a full cache)
+                    raise _engine_error(error) from None
+        results = await asyncio.gather(*(_collect(g) for g in generations))
     finally:
-        generation.cancel()  # a no-op once it has finished
+        for generation in started:
+            generation.cancel()  # a no-op once it has finished
+    choices, completion_tokens, cached = [], 0, 0
+    for index, (text, c) in enumerate(results):
+        completion_tokens += c.completion_tokens
+        prompt = plan.prompt_of(index)
+        if index % plan.params.n == 0:
+            cached += c.cached_tokens  # each prompt once, as its first choice found it
+        logprobs = None
+        if plan.params.echo:
+            head = plan.echo_text(prompt)
+            logprobs = plan.logprobs(c.logprobs, text_offset=len(head))
+            if logprobs is not None:
+                before = completion_logprobs(echo[prompt])
+                logprobs = {k: before[k] + logprobs[k] for k in logprobs}
+            text = head + text
+        else:
+            logprobs = plan.logprobs(c.logprobs)
+        content, calls, finish_reason = plan.answer(text, c.finish_reason)
+        choices.append(ChoiceResult(content, finish_reason, logprobs, calls or None))
+    return writer.whole(choices, plan.prompt_tokens, completion_tokens, cached)
 
 
-async def _sse_stream(start, writer: ResponseWriter):
-    first = writer.first_chunk()
-    if first is not None:
-        yield sse(first)
-    generation = None
-    try:
-        generation = await start()
+async def _events(generations: list[Generation]):
+    """(choice index, event, value) from every generation, as they come. Each generation's
+    events are taken only as fast as the response sends them (a bounded queue), so a client
+    that stops reading holds every choice back."""
+    if len(generations) == 1:
+        while True:
+            event, value = await generations[0].next_event()
+            yield 0, event, value
+            if event != "text":
+                return
+    merged: asyncio.Queue = asyncio.Queue(maxsize=len(generations))
+
+    async def pump(index: int, generation: Generation) -> None:
         while True:
             event, value = await generation.next_event()
+            await merged.put((index, event, value))
+            if event != "text":
+                return
+
+    pumps = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        for _ in range(len(generations)):  # until every choice has ended
+            while True:
+                index, event, value = await merged.get()
+                yield index, event, value
+                if event != "text":
+                    break
+    finally:
+        for task in pumps:
+            task.cancel()
+
+
+async def _sse_stream(start, writer: ResponseWriter, plan: _Plan):
+    params = plan.params
+    counts = [0] * plan.total  # completion tokens so far, per choice
+
+    def usage_now() -> dict | None:
+        if not params.continuous_usage:
+            return None
+        done = sum(counts)
+        return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": done,
+                "total_tokens": plan.prompt_tokens + done}
+
+    for index in range(plan.total):
+        first = writer.first_chunk(index, usage_now())
+        if first is not None:
+            yield sse(first)
+    started: list[Generation] = []
+    # With tools, text before a call streams; the calls are read whole (tools.ContentStreamer).
+    streamers = ([tool_calls.ContentStreamer(plan.tools) for _ in range(plan.total)]
+                 if plan.tools is not None else None)
+    try:
+        generations = await start(started)
+        offsets = [0] * plan.total  # characters of each choice's text sent (text_offset)
+        if params.echo:
+            for index in range(plan.total):
+                prompt = plan.prompt_of(index)
+                head = plan.echo_text(prompt)
+                logprobs = None
+                if params.logprobs is not None:
+                    entries = await anyio.to_thread.run_sync(plan.echo_entries, prompt)
+                    logprobs = completion_logprobs(entries)
+                offsets[index] = len(head)
+                yield sse(writer.content_chunk(head, index, logprobs, usage_now()))
+        cached, completion_tokens = 0, 0
+        async for index, event, value in _events(generations):
             if event == "text":
-                yield sse(writer.content_chunk(value))
+                counts[index] += len(value.token_ids)
+                logprobs = plan.logprobs(value.logprobs, offsets[index])
+                piece = value if streamers is None else streamers[index].push(value)
+                if piece:
+                    offsets[index] += len(piece)
+                    yield sse(writer.content_chunk(piece, index,
+                                                   logprobs if piece is value else None,
+                                                   usage_now()))
             elif event == "done":
                 c: Completion = value
-                yield sse(writer.final_chunk(c.finish_reason))
-                if writer.include_usage:
-                    yield sse(writer.usage_chunk(c.prompt_tokens, c.completion_tokens,
-                                                 c.cached_tokens))
-                break
+                counts[index] = c.completion_tokens
+                completion_tokens += c.completion_tokens
+                if index % params.n == 0:
+                    cached += c.cached_tokens
+                finish_reason = c.finish_reason
+                if streamers is not None:
+                    content, calls = streamers[index].finish()
+                    if calls:
+                        finish_reason = "tool_calls"
+                    if content:
+                        yield sse(writer.content_chunk(content, index, None, usage_now()))
+                    for delta in tool_calls.stream_fragments(calls):
+                        yield sse(writer.tool_calls_chunk(delta, index))
+                yield sse(writer.final_chunk(finish_reason, index, usage_now()))
             else:
                 raise value
+        if writer.include_usage:
+            yield sse(writer.usage_chunk(plan.prompt_tokens, completion_tokens, cached))
     except APIError as error:
         yield sse(error.to_dict())
     except Exception as error:  # noqa: BLE001 - reported to the client, the server goes on
@@ -456,7 +724,7 @@ async def _sse_stream(start, writer: ResponseWriter):
         yield sse(_engine_error(error).to_dict())
     finally:
         # Reached on a client disconnect too (the task is cancelled): stop within one step.
-        if generation is not None:
+        for generation in started:
             generation.cancel()
     yield SSE_DONE
 
@@ -526,6 +794,8 @@ async def metrics(request: Request) -> Response:
             ("kept_sequences", "opencamp_kv_cache_kept_conversations", "gauge",
              "Finished conversations kept for their next turn (they give way when blocks are "
              "needed)."),
+            ("kept_blocks", "opencamp_kv_cache_blocks_kept", "gauge",
+             "Blocks the kept conversations hold (with nothing running, every used block)."),
             ("cached_blocks", "opencamp_kv_cache_blocks_cached", "gauge",
              "Blocks kept for prefix reuse by the engine (reclaimable)."),
             ("prefix_hit_blocks", "opencamp_kv_cache_prefix_hit_blocks_total", "counter",
@@ -556,7 +826,74 @@ async def page_config(request: Request) -> Response:
         "ready": llm is not None, "auth_required": bool(state.options.api_key),
         "max_context": llm.max_context if llm else None,
         "backend": llm.backend if llm else None, "defaults": state.defaults,
+        # Where the page's controls start: "server" (the defaults above) or "chat" (the
+        # chat-friendly CHAT_PAGE_SAMPLING, as no model or command default was set).
+        "page_defaults": state.page_defaults, "page_defaults_source": state.page_defaults_source,
     })
+
+
+async def _json_post(request: Request) -> dict:
+    _check_auth(request)
+    _check_content_type(request)
+    return parse_json_body(await _read_body(request))
+
+
+async def tokenize(request: Request) -> Response:
+    """vLLM's POST /tokenize: {"prompt": text, "add_special_tokens": true} or {"messages":
+    [...], "add_generation_prompt": true} -> {"count", "max_model_len", "tokens", "token_strs"}
+    ("return_token_strs": true for each token's text)."""
+    body = await _json_post(request)
+    state = _state(request)
+    _check_model(state, body.get("model"))
+    llm, _ = state.require_ready()
+    strs = body.get("return_token_strs")
+    if strs is not None and not isinstance(strs, bool):
+        raise bad_request("return_token_strs must be true or false", "return_token_strs")
+    if "messages" in body:
+        if body.get("add_generation_prompt") not in (None, True, False):
+            raise bad_request("add_generation_prompt must be true or false",
+                              "add_generation_prompt")
+        messages = parse_chat_request({"messages": body["messages"]}).messages
+        generation_prompt = body.get("add_generation_prompt") is not False
+
+        def encode():
+            try:
+                return llm.tokenizer.encode_chat(messages,
+                                                 add_generation_prompt=generation_prompt)
+            except ValueError as error:
+                raise bad_request(str(error), "messages") from None
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad_request("prompt must be a string (or send messages)", "prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise bad_request("add_special_tokens must be true or false", "add_special_tokens")
+
+        def encode():
+            return llm.tokenizer.encode(prompt, add_special_tokens=special)
+    tokens = await anyio.to_thread.run_sync(encode)
+    token_strs = [llm.tokenizer.id_to_token(t) for t in tokens] if strs else None
+    return JSONResponse({"count": len(tokens), "max_model_len": llm.max_context,
+                         "tokens": tokens, "token_strs": token_strs})
+
+
+async def detokenize(request: Request) -> Response:
+    """vLLM's POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+    body = await _json_post(request)
+    state = _state(request)
+    _check_model(state, body.get("model"))
+    llm, _ = state.require_ready()
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens):
+        raise bad_request("tokens must be a list of non-negative integer token ids", "tokens")
+    vocab = llm.config["vocab_size"]
+    bad = [t for t in tokens if t >= vocab]
+    if bad:
+        raise bad_request(f"tokens holds {bad[0]}, outside the vocabulary [0, {vocab})", "tokens")
+    text = await anyio.to_thread.run_sync(llm.tokenizer.decode, tokens)
+    return JSONResponse({"prompt": text})
 
 
 async def index(request: Request) -> Response:
@@ -688,10 +1025,18 @@ def create_app(model: LLM | Callable[[], LLM], options: ServerOptions, *,
         Route("/v1/models/{model:path}", get_model),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
         APIError: _api_error, HTTPException: _http_error})
     app.state.opencamp = state
+    if options.allowed_origins:
+        # Inside the guard: the Host check comes first; preflights (which carry no API key)
+        # are answered here, the requests that follow still need the key.
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.allowed_origins),
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["*"], max_age=600)
     app.add_middleware(_Guard, state=state)
     return app

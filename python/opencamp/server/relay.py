@@ -86,6 +86,11 @@ class Generation:
         if cancelled:
             stream.cancel()
 
+    def wait_first_token(self) -> None:
+        """Blocks (a worker thread) until the first token was sampled, so the prompt's full KV
+        blocks are in the prefix cache for the request's other choices, or the generation ended."""
+        self._stream.wait_first_token()
+
     def cancel(self) -> None:
         with self._lock:
             self._cancelled = True

@@ -78,7 +78,17 @@ async function loadConfig() {
 }
 
 function applyDefaults() {
-  const d = (state.config && state.config.defaults) || {};
+  // The page's own start (chat-friendly when the model and the command set no sampling
+  // defaults; the API keeps OpenAI's), else the server's defaults.
+  const config = state.config || {};
+  const d = config.page_defaults || config.defaults || {};
+  const note = $("defaults-note");
+  if (config.page_defaults_source === "chat") {
+    note.textContent = "chat defaults: the model sets none (the API keeps OpenAI's)";
+    note.hidden = false;
+  } else {
+    note.hidden = true;
+  }
   const values = {
     "temperature": d.temperature ?? 1, "top-k": d.top_k ?? 0, "top-p": d.top_p ?? 1,
     "min-p": d.min_p ?? 0, "repetition-penalty": d.repetition_penalty ?? 1,
