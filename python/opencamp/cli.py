@@ -375,13 +375,31 @@ def _bind(host: str, port: int) -> socket.socket:
 @click.option("--stream-idle-timeout", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="Seconds a paused stream's client may read nothing before the stream is ended "
                    "and its KV cache freed (0: never).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None,
+              help="Serve N engine replicas on Ray Serve (pip install 'opencamp[ray]'), each "
+                   "with its own KV cache and --threads threads, behind a router that keeps "
+                   "each conversation on the replica holding its cache. A local Ray instance "
+                   "unless --ray-address.")
+@click.option("--min-replicas", type=click.IntRange(min=0), default=None,
+              help="With --max-replicas: autoscale the replicas on queue depth (requests in "
+                   "flight per replica above --max-running add one).")
+@click.option("--max-replicas", type=click.IntRange(min=1), default=None,
+              help="The most replicas autoscaling starts.")
+@click.option("--ray-address", default=None,
+              help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting "
+                   "a local Ray instance; implies Ray Serve.")
+@click.option("--routing", type=click.Choice(["prefix", "random"]), default="prefix",
+              show_default=True,
+              help="With replicas: prefix keeps conversations on their replica; random is for "
+                   "comparison.")
 @_server_sampling_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
 def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
           allowed_hosts, allowed_origins, http_timeout, shutdown_timeout, stream_buffer_tokens,
-          stream_idle_timeout, log_level, **overrides) -> None:
+          stream_idle_timeout, replicas, min_replicas, max_replicas, ray_address, routing,
+          log_level, **overrides) -> None:
     """Serve a model over an OpenAI-compatible API, with a chat page at /.
 
     \b
@@ -400,8 +418,11 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
         raise click.ClickException(str(e)) from None
     context = max_context or config["max_position_embeddings"]
     per_token = _kv_bytes_per_token(config)
+    on_ray = bool(replicas or min_replicas is not None or max_replicas or ray_address)
+    # On a local Ray instance every replica takes its KV cache from this machine's memory.
+    sharing = (max_replicas or replicas or 1) if on_ray and not ray_address else 1
     kv_tokens = _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
-                                    _available_memory())
+                                    _available_memory() // sharing)
     defaults = _generation_config_defaults(path)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     # The id clients send: a local folder's or file's name, else the --model value as given
@@ -422,6 +443,12 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
         options.sampling_defaults()
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+
+    if on_ray:
+        _serve_on_ray(path, name, model, threads or 1, backend, dtype, context, kv_tokens, parallel,
+                      max_waiting, options, replicas, min_replicas, max_replicas, routing, host,
+                      port, ray_address)
+        return
 
     sock = _bind(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
@@ -467,6 +494,37 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     finally:
         sock.close()
     sys.exit(exit_code[0])
+
+
+def _serve_on_ray(path, name, model, threads, backend, dtype, context, kv_tokens, parallel,
+                  max_waiting, options, replicas, min_replicas, max_replicas, routing, host, port,
+                  ray_address) -> None:
+    """opencamp serve --replicas N / --ray-address: the same app in every replica, on Ray Serve."""
+    try:
+        from .distributed import BuildArgs
+        from .distributed.launch import serve_until_signalled
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    args = BuildArgs(
+        model=str(path), model_name=name, replicas=replicas, min_replicas=min_replicas,
+        max_replicas=max_replicas, threads=threads, backend=backend, dtype=dtype,
+        max_context=context, kv_cache_tokens=kv_tokens, parallel=parallel,
+        max_waiting=max_waiting, routing=routing, api_key=options.api_key,
+        allowed_hosts=options.allowed_hosts, allowed_origins=options.allowed_origins,
+        max_request_bytes=options.max_request_bytes,
+        http_timeout=options.body_timeout, stream_buffer_tokens=options.stream_buffer_tokens,
+        stream_idle_timeout=options.stream_idle_timeout, defaults=options.defaults)
+    if replicas is None and min_replicas is None and max_replicas is None:
+        replicas = 1  # --ray-address alone
+    shown = f"{replicas} replicas" if min_replicas is None and max_replicas is None else \
+        f"{min_replicas if min_replicas is not None else 1}-{max_replicas or replicas or 1} replicas"
+    click.echo(f"opencamp {__version__} serving {name} on Ray Serve: {shown} x {threads} threads, "
+               f"{routing} routing, KV cache {kv_tokens} positions per replica; loading {path} "
+               f"in every replica ...", err=True)
+    try:
+        serve_until_signalled(args, announce=name, host=host, port=port, ray_address=ray_address)
+    except (ValueError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 # ---- pull ---------------------------------------------------------------------------------
