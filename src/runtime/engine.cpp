@@ -47,6 +47,7 @@ Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& opt
     fail(ErrorKind::InvalidArgument,
          "prefill_chunk must be > 0; max_context and kv_cache_tokens must be >= 0 (0: default)");
   }
+  resolve_kv_cache_dtype(options.kv_cache_dtype, DType::F32);  // a bad name fails before loading
   BackendOptions backend_options;
   backend_options.pool = &pool_;
   backend_ = maybe_profile(create_backend(options.backend, backend_options));
