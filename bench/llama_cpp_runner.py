@@ -14,6 +14,7 @@ llama.cpp's AMX matmul crashes there (seen with llama-cpp-python 0.3.36 on every
 """
 import ctypes
 import json
+import statistics
 import sys
 import time
 
@@ -69,8 +70,8 @@ def time_file(path: str, threads: int, spec: dict) -> dict:
 def time_contexts(path: str, threads: int, spec: dict) -> dict:
     """Decode speed as the context grows, with the KV cache in spec["kv_type"] ("f16", "q8_0"):
     the prompt is evaluated up to each of spec["contexts"] in turn (one context, growing), and
-    at each, spec["decode_steps"] single-token steps are timed; the prefill of the first
-    context is timed too (a fresh cache)."""
+    at each, spec["decode_steps"] single-token steps are timed (1 / the median step); the
+    prefill of the first context is timed too (a fresh cache, after a warm-up)."""
     if cpu_has_amx():
         default = raw.llama_model_default_params
 
@@ -86,6 +87,9 @@ def time_contexts(path: str, threads: int, spec: dict) -> dict:
                           n_threads=threads, n_threads_batch=threads, n_batch=512, n_ubatch=512,
                           flash_attn=True, type_k=kv_type, type_v=kv_type, verbose=False)
     result = {"kv_type": spec["kv_type"], "decode_tokens_per_s": {}}
+    llm.eval(prompt[:64])  # warm-up (graph allocation), not timed
+    llm.eval([prompt[0]])
+    llm.reset()
     done = 0
     for context in contexts:
         start = time.perf_counter()
@@ -93,10 +97,12 @@ def time_contexts(path: str, threads: int, spec: dict) -> dict:
         if done == 0:
             result["prefill_tokens_per_s"] = context / (time.perf_counter() - start)
         done = context
-        start = time.perf_counter()
+        step_seconds = []
         for i in range(steps):
+            start = time.perf_counter()
             llm.eval([prompt[i]])
-        result["decode_tokens_per_s"][str(context)] = steps / (time.perf_counter() - start)
+            step_seconds.append(time.perf_counter() - start)
+        result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(step_seconds)
     llm.close()
     return result
 

@@ -11,11 +11,15 @@ to this Python): positions past 8192 only measure speed.
 
 Per engine and KV type one sequence grows through the contexts: the prompt (synthetic ids) is
 prefilled up to each context, then `steps` single-token decode steps are timed there; the
-prefill of the first context (from an empty cache) is timed too. opencamp runs every KV type
+prefill of the first context (from an empty cache) is timed too; decode speed is 1 / the median
+step time (a shared machine's bursts of other work fall outside the median). Both engines warm up
+first (a short prefill and a decode step, not timed). opencamp runs every KV type
 (f32, bf16, f16, q8_0; backend auto, prefill in chunks of 256), llama.cpp (llama-cpp-python in its
 own process, bench/llama_cpp_runner.py, flash attention on: llama.cpp needs it for a quantised V
 cache) f16 and q8_0 caches. `--skip-16k-f32-bf16` leaves out opencamp's f32 and bf16 caches at
-the largest context of SmolLM2 (each one more 16k prefill). Timing only; never pass/fail.
+the largest context (each one more 16k prefill). `--stall-check 16384`: instead, a
+stream decoding on Gemma 3 while a 16k-token prompt arrives (the gaps between its tokens, the
+peak memory). Timing only; never pass/fail.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -59,6 +64,10 @@ def time_opencamp(path: Path, kv: str, contexts: list[int], steps: int, threads:
                           kv_cache_tokens=max(contexts) + steps * len(contexts) + 16, kv_cache_dtype=kv)
     result = {"kv_type": engine.kv_cache_dtype, "bytes_per_position": engine.cache_stats()["bytes_per_position"],
               "decode_tokens_per_s": {}}
+    warm = engine.create_sequence()  # first-call costs (pools, scratch) out of the timings
+    engine.prefill(warm, prompt[:64])
+    engine.decode([warm], [prompt[0]])
+    engine.free_sequence(warm)
     seq = engine.create_sequence()
     done = 0
     for context in contexts:
@@ -67,10 +76,12 @@ def time_opencamp(path: Path, kv: str, contexts: list[int], steps: int, threads:
         if done == 0:
             result["prefill_tokens_per_s"] = context / (time.perf_counter() - start)
         done = context
-        start = time.perf_counter()
+        step_seconds = []
         for i in range(steps):
+            start = time.perf_counter()
             engine.decode([seq], [prompt[i]])
-        result["decode_tokens_per_s"][str(context)] = steps / (time.perf_counter() - start)
+            step_seconds.append(time.perf_counter() - start)
+        result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(step_seconds)
     engine.free_sequence(seq)
     return result
 
@@ -85,6 +96,52 @@ def time_llama_cpp(path: Path, kv: str, contexts: list[int], steps: int, threads
     return json.loads(done.stdout)
 
 
+def stall_check(path: Path, prompt_tokens: int, threads: int, kv: str) -> dict:
+    """A stream decoding while a `prompt_tokens` prompt arrives: the longest gap between its
+    tokens while the long prompt is prefilled (chunked: 256 tokens a step, between decode
+    steps), the decode gaps before it, and the peak resident memory (a score matrix of the long
+    prompt would be prompt_tokens^2 * 4 bytes per head)."""
+    import resource
+    import threading
+
+    from opencamp import LLM
+
+    llm = LLM(path, threads=threads, max_context=prompt_tokens + 64, kv_cache_dtype=kv)
+    vocab = llm.config["vocab_size"]
+    greedy = _core.SamplingParams()
+    greedy.temperature = 0.0
+    short = llm.scheduler.submit(synthetic_prompt(32, vocab), max_tokens=100_000, sampling=greedy, ignore_eos=True)
+    times = []
+    long_request = {}
+
+    def submit_long():
+        long_request["submitted"] = time.perf_counter()
+        result = llm.scheduler.submit(synthetic_prompt(prompt_tokens, vocab), max_tokens=1, sampling=greedy,
+                                      ignore_eos=True).wait()
+        long_request["done"] = time.perf_counter()
+        long_request["prefill_seconds"] = result["prefill_seconds"]
+
+    submitter = threading.Thread(target=submit_long)
+    while len(times) < 40:  # decode a while alone first
+        short.next()
+        times.append(time.perf_counter())
+    submitter.start()
+    while submitter.is_alive():
+        if short.next() is None:
+            break
+        times.append(time.perf_counter())
+    submitter.join()
+    short.cancel()
+    alone = [b - a for a, b in zip(times[:39], times[1:40])]
+    during = [b - a for a, b in zip(times, times[1:])
+              if long_request["submitted"] <= a and b <= long_request["done"]]
+    return {"prompt_tokens": prompt_tokens, "kv_type": kv,
+            "long_prompt_seconds": long_request["done"] - long_request["submitted"],
+            "short_stream_tokens_during": len(during),
+            "short_stream_gap_alone_s": max(alone), "short_stream_max_gap_during_s": max(during, default=float("nan")),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--contexts", default="512,4096,16384")
@@ -93,7 +150,12 @@ def main() -> None:
     parser.add_argument("--models", default="gemma3,smollm2")
     parser.add_argument("--skip-16k-f32-bf16", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--stall-check", type=int, default=0, metavar="TOKENS",
+                        help="Only: a stream decoding on Gemma 3 while a prompt of TOKENS arrives.")
     args = parser.parse_args()
+    if args.stall_check:
+        print(json.dumps(stall_check(GEMMA, args.stall_check, args.threads, "f16"), indent=2))
+        return
     contexts = [int(c) for c in args.contexts.split(",")]
     results = {}
     for name in args.models.split(","):
@@ -106,7 +168,7 @@ def main() -> None:
         rows = []
         for kv in KV_TYPES:
             ctx = contexts
-            if args.skip_16k_f32_bf16 and name == "smollm2" and kv in ("f32", "bf16"):
+            if args.skip_16k_f32_bf16 and kv in ("f32", "bf16"):
                 ctx = contexts[:-1]
             rows.append({"engine": "opencamp", **time_opencamp(path, kv, ctx, args.steps, args.threads, prompt)})
             print(name, rows[-1], flush=True)
@@ -115,7 +177,7 @@ def main() -> None:
             print(name, rows[-1], flush=True)
         results[name] = rows
         print(f"\n{name} ({path.name}), {args.threads} threads, decode tokens/s ({args.steps} steps) at each context:")
-        print("| engine | KV cache | bytes / position | prefill 512 tok/s | " +
+        print(f"| engine | KV cache | bytes / position | prefill {contexts[0]} tok/s | " +
               " | ".join(f"decode @{c}" for c in contexts) + " |")
         print("|---|---|---:|---:|" + "---:|" * len(contexts))
         for r in rows:
