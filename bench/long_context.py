@@ -149,6 +149,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default="gemma3,smollm2")
     parser.add_argument("--skip-16k-f32-bf16", action="store_true")
+    parser.add_argument("--kv-types", default=",".join(KV_TYPES), help="opencamp's, comma-separated")
+    parser.add_argument("--llama-kv-types", default=",".join(LLAMA_KV_TYPES), help="llama.cpp's")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--stall-check", type=int, default=0, metavar="TOKENS",
                         help="Only: a stream decoding on Gemma 3 while a prompt of TOKENS arrives.")
@@ -166,13 +168,13 @@ def main() -> None:
         vocab = _core.load_config(str(path))["vocab_size"]
         prompt = synthetic_prompt(max(contexts), vocab)
         rows = []
-        for kv in KV_TYPES:
+        for kv in args.kv_types.split(","):
             ctx = contexts
             if args.skip_16k_f32_bf16 and kv in ("f32", "bf16"):
                 ctx = contexts[:-1]
             rows.append({"engine": "opencamp", **time_opencamp(path, kv, ctx, args.steps, args.threads, prompt)})
             print(name, rows[-1], flush=True)
-        for kv in LLAMA_KV_TYPES:
+        for kv in args.llama_kv_types.split(","):
             rows.append({"engine": "llama.cpp", **time_llama_cpp(path, kv, contexts, args.steps, args.threads, prompt)})
             print(name, rows[-1], flush=True)
         results[name] = rows
