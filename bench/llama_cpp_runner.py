@@ -5,6 +5,8 @@ fails one case, not the run).
     python llama_cpp_runner.py quantize SOURCE.gguf TARGET.gguf FTYPE     (e.g. MOSTLY_Q4_K_M)
     python llama_cpp_runner.py time FILE.gguf THREADS < {"prefill": [...], "decode_context": [...],
                                                          "decode_steps": N, "rounds": R}
+    python llama_cpp_runner.py contexts FILE.gguf THREADS < {"contexts": [512, ...], "decode_steps": N,
+                                                             "kv_type": "f16" | "q8_0", "prompt": [...]}
 
 `time` prints one JSON object: the best prefill and decode seconds, and whether llama.cpp's
 extra buffer types (AMX, repacked rows) were on. They are switched off on CPUs with AMX: this
@@ -12,6 +14,7 @@ llama.cpp's AMX matmul crashes there (seen with llama-cpp-python 0.3.36 on every
 """
 import ctypes
 import json
+import statistics
 import sys
 import time
 
@@ -64,10 +67,52 @@ def time_file(path: str, threads: int, spec: dict) -> dict:
     return {"prefill_s": prefill, "decode_s": decode, "extra_buffers": extra_buffers}
 
 
+def time_contexts(path: str, threads: int, spec: dict) -> dict:
+    """Decode speed as the context grows, with the KV cache in spec["kv_type"] ("f16", "q8_0"):
+    the prompt is evaluated up to each of spec["contexts"] in turn (one context, growing), and
+    at each, spec["decode_steps"] single-token steps are timed (1 / the median step); the
+    prefill of the first context is timed too (a fresh cache, after a warm-up)."""
+    if cpu_has_amx():
+        default = raw.llama_model_default_params
+
+        def without_extra_buffers():
+            params = default()
+            params.use_extra_bufts = False
+            return params
+
+        raw.llama_model_default_params = without_extra_buffers
+    kv_type = {"f16": raw.GGML_TYPE_F16, "q8_0": raw.GGML_TYPE_Q8_0}[spec["kv_type"]]
+    contexts, steps, prompt = spec["contexts"], spec["decode_steps"], spec["prompt"]
+    llm = llama_cpp.Llama(model_path=path, n_ctx=max(contexts) + steps * len(contexts) + 16,
+                          n_threads=threads, n_threads_batch=threads, n_batch=512, n_ubatch=512,
+                          flash_attn=True, type_k=kv_type, type_v=kv_type, verbose=False)
+    result = {"kv_type": spec["kv_type"], "decode_tokens_per_s": {}}
+    llm.eval(prompt[:64])  # warm-up (graph allocation), not timed
+    llm.eval([prompt[0]])
+    llm.reset()
+    done = 0
+    for context in contexts:
+        start = time.perf_counter()
+        llm.eval(prompt[done:context])
+        if done == 0:
+            result["prefill_tokens_per_s"] = context / (time.perf_counter() - start)
+        done = context
+        step_seconds = []
+        for i in range(steps):
+            start = time.perf_counter()
+            llm.eval([prompt[i]])
+            step_seconds.append(time.perf_counter() - start)
+        result["decode_tokens_per_s"][str(context)] = 1.0 / statistics.median(step_seconds)
+    llm.close()
+    return result
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "quantize":
         quantize(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "time":
         print(json.dumps(time_file(sys.argv[2], int(sys.argv[3]), json.load(sys.stdin))))
+    elif sys.argv[1] == "contexts":
+        print(json.dumps(time_contexts(sys.argv[2], int(sys.argv[3]), json.load(sys.stdin))))
     else:
-        sys.exit(f"unknown command {sys.argv[1]!r}: quantize or time")
+        sys.exit(f"unknown command {sys.argv[1]!r}: quantize, time or contexts")

@@ -221,14 +221,33 @@ void CudaBackend::rope(const Tensor& x, std::span<const int32_t> positions, cons
   s.run_rope_store({op}, nullptr);
 }
 
+// A KV cache view the kernels read: its type's elements on the device, keys and values with the
+// same strides; q8_0's f16 scales with groups contiguous, keys' and values' alike.
+static void expect_kv_cache(const KVLayerView& cache, const char* op) {
+  const DType element = cache.dtype == DType::Q8_0 ? DType::I8 : cache.dtype;
+  expect(is_kv_dtype(cache.dtype) && cache.keys.dtype == element && cache.values.dtype == element &&
+             cache.keys.ndim == 4 && cache.values.ndim == 4,
+         op, "the cache must be f32, bf16, f16 or q8_0 (i8 quants) [n_blocks, block_size, Hkv, hd]");
+  expect_device(cache.keys, op, "cache keys");
+  expect_device(cache.values, op, "cache values");
+  if (cache.dtype == DType::Q8_0) {
+    const Tensor& ks = cache.key_scales;
+    const Tensor& vs = cache.value_scales;
+    expect(ks.dtype == DType::F16 && vs.dtype == DType::F16 && ks.ndim == 4 && ks.shape == vs.shape &&
+               ks.stride == vs.stride && ks.stride[3] == 1 && ks.shape[3] * kKVQuantGroup == cache.keys.shape[3],
+           op, "a q8_0 cache needs f16 scales [n_blocks, block_size, Hkv, hd / 32], groups contiguous");
+    expect_device(ks, op, "cache key scales");
+    expect_device(vs, op, "cache value scales");
+  }
+}
+
 void CudaBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
                            std::span<const KVSlot> slots) {
   Impl& s = *impl_;
   s.rethrow_deferred();
   expect_f32(keys, 3, "kv_store", "keys");
   expect_f32(values, 3, "kv_store", "values");
-  expect_f32(cache.keys, 4, "kv_store", "cache keys");
-  expect_f32(cache.values, 4, "kv_store", "cache values");
+  expect_kv_cache(cache, "kv_store");
   const Tensor& pool = cache.keys;
   expect(keys.shape[0] == static_cast<int64_t>(slots.size()) && keys.shape[1] == pool.shape[2] &&
              keys.shape[2] == pool.shape[3] && values.shape == keys.shape && cache.values.shape == pool.shape &&
@@ -263,8 +282,7 @@ void CudaBackend::attention(const Tensor& out, const Tensor& queries, const KVLa
   s.rethrow_deferred();
   expect_f32(out, 3, "attention", "out");
   expect_f32(queries, 3, "attention", "queries");
-  expect_f32(cache.keys, 4, "attention", "cache keys");
-  expect_f32(cache.values, 4, "attention", "cache values");
+  expect_kv_cache(cache, "attention");
   const int64_t T = queries.shape[0], Hq = queries.shape[1], hd = queries.shape[2];
   const int64_t Hkv = cache.keys.shape[2];
   expect(out.shape == queries.shape && T == static_cast<int64_t>(slots.size()) && hd == cache.keys.shape[3] &&

@@ -4,6 +4,25 @@
 
 namespace opencamp::cuda {
 
+// The kernels' view of one layer of the KV cache (checked by the backend: keys and values share
+// their strides, q8_0's key and value scales theirs).
+static DeviceCache device_cache(const KVLayerView& cache) {
+  DeviceCache c{cache.keys.data, cache.values.data, cache.keys.stride[0], cache.keys.stride[1],
+                cache.keys.stride[2], cache.keys.stride[3]};
+  c.type = cache.dtype == DType::BF16  ? KVType::BF16
+           : cache.dtype == DType::F16 ? KVType::F16
+           : cache.dtype == DType::Q8_0 ? KVType::Q8_0
+                                        : KVType::F32;
+  if (cache.dtype == DType::Q8_0) {
+    c.key_scales = cache.key_scales.ptr<uint16_t>();
+    c.value_scales = cache.value_scales.ptr<uint16_t>();
+    c.ss0 = cache.key_scales.stride[0];
+    c.ss1 = cache.key_scales.stride[1];
+    c.ss2 = cache.key_scales.stride[2];
+  }
+  return c;
+}
+
 void CudaBackend::Impl::require_eager(const char* op) {
   if (graph_mode()) graph_contract_broken(op, "it needs host data uploaded in the middle of a graphed pass");
 }
@@ -141,8 +160,7 @@ void CudaBackend::Impl::run_rope_store(const std::vector<RopeOp>& ropes, const S
     a.v_s1 = store->values.stride[1];
     a.v_s2 = store->values.stride[2];
     a.kv_heads = store->keys.shape[1];
-    a.cache = DeviceCache{pool.ptr<float>(), store->cache.values.ptr<float>(), pool.stride[0], pool.stride[1],
-                          pool.stride[2], pool.stride[3]};
+    a.cache = device_cache(store->cache);
     a.slots = device_slots(store->slots, pool.shape[1], "kv_store");
     a.tokens = store->keys.shape[0];
     a.head_dim = store->keys.shape[2];
@@ -163,8 +181,7 @@ void CudaBackend::Impl::run_attention(const Tensor& out, const Tensor& queries, 
   a.o_s0 = out.stride[0];
   a.o_s1 = out.stride[1];
   a.o_s2 = out.stride[2];
-  a.cache = DeviceCache{cache.keys.ptr<float>(), cache.values.ptr<float>(), cache.keys.stride[0],
-                        cache.keys.stride[1], cache.keys.stride[2], cache.keys.stride[3]};
+  a.cache = device_cache(cache);
   a.slots = device_slots(slots, block_size, "attention");
   a.tokens = static_cast<int>(T);
   a.heads = static_cast<int>(Hq);

@@ -77,10 +77,11 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionA
       float k = 0.0f, v = 0.0f;
       if (key < key_end) {
         const int64_t block = table[key / a.slots.block_size];
-        const int64_t at = block * a.cache.s0 + (key % a.slots.block_size) * a.cache.s1 +
-                           kv_head * a.cache.s2 + d * a.cache.s3;
-        k = a.cache.keys[at];
-        v = a.cache.values[at];
+        const int64_t slot = key % a.slots.block_size;
+        const int64_t at = block * a.cache.s0 + slot * a.cache.s1 + kv_head * a.cache.s2 + d * a.cache.s3;
+        const int64_t scale_at = block * a.cache.ss0 + slot * a.cache.ss1 + kv_head * a.cache.ss2 + d / kKVQuantGroup;
+        k = load_kv(a.cache, a.cache.keys, a.cache.key_scales, at, scale_at);  // the stored type, in the tile as f32
+        v = load_kv(a.cache, a.cache.values, a.cache.value_scales, at, scale_at);
       }
       key_tile[j * tile_stride + d] = k;
       value_tile[j * tile_stride + d] = v;

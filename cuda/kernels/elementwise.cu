@@ -92,7 +92,8 @@ __global__ void rope_store_kernel(RopeStoreArgs a) {
     for (int s = 0; s < 2; ++s) {
       if (a.rotated[s] == nullptr) continue;
       float* base = a.rotated[s] + t * a.rot_s0[s];
-      const bool also_store = a.store && a.store_keys_rotated && s == 1;
+      // q8_0 stores whole groups after the rotation: the keys are read back below.
+      const bool also_store = a.store && a.store_keys_rotated && s == 1 && a.cache.type != KVType::Q8_0;
       for (int64_t item = threadIdx.x; item < a.rot_heads[s] * half; item += blockDim.x) {
         const int64_t h = item / half, i = item % half;
         // f32 angle, as transformers and the cpu oracle compute it.
@@ -105,19 +106,35 @@ __global__ void rope_store_kernel(RopeStoreArgs a) {
         *first = y0;
         *second = y1;
         if (also_store) {
-          a.cache.keys[cache_offset(a.cache, a.slots, t, h, i)] = y0;
-          a.cache.keys[cache_offset(a.cache, a.slots, t, h, i + half)] = y1;
+          store_kv(a.cache, a.cache.keys, cache_offset(a.cache, a.slots, t, h, i), y0);
+          store_kv(a.cache, a.cache.keys, cache_offset(a.cache, a.slots, t, h, i + half), y1);
         }
       }
     }
   }
   if (!a.store) return;
   __syncthreads();  // values (or unrotated keys) are read after every rotation, as in sequence
+  if (a.cache.type == KVType::Q8_0) {  // one thread per 32-dim group of a head's keys or values
+    const int64_t groups = a.head_dim / kKVQuantGroup;
+    for (int64_t item = threadIdx.x; item < 2 * a.kv_heads * groups; item += blockDim.x) {
+      const bool is_key = item < a.kv_heads * groups;
+      const int64_t h = (item % (a.kv_heads * groups)) / groups, g = item % groups;
+      const int64_t at = cache_offset(a.cache, a.slots, t, h, g * kKVQuantGroup);
+      const int32_t position = a.slots.positions[t];
+      const int64_t block = a.slots.tables[a.slots.table_offsets[t] + position / a.slots.block_size];
+      const int64_t scale_at = block * a.cache.ss0 + (position % a.slots.block_size) * a.cache.ss1 + h * a.cache.ss2 + g;
+      const float* x = is_key ? a.keys + t * a.k_s0 + h * a.k_s1 + g * kKVQuantGroup * a.k_s2
+                              : a.values + t * a.v_s0 + h * a.v_s1 + g * kKVQuantGroup * a.v_s2;
+      store_kv_group(static_cast<int8_t*>(is_key ? a.cache.keys : a.cache.values), at, a.cache.s3,
+                     (is_key ? a.cache.key_scales : a.cache.value_scales) + scale_at, x, is_key ? a.k_s2 : a.v_s2);
+    }
+    return;
+  }
   for (int64_t item = threadIdx.x; item < a.kv_heads * a.head_dim; item += blockDim.x) {
     const int64_t h = item / a.head_dim, d = item % a.head_dim;
     const int64_t at = cache_offset(a.cache, a.slots, t, h, d);
-    if (!a.store_keys_rotated) a.cache.keys[at] = a.keys[t * a.k_s0 + h * a.k_s1 + d * a.k_s2];
-    a.cache.values[at] = a.values[t * a.v_s0 + h * a.v_s1 + d * a.v_s2];
+    if (!a.store_keys_rotated) store_kv(a.cache, a.cache.keys, at, a.keys[t * a.k_s0 + h * a.k_s1 + d * a.k_s2]);
+    store_kv(a.cache, a.cache.values, at, a.values[t * a.v_s0 + h * a.v_s1 + d * a.v_s2]);
   }
 }
 

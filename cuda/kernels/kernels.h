@@ -69,11 +69,21 @@ struct DeviceSlots {
   int block_size;
 };
 
-// One layer of the cache: [n_blocks, block_size, Hkv, hd] f32 each, with these strides.
+// The types a KV cache holds (KVLayerView::dtype): q8_0 is int8 quants with one f16 scale per
+// 32 dims of a head, the scales apart.
+enum class KVType : int { F32 = 0, BF16 = 1, F16 = 2, Q8_0 = 3 };
+constexpr int kKVQuantGroup = 32;
+
+// One layer of the cache: keys and values [n_blocks, block_size, Hkv, hd] of `type`, with these
+// strides (elements); q8_0's scales [n_blocks, block_size, Hkv, hd / 32] with theirs.
 struct DeviceCache {
-  float* keys;
-  float* values;
+  void* keys;
+  void* values;
   int64_t s0, s1, s2, s3;
+  KVType type = KVType::F32;
+  uint16_t* key_scales = nullptr;
+  uint16_t* value_scales = nullptr;
+  int64_t ss0 = 0, ss1 = 0, ss2 = 0;  // scale strides; groups contiguous
 };
 
 // Rotary embedding (rotate-half, angle = f32(position) * inv_freq[i]) of up to two tensors in

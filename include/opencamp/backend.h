@@ -23,11 +23,36 @@ struct KVSlot {
   int32_t position = 0;
 };
 
-// One layer of the paged KV cache: a pool of blocks of block_size token positions.
+// The KV cache's q8_0: one f16 scale per this many consecutive dims of a head.
+inline constexpr int kKVQuantGroup = 32;
+
+// One layer of the paged KV cache: a pool of blocks of block_size token positions, held in the
+// cache's KV type (EngineOptions::kv_cache_dtype). f32, bf16 and f16 are per element; q8_0 is
+// GGUF's Q8_0 numbers (x = d * q, q an int8, d = max|x| / 127 in f16 per 32 dims of a head)
+// with the scales kept apart from the quants, so the quants have element strides (and the
+// transposed key layout) like the other types. Backends read the stored type directly.
 struct KVLayerView {
-  Tensor keys;    // [n_blocks, block_size, n_kv_heads, head_dim] f32
-  Tensor values;  // [n_blocks, block_size, n_kv_heads, head_dim] f32
+  Tensor keys;    // [n_blocks, block_size, n_kv_heads, head_dim] f32 / bf16 / f16, i8 for q8_0
+  Tensor values;  // [n_blocks, block_size, n_kv_heads, head_dim] the same
+  DType dtype = DType::F32;  // F32, BF16, F16 or Q8_0
+  Tensor key_scales = {};    // q8_0 only: [n_blocks, block_size, n_kv_heads, head_dim / 32] f16
+  Tensor value_scales = {};  // q8_0 only: the same (empty for the other types)
 };
+
+// The types a KV cache can hold: f32, bf16, f16, q8_0.
+bool is_kv_dtype(DType dtype);
+// Bytes one position of one KV head takes (keys or values) in `kv_dtype`: the one formula every
+// size of the cache is computed from (q8_0: 34 bytes per 32 dims, quants and scale).
+size_t kv_head_bytes(DType kv_dtype, int64_t head_dim);
+
+// The reference reading and writing of one head's row of a KV pool, through the views'
+// strides: what every backend's kv_store and attention are tested against.
+enum class KVPart { Keys, Values };
+// Element d of row (block, slot, head), as f32.
+float kv_load(const KVLayerView& cache, KVPart part, int64_t block, int64_t slot, int64_t head, int64_t d);
+// Rounds x to the cache's type (nearest even; q8_0 as GGUF's quantize_q8_0) and stores it.
+void kv_store_row(const KVLayerView& cache, KVPart part, int64_t block, int64_t slot, int64_t head,
+                  const float* x);  // [head_dim]
 
 // What a weight is for, so a backend can pick its layout: a matmul weight may be packed for the
 // backend's kernels; an embedding table is read by rows.
@@ -98,7 +123,8 @@ class Backend {
                     std::span<const int32_t> positions,  // [T]
                     const Tensor& inv_freq);             // [head_dim / 2] f32
 
-  // Writes each token's key and value into its slot of the cache.
+  // Writes each token's key and value into its slot of the cache, rounded (or quantised) to
+  // the cache's KV type as kv_store_head (kv_format.h) defines.
   virtual void kv_store(const KVLayerView& cache,
                         const Tensor& keys,    // [T, n_kv_heads, head_dim] f32
                         const Tensor& values,  // [T, n_kv_heads, head_dim] f32

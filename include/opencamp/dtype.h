@@ -16,6 +16,7 @@ namespace opencamp {
 
 enum class DType : uint8_t {
   F32, BF16, F16, I32,
+  I8,  // the quants of a q8_0 KV cache (their scales are stored apart, see KVLayerView)
   // Block formats, with GGUF's layouts (ggml-common.h): 32 values per block ...
   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1,
   // ... and the K formats: 256 values per super-block of 8 or 16 scaled sub-blocks.
@@ -75,6 +76,7 @@ inline float load_as_f32(const void* data, DType dtype, int64_t index) {
     case DType::BF16: return bf16_to_f32(static_cast<const uint16_t*>(data)[index]);
     case DType::F16: return f16_to_f32(static_cast<const uint16_t*>(data)[index]);
     case DType::I32: return static_cast<float>(static_cast<const int32_t*>(data)[index]);
+    case DType::I8: return static_cast<float>(static_cast<const int8_t*>(data)[index]);
     default: return load_block_element(data, dtype, index);
   }
 }

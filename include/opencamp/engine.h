@@ -40,7 +40,15 @@ struct EngineOptions {
   int max_context = 0;           // positions per sequence; 0: the model's max_position_embeddings
   int kv_cache_tokens = 0;       // positions in the shared KV pool; 0: max_context
   int prefill_chunk = 256;       // tokens per forward pass during prefill (bounds scratch memory)
+  // What the KV cache holds: "f32", "bf16", "f16", "q8_0", or "auto" (see resolve_kv_cache_dtype).
+  std::string kv_cache_dtype = "auto";
 };
+
+// The KV cache type a request names. "auto" follows the weights, as they are held: f32 weights
+// keep the f32 reference, bf16 weights a bf16 cache (as vLLM and transformers run them), and
+// quantised weights (GGUF block formats) an f16 cache (llama.cpp's default for those files).
+// Throws Error(InvalidArgument) for any other name.
+DType resolve_kv_cache_dtype(const std::string& requested, DType weight_dtype);
 
 enum class FinishReason { Stop, Length, Cancelled };
 const char* finish_reason_name(FinishReason reason);  // "stop", "length", "cancelled"
@@ -92,6 +100,7 @@ class Engine {
   DType matmul_activation_dtype() const { return backend_->matmul_activation_dtype(weight_dtype()); }
   int threads() const { return pool_.size(); }
   int max_context() const { return max_context_; }
+  DType kv_cache_dtype() const { return cache_->shape().dtype; }
 
   // Sequences: independent token streams sharing the KV pool.
   int create_sequence();

@@ -27,6 +27,7 @@ struct KVCacheShape {
   int head_dim = 0;
   int block_size = 16;  // token positions per block
   int n_blocks = 0;
+  DType dtype = DType::F32;  // what keys and values are held in: f32, bf16, f16 or q8_0
 };
 
 class KVCache {
@@ -38,10 +39,11 @@ class KVCache {
   // Every layer's view, in layer order: what a model's forward pass sees of the cache.
   std::span<const KVLayerView> layers() const { return layers_; }
   size_t bytes() const;
-  // Bytes one token position takes in every layer (keys and values).
+  // Bytes one token position takes in every layer (keys and values, q8_0's scales included).
   size_t bytes_per_position() const;
-  // The same for a cache of this shape, before there is one (sizing a cache to a memory budget).
-  static size_t bytes_per_position(int n_layers, int n_kv_heads, int head_dim);
+  // The same for a cache of this shape, before there is one (sizing a cache to a memory budget);
+  // the cache allocates exactly n_blocks * block_size times this.
+  static size_t bytes_per_position(int n_layers, int n_kv_heads, int head_dim, DType dtype);
 
   // Sequences are small integer ids, reused after free_sequence.
   int create_sequence();

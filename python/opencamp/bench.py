@@ -32,13 +32,13 @@ def prefill_flops(config: dict, n_tokens: int) -> float:
 
 def run(model: str, backend: str = "auto", dtype: str = "auto", threads: int | None = None,
         prompt_tokens: int = 512, gen_tokens: int = 128, repeat: int = 3,
-        llm: LLM | None = None) -> dict:
+        llm: LLM | None = None, kv_cache_dtype: str = "auto") -> dict:
     """Best of `repeat` prefills of `prompt_tokens`, then `gen_tokens` decode steps timed on their
     own after a prefill (never stopping early at an end-of-sequence token)."""
     if prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
         raise ValueError("prompt_tokens, gen_tokens and repeat must be >= 1")
     if llm is None:
-        llm = LLM(model, backend=backend, dtype=dtype, threads=threads)
+        llm = LLM(model, backend=backend, dtype=dtype, threads=threads, kv_cache_dtype=kv_cache_dtype)
     engine, config = llm.engine, llm.config
     if prompt_tokens + gen_tokens + 1 > engine.max_context:
         raise ValueError(f"prompt_tokens + gen_tokens ({prompt_tokens + gen_tokens}) exceed the "
@@ -80,6 +80,8 @@ def run(model: str, backend: str = "auto", dtype: str = "auto", threads: int | N
                                      if b["name"] == engine.backend), ""),
         "dtype": engine.dtype,
         "matmul_activation_dtype": engine.matmul_activation_dtype,
+        "kv_cache_dtype": engine.kv_cache_dtype,
+        "kv_bytes_per_position": engine.cache_stats()["bytes_per_position"],
         "threads": engine.threads,
         "machine": platform.processor() or platform.machine(),
         "prompt_tokens": prompt_tokens,

@@ -57,6 +57,10 @@ def _server_sampling_options(f):
 _DTYPES = ["auto", "f32", "bf16"] + [d["name"] for d in _core_dtypes() if d["block_elements"] > 1 and d["can_quantize"]]
 
 
+# What a KV cache can hold (KVCacheShape::dtype); "auto" follows the weights (resolve_kv_cache_dtype).
+KV_CACHE_DTYPES = ["auto", "f32", "bf16", "f16", "q8_0"]
+
+
 def _model_options(f=None, *, default_model: str | None = None):
     """--model and the engine flags shared by every command that loads a model; use as
     @_model_options, or @_model_options(default_model=...) where --model may be left out."""
@@ -73,6 +77,9 @@ def _model_options(f=None, *, default_model: str | None = None):
         click.option("--threads", type=click.IntRange(min=1), default=None, help="Default: physical cores."),
         click.option("--max-context", type=click.IntRange(min=1), default=None,
                      help="Positions per conversation (default: the model's)."),
+        click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(KV_CACHE_DTYPES),
+                     help="What the KV cache holds; auto follows the weights (f32 -> f32, bf16 -> bf16, "
+                          "quantised -> f16). q8_0 needs a head_dim that is a multiple of 32."),
     ]
 
     def decorate(f):
@@ -148,19 +155,27 @@ class _Progress:
         return time.perf_counter() - self.start
 
 
-def _load(model, backend, dtype, threads, max_context, *, revision=None, kv_cache_tokens=None):
+def _load(model, backend, dtype, threads, max_context, kv_cache_dtype="auto", *, revision=None,
+          kv_cache_tokens=None):
     from . import LLM, ModelNotFoundError, OpencampError
 
     path = _resolve(model, revision)
     try:
         with _Progress(f"loading {path}") as progress:
             llm = LLM(path, backend=backend, dtype=dtype, threads=threads,
-                      max_context=max_context, kv_cache_tokens=kv_cache_tokens)
+                      max_context=max_context, kv_cache_tokens=kv_cache_tokens,
+                      kv_cache_dtype=kv_cache_dtype)
     except (ModelNotFoundError, OpencampError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"loaded {_describe(llm)}, backend {llm.backend}, {llm.threads} threads, in "
-               f"{progress.elapsed:.1f} s", err=True)
+               f"{progress.elapsed:.1f} s; {_describe_kv(llm)}", err=True)
     return llm
+
+
+def _describe_kv(llm) -> str:
+    """'KV cache f16, 23040 bytes per position'."""
+    return (f"KV cache {llm.kv_cache_dtype}, {llm.engine.cache_stats()['bytes_per_position']} bytes "
+            "per position")
 
 
 def _sampling(max_tokens, stop, **options):
@@ -189,11 +204,11 @@ def main() -> None:
 @_sampling_options
 @click.option("--chat/--raw", "as_chat", default=False, help="Apply the model's chat template to the prompt.")
 @click.argument("prompt")
-def generate(model, backend, dtype, threads, max_context, as_chat, prompt, **sampling) -> None:
+def generate(model, backend, dtype, threads, max_context, kv_cache_dtype, as_chat, prompt, **sampling) -> None:
     """Continue PROMPT and stream the text to stdout (statistics go to stderr)."""
     from . import OpencampError
 
-    llm = _load(model, backend, dtype, threads, max_context)
+    llm = _load(model, backend, dtype, threads, max_context, kv_cache_dtype)
     try:
         if as_chat:
             stream = llm.chat([{"role": "user", "content": prompt}], stream=True, **_sampling(**sampling))
@@ -208,11 +223,11 @@ def generate(model, backend, dtype, threads, max_context, as_chat, prompt, **sam
 @_model_options
 @_sampling_options
 @click.option("--system", default=None, help="System prompt.")
-def chat(model, backend, dtype, threads, max_context, system, **sampling) -> None:
+def chat(model, backend, dtype, threads, max_context, kv_cache_dtype, system, **sampling) -> None:
     """Multi-turn chat in the terminal. /reset starts over, /exit (or Ctrl-D) quits."""
     from . import OpencampError
 
-    llm = _load(model, backend, dtype, threads, max_context)
+    llm = _load(model, backend, dtype, threads, max_context, kv_cache_dtype)
     session = llm.session(system=system)
     click.echo("type a message; /reset starts a new conversation, /exit quits", err=True)
     while True:
@@ -285,11 +300,25 @@ def _available_memory() -> int:
     return 8 << 30
 
 
-def _kv_bytes_per_token(config: dict) -> int:
-    """What KVCache holds per position for this model (its own formula, from C++)."""
+def _kv_bytes_per_token(config: dict, kv_cache_dtype: str = "f32") -> int:
+    """What KVCache holds per position for this model in a cache of this type (its own formula,
+    from C++). "auto" counts as f32, the most any automatic choice takes: the engine resolves
+    auto from the weights as it loads them, after a server has sized its cache."""
     from ._core import kv_bytes_per_position
 
-    return kv_bytes_per_position(config["num_layers"], config["num_kv_heads"], config["head_dim"])
+    return kv_bytes_per_position(config["num_layers"], config["num_kv_heads"], config["head_dim"],
+                                 "f32" if kv_cache_dtype == "auto" else kv_cache_dtype)
+
+
+def _kv_memory_table(config: dict) -> dict:
+    """{kv type: bytes per position} for every KV cache type (None where the model cannot use it)."""
+    table = {}
+    for name in KV_CACHE_DTYPES[1:]:
+        try:
+            table[name] = _kv_bytes_per_token(config, name)
+        except Exception:  # noqa: BLE001 - q8_0 needs a head_dim that is a multiple of 32
+            table[name] = None
+    return table
 
 
 def _kv_cache_positions(per_token: int, context: int, parallel: int, kv_cache_tokens: int | None,
@@ -395,7 +424,7 @@ def _bind(host: str, port: int) -> socket.socket:
 @_server_sampling_options
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]),
               default="info", show_default=True)
-def serve(model, backend, dtype, threads, max_context, revision, host, port, api_key,
+def serve(model, backend, dtype, threads, max_context, kv_cache_dtype, revision, host, port, api_key,
           served_model_name, parallel, kv_cache_tokens, kv_cache_memory, max_waiting, max_request_bytes,
           allowed_hosts, allowed_origins, http_timeout, shutdown_timeout, stream_buffer_tokens,
           stream_idle_timeout, replicas, min_replicas, max_replicas, ray_address, routing,
@@ -417,7 +446,10 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     except Exception as e:  # noqa: BLE001 - a broken config.json: say so, no traceback
         raise click.ClickException(str(e)) from None
     context = max_context or config["max_position_embeddings"]
-    per_token = _kv_bytes_per_token(config)
+    try:
+        per_token = _kv_bytes_per_token(config, kv_cache_dtype)
+    except Exception as e:  # noqa: BLE001 - e.g. q8_0 for a head_dim it cannot hold
+        raise click.ClickException(str(e)) from None
     on_ray = bool(replicas or min_replicas is not None or max_replicas or ray_address)
     # On a local Ray instance every replica takes its KV cache from this machine's memory.
     sharing = (max_replicas or replicas or 1) if on_ray and not ray_address else 1
@@ -445,9 +477,9 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
         raise click.ClickException(str(e)) from None
 
     if on_ray:
-        _serve_on_ray(path, name, model, threads or 1, backend, dtype, context, kv_tokens, parallel,
-                      max_waiting, options, replicas, min_replicas, max_replicas, routing, host,
-                      port, ray_address)
+        _serve_on_ray(path, name, model, threads or 1, backend, dtype, context, kv_tokens,
+                      kv_cache_dtype, parallel, max_waiting, options, replicas, min_replicas,
+                      max_replicas, routing, host, port, ray_address)
         return
 
     sock = _bind(host, port)
@@ -470,13 +502,13 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
         loading.__enter__()
         try:
             return LLM(path, backend=backend, dtype=dtype, threads=threads, max_context=context,
-                       kv_cache_tokens=kv_tokens)
+                       kv_cache_tokens=kv_tokens, kv_cache_dtype=kv_cache_dtype)
         finally:
             loading.__exit__(None, None, None)
 
     def ready(llm):
         click.echo(f"model ready in {loading.elapsed:.1f} s: {_describe(llm)}, backend "
-                   f"{llm.backend}, {llm.threads} threads. Open {url}/", err=True)
+                   f"{llm.backend}, {llm.threads} threads, {_describe_kv(llm)}. Open {url}/", err=True)
 
     def failed(error):
         click.echo(f"Error: cannot load the model: {error}", err=True)
@@ -496,9 +528,9 @@ def serve(model, backend, dtype, threads, max_context, revision, host, port, api
     sys.exit(exit_code[0])
 
 
-def _serve_on_ray(path, name, model, threads, backend, dtype, context, kv_tokens, parallel,
-                  max_waiting, options, replicas, min_replicas, max_replicas, routing, host, port,
-                  ray_address) -> None:
+def _serve_on_ray(path, name, model, threads, backend, dtype, context, kv_tokens, kv_cache_dtype,
+                  parallel, max_waiting, options, replicas, min_replicas, max_replicas, routing,
+                  host, port, ray_address) -> None:
     """opencamp serve --replicas N / --ray-address: the same app in every replica, on Ray Serve."""
     try:
         from .distributed import BuildArgs
@@ -508,8 +540,8 @@ def _serve_on_ray(path, name, model, threads, backend, dtype, context, kv_tokens
     args = BuildArgs(
         model=str(path), model_name=name, replicas=replicas, min_replicas=min_replicas,
         max_replicas=max_replicas, threads=threads, backend=backend, dtype=dtype,
-        max_context=context, kv_cache_tokens=kv_tokens, parallel=parallel,
-        max_waiting=max_waiting, routing=routing, api_key=options.api_key,
+        max_context=context, kv_cache_tokens=kv_tokens, kv_cache_dtype=kv_cache_dtype,
+        parallel=parallel, max_waiting=max_waiting, routing=routing, api_key=options.api_key,
         allowed_hosts=options.allowed_hosts, allowed_origins=options.allowed_origins,
         max_request_bytes=options.max_request_bytes,
         http_timeout=options.body_timeout, stream_buffer_tokens=options.stream_buffer_tokens,
@@ -579,7 +611,7 @@ def _cpu_info() -> dict:
 @click.option("--bandwidth/--no-bandwidth", default=True, show_default=True,
               help="Also measure the memory read bandwidth (the decode limit) on the same threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def bench(model, backend, dtype, threads, max_context, prompt_tokens, gen_tokens, repeat,
+def bench(model, backend, dtype, threads, max_context, kv_cache_dtype, prompt_tokens, gen_tokens, repeat,
           bandwidth, as_json) -> None:
     """Prefill and decode speed: tokens/s, GFLOP/s of the prefill, GB/s of weights read by the
     decode (and the machine's read bandwidth, its limit)."""
@@ -589,7 +621,7 @@ def bench(model, backend, dtype, threads, max_context, prompt_tokens, gen_tokens
     from . import bench as bench_module
 
     needed = prompt_tokens + gen_tokens + 1
-    llm = _load(model, backend, dtype, threads, max(max_context or 0, needed) or None)
+    llm = _load(model, backend, dtype, threads, max(max_context or 0, needed) or None, kv_cache_dtype)
     try:
         result = bench_module.run(model, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                                   repeat=repeat, llm=llm)
@@ -603,7 +635,8 @@ def bench(model, backend, dtype, threads, max_context, prompt_tokens, gen_tokens
         click.echo(json.dumps(result))
         return
     click.echo(f"{result['model_type']} {result['dtype']} on {result['backend']} "
-               f"({result['backend_description']}), {result['threads']} threads")
+               f"({result['backend_description']}), {result['threads']} threads, KV cache "
+               f"{result['kv_cache_dtype']} ({result['kv_bytes_per_position']} bytes per position)")
     click.echo(f"prefill {prompt_tokens:5d} tokens: {result['prefill_tokens_per_s']:9.1f} tokens/s "
                f"{result['prefill_gflop_per_s']:8.1f} GFLOP/s")
     line = (f"decode  {gen_tokens:5d} tokens: {result['decode_tokens_per_s']:9.1f} tokens/s "
@@ -619,7 +652,9 @@ def bench(model, backend, dtype, threads, max_context, prompt_tokens, gen_tokens
 @click.option("--model", "-m", default=None,
               help=f"Also describe this model (without loading its weights). {MODEL_HELP}")
 @click.option("--revision", default=None, help="Hub revision when --model is a repo id.")
-def info(as_json, model, revision) -> None:
+@click.option("--kv-cache-dtype", default="auto", show_default=True, type=click.Choice(KV_CACHE_DTYPES),
+              help="With --model: the KV cache type to mark (every type's memory is listed).")
+def info(as_json, model, revision, kv_cache_dtype) -> None:
     """Version, build, backends (compiled in and usable here), CPU features, architectures;
     with --model, what that model is (file, format, architecture, types)."""
     from . import _core, architectures, backends
@@ -639,6 +674,7 @@ def info(as_json, model, revision) -> None:
         path = _resolve(model, revision)
         try:
             data["model"] = describe_model(path)
+            data["model"]["kv_bytes_per_position"] = _kv_memory_table(_core.load_config(str(path)))
         except Exception as e:  # noqa: BLE001 - an unreadable file: say so, no traceback
             raise click.ClickException(f"cannot read {path}: {e}") from None
     if as_json:
@@ -668,8 +704,14 @@ def info(as_json, model, revision) -> None:
     if "model" in data:
         click.echo(f"model: {data['model']['path']}")
         for key, value in data["model"].items():
-            if key != "path" and value is not None:
+            if key not in ("path", "kv_bytes_per_position") and value is not None:
                 click.echo(f"  {key:<18} {value}")
+        click.echo("  KV cache per position (--kv-cache-dtype; auto follows the weights: f32 -> f32, "
+                   "bf16 -> bf16, quantised -> f16):")
+        for name, size in data["model"]["kv_bytes_per_position"].items():
+            marker = " <-" if name == kv_cache_dtype else ""
+            shown = f"{size} bytes" if size is not None else "not possible (head_dim not a multiple of 32)"
+            click.echo(f"    {name:<5} {shown}{marker}")
 
 
 if __name__ == "__main__":

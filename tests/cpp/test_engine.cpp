@@ -71,6 +71,7 @@ EngineOptions options_for(const std::string& backend, const std::string& dtype =
   options.backend = backend;
   options.dtype = dtype;
   options.threads = 2;
+  options.kv_cache_dtype = "f32";  // these compare weights and ops; test_kv_cache checks the KV types
   return options;
 }
 

@@ -28,6 +28,7 @@ EngineOptions options(const std::string& backend = "cpu", const std::string& dty
   o.backend = backend;
   o.dtype = dtype;
   o.threads = 2;
+  o.kv_cache_dtype = "f32";  // these compare weights; test_kv_cache checks the KV types
   return o;
 }
 
@@ -210,43 +211,7 @@ TEST_CASE(paths_files_and_folders) {
   CHECK(Engine(tmp / "both", options()).config().vocab_size == 256);
 }
 
-// A random llama with rows of 256 values (q/k/v/o/gate/up) and of 64 (down), as safetensors.
-// `transform` may change each matrix's values (given its shape) before they are written.
-using Transform = std::function<std::vector<float>(std::vector<float>, const std::vector<int64_t>& shape)>;
-void write_random_llama(const fs::path& dir, const Transform& transform) {
-  fs::create_directories(dir);
-  write_text(dir / "config.json", R"({"model_type": "llama", "vocab_size": 48, "hidden_size": 256,
-    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
-    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false})");
-  std::mt19937 rng(99);
-  std::vector<RawTensor> tensors;
-  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool norm) {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    std::normal_distribution<float> normal(0.0f, norm ? 0.1f : 1.0f / std::sqrt(static_cast<float>(shape.back())));
-    std::vector<float> v(static_cast<size_t>(n));
-    for (float& x : v) x = (norm ? 1.0f : 0.0f) + normal(rng);
-    if (!norm) v = transform(std::move(v), shape);
-    RawTensor t{name, "F32", shape, std::vector<unsigned char>(v.size() * 4), ""};
-    std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
-    tensors.push_back(std::move(t));
-  };
-  add("model.embed_tokens.weight", {48, 256}, false);
-  add("lm_head.weight", {48, 256}, false);
-  add("model.norm.weight", {256}, true);
-  const std::string p = "model.layers.0.";
-  add(p + "input_layernorm.weight", {256}, true);
-  add(p + "post_attention_layernorm.weight", {256}, true);
-  add(p + "self_attn.q_proj.weight", {256, 256}, false);
-  add(p + "self_attn.k_proj.weight", {128, 256}, false);
-  add(p + "self_attn.v_proj.weight", {128, 256}, false);
-  add(p + "self_attn.o_proj.weight", {256, 256}, false);
-  add(p + "mlp.gate_proj.weight", {64, 256}, false);
-  add(p + "mlp.up_proj.weight", {64, 256}, false);
-  add(p + "mlp.down_proj.weight", {256, 64}, false);
-  write_safetensors(dir / "model.safetensors", tensors);
-}
-
+// write_random_llama (test_util.h): rows of 256 values (q/k/v/o/gate/up) and of 64 (down).
 TEST_CASE(quantizing_safetensors_at_load_is_the_quantized_model) {
   // dtype "q4_k" holds rows of 256 in Q4_K and the 64-value rows of down_proj in Q5_0
   // (llama.cpp's fallback); the logits equal those of the f32 model whose weights went through

@@ -1,5 +1,8 @@
 // The paged KV cache's bookkeeping: blocks handed out and returned as sequences grow, shrink and
 // end; capacity errors that change nothing; ids reused; block tables never overlapping.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <map>
 #include <random>
 #include <set>
@@ -7,8 +10,10 @@
 
 #include "check.h"
 #include "opencamp/opencamp.h"
+#include "test_util.h"
 
 using namespace opencamp;
+using namespace opencamp_test;
 
 namespace {
 
@@ -434,3 +439,125 @@ TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
 }
 
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
+
+// ---- KV cache types ----------------------------------------------------------------------------
+
+// One formula sizes every cache: bytes() is n_blocks * block_size * bytes_per_position for each
+// type, and the per-position numbers are those of the README (SmolLM2: 30 layers, 3 KV heads of
+// 64 dims).
+TEST_CASE(every_kv_type_is_sized_by_one_formula) {
+  auto backend = cpu();
+  CHECK_EQ(KVCache::bytes_per_position(30, 3, 64, DType::F32), size_t{46080});
+  CHECK_EQ(KVCache::bytes_per_position(30, 3, 64, DType::BF16), size_t{23040});
+  CHECK_EQ(KVCache::bytes_per_position(30, 3, 64, DType::F16), size_t{23040});
+  CHECK_EQ(KVCache::bytes_per_position(30, 3, 64, DType::Q8_0), size_t{12240});  // 34 bytes per 32
+  for (DType dtype : {DType::F32, DType::BF16, DType::F16, DType::Q8_0}) {
+    KVCacheShape shape = small_shape();
+    shape.head_dim = 64;
+    shape.dtype = dtype;
+    KVCache cache(*backend, shape);
+    CHECK_EQ(cache.bytes(), size_t{kBlocks * kBlockSize} * cache.bytes_per_position());
+    CHECK(cache.layer(1).dtype == dtype);
+    CHECK_EQ(cache.layer(1).key_scales.empty(), dtype != DType::Q8_0);
+  }
+  KVCacheShape odd = small_shape();  // head_dim 6: no whole q8_0 groups
+  odd.dtype = DType::Q8_0;
+  CHECK_THROWS_WITH(KVCache(*backend, odd), ErrorKind::InvalidArgument, "multiple of 32");
+  odd.dtype = DType::Q4_K;
+  CHECK_THROWS_WITH(KVCache(*backend, odd), ErrorKind::InvalidArgument, "q4_k");
+  // "auto" follows the weights; other names are errors.
+  CHECK(resolve_kv_cache_dtype("auto", DType::F32) == DType::F32);
+  CHECK(resolve_kv_cache_dtype("auto", DType::BF16) == DType::BF16);
+  CHECK(resolve_kv_cache_dtype("auto", DType::Q4_K) == DType::F16);
+  CHECK(resolve_kv_cache_dtype("q8_0", DType::BF16) == DType::Q8_0);
+  CHECK_THROWS_WITH(resolve_kv_cache_dtype("int4", DType::F32), ErrorKind::InvalidArgument, "int4");
+}
+
+namespace {
+
+// Logits of `tokens`: the first `prefilled` in one prefill (every position), the rest decoded
+// one at a time, so both attention paths (many query rows, and decode's few) read the cache.
+std::vector<float> prefill_then_decode(Engine& engine, const std::vector<int32_t>& tokens, size_t prefilled) {
+  const size_t vocab = static_cast<size_t>(engine.config().vocab_size);
+  std::vector<float> logits(tokens.size() * vocab);
+  const int seq = engine.create_sequence();
+  engine.prefill(seq, std::span(tokens).first(prefilled), std::span(logits).first(prefilled * vocab), true);
+  for (size_t i = prefilled; i < tokens.size(); ++i) {
+    const int seqs[] = {seq};
+    engine.decode(seqs, std::span(tokens).subspan(i, 1), std::span(logits).subspan(i * vocab, vocab));
+  }
+  engine.free_sequence(seq);
+  return logits;
+}
+
+// The largest KL divergence KL(p_f32 || p) of the next-token distributions over the positions.
+double max_kl(const std::vector<float>& reference, const std::vector<float>& other, size_t vocab) {
+  double worst = 0.0;
+  for (size_t row = 0; row < reference.size() / vocab; ++row) {
+    auto log_softmax = [&](const std::vector<float>& l) {
+      std::vector<double> out(l.begin() + row * vocab, l.begin() + (row + 1) * vocab);
+      const double m = *std::max_element(out.begin(), out.end());
+      double total = 0.0;
+      for (double x : out) total += std::exp(x - m);
+      for (double& x : out) x = x - m - std::log(total);
+      return out;
+    };
+    const auto p = log_softmax(reference), q = log_softmax(other);
+    double kl = 0.0;
+    for (size_t i = 0; i < vocab; ++i) kl += std::exp(p[i]) * (p[i] - q[i]);
+    worst = std::max(worst, kl);
+  }
+  return worst;
+}
+
+}  // namespace
+
+// Every KV type on every usable backend against the f32 cache, on a random llama with head_dim
+// 64 (q8_0's groups) and the tiny Gemma 3 past its sliding window (bf16 / f16: head_dim 16):
+// close (bounds a broken type or kernel fails by orders of magnitude), and not identical (the
+// type really is what the cache held).
+TEST_CASE(every_kv_type_stays_close_to_f32_kv) {
+  TempDir tmp("kv-types");
+  write_random_llama(tmp / "llama", [](std::vector<float> v, const std::vector<int64_t>&) { return v; });
+  struct Bound {
+    DType dtype;
+    double max_abs, kl;
+  };
+  // Measured on both models (cpu and avx alike, the worst position): max abs / KL of bf16
+  // 0.043 / 8.1e-5, f16 0.008 / 3.5e-6, q8_0 0.037 / 9.8e-5; the bounds leave 3-4x.
+  const Bound bounds[] = {{DType::BF16, 0.15, 3e-4}, {DType::F16, 0.03, 1.5e-5}, {DType::Q8_0, 0.15, 4e-4}};
+  struct Model {
+    std::filesystem::path path;
+    std::vector<int32_t> tokens;
+  };
+  std::vector<int32_t> llama_tokens, gemma_tokens;
+  std::mt19937 rng(5);
+  for (int i = 0; i < 40; ++i) llama_tokens.push_back(static_cast<int32_t>(rng() % 48));
+  for (int i = 0; i < 24; ++i) gemma_tokens.push_back(static_cast<int32_t>(rng() % 64));  // past the window of 5
+  const Model models[] = {{tmp / "llama", llama_tokens}, {fixture("tiny-gemma3"), gemma_tokens}};
+  for (const std::string& backend : usable_backends()) {
+    for (const Model& m : models) {
+      EngineOptions options;
+      options.backend = backend;
+      options.threads = 2;
+      options.kv_cache_dtype = "f32";
+      Engine reference_engine(m.path, options);
+      const size_t vocab = static_cast<size_t>(reference_engine.config().vocab_size);
+      const size_t prefilled = m.tokens.size() / 2;
+      const auto reference = prefill_then_decode(reference_engine, m.tokens, prefilled);
+      for (const Bound& b : bounds) {
+        if (b.dtype == DType::Q8_0 && reference_engine.config().head_dim % 32 != 0) continue;
+        options.kv_cache_dtype = dtype_name(b.dtype);
+        Engine engine(m.path, options);
+        CHECK(engine.kv_cache_dtype() == b.dtype);
+        const auto logits = prefill_then_decode(engine, m.tokens, prefilled);
+        const double diff = max_abs_diff(logits, reference), kl = max_kl(reference, logits, vocab);
+        std::printf("  %-8s %-12s %-5s max abs %.3g, max KL %.3g\n", backend.c_str(),
+                    m.path.filename().c_str(), dtype_name(b.dtype), diff, kl);
+        CHECK_MSG(diff <= b.max_abs && kl <= b.kl, backend << " " << m.path << " " << dtype_name(b.dtype)
+                                                           << ": max abs " << diff << ", KL " << kl);
+        CHECK_MSG(diff > 0.0, dtype_name(b.dtype) << " gave exactly the f32 logits: was it used?");
+      }
+    }
+  }
+}

@@ -25,6 +25,7 @@ EngineOptions engine_options(const std::string& dtype = "auto") {
   options.backend = "cpu";
   options.threads = 1;
   options.dtype = dtype;
+  options.kv_cache_dtype = "f32";  // these compare weights; test_kv_cache checks the KV types
   return options;
 }
 

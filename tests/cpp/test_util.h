@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <sstream>
 #include <stdexcept>
@@ -237,6 +238,44 @@ inline std::vector<int32_t> tensor_ints(const opencamp::SafetensorsFile& file, c
 }
 
 // The logits of every position of `tokens` fed to a fresh sequence: [tokens, vocab].
+// A one-layer random llama (hidden 256, 4 heads, 2 KV heads of head_dim 64, vocabulary 48,
+// 64 positions) in `dir`, as safetensors; `transform` may change each matrix's values (given
+// its shape) before they are written.
+using Transform = std::function<std::vector<float>(std::vector<float>, const std::vector<int64_t>& shape)>;
+inline void write_random_llama(const fs::path& dir, const Transform& transform) {
+  fs::create_directories(dir);
+  write_text(dir / "config.json", R"({"model_type": "llama", "vocab_size": 48, "hidden_size": 256,
+    "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false})");
+  std::mt19937 rng(99);
+  std::vector<RawTensor> tensors;
+  auto add = [&](const std::string& name, std::vector<int64_t> shape, bool norm) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    std::normal_distribution<float> normal(0.0f, norm ? 0.1f : 1.0f / std::sqrt(static_cast<float>(shape.back())));
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = (norm ? 1.0f : 0.0f) + normal(rng);
+    if (!norm) v = transform(std::move(v), shape);
+    RawTensor t{name, "F32", shape, std::vector<unsigned char>(v.size() * 4), ""};
+    std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+    tensors.push_back(std::move(t));
+  };
+  add("model.embed_tokens.weight", {48, 256}, false);
+  add("lm_head.weight", {48, 256}, false);
+  add("model.norm.weight", {256}, true);
+  const std::string p = "model.layers.0.";
+  add(p + "input_layernorm.weight", {256}, true);
+  add(p + "post_attention_layernorm.weight", {256}, true);
+  add(p + "self_attn.q_proj.weight", {256, 256}, false);
+  add(p + "self_attn.k_proj.weight", {128, 256}, false);
+  add(p + "self_attn.v_proj.weight", {128, 256}, false);
+  add(p + "self_attn.o_proj.weight", {256, 256}, false);
+  add(p + "mlp.gate_proj.weight", {64, 256}, false);
+  add(p + "mlp.up_proj.weight", {64, 256}, false);
+  add(p + "mlp.down_proj.weight", {256, 64}, false);
+  write_safetensors(dir / "model.safetensors", tensors);
+}
+
 inline std::vector<float> all_logits(opencamp::Engine& engine, const std::vector<int32_t>& tokens) {
   const int seq = engine.create_sequence();
   std::vector<float> logits(tokens.size() * static_cast<size_t>(engine.config().vocab_size));

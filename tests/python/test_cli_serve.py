@@ -163,6 +163,9 @@ def test_kv_cache_sizes_from_a_memory_budget_and_by_default(smollm2_tokenizer_di
     smollm2 = opencamp._core.load_config(str(smollm2_tokenizer_dir))
     per_token = _kv_bytes_per_token(smollm2)
     assert per_token == 30 * 3 * 64 * 2 * 4 == 46080  # "46 KB per position" (README)
+    # The other KV types (README, "KV cache precision"); auto is sized as f32, its largest choice.
+    assert [_kv_bytes_per_token(smollm2, kv) for kv in ("bf16", "f16", "q8_0", "auto")] == \
+        [23040, 23040, 30 * 3 * 2 * 2 * 34, 46080]
 
     def positions(kv_cache_tokens=None, kv_cache_memory=None, available=64 << 30,
                   context=2048, parallel=8):
@@ -189,8 +192,9 @@ def test_kv_cache_sizes_from_a_memory_budget_and_by_default(smollm2_tokenizer_di
 
 @pytest.mark.parametrize("args, positions", [
     (["--kv-cache-memory", "1MiB"], (1 << 20) // (2 * 2 * 16 * 2 * 4)),  # 512 bytes a position
+    (["--kv-cache-memory", "1MiB", "--kv-cache-dtype", "bf16"], (1 << 20) // (2 * 2 * 16 * 2 * 2)),
     ([], 3 * 512),  # --parallel contexts (memory is plentiful for this model)
-], ids=["memory-budget", "default"])
+], ids=["memory-budget", "memory-budget-bf16", "default"])
 def test_serve_gives_the_engine_the_kv_cache_it_announces(tiny_dir, args, positions):
     process = ServeProcess(["--model", str(tiny_dir), "--threads", "1", "--max-context", "512",
                             "--parallel", "3", *args])
@@ -201,3 +205,5 @@ def test_serve_gives_the_engine_the_kv_cache_it_announces(tiny_dir, args, positi
     finally:
         assert process.stop() == 0
     assert f"KV cache {positions} positions" in process.output
+    kv = "bf16" if "bf16" in args else "f32"
+    assert f"KV cache {kv}, {512 if kv == 'f32' else 256} bytes per position" in process.output

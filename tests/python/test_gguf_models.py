@@ -50,7 +50,9 @@ def test_fixture_set_is_complete():
 def test_logits_match_transformers_on_the_same_file(file_name, backend):
     ids = REFERENCE[f"{model_of(file_name)}.input_ids"].tolist()
     expected = REFERENCE[f"{file_name[:-len('.gguf')]}.logits"]
-    engine = _core.Engine(str(TINY_GGUF / file_name), backend=backend, dtype="auto", threads=2)
+    # The weights are what is compared, with transformers' f32 KV cache (auto: f16 for these).
+    engine = _core.Engine(str(TINY_GGUF / file_name), backend=backend, dtype="auto", threads=2,
+                          kv_cache_dtype="f32")
     logits = all_logits(engine, ids)
     assert logits.shape == expected.shape
     assert np.abs(logits - expected).max() < tolerance(engine), file_name
@@ -76,11 +78,11 @@ def test_file_formats_are_kept_and_reported():
 def test_dequantising_at_load_computes_the_same(file_name):
     """dtype=f32 turns every block into its exact values: the same logits as running the blocks."""
     ids = REFERENCE[f"{model_of(file_name)}.input_ids"].tolist()
-    kept = all_logits(_core.Engine(str(TINY_GGUF / file_name), backend="cpu"), ids)
-    f32 = _core.Engine(str(TINY_GGUF / file_name), backend="cpu", dtype="f32")
+    kept = all_logits(_core.Engine(str(TINY_GGUF / file_name), backend="cpu", kv_cache_dtype="f32"), ids)
+    f32 = _core.Engine(str(TINY_GGUF / file_name), backend="cpu", dtype="f32", kv_cache_dtype="f32")
     assert f32.dtype == "f32"
     assert np.abs(all_logits(f32, ids) - kept).max() < 1e-5
-    bf16 = _core.Engine(str(TINY_GGUF / file_name), backend="cpu", dtype="bf16")
+    bf16 = _core.Engine(str(TINY_GGUF / file_name), backend="cpu", dtype="bf16", kv_cache_dtype="f32")
     assert bf16.dtype == "bf16"
     assert np.abs(all_logits(bf16, ids) - kept).max() < 0.25
 
@@ -133,7 +135,7 @@ def test_smollm2_q4_1_gguf_answers_as_transformers_does(backend):
     float32 (tests/fixtures/make_smollm2_gguf_reference.py). The cpu oracle is slow on a real
     model: it checks the first 3 tokens, the others the whole answer."""
     path = _require_shared(SHARED / f"{SMOLLM2}.Q4_1.gguf")
-    engine = _core.Engine(str(path), backend=backend, threads=2)
+    engine = _core.Engine(str(path), backend=backend, threads=2, kv_cache_dtype="f32")  # the f32 reference's
     config = engine.config
     assert (config["model_type"], config["num_layers"], config["hidden_size"]) == ("llama", 30, 576)
     assert (config["num_heads"], config["num_kv_heads"], config["vocab_size"]) == (9, 3, 49152)

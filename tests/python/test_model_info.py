@@ -24,11 +24,15 @@ def test_info_describes_a_model_without_loading_it() -> None:
     folder = FIXTURES / "tiny-llama"
     result = CliRunner().invoke(main, ["info", "--json", "--model", str(folder)])
     assert result.exit_code == 0, result.output
+    # 2 layers x 2 KV heads x head_dim 8, keys and values: 256 bytes a position in f32; q8_0
+    # needs head_dim a multiple of 32.
     assert json.loads(result.stdout)["model"] == {
         "path": str(folder.resolve()), "format": "safetensors", "architecture": "llama",
-        "file_type": "float32"}
-    text = CliRunner().invoke(main, ["info", "--model", str(folder)]).stdout
+        "file_type": "float32",
+        "kv_bytes_per_position": {"f32": 256, "bf16": 128, "f16": 128, "q8_0": None}}
+    text = CliRunner().invoke(main, ["info", "--model", str(folder), "--kv-cache-dtype", "bf16"]).stdout
     assert f"model: {folder.resolve()}" in text and "architecture       llama" in text
+    assert "    bf16  128 bytes <-" in text and "    f32   256 bytes\n" in text
 
 
 def test_info_with_a_missing_model_is_a_clear_error(tmp_path: Path) -> None:
@@ -45,7 +49,9 @@ def test_info_describes_a_gguf_file(smollm2_gguf: Path) -> None:
         "path": str(smollm2_gguf), "format": "gguf", "architecture": "llama",
         "name": "Smollm2 135M 8k Lc100K Mix1 Ep2", "file_type": "Q4_1",
         # token_embd Q8_0, the layer matrices Q4_1, the norms F32 (../shared/models/README.md).
-        "tensor_types": {"Q8_0": 1, "Q4_1": 210, "F32": 61}}
+        "tensor_types": {"Q8_0": 1, "Q4_1": 210, "F32": 61},
+        # 30 layers x 3 KV heads x 64 dims, keys and values; q8_0: 34 bytes per 32 values.
+        "kv_bytes_per_position": {"f32": 46080, "bf16": 23040, "f16": 23040, "q8_0": 12240}}
 
 
 def test_file_type_names_agree_with_the_gguf_package() -> None:

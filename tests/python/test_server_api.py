@@ -560,6 +560,8 @@ def test_metrics_are_prometheus_text(client):
     assert metric(text, "opencamp_time_to_first_token_seconds_bucket", le="+Inf") == 2
     assert metric(text, "opencamp_decode_tokens_per_second_count") == 2
     assert metric(text, "opencamp_kv_cache_blocks_total") > 0
+    assert metric(text, "opencamp_kv_cache_bytes_per_position", kv_dtype="f32") == \
+        client.app.state.opencamp.llm.engine.cache_stats()["bytes_per_position"]
     assert 0 < metric(text, "opencamp_kv_cache_usage_ratio") < 1  # a finished chat is kept
     assert "# TYPE opencamp_time_to_first_token_seconds histogram" in text
     stats = client.app.state.opencamp.llm.engine.cache_stats()  # the engine's prefix cache

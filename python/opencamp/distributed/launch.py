@@ -34,6 +34,7 @@ class BuildArgs:
     dtype: str = "auto"
     max_context: int | None = None
     kv_cache_tokens: int | None = None  # per replica
+    kv_cache_dtype: str = "auto"
     parallel: int = 8  # sequences per batch, per replica (--max-running)
     max_waiting: int = 256  # queued per replica before 429
     routing: str = "prefix"  # "prefix", or "random" (for comparison)
@@ -97,7 +98,8 @@ def build_app(args: BuildArgs):
         stream_idle_timeout=args.stream_idle_timeout, defaults=dict(args.defaults))
     options.sampling_defaults()  # a bad default fails here, not in every replica
     llm_options = dict(backend=args.backend, dtype=args.dtype, threads=args.threads,
-                       max_context=args.max_context, kv_cache_tokens=args.kv_cache_tokens)
+                       max_context=args.max_context, kv_cache_tokens=args.kv_cache_tokens,
+                       kv_cache_dtype=args.kv_cache_dtype)
     engine = serve.deployment(
         EngineReplica, name=ENGINE,
         # Every request a replica's own queue takes (its 429 decides beyond that), and a

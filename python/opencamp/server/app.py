@@ -785,6 +785,11 @@ async def metrics(request: Request) -> Response:
             "# HELP opencamp_kv_cache_usage_ratio Fraction of the KV cache pool in use.",
             "# TYPE opencamp_kv_cache_usage_ratio gauge",
             f"opencamp_kv_cache_usage_ratio {used / total if total else 0.0:.6f}",
+            "# HELP opencamp_kv_cache_bytes_per_position Bytes one token position takes in the KV "
+            "cache (every layer, keys and values), in its type (the kv_dtype label).",
+            "# TYPE opencamp_kv_cache_bytes_per_position gauge",
+            f'opencamp_kv_cache_bytes_per_position{{kv_dtype="{llm.kv_cache_dtype}"}} '
+            f'{stats["bytes_per_position"]}',
         ]
         # The engine's prefix cache: full blocks kept after their sequence ended, shared by
         # later prompts that start the same way.

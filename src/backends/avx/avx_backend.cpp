@@ -230,6 +230,21 @@ class AvxBackend final : public CpuBackend {
                       cache.values.is_contiguous() && pool_keys.stride[3] > 0;
     if (!fast) return CpuBackend::kv_store(cache, keys, values, slots);
     const int64_t block_size = pool_keys.shape[1];
+    if (cache.dtype != DType::F32) {  // rounded or quantised by the one definition of each type
+      if (!(cache.keys.dtype == (cache.dtype == DType::Q8_0 ? DType::I8 : cache.dtype))) {
+        return CpuBackend::kv_store(cache, keys, values, slots);  // its error
+      }
+      rows(static_cast<int64_t>(slots.size()), 2 * heads * hd, [&](int64_t t) {
+        const int64_t block = slots[t].block_table[slots[t].position / block_size];
+        const int64_t slot = slots[t].position % block_size;
+        for (int64_t h = 0; h < heads; ++h) {
+          kv_store_row(cache, KVPart::Keys, block, slot, h, keys.ptr<float>() + t * keys.stride[0] + h * keys.stride[1]);
+          kv_store_row(cache, KVPart::Values, block, slot, h,
+                       values.ptr<float>() + t * values.stride[0] + h * values.stride[1]);
+        }
+      });
+      return;
+    }
     for (size_t t = 0; t < slots.size(); ++t) {
       const int64_t block = slots[t].block_table[slots[t].position / block_size];
       const int64_t slot = slots[t].position % block_size;
@@ -244,6 +259,21 @@ class AvxBackend final : public CpuBackend {
     }
   }
 
+  // The views the kernels take: a KV type with its element type, values [.., position, head,
+  // dim] contiguous, q8_0 value scales with contiguous groups.
+  static bool kv_view_for_kernels(const KVLayerView& cache) {
+    if (!is_kv_dtype(cache.dtype) || cache.keys.ndim != 4 || cache.values.shape != cache.keys.shape) return false;
+    const DType element = cache.dtype == DType::Q8_0 ? DType::I8 : cache.dtype;
+    if (cache.keys.dtype != element || cache.values.dtype != element) return false;
+    if (cache.dtype != DType::Q8_0) return true;
+    const Tensor& ks = cache.key_scales;
+    const Tensor& vs = cache.value_scales;
+    return ks.dtype == DType::F16 && vs.dtype == DType::F16 && ks.ndim == 4 && vs.is_contiguous() &&
+           vs.shape == ks.shape && ks.shape[3] * kKVQuantGroup == cache.keys.shape[3] &&
+           ks.shape[0] == cache.keys.shape[0] && ks.shape[1] == cache.keys.shape[1] &&
+           ks.shape[2] == cache.keys.shape[2];
+  }
+
   void attention(const Tensor& out, const Tensor& queries, const KVLayerView& cache,
                  std::span<const KVSlot> slots, float scale, int32_t window) override {
     const int64_t T = queries.shape[0], Hq = queries.shape[1], hd = queries.shape[2];
@@ -251,7 +281,7 @@ class AvxBackend final : public CpuBackend {
     if (queries.ndim != 3 || out.ndim != 3 || !unit_inner(queries) || !unit_inner(out) ||
         out.shape != queries.shape || hd > avx::kMaxHeadDim || hd != cache.keys.shape[3] ||
         Hq % Hkv != 0 || T != static_cast<int64_t>(slots.size()) || !cache.values.is_contiguous() ||
-        window < 0) {
+        window < 0 || !kv_view_for_kernels(cache)) {
       return CpuBackend::attention(out, queries, cache, slots, scale, window);
     }
     // The first key a token sees, rounded down to the 16-key chunks split-K works in.
@@ -307,12 +337,29 @@ class AvxBackend final : public CpuBackend {
       args.positions = row_positions_.data() + g.first_row;
       args.block_table = g.block_table;
       const Tensor& k = cache.keys;
-      args.keys = k.ptr<float>();
+      args.kv_type = cache.dtype == DType::BF16  ? avx::kKVBF16
+                     : cache.dtype == DType::F16 ? avx::kKVF16
+                     : cache.dtype == DType::Q8_0 ? avx::kKVQ8_0
+                                                  : avx::kKVF32;
+      args.keys = k.data;
       args.key_block_stride = k.stride[0];
       args.key_position_stride = k.stride[1];
       args.key_head_offset = g.kv_head * k.stride[2];
       args.key_dim_stride = k.stride[3];
-      args.values = cache.values.ptr<float>();
+      args.values = cache.values.data;
+      if (cache.dtype == DType::Q8_0) {
+        const Tensor& ks = cache.key_scales;
+        args.key_scales = ks.ptr<uint16_t>();
+        args.key_scale_block_stride = ks.stride[0];
+        args.key_scale_position_stride = ks.stride[1];
+        args.key_scale_head_offset = g.kv_head * ks.stride[2];
+        args.key_scale_group_stride = ks.stride[3];
+        const Tensor& vs = cache.value_scales;
+        args.value_scales = vs.ptr<uint16_t>();
+        args.value_scale_block_stride = vs.stride[0];
+        args.value_scale_position_stride = vs.stride[1];
+        args.value_scale_head_offset = g.kv_head * vs.stride[2];
+      }
       args.value_block_stride = block_size * Hkv * hd;
       args.value_position_stride = Hkv * hd;
       args.value_head_offset = g.kv_head * hd;

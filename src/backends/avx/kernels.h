@@ -26,8 +26,12 @@ struct MatmulArgs {
   const float* bias;    // [N] or nullptr
 };
 
+// The KV cache types the attention kernels read directly (KVLayerView::dtype).
+enum KVType : int { kKVF32, kKVBF16, kKVF16, kKVQ8_0 };
+
 // One group of query rows that share a sequence and a KV head: each row is one (token, head).
 struct AttentionArgs {
+  int kv_type = kKVF32;            // the element type of keys and values
   int rows;                        // <= lanes of the ISA
   const float* const* queries;     // [rows] -> [head_dim]
   float* const* outputs;           // [rows] -> [head_dim]
@@ -36,11 +40,20 @@ struct AttentionArgs {
   // Key (position j, dim d) of this KV head: keys + block(j) * key_block_stride +
   // (j % block_size) * key_position_stride + key_head_offset + d * key_dim_stride. Keys stored
   // [head][dim][position] (key_position_stride 1) let few-row groups run lanes over positions.
-  const float* keys;
+  // Strides in elements of the KV type (f32, bf16, f16, or the int8 quants of q8_0).
+  const void* keys;
   int64_t key_block_stride, key_position_stride, key_dim_stride, key_head_offset;
   // Values: [position][head][dim] within a block (dims contiguous).
-  const float* values;
+  const void* values;
   int64_t value_block_stride, value_position_stride, value_head_offset;
+  // q8_0: the f16 scale of dims [32 g, 32 g + 32) of key (j, head) at key_scales + block(j) *
+  // key_scale_block_stride + (j % block_size) * key_scale_position_stride + key_scale_head_offset
+  // + g * key_scale_group_stride; the values' scales likewise, groups contiguous.
+  const uint16_t* key_scales = nullptr;
+  int64_t key_scale_block_stride = 0, key_scale_position_stride = 0, key_scale_group_stride = 0,
+          key_scale_head_offset = 0;
+  const uint16_t* value_scales = nullptr;
+  int64_t value_scale_block_stride = 0, value_scale_position_stride = 0, value_scale_head_offset = 0;
   int head_dim;                    // <= kMaxHeadDim
   int block_size;
   float scale;

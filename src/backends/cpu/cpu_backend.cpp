@@ -25,9 +25,6 @@ float& f32_at2(const Tensor& t, int64_t i, int64_t j) {
 float& f32_at3(const Tensor& t, int64_t i, int64_t j, int64_t k) {
   return t.ptr<float>()[i * t.stride[0] + j * t.stride[1] + k * t.stride[2]];
 }
-float& f32_at4(const Tensor& t, int64_t i, int64_t j, int64_t k, int64_t l) {
-  return t.ptr<float>()[i * t.stride[0] + j * t.stride[1] + k * t.stride[2] + l * t.stride[3]];
-}
 float get1(const Tensor& t, int64_t i) { return load_as_f32(t.data, t.dtype, i * t.stride[0]); }
 
 // The same sum as the strided loop, with typed loads instead of a dtype switch per element.
@@ -181,24 +178,47 @@ void CpuBackend::rope(const Tensor& x, std::span<const int32_t> positions, const
   });
 }
 
+namespace {
+
+// The stored type and layout a KV view promises (what KVCache builds).
+void expect_kv_view(const KVLayerView& cache, const char* op) {
+  const bool quantised = cache.dtype == DType::Q8_0;
+  const DType element = quantised ? DType::I8 : cache.dtype;
+  const Tensor& k = cache.keys;
+  expect(is_kv_dtype(cache.dtype) && k.ndim == 4 && cache.values.ndim == 4 && k.shape == cache.values.shape &&
+             k.dtype == element && cache.values.dtype == element,
+         op, "the cache must be keys and values [n_blocks, block_size, n_kv_heads, head_dim] of its KV type");
+  if (quantised) {
+    for (const Tensor* s : {&cache.key_scales, &cache.value_scales}) {
+      expect(s->dtype == DType::F16 && s->ndim == 4 && s->shape[0] == k.shape[0] && s->shape[1] == k.shape[1] &&
+                 s->shape[2] == k.shape[2] && s->shape[3] * kKVQuantGroup == k.shape[3],
+             op, "a q8_0 cache needs f16 scales [n_blocks, block_size, n_kv_heads, head_dim / 32]");
+    }
+  }
+}
+
+}  // namespace
+
 void CpuBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const Tensor& values,
               std::span<const KVSlot> slots) {
   expect_f32(keys, 3, "kv_store", "keys");
   expect_f32(values, 3, "kv_store", "values");
+  expect_kv_view(cache, "kv_store");
   const Tensor& k_pool = cache.keys;
   const int64_t block_size = k_pool.shape[1];
   expect(keys.shape[0] == static_cast<int64_t>(slots.size()) && keys.shape[1] == k_pool.shape[2] &&
              keys.shape[2] == k_pool.shape[3] && values.shape == keys.shape,
          "kv_store", "shapes disagree with the cache");
   pool_->parallel_for(keys.shape[0], [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(keys.shape[2]));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slots[t].block_table[slots[t].position / block_size];
       const int64_t offset = slots[t].position % block_size;
       for (int64_t h = 0; h < keys.shape[1]; ++h) {
-        for (int64_t d = 0; d < keys.shape[2]; ++d) {
-          f32_at4(cache.keys, block, offset, h, d) = f32_at3(keys, t, h, d);
-          f32_at4(cache.values, block, offset, h, d) = f32_at3(values, t, h, d);
-        }
+        for (int64_t d = 0; d < keys.shape[2]; ++d) row[static_cast<size_t>(d)] = f32_at3(keys, t, h, d);
+        kv_store_row(cache, KVPart::Keys, block, offset, h, row.data());
+        for (int64_t d = 0; d < keys.shape[2]; ++d) row[static_cast<size_t>(d)] = f32_at3(values, t, h, d);
+        kv_store_row(cache, KVPart::Values, block, offset, h, row.data());
       }
     }
   });
@@ -208,6 +228,7 @@ void CpuBackend::attention(const Tensor& out, const Tensor& queries, const KVLay
                std::span<const KVSlot> slots, float scale, int32_t window) {
   expect_f32(out, 3, "attention", "out");
   expect_f32(queries, 3, "attention", "queries");
+  expect_kv_view(cache, "attention");
   const int64_t n_tokens = queries.shape[0], n_heads = queries.shape[1];
   const int64_t head_dim = queries.shape[2], n_kv_heads = cache.keys.shape[2];
   const int64_t block_size = cache.keys.shape[1];
@@ -231,7 +252,7 @@ void CpuBackend::attention(const Tensor& out, const Tensor& queries, const KVLay
         const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
         float dot = 0.0f;
         for (int64_t d = 0; d < head_dim; ++d) {
-          dot += f32_at3(queries, t, h, d) * f32_at4(cache.keys, block, offset, kv_head, d);
+          dot += f32_at3(queries, t, h, d) * kv_load(cache, KVPart::Keys, block, offset, kv_head, d);
         }
         scores[i] = dot * scale;
         max_score = std::max(max_score, scores[i]);
@@ -244,7 +265,7 @@ void CpuBackend::attention(const Tensor& out, const Tensor& queries, const KVLay
         const int64_t block = slots[t].block_table[j / block_size], offset = j % block_size;
         const float weight = scores[i] / total;
         for (int64_t d = 0; d < head_dim; ++d) {
-          f32_at3(out, t, h, d) += weight * f32_at4(cache.values, block, offset, kv_head, d);
+          f32_at3(out, t, h, d) += weight * kv_load(cache, KVPart::Values, block, offset, kv_head, d);
         }
       }
     }
