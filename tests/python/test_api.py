@@ -87,11 +87,12 @@ def test_logprobs_ride_with_the_pieces_and_match_the_logits(llm):
     logits = llm.logits(prompt + completion.token_ids[:-1]).astype(np.float64)[len(prompt) - 1:-1]
     logits -= logits.max(axis=1, keepdims=True)
     expected = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    # bf16 weights round activations to bf16: a prompt computed in another pass (this one is in
-    # the prefix cache from earlier tests) can differ by one rounding, ~4e-3 here (in f32 they
-    # agree to 1e-6: test_server_openai.py checks 1e-3 on an f32 server).
+    # bf16 weights round activations to bf16, and their KV cache is bf16 (kv_cache_dtype auto):
+    # a prompt computed in another pass (this one is in the prefix cache from earlier tests) can
+    # differ by a rounding, up to ~1e-2 here (in f32 they agree to 1e-6: test_server_openai.py
+    # checks 1e-3 on an f32 server).
     for row, record in enumerate(records):
-        assert abs(record.logprob - expected[row, record.id]) < 1e-2
+        assert abs(record.logprob - expected[row, record.id]) < 3e-2
         assert [i for i, _ in record.top] == list(np.argsort(-expected[row], kind="stable")[:3])
         assert record.top[0] == (record.id, record.logprob)  # greedy: the most likely
     # Without logprobs nothing is computed or carried.
