@@ -303,7 +303,9 @@ def test_shutdown_stops_admitting_lets_streams_finish_then_ends_the_rest(tiny_ll
         finishing, cut = [], []
         threads = [threading.Thread(target=_stream_lines, args=(url, {
             "messages": HELLO, "stream": True, "max_tokens": n}, out))
-            for out, n in ((finishing, 8), (cut, 3000))]
+            # 40 tokens: held after 5 text pieces, which a batch of several tokens per piece (a
+            # busy dispatcher) must not let it reach its end before.
+            for out, n in ((finishing, 40), (cut, 3000))]
         threads[0].start()
         wait_until(lambda: len(held) == 1 and held[0].holding.is_set(), what="stream 1 to run")
         threads[1].start()
