@@ -38,17 +38,24 @@ def quantize(source: str, target: str, ftype: str) -> None:
         sys.exit(f"llama.cpp could not quantize {source} to {ftype}")
 
 
+def switch_off_extra_buffers_on_amx() -> bool:
+    """llama.cpp's AMX matmul (an extra buffer type) crashes on this CPU for quantised types:
+    on an AMX CPU every later model load goes without extra buffers. True when they stay on."""
+    if not cpu_has_amx():
+        return True
+    default = raw.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    raw.llama_model_default_params = without_extra_buffers
+    return False
+
+
 def time_file(path: str, threads: int, spec: dict) -> dict:
-    extra_buffers = not cpu_has_amx()
-    if not extra_buffers:
-        default = raw.llama_model_default_params
-
-        def without_extra_buffers():
-            params = default()
-            params.use_extra_bufts = False
-            return params
-
-        raw.llama_model_default_params = without_extra_buffers
+    extra_buffers = switch_off_extra_buffers_on_amx()
     llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_threads=threads, n_threads_batch=threads,
                           n_batch=512, n_ubatch=512, verbose=False)
     prefill, decode = float("inf"), float("inf")
@@ -72,15 +79,7 @@ def time_contexts(path: str, threads: int, spec: dict) -> dict:
     the prompt is evaluated up to each of spec["contexts"] in turn (one context, growing), and
     at each, spec["decode_steps"] single-token steps are timed (1 / the median step); the
     prefill of the first context is timed too (a fresh cache, after a warm-up)."""
-    if cpu_has_amx():
-        default = raw.llama_model_default_params
-
-        def without_extra_buffers():
-            params = default()
-            params.use_extra_bufts = False
-            return params
-
-        raw.llama_model_default_params = without_extra_buffers
+    switch_off_extra_buffers_on_amx()
     kv_type = {"f16": raw.GGML_TYPE_F16, "q8_0": raw.GGML_TYPE_Q8_0}[spec["kv_type"]]
     contexts, steps, prompt = spec["contexts"], spec["decode_steps"], spec["prompt"]
     llm = llama_cpp.Llama(model_path=path, n_ctx=max(contexts) + steps * len(contexts) + 16,
