@@ -37,12 +37,9 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def aggregate(texts: dict[str, str]) -> str:
-    """One exposition for the whole deployment: `texts` maps replica id -> its /metrics."""
-    order: list[str] = []  # families in first-seen order
-    header: dict[str, list[str]] = {}
-    samples: dict[str, dict[tuple[str, str], list[float]]] = {}
-    kept: dict[str, list[str]] = {}
+def _lines(texts: dict[str, str]):
+    """Every replica's exposition, replicas in id order, as (replica, family, header, sample):
+    header a HELP/TYPE line (sample None), or sample (name, labels, value) (header None)."""
     for replica, text in sorted(texts.items()):
         for line in text.splitlines():
             if not line.strip():
@@ -50,27 +47,33 @@ def aggregate(texts: dict[str, str]) -> str:
             if line.startswith("#"):
                 parts = line.split(" ", 3)
                 if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
-                    family = parts[2]
-                    if family not in header:
-                        header[family] = []
-                        order.append(family)
-                    if len(header[family]) < 2 and line not in header[family]:
-                        header[family].append(line)
+                    yield replica, parts[2], line, None
                 continue
             name, labels, value = _split_sample(line)
-            family = _family(name)
-            if family not in header:
-                header[family] = []
-                order.append(family)
-            if family in PER_REPLICA:
-                kept.setdefault(family, []).append(
-                    f"{_with_label(name, labels, 'replica', replica)} {value}")
-                continue
+            yield replica, _family(name), None, (name, labels, value)
+
+
+def aggregate(texts: dict[str, str]) -> str:
+    """One exposition for the whole deployment: `texts` maps replica id -> its /metrics."""
+    header: dict[str, list[str]] = {}  # families in first-seen order, each its HELP and TYPE
+    samples: dict[str, dict[tuple[str, str], list[float]]] = {}
+    kept: dict[str, list[str]] = {}
+    for replica, family, line, sample in _lines(texts):
+        lines = header.setdefault(family, [])
+        if line is not None:
+            if len(lines) < 2 and line not in lines:
+                lines.append(line)
+            continue
+        name, labels, value = sample
+        if family in PER_REPLICA:
+            labelled = _with_label(name, labels, "replica", replica)
+            kept.setdefault(family, []).append(f"{labelled} {value}")
+        else:
             samples.setdefault(family, {}).setdefault((name, labels), []).append(float(value))
     lines = ["# HELP opencamp_replicas Engine replicas answering /metrics.",
              "# TYPE opencamp_replicas gauge", f"opencamp_replicas {len(texts)}"]
-    for family in order:
-        lines.extend(header[family])
+    for family, family_header in header.items():
+        lines.extend(family_header)
         lines.extend(kept.get(family, []))
         for (name, labels), values in samples.get(family, {}).items():
             total = sum(values) / len(values) if family in AVERAGED else sum(values)
@@ -80,35 +83,18 @@ def aggregate(texts: dict[str, str]) -> str:
 
 def per_replica(texts: dict[str, str]) -> str:
     """Every replica's series, each sample labelled replica="ID" (one HELP/TYPE per family)."""
+    by_family: dict[str, list[str]] = {}  # families in first-seen order
     seen: set[str] = set()
-    lines: list[str] = []
-    by_family: dict[str, list[str]] = {}
-    order: list[str] = []
-    for replica, text in sorted(texts.items()):
-        family = None
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            if line.startswith("#"):
-                parts = line.split(" ", 3)
-                if len(parts) >= 3:
-                    family = parts[2]
-                    if family not in by_family:
-                        by_family[family] = []
-                        order.append(family)
-                    if line not in seen:
-                        seen.add(line)
-                        by_family[family].append(line)
-                continue
-            name, labels, value = _split_sample(line)
-            family = _family(name)
-            if family not in by_family:
-                by_family[family] = []
-                order.append(family)
-            by_family[family].append(f"{_with_label(name, labels, 'replica', replica)} {value}")
-    for family in order:
-        lines.extend(by_family[family])
-    return "\n".join(lines) + "\n"
+    for replica, family, line, sample in _lines(texts):
+        lines = by_family.setdefault(family, [])
+        if line is not None:
+            if line not in seen:
+                seen.add(line)
+                lines.append(line)
+        else:
+            name, labels, value = sample
+            lines.append(f"{_with_label(name, labels, 'replica', replica)} {value}")
+    return "\n".join(line for lines in by_family.values() for line in lines) + "\n"
 
 
 def routing(decisions: dict[str, int]) -> str:
