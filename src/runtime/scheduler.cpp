@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <future>
+#include <iterator>
 #include <set>
 #include <utility>
 
@@ -52,7 +53,7 @@ std::vector<TokenEvent> ScheduledRequest::next_batch(double timeout_seconds) {
   timed_out_ = !wait_for_news(lock, changed_, queue_, done_, timeout_seconds);
   std::vector<TokenEvent> events;
   if (timed_out_) return events;
-  events.assign(queue_.begin(), queue_.end());
+  events.assign(std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
   queue_.clear();
   if (!events.empty()) {
     taken_locked(events.size());
@@ -291,7 +292,8 @@ std::vector<Scheduler::Collected> Scheduler::collect(double timeout_seconds) {
     Collected c;
     {
       std::lock_guard<std::mutex> lock(handle->mutex_);
-      c.tokens.assign(handle->queue_.begin(), handle->queue_.end());
+      c.tokens.assign(std::make_move_iterator(handle->queue_.begin()),
+                      std::make_move_iterator(handle->queue_.end()));
       handle->queue_.clear();
       handle->in_outbox_ = false;
       c.ended = handle->done_ && !std::exchange(handle->reported_end_, true);
