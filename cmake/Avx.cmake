@@ -10,6 +10,7 @@ if(OPENCAMP_AVX AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64"
   target_sources(opencamp PRIVATE
     ${avx_dir}/avx_backend.cpp
     ${avx_dir}/cpu_features.cpp
+    ${avx_dir}/quant_tiles.cpp
     ${avx_dir}/kernels_avx2.cpp
     ${avx_dir}/kernels_avx512.cpp
     ${avx_dir}/kernels_avx512_bf16.cpp)

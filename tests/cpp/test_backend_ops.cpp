@@ -276,6 +276,53 @@ std::vector<OpCase> embedding_cases() {
   return cases;
 }
 
+// Rows of block-format tables (an untied GGUF embedding, or a tied output layer read as its
+// embedding): from the table as prepared for lookups and from the matrix as prepared for matmuls
+// (tiled where the backend tiles), against the format's dequantiser. 37 rows: the last of them
+// in a partial 16-row tile.
+std::vector<OpCase> block_embedding_cases() {
+  std::vector<OpCase> cases;
+  for (DType dtype : {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q6_K}) {
+    const int64_t V = 37, D = 2 * dtype_traits(dtype).block_elements;
+    std::mt19937 rng(static_cast<unsigned>(300 + static_cast<int>(dtype)));
+    std::vector<float> values(static_cast<size_t>(V * D));
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (float& v : values) v = dist(rng);
+    auto blocks = std::make_shared<std::vector<unsigned char>>(dtype_bytes(dtype, V * D));
+    convert_dtype(values.data(), DType::F32, blocks->data(), dtype, V * D);
+    auto dequantised = std::make_shared<std::vector<float>>(static_cast<size_t>(V * D));
+    dtype_traits(dtype).to_f32(blocks->data(), dequantised->data(), V * D);
+    auto ids = std::make_shared<std::vector<int32_t>>(std::vector<int32_t>{0, static_cast<int32_t>(V - 1), 17, 16, 0, 35});
+    for (WeightUse use : {WeightUse::Table, WeightUse::Matrix}) {
+      OpCase c;
+      c.op = "embedding";
+      c.weight_dtype = dtype;
+      c.shape = fmt("%s table [%lld,%lld], prepared as a %s", dtype_name(dtype), (long long)V, (long long)D,
+                    use == WeightUse::Table ? "table" : "matrix");
+      c.run = [=](Backend& b) {
+        std::vector<std::shared_ptr<Buffer>> owned;
+        const Tensor host = Tensor::contiguous(blocks->data(), dtype, {V, D});
+        Tensor rows = b.prepare_weight(host, dtype, use, owned);
+        if (!b.embeds_from(rows)) rows = b.prepare_weight(host, dtype, WeightUse::Table, owned);
+        HostTensor out = make_tensor(DType::F32, {static_cast<int64_t>(ids->size()), D}, 2);
+        DeviceTensor d_out = upload(b, out);
+        b.embedding(d_out.view, rows, *ids);
+        download(b, d_out, out);
+        return Output{out.values(), out.padding_intact()};
+      };
+      c.reference = [=] {
+        std::vector<double> ref;
+        for (int32_t id : *ids) {
+          for (int64_t d = 0; d < D; ++d) ref.push_back((*dequantised)[static_cast<size_t>(id * D + d)]);
+        }
+        return ref;
+      };
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
 std::vector<OpCase> rmsnorm_cases() {
   std::vector<OpCase> cases;
   struct Shape {
@@ -923,7 +970,7 @@ std::vector<OpCase> elementwise_cases() {
 
 std::vector<OpCase> all_cases() {
   std::vector<OpCase> cases;
-  for (auto&& group : {embedding_cases(), rmsnorm_cases(), matmul_cases(), quantised_matmul_cases(), rope_cases(),
+  for (auto&& group : {embedding_cases(), block_embedding_cases(), rmsnorm_cases(), matmul_cases(), quantised_matmul_cases(), rope_cases(),
                        kv_store_cases(), attention_cases(), elementwise_cases()}) {
     cases.insert(cases.end(), group.begin(), group.end());
   }

@@ -9,6 +9,7 @@
 
 #include "backends/avx/cpu_features.h"
 #include "backends/avx/kernels.h"
+#include "backends/avx/quant_tiles.h"
 #include "backends/cpu/cpu_backend.h"
 #include "core/builtin.h"
 #include "opencamp/error.h"
@@ -62,20 +63,28 @@ class AvxBackend final : public CpuBackend {
 
   Tensor prepare_weight(const Tensor& source, DType dtype, WeightUse use,
                         std::vector<std::shared_ptr<Buffer>>& owned) override {
-    // Block formats stay in the file's row-major blocks: the quantised kernels read them there.
-    if (use == WeightUse::Table || source.ndim != 2 || is_block_format(dtype)) {
+    if (use == WeightUse::Table || source.ndim != 2) return Backend::prepare_weight(source, dtype, use, owned);
+    if (is_block_format(dtype)) {
+      // In 16-row tiles where this instruction set's kernels read them so; else the file's
+      // row-major blocks, which the other quantised kernels read in place.
+      const avx::QuantKernels* quant = quant_kernels(dtype);
+      if (quant && quant->tiled) return tile(source, dtype, owned);
       return Backend::prepare_weight(source, dtype, use, owned);
     }
     return pack(source, dtype, owned);
   }
 
-  // Rows of a packed f32/bf16 matrix are gathered from their panel (one lane of each word).
+  // Rows of a packed f32/bf16 matrix are gathered from their panel (one lane of each word), and
+  // rows of a tiled block-format matrix from their tile.
   bool embeds_from(const Tensor& matrix) const override {
-    if (matrix.layout == Layout::Packed) return matrix.dtype == DType::F32 || matrix.dtype == DType::BF16;
+    if (matrix.layout == Layout::Packed) {
+      return matrix.dtype == DType::F32 || matrix.dtype == DType::BF16 || avx::has_tile_layout(matrix.dtype);
+    }
     return CpuBackend::embeds_from(matrix);
   }
 
   void embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) override {
+    if (table.layout == Layout::Packed && is_block_format(table.dtype)) return tiled_embedding(out, table, ids);
     if (table.layout == Layout::Packed) return packed_embedding(out, table, ids);
     if (!unit_inner(out) || table.layout != Layout::Strided || table.stride[1] != 1 ||
         (table.dtype != DType::F32 && table.dtype != DType::BF16) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
@@ -115,10 +124,15 @@ class AvxBackend final : public CpuBackend {
   }
 
   void matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) override {
-    if (weight.layout != Layout::Packed) {
-      if (is_block_format(weight.dtype) && quant_matmul(out, x, weight, bias)) return;
+    if (is_block_format(weight.dtype)) {
+      if (quant_matmul(out, x, weight, bias)) return;
+      if (weight.layout == Layout::Packed) {
+        fail(ErrorKind::InvalidArgument, name_, " backend, op matmul: out [T, N] and x [T, K] must be "
+             "f32 with contiguous rows matching the tiled weight [N, K] ", shape_string(weight));
+      }
       return CpuBackend::matmul(out, x, weight, bias);
     }
+    if (weight.layout != Layout::Packed) return CpuBackend::matmul(out, x, weight, bias);
     if (out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
         x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] ||
         out.shape[1] != weight.shape[0] ||
@@ -159,13 +173,15 @@ class AvxBackend final : public CpuBackend {
     pool().parallel_for(panels, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
   }
 
-  // A block-format weight [N, K] in the file's row-major blocks: decode (few tokens) streams
-  // each row once per 4 tokens, dequantising in registers; prefill dequantises 16 rows at a
-  // time into an f32 panel and runs every token through the f32 tiles. False: not a shape the
-  // kernels take (the cpu oracle runs it, or says what is wrong).
+  // A block-format weight [N, K], in 16-row tiles (prepare_weight) or in the file's row-major
+  // blocks: decode (few tokens) streams the weights once per 4 tokens, dequantising in
+  // registers; prefill dequantises 16 rows at a time into a panel and runs every token through
+  // the matmul tiles. False: not a shape the kernels take (the cpu oracle runs a row-major
+  // weight, or says what is wrong).
   bool quant_matmul(const Tensor& out, const Tensor& x, const Tensor& weight, const Tensor* bias) {
     const avx::QuantKernels* kernels = quant_kernels(weight.dtype);
-    if (!kernels || weight.ndim != 2 || weight.stride[1] != 1 ||
+    const bool tiled = weight.layout == Layout::Packed;
+    if (!kernels || tiled != kernels->tiled || weight.ndim != 2 || weight.stride[1] != 1 ||
         weight.stride[0] != weight.shape[1] ||
         out.ndim != 2 || x.ndim != 2 || !unit_inner(out) || !unit_inner(x) ||
         x.shape[1] != weight.shape[1] || out.shape[0] != x.shape[0] || out.shape[1] != weight.shape[0] ||
@@ -197,7 +213,7 @@ class AvxBackend final : public CpuBackend {
       args.x = bf16_activations_.data();
       args.x_stride = args.k;
     }
-    const int64_t items = decode ? args.n : panel_count(args.n);  // rows or 16-row panels
+    const int64_t items = decode && !tiled ? args.n : panel_count(args.n);  // rows, or 16-row panels / tiles
     if (single) {
       kernel(args, 0, items);
     } else {
@@ -577,6 +593,62 @@ class AvxBackend final : public CpuBackend {
         for (int64_t c = 0; c < dim; ++c) row[c] = bf16_to_f32(values[(c / 2) * 2 * kPanel + c % 2]);
       }
     });
+  }
+
+  // out[t, :] = row ids[t] of a matrix tiled by tile(), dequantised as the format defines.
+  void tiled_embedding(const Tensor& out,    // [T, D] f32
+                       const Tensor& table,  // [V, D] tiled block format
+                       std::span<const int32_t> ids) {
+    if (!embeds_from(table) || !unit_inner(out) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
+        out.shape[0] != static_cast<int64_t>(ids.size())) {
+      fail(ErrorKind::InvalidArgument, name_, " backend, op embedding: out [T, D] f32 with contiguous rows "
+           "for a tiled table ", shape_string(table));
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= table.shape[0]) {
+        fail(ErrorKind::InvalidArgument, "token id ", id, " is outside the vocabulary [0, ", table.shape[0], ")");
+      }
+    }
+    const int64_t dim = table.shape[1];
+    const size_t row_bytes = dtype_bytes(table.dtype, dim), tile_bytes = avx::kTileRows * row_bytes;
+    rows(static_cast<int64_t>(ids.size()), dim, [&](int64_t t) {
+      std::vector<uint8_t> row(row_bytes);
+      const uint8_t* tile = static_cast<const uint8_t*>(table.data) + (ids[t] / avx::kTileRows) * tile_bytes;
+      avx::untile_row(table.dtype, tile, dim, ids[t] % avx::kTileRows, row.data());
+      dtype_traits(table.dtype).to_f32(row.data(), out.ptr<float>() + t * out.stride[0], dim);
+    });
+  }
+
+  // A block-format matrix [N, K] (converted to `dtype` first where it is not in it) in 16-row
+  // tiles (quant_tiles.h), the last tile padded with zero rows.
+  Tensor tile(const Tensor& source, DType dtype, std::vector<std::shared_ptr<Buffer>>& owned) {
+    if (!source.is_contiguous()) fail(ErrorKind::Internal, "weights must be contiguous");
+    const int64_t n = source.shape[0], k = source.shape[1], tiles = panel_count(n);
+    if (k % dtype_traits(dtype).block_elements != 0) {
+      fail(ErrorKind::InvalidArgument, "a ", dtype_name(dtype), " matrix needs rows that are a multiple of ",
+           dtype_traits(dtype).block_elements, " values, not ", k);
+    }
+    const size_t row_bytes = dtype_bytes(dtype, k), tile_bytes = avx::kTileRows * row_bytes;
+    Tensor tiled = source;
+    tiled.dtype = dtype;
+    tiled.layout = Layout::Packed;
+    auto buffer = allocate(static_cast<size_t>(tiles) * tile_bytes);
+    owned.push_back(buffer);
+    tiled.data = buffer->data();
+    const size_t source_row_bytes = dtype_bytes(source.dtype, k);
+    pool().parallel_for(tiles, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> converted(source.dtype == dtype ? 0 : tile_bytes);
+      for (int64_t t = begin; t < end; ++t) {
+        const int rows = static_cast<int>(std::min<int64_t>(avx::kTileRows, n - t * avx::kTileRows));
+        const uint8_t* first = static_cast<const uint8_t*>(source.data) + t * avx::kTileRows * source_row_bytes;
+        if (source.dtype != dtype) {
+          convert_dtype(first, source.dtype, converted.data(), dtype, rows * k);
+          first = converted.data();
+        }
+        avx::tile_rows(dtype, first, rows, k, static_cast<uint8_t*>(tiled.data) + t * tile_bytes);
+      }
+    });
+    return tiled;
   }
 
   Tensor pack(const Tensor& source, DType dtype, std::vector<std::shared_ptr<Buffer>>& owned) {

@@ -87,12 +87,16 @@ struct QuantMatmulArgs {
 constexpr int kQuantFormats = 8;  // Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K
 
 struct QuantKernels {
-  // Decode / few tokens: weight rows [row_begin, row_end), each streamed once per 4 tokens.
+  // Decode / few tokens: weight rows [row_begin, row_end) (tiles, when `tiled`), each streamed
+  // once per 4 tokens.
   void (*matvec)(const QuantMatmulArgs& args, int64_t row_begin, int64_t row_end);
   bool matvec_bf16;  // takes bf16 activations (rounded as to_bf16_row does)
   // Prefill: output panels of kPanel rows [panel_begin, panel_end), each dequantised once.
   void (*matmul)(const QuantMatmulArgs& args, int64_t panel_begin, int64_t panel_end);
   bool matmul_bf16;
+  // Both read the weights in 16-row tiles (quant_tiles.h; args.weight: the tiles, row_bytes:
+  // bytes per row as in the file) instead of the file's row-major blocks.
+  bool tiled;
 };
 
 struct KernelTable {
