@@ -13,16 +13,19 @@ if(OPENCAMP_AVX AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64"
     ${avx_dir}/quant_tiles.cpp
     ${avx_dir}/kernels_avx2.cpp
     ${avx_dir}/kernels_avx512.cpp
-    ${avx_dir}/kernels_avx512_bf16.cpp)
+    ${avx_dir}/kernels_avx512_bf16.cpp
+    ${avx_dir}/kernels_amx_bf16.cpp)
   set(avx2_flags -mavx2 -mfma -mf16c)
   set(avx512_flags ${avx2_flags} -mavx512f -mavx512bw -mavx512vl -mavx512dq)
   set_source_files_properties(${avx_dir}/kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "${avx2_flags}")
   set_source_files_properties(${avx_dir}/kernels_avx512.cpp PROPERTIES COMPILE_OPTIONS "${avx512_flags}")
   set_source_files_properties(${avx_dir}/kernels_avx512_bf16.cpp PROPERTIES
     COMPILE_OPTIONS "${avx512_flags};-mavx512bf16")
+  set_source_files_properties(${avx_dir}/kernels_amx_bf16.cpp PROPERTIES
+    COMPILE_OPTIONS "${avx512_flags};-mavx512bf16;-mamx-tile;-mamx-bf16")
   target_compile_definitions(opencamp PRIVATE OPENCAMP_HAVE_AVX=1)
   set(OPENCAMP_HAVE_AVX ON)
-  message(STATUS "opencamp: avx backend ON (AVX2, AVX-512, AVX-512 BF16 kernels)")
+  message(STATUS "opencamp: avx backend ON (AVX2, AVX-512, AVX-512 BF16, AMX BF16 kernels)")
 else()
   set(OPENCAMP_HAVE_AVX OFF)
   message(STATUS "opencamp: avx backend OFF (needs x86-64 and GCC or Clang)")

@@ -380,7 +380,10 @@ std::vector<OpCase> matmul_cases() {
       // SIMD kernels plus remainders (T=97 crosses a token block, N=100 leaves a partial panel).
       for (const Shape& s : {Shape{1, 37, 13, 0, 0}, Shape{7, 67, 75, 5, 3}, Shape{33, 131, 29, 0, 0},
                              Shape{1, 64, 17, 11, 0}, Shape{19, 9, 41, 2, 7}, Shape{40, 200, 100, 0, 0},
-                             Shape{97, 33, 35, 1, 2}, Shape{1, 301, 70, 0, 0}}) {
+                             Shape{97, 33, 35, 1, 2}, Shape{1, 301, 70, 0, 0},
+                             // K a multiple of 32 and T >= 16: the AMX tiles, with a partial
+                             // 32-token block, a lone last panel and a partial one.
+                             Shape{45, 96, 50, 3, 1}, Shape{16, 64, 16, 0, 0}}) {
         std::mt19937 rng(static_cast<unsigned>(300 + s.T * 7 + s.K + s.N + with_bias));
         auto x = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, s.K}, s.x_pad));
         fill_random(*x, rng);
@@ -471,7 +474,7 @@ std::vector<OpCase> quantised_matmul_cases() {
     const int64_t block = dtype_traits(dtype).block_elements;
     for (const Shape& s : {Shape{1, 3, 37, 0, 0, false}, Shape{3, 2, 13, 5, 3, true}, Shape{6, 1, 70, 0, 1, false},
                            Shape{1, 5, 100, 2, 0, true}, Shape{17, 3, 35, 3, 2, true}, Shape{40, 2, 49, 0, 0, false},
-                           Shape{2, 19, 21, 0, 0, true}}) {  // 19 blocks: more than one gather of scales
+                           Shape{2, 19, 21, 0, 0, true}}) {  // 19 blocks: a long row
       const int64_t K = s.blocks * block, N = s.N;
       std::mt19937 rng(static_cast<unsigned>(900 + static_cast<int>(dtype) * 31 + s.T * 7 + K + N));
       auto x = std::make_shared<HostTensor>(make_tensor(DType::F32, {s.T, K}, s.x_pad));

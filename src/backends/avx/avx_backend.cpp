@@ -732,8 +732,10 @@ BackendInfo avx_info(std::string name, int score, std::string description,
 bool avx2_usable() { return cpu_features().has_avx2_level(); }
 bool avx512_usable() { return cpu_features().has_avx512_level(); }
 bool avx512_bf16_usable() { return cpu_features().has_avx512_bf16_level(); }
+bool amx_bf16_usable() { return cpu_features().has_amx_bf16_level(); }
 
 const KernelTable* best_kernels() {
+  if (amx_bf16_usable()) return avx::kernels_amx_bf16();
   if (avx512_bf16_usable()) return avx::kernels_avx512_bf16();
   if (avx512_usable()) return avx::kernels_avx512();
   return avx::kernels_avx2();
@@ -751,6 +753,8 @@ std::vector<BackendInfo> avx_backend_infos() {
                            "SIMD kernels for the widest instruction set this CPU has (here: " +
                                avx_isa_in_use() + ")",
                            avx2_usable, best_kernels));
+  infos.push_back(avx_info("avx:amx_bf16", 53, "AVX-512 BF16 with AMX tile multiplies for prefills",
+                           amx_bf16_usable, avx::kernels_amx_bf16));
   infos.push_back(avx_info("avx:avx512_bf16", 52, "AVX-512 with BF16 dot products",
                            avx512_bf16_usable, avx::kernels_avx512_bf16));
   infos.push_back(avx_info("avx:avx512", 51, "AVX-512 (F, BW, VL, DQ)", avx512_usable, avx::kernels_avx512));

@@ -4,6 +4,11 @@
 
 #include <cstdint>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace opencamp {
 namespace {
 
@@ -14,6 +19,17 @@ uint64_t read_xcr0() {
 }
 
 bool bit(unsigned value, int index) { return (value >> index) & 1u; }
+
+// Asks the kernel for the AMX tile data state (Linux 5.16+); without it the first tile
+// instruction faults.
+bool request_amx_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
 
 CpuFeatures detect() {
   CpuFeatures f;
@@ -40,6 +56,7 @@ CpuFeatures detect() {
     __cpuid_count(7, 1, eax, ebx, ecx, edx);
     f.avx512_bf16 = os_avx512 && bit(eax, 5);
   }
+  f.amx_permitted = f.amx_tile && f.amx_bf16 && request_amx_permission();
   return f;
 }
 
@@ -62,6 +79,7 @@ std::string CpuFeatures::summary() const {
   add(avx512_bf16, "avx512_bf16");
   add(amx_tile, "amx_tile");
   add(amx_bf16, "amx_bf16");
+  add(amx_permitted, "amx_permitted");
   return s;
 }
 

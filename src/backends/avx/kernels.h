@@ -126,5 +126,6 @@ struct KernelTable {
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx512_bf16();
+const KernelTable* kernels_amx_bf16();  // avx512_bf16 with AMX tile multiplies for prefills
 
 }  // namespace opencamp::avx
