@@ -20,9 +20,9 @@ if(OPENCAMP_AVX AND CMAKE_SYSTEM_PROCESSOR MATCHES "x86_64|AMD64|amd64"
   set_source_files_properties(${avx_dir}/kernels_avx2.cpp PROPERTIES COMPILE_OPTIONS "${avx2_flags}")
   set_source_files_properties(${avx_dir}/kernels_avx512.cpp PROPERTIES COMPILE_OPTIONS "${avx512_flags}")
   set_source_files_properties(${avx_dir}/kernels_avx512_bf16.cpp PROPERTIES
-    COMPILE_OPTIONS "${avx512_flags};-mavx512bf16")
+    COMPILE_OPTIONS "${avx512_flags};-mavx512bf16;-mavx512vnni")
   set_source_files_properties(${avx_dir}/kernels_amx_bf16.cpp PROPERTIES
-    COMPILE_OPTIONS "${avx512_flags};-mavx512bf16;-mamx-tile;-mamx-bf16")
+    COMPILE_OPTIONS "${avx512_flags};-mavx512bf16;-mavx512vnni;-mamx-tile;-mamx-bf16")
   target_compile_definitions(opencamp PRIVATE OPENCAMP_HAVE_AVX=1)
   set(OPENCAMP_HAVE_AVX ON)
   message(STATUS "opencamp: avx backend ON (AVX2, AVX-512, AVX-512 BF16, AMX BF16 kernels)")

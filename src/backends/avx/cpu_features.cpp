@@ -49,6 +49,7 @@ CpuFeatures detect() {
   f.avx512dq = os_avx512 && bit(ebx, 17);
   f.avx512bw = os_avx512 && bit(ebx, 30);
   f.avx512vl = os_avx512 && bit(ebx, 31);
+  f.avx512_vnni = os_avx512 && bit(ecx, 11);
   f.amx_bf16 = os_amx && bit(edx, 22);
   f.amx_tile = os_amx && bit(edx, 24);
   const unsigned max_subleaf = eax;
@@ -77,6 +78,7 @@ std::string CpuFeatures::summary() const {
   add(avx512vl, "avx512vl");
   add(avx512dq, "avx512dq");
   add(avx512_bf16, "avx512_bf16");
+  add(avx512_vnni, "avx512_vnni");
   add(amx_tile, "amx_tile");
   add(amx_bf16, "amx_bf16");
   add(amx_permitted, "amx_permitted");
