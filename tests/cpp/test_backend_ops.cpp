@@ -282,7 +282,8 @@ std::vector<OpCase> embedding_cases() {
 // in a partial 16-row tile.
 std::vector<OpCase> block_embedding_cases() {
   std::vector<OpCase> cases;
-  for (DType dtype : {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q6_K}) {
+  for (DType dtype : {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q4_K, DType::Q5_K,
+                      DType::Q6_K}) {
     const int64_t V = 37, D = 2 * dtype_traits(dtype).block_elements;
     std::mt19937 rng(static_cast<unsigned>(300 + static_cast<int>(dtype)));
     std::vector<float> values(static_cast<size_t>(V * D));
