@@ -57,6 +57,16 @@ struct EngineOptions {
 // Throws Error(InvalidArgument) for any other name.
 DType resolve_kv_cache_dtype(const std::string& requested, DType weight_dtype);
 
+// Positions per KV cache block in an Engine's cache.
+inline constexpr int kKVBlockSize = 16;
+
+// Blocks of kKVBlockSize positions the pool of a sliding-window layer group gets in an Engine
+// of a model with global layers too: room for `sequences` sequences (each the window, aligned
+// as attention reads it, and the blocks either end shares) and one pass of `prefill_chunk` new
+// positions; the engine takes no more than the global pool has. The one formula the engine
+// and `opencamp serve`'s memory sizing use.
+int64_t kv_sliding_pool_blocks(int window, int sequences, int prefill_chunk);
+
 enum class FinishReason { Stop, Length, Cancelled };
 const char* finish_reason_name(FinishReason reason);  // "stop", "length", "cancelled"
 

@@ -386,6 +386,11 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
+  m.def("kv_sliding_pool_blocks", &kv_sliding_pool_blocks, py::arg("window"), py::arg("sequences"),
+        py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk,
+        "Blocks of kv_block_size positions an engine gives each sliding-window layer of a model with "
+        "global layers too, for `sequences` at once (kv_window_sequences); at most the global pool's.");
+  m.attr("kv_block_size") = kKVBlockSize;
   m.def("kv_bytes_per_position",
         [](int num_layers, int num_kv_heads, int head_dim, const std::string& kv_cache_dtype) {
           const std::optional<DType> dtype = dtype_from_name(kv_cache_dtype);

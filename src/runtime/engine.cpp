@@ -12,13 +12,19 @@
 namespace opencamp {
 namespace {
 
-constexpr int kBlockSize = 16;
+constexpr int kBlockSize = kKVBlockSize;
 // Sequences the sliding-window layers' pools have room for when EngineOptions does not say
 // (the Scheduler's default max_running).
 constexpr int kDefaultWindowSequences = 16;
 constexpr int kMaxLogitRows = 32;  // lm_head runs over at most this many rows at a time
 
 }  // namespace
+
+int64_t kv_sliding_pool_blocks(int window, int sequences, int prefill_chunk) {
+  const int64_t window_blocks = (window - 1 + kWindowKeyAlignment - 1 + kBlockSize - 1) / kBlockSize + 2;
+  const int64_t pass_blocks = (prefill_chunk + kBlockSize - 1) / kBlockSize;
+  return sequences * window_blocks + pass_blocks;
+}
 
 const char* finish_reason_name(FinishReason reason) {
   switch (reason) {
@@ -77,15 +83,13 @@ Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& opt
   const bool has_global_layers =
       std::find(c.layer_windows.begin(), c.layer_windows.end(), 0) != c.layer_windows.end();
   if (widest_window > 0 && has_global_layers) {
-    // Sliding layers keep about their window per sequence: room for that many sequences (each
-    // one's window, aligned as attention reads it, and the blocks either end shares) plus one
-    // pass of new positions. Never more than the global layers' pool: no sequence holds more
-    // blocks of a sliding layer than of a global one. A model whose every layer slides keeps
-    // kv_cache_tokens for them (its contexts are not bounded by any pool), released as it goes.
+    // Sliding layers keep about their window per sequence. Never more than the global layers'
+    // pool: no sequence holds more blocks of a sliding layer than of a global one. A model whose
+    // every layer slides keeps kv_cache_tokens for them (no pool would bound its contexts
+    // otherwise), released as it goes.
     const int sequences = options.kv_window_sequences > 0 ? options.kv_window_sequences : kDefaultWindowSequences;
-    const int64_t window_blocks = (widest_window - 1 + kWindowKeyAlignment - 1 + kBlockSize - 1) / kBlockSize + 2;
-    const int64_t pass_blocks = (options.prefill_chunk + kBlockSize - 1) / kBlockSize;
-    shape.sliding_blocks = static_cast<int>(std::min<int64_t>(shape.n_blocks, sequences * window_blocks + pass_blocks));
+    shape.sliding_blocks = static_cast<int>(std::min<int64_t>(
+        shape.n_blocks, kv_sliding_pool_blocks(widest_window, sequences, options.prefill_chunk)));
   }
   cache_ = std::make_unique<KVCache>(*backend_, shape);
   scratch_ = std::make_unique<DecoderScratch>(*backend_, c, options.prefill_chunk, kMaxLogitRows);
