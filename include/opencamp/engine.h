@@ -124,7 +124,8 @@ class Engine {
   void free_sequence(int seq);
   std::vector<int32_t> sequence_tokens(int seq) const;  // the tokens held in the cache
   // Drops positions from the end; returns the new length, which is shorter than asked when the
-  // cut falls inside a block shared with another sequence (see KVCache::truncate).
+  // cut falls inside a block shared with another sequence, or 0 when a sliding-window layer has
+  // released keys the window at the new length needs (see KVCache::truncate).
   int truncate_sequence(int seq, int length);
 
   // Appends `tokens` to `seq`. Writes the logits of the last token to `logits` [vocab], or of
