@@ -35,15 +35,13 @@ struct KVCacheShape {
   int n_kv_heads = 0;
   int head_dim = 0;
   int block_size = 16;  // token positions per block
-  int n_blocks = 0;
+  int n_blocks = 0;     // blocks of the global layers' pool (of every layer's without windows)
   DType dtype = DType::F32;  // what keys and values are held in: f32, bf16, f16 or q8_0
   // [n_layers] each layer's attention window, 0 for a global layer; empty: every layer global.
   std::vector<int> layer_windows = {};
-  // Blocks of each sliding-window group's pool; 0: n_blocks. n_blocks is the global groups'
-  // (or, when every layer slides, every group's unless this is given).
+  // Blocks of each sliding-window group's pool; 0: n_blocks.
   int sliding_blocks = 0;
 };
-
 
 class KVCache {
  public:
@@ -59,7 +57,8 @@ class KVCache {
   // The same in the layers of one group.
   size_t bytes_per_position(int group) const;
   // The same for a cache of this shape, before there is one (sizing a cache to a memory budget);
-  // the cache allocates exactly n_blocks * block_size times this.
+  // the cache allocates exactly this for one layer times the positions of each layer's pool
+  // (n_blocks * block_size times this without windows).
   static size_t bytes_per_position(int n_layers, int n_kv_heads, int head_dim, DType dtype);
 
   // Sequences are small integer ids, reused after free_sequence.
@@ -79,8 +78,7 @@ class KVCache {
   // windows, smallest first. Models without windows have one group.
   int group_count() const { return static_cast<int>(pools_.size()); }
   int group_window(int group) const { return pool(group).window; }  // 0: global
-  int group_of_layer(int layer) const { return layer_groups_[static_cast<size_t>(layer)]; }
-  std::span<const int> layer_groups() const { return layer_groups_; }  // [n_layers]
+  std::span<const int> layer_groups() const { return layer_groups_; }  // [n_layers] -> group
   int group_layers(int group) const;  // layers in the group
 
   // Makes room for `tokens` after the sequence's last position, allocating blocks (and evicting
