@@ -150,7 +150,7 @@ def blocks(positions):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_long_sequence_gives_the_same_logits_in_any_passes_and_keeps_few_local_blocks(backend):
-    """120 positions, 23 windows: one prefill, passes of 7 (the sliding layers release blocks
+    """120 positions, 24 windows: one prefill, passes of 7 (the sliding layers release blocks
     between the passes of one call) and token by token (released as each step goes) agree at
     every position; the sliding layers hold at most 3 blocks (a window of 5 and the 16-key chunk
     attention reads from) while the global one holds all 8. A block released too early would be
@@ -173,6 +173,29 @@ def test_a_long_sequence_gives_the_same_logits_in_any_passes_and_keeps_few_local
     whole.free_sequence(seq)
     # The sequence's first 24 positions are the fixture's: transformers agrees.
     assert np.abs(whole.logits(ids("input_ids") + tokens[:40])[:24] - REF["logits"]).max() < F32_TOLERANCE
+
+
+def test_a_sliding_pool_smaller_than_the_prompt_holds_it_a_pass_at_a_time():
+    """A pool sized for one sequence (kv_window_sequences=1: its window's 4 blocks and one
+    16-position pass) takes a 120-position prompt in one prefill call: each pass releases what
+    the window left behind before the next takes blocks (8 would be needed at once). Each then
+    holds 1 block: a second sequence fits in the rest, a third finds the pool full, with an
+    error that says which pool and changes nothing."""
+    small = opencamp._core.Engine(str(TINY), backend="cpu", dtype="f32", threads=2, prefill_chunk=16,
+                                  kv_cache_tokens=1024, kv_window_sequences=1)
+    global_group, local_group = groups(small)
+    assert (global_group["total_blocks"], local_group["total_blocks"]) == (64, 4 + 1)
+    tokens = long_ids(8)
+    reference = opencamp._core.Engine(str(TINY), backend="cpu", dtype="f32", threads=2).logits(tokens)
+    seq = small.create_sequence()
+    assert np.abs(small.prefill(seq, tokens, all_positions=True) - reference).max() < F32_TOLERANCE
+    assert groups(small)[1]["used_blocks"] == 1
+    other = small.create_sequence()
+    assert np.abs(small.prefill(other, tokens) - reference[-1]).max() < F32_TOLERANCE
+    third = small.create_sequence()
+    with pytest.raises(opencamp.OpencampError, match="sliding-window layers' pool"):
+        small.prefill(third, tokens)
+    assert small.sequence_tokens(third) == [] and groups(small)[1]["used_blocks"] == 2
 
 
 def reused_logits(engine, seq, history):
