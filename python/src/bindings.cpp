@@ -400,9 +400,10 @@ PYBIND11_MODULE(_core, m) {
           return KVCache::bytes_per_position(num_layers, num_kv_heads, head_dim, *dtype);
         },
         py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("kv_cache_dtype") = "f32",
-        "Bytes one token position takes in a KV cache of this type for a model of this shape "
-        "(every layer, keys and values, q8_0's scales): what an engine's "
-        "cache_stats()['bytes_per_position'] will say.");
+        "Bytes one token position takes in a KV cache of this type in `num_layers` layers of this "
+        "shape (keys and values, q8_0's scales): what an engine's cache_stats()['bytes_per_position'] "
+        "will say for every layer of a model without sliding windows, or for the global layers of "
+        "one with them (each of cache_stats()['groups'] has its own).");
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
