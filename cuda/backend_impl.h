@@ -33,38 +33,49 @@ constexpr int64_t kMinKeysPerSplit = 64;
 
 inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
-// A batch as the kernels read it, in one int32 array:
-// [token ids T][rope positions T][slot positions T][table offsets T][block tables ...].
-// Tables are deduplicated per sequence (tokens of one sequence share theirs) and cut to the
-// entries the batch's positions reach.
+// A batch as the kernels read it, in one int32 array: [token ids T][rope positions T], then per
+// slot set (KV layer group) [slot positions T], per set [table offsets T], then [block tables ...].
+// Tables are deduplicated (tokens of one sequence share theirs) and cut to the entries the
+// batch's positions reach.
 class BatchOnDevice {
  public:
   explicit BatchOnDevice(std::shared_ptr<DeviceContext> context) : array_(std::move(context)) {}
 
   // Returns true when the device memory moved. block_size 0: no tables (size not known yet).
   bool upload(std::span<const int32_t> tokens, std::span<const int32_t> positions,
-              std::span<const KVSlot> slots, int64_t block_size) {
-    count_ = static_cast<int64_t>(std::max({tokens.size(), positions.size(), slots.size()}));
-    packed_.assign(static_cast<size_t>(4 * count_), 0);
+              std::span<const std::span<const KVSlot>> slot_sets, int64_t block_size) {
+    count_ = static_cast<int64_t>(std::max(tokens.size(), positions.size()));
+    for (const auto& slots : slot_sets) count_ = std::max(count_, static_cast<int64_t>(slots.size()));
+    sets_ = static_cast<int64_t>(slot_sets.size());
+    const size_t header = static_cast<size_t>((2 + 2 * sets_) * count_);
+    packed_.assign(header, 0);
     std::copy(tokens.begin(), tokens.end(), packed_.begin());
     std::copy(positions.begin(), positions.end(), packed_.begin() + count_);
-    for (size_t t = 0; t < slots.size(); ++t) packed_[static_cast<size_t>(2 * count_) + t] = slots[t].position;
-    block_size_ = slots.empty() ? 0 : block_size;
+    for (int64_t set = 0; set < sets_; ++set) {
+      const auto& slots = slot_sets[static_cast<size_t>(set)];
+      for (size_t t = 0; t < slots.size(); ++t) packed_[static_cast<size_t>((2 + set) * count_) + t] = slots[t].position;
+    }
+    block_size_ = sets_ == 0 ? 0 : block_size;
     if (block_size_ > 0) {
       std::unordered_map<const int32_t*, int64_t> entries;  // table -> entries the batch reads
       std::vector<const int32_t*> order;
-      for (const KVSlot& slot : slots) {
-        auto [it, added] = entries.try_emplace(slot.block_table, 0);
-        if (added) order.push_back(slot.block_table);
-        it->second = std::max<int64_t>(it->second, slot.position / block_size_ + 1);
+      for (const auto& slots : slot_sets) {
+        for (const KVSlot& slot : slots) {
+          auto [it, added] = entries.try_emplace(slot.block_table, 0);
+          if (added) order.push_back(slot.block_table);
+          it->second = std::max<int64_t>(it->second, slot.position / block_size_ + 1);
+        }
       }
       std::unordered_map<const int32_t*, int32_t> offsets;
       for (const int32_t* table : order) {
-        offsets[table] = static_cast<int32_t>(packed_.size() - static_cast<size_t>(4 * count_));
+        offsets[table] = static_cast<int32_t>(packed_.size() - header);
         packed_.insert(packed_.end(), table, table + entries[table]);
       }
-      for (size_t t = 0; t < slots.size(); ++t) {
-        packed_[static_cast<size_t>(3 * count_) + t] = offsets[slots[t].block_table];
+      for (int64_t set = 0; set < sets_; ++set) {
+        const auto& slots = slot_sets[static_cast<size_t>(set)];
+        for (size_t t = 0; t < slots.size(); ++t) {
+          packed_[static_cast<size_t>((2 + sets_ + set) * count_) + t] = offsets[slots[t].block_table];
+        }
       }
     }
     return array_.upload(packed_.data(), packed_.size() * sizeof(int32_t));
@@ -72,8 +83,9 @@ class BatchOnDevice {
 
   const int32_t* tokens() const { return base(); }
   const int32_t* positions() const { return base() + count_; }
-  DeviceSlots slots() const {
-    return DeviceSlots{base() + 2 * count_, base() + 3 * count_, base() + 4 * count_, static_cast<int>(block_size_)};
+  DeviceSlots slots(int64_t set) const {
+    return DeviceSlots{base() + (2 + set) * count_, base() + (2 + sets_ + set) * count_,
+                       base() + (2 + 2 * sets_) * count_, static_cast<int>(block_size_)};
   }
   int64_t block_size() const { return block_size_; }
 
@@ -82,6 +94,7 @@ class BatchOnDevice {
   StagedArray array_;
   std::vector<int32_t> packed_;
   int64_t count_ = 0;
+  int64_t sets_ = 0;
   int64_t block_size_ = 0;
 };
 
@@ -120,7 +133,15 @@ class CudaBackend::Impl {
   // The open pass.
   bool in_pass = false;
   std::span<const int32_t> pass_tokens, pass_positions;
-  std::span<const KVSlot> pass_slots;
+  std::vector<std::span<const KVSlot>> pass_slots;  // [KV layer groups] the pass's slot sets
+  // Which of the pass's slot sets `slots` is, or -1 (slots of its own, or outside a pass).
+  int64_t pass_slot_set(std::span<const KVSlot> slots) const {
+    if (!in_pass) return -1;
+    for (size_t set = 0; set < pass_slots.size(); ++set) {
+      if (same_span(slots, pass_slots[set])) return static_cast<int64_t>(set);
+    }
+    return -1;
+  }
   int uncaught_at_begin = 0;
   bool graph_shaped = false;  // decode-like (<= 16 tokens, all with logits): may be graphed
   int64_t pass_key_bound = 0;  // key_bound() of the pass: attention is sized by it

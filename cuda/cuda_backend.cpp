@@ -256,8 +256,12 @@ void CudaBackend::kv_store(const KVLayerView& cache, const Tensor& keys, const T
   for (const KVSlot& slot : slots) {
     expect(slot.position >= 0 && slot.block_table != nullptr, "kv_store", "a slot has a negative position or no block table");
   }
-  const bool pass_data = same_span(slots, s.pass_slots);
-  if (!s.enter("kv_store", Fingerprint(kKvStore).add(pool).add(cache.values).add(keys).add(values).value(), pass_data)) {
+  const int64_t slot_set = s.pass_slot_set(slots);
+  const bool pass_data = slot_set >= 0;
+  if (!s.enter("kv_store",
+               Fingerprint(kKvStore).add(pool).add(cache.values).add(keys).add(values)
+                   .add(static_cast<uint64_t>(slot_set)).value(),
+               pass_data)) {
     return;
   }
   s.context->activate();
@@ -296,10 +300,11 @@ void CudaBackend::attention(const Tensor& out, const Tensor& queries, const KVLa
   for (const KVSlot& slot : slots) {
     expect(slot.position >= 0 && slot.block_table != nullptr, "attention", "a slot has a negative position or no block table");
   }
-  const bool pass_data = same_span(slots, s.pass_slots);
+  const int64_t slot_set = s.pass_slot_set(slots);
+  const bool pass_data = slot_set >= 0;
   if (!s.enter("attention",
                Fingerprint(kAttention).add(out).add(queries).add(cache.keys).add(cache.values).add(scale)
-                   .add(static_cast<uint64_t>(window)).value(),
+                   .add(static_cast<uint64_t>(window)).add(static_cast<uint64_t>(slot_set)).value(),
                pass_data)) {
     return;
   }

@@ -112,22 +112,27 @@ void CudaBackend::Impl::begin_forward(const ForwardInfo& batch) {
   rethrow_deferred();
   if (in_pass) fail(ErrorKind::Internal, "cuda backend: begin_forward while a pass is open");
   const size_t T = batch.tokens.size();
-  if (batch.positions.size() != T || batch.slots.size() != T) {
+  if (batch.positions.size() != T || batch.group_slots.empty()) {
     fail(ErrorKind::InvalidArgument, "cuda backend: a forward pass needs one position and one KV slot per token");
   }
   int64_t max_keys = 0;
-  for (size_t t = 0; t < T; ++t) {
-    if (batch.positions[t] < 0 || batch.slots[t].position < 0 || batch.slots[t].block_table == nullptr) {
-      fail(ErrorKind::InvalidArgument, "cuda backend: token ", t, " of the pass has a negative position or no block table");
+  for (const auto& slots : batch.group_slots) {
+    if (slots.size() != T) {
+      fail(ErrorKind::InvalidArgument, "cuda backend: a forward pass needs one KV slot per token in each layer group");
     }
-    max_keys = std::max<int64_t>(max_keys, batch.slots[t].position + 1);
+    for (size_t t = 0; t < T; ++t) {
+      if (batch.positions[t] < 0 || slots[t].position < 0 || slots[t].block_table == nullptr) {
+        fail(ErrorKind::InvalidArgument, "cuda backend: token ", t, " of the pass has a negative position or no block table");
+      }
+      max_keys = std::max<int64_t>(max_keys, slots[t].position + 1);
+    }
   }
   flush_pending();
-  if (pass_batch.upload(batch.tokens, batch.positions, batch.slots, last_block_size)) bump_generation();
+  if (pass_batch.upload(batch.tokens, batch.positions, batch.group_slots, last_block_size)) bump_generation();
 
   pass_tokens = batch.tokens;
   pass_positions = batch.positions;
-  pass_slots = batch.slots;
+  pass_slots.assign(batch.group_slots.begin(), batch.group_slots.end());
   uncaught_at_begin = std::uncaught_exceptions();
   mode = Mode::Eager;
   launched = false;
@@ -179,7 +184,7 @@ void CudaBackend::Impl::end_forward() noexcept {
   recorded.clear();
   pass_tokens = {};
   pass_positions = {};
-  pass_slots = {};
+  pass_slots.clear();
 }
 
 }  // namespace opencamp::cuda

@@ -4,6 +4,8 @@
 
 namespace opencamp::cuda {
 
+static_assert(kReleasedBlock == opencamp::kReleasedBlock, "the kernels and the KV cache mark released blocks alike");
+
 // The kernels' view of one layer of the KV cache (checked by the backend: keys and values share
 // their strides, q8_0's key and value scales theirs).
 static DeviceCache device_cache(const KVLayerView& cache) {
@@ -42,18 +44,18 @@ const int32_t* CudaBackend::Impl::device_positions(std::span<const int32_t> posi
 }
 
 DeviceSlots CudaBackend::Impl::device_slots(std::span<const KVSlot> slots, int64_t block_size, const char* op) {
-  if (in_pass && same_span(slots, pass_slots)) {
+  if (const int64_t set = pass_slot_set(slots); set >= 0) {
     if (pass_batch.block_size() != block_size) {  // the first pass: the block size was unknown
       require_eager(op);
       if (pass_batch.upload(pass_tokens, pass_positions, pass_slots, block_size)) bump_generation();
     }
     last_block_size = block_size;
-    return pass_batch.slots();
+    return pass_batch.slots(set);
   }
   require_eager(op);
-  adhoc_batch.upload({}, {}, slots, block_size);
+  adhoc_batch.upload({}, {}, std::span(&slots, 1), block_size);
   last_block_size = block_size;
-  return adhoc_batch.slots();
+  return adhoc_batch.slots(0);
 }
 
 void CudaBackend::Impl::run_rmsnorm(const NormOp& op) {

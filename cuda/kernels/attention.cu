@@ -75,8 +75,8 @@ __global__ void __launch_bounds__(kAttentionThreads) attention_kernel(AttentionA
     for (int i = threadIdx.x; i < kKeysPerTile * hd; i += blockDim.x) {
       const int j = i / hd, d = i % hd, key = tile + j;
       float k = 0.0f, v = 0.0f;
-      if (key < key_end) {
-        const int64_t block = table[key / a.slots.block_size];
+      const int64_t block = key < key_end ? table[key / a.slots.block_size] : kReleasedBlock;
+      if (block != kReleasedBlock) {  // released blocks lie before every row's window
         const int64_t slot = key % a.slots.block_size;
         const int64_t at = block * a.cache.s0 + slot * a.cache.s1 + kv_head * a.cache.s2 + d * a.cache.s3;
         const int64_t scale_at = block * a.cache.ss0 + slot * a.cache.ss1 + kv_head * a.cache.ss2 + d / kKVQuantGroup;

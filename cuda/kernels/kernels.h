@@ -62,6 +62,10 @@ cudaError_t launch_scale(const ElementwiseArgs& args, float factor, cudaStream_t
 
 // Where each token of a batch reads and writes the paged KV cache, as uploaded by the backend:
 // token t's block table starts at tables[table_offsets[t]]; it attends to [0, positions[t]].
+// A block table entry a sliding-window layer group has released (opencamp::kReleasedBlock): it
+// lies before every row's window, attention skips it.
+inline constexpr int32_t kReleasedBlock = -1;
+
 struct DeviceSlots {
   const int32_t* positions;      // [T]
   const int32_t* table_offsets;  // [T]

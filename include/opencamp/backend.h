@@ -23,8 +23,17 @@ struct KVSlot {
   int32_t position = 0;
 };
 
+// A block table entry a sliding-window layer group has released: it lies before the window of
+// every query that can still come (KVCache::release_behind_windows), so no kernel reads it.
+inline constexpr int32_t kReleasedBlock = -1;
+
 // The KV cache's q8_0: one f16 scale per this many consecutive dims of a head.
 inline constexpr int kKVQuantGroup = 32;
+
+// Sliding-window attention may read (and mask out) keys from the start of the chunk of this
+// many positions that holds a window's first key, never earlier: the avx kernels work in 16-key
+// chunks. The KV cache keeps those keys (KVCache::release_behind_windows).
+inline constexpr int kWindowKeyAlignment = 16;
 
 // One layer of the paged KV cache: a pool of blocks of block_size token positions, held in the
 // cache's KV type (EngineOptions::kv_cache_dtype). f32, bf16 and f16 are per element; q8_0 is
@@ -133,7 +142,9 @@ class Backend {
   // Causal attention over the cache: token t attends to positions [0, slots[t].position] of its
   // own sequence, or with window > 0 (sliding-window layers) to the last `window` of them,
   // [slots[t].position - window + 1, slots[t].position]. Query heads share KV heads in groups
-  // of n_heads / n_kv_heads (GQA / MQA).
+  // of n_heads / n_kv_heads (GQA / MQA). With a window, block table entries wholly before
+  // (position - window + 1) rounded down to kWindowKeyAlignment may be kReleasedBlock (-1): such
+  // blocks are never read.
   virtual void attention(const Tensor& out,      // [T, n_heads, head_dim] f32
                          const Tensor& queries,  // [T, n_heads, head_dim] f32
                          const KVLayerView& cache,
@@ -169,7 +180,9 @@ class Backend {
   struct ForwardInfo {
     std::span<const int32_t> tokens;     // [T]
     std::span<const int32_t> positions;  // [T]
-    std::span<const KVSlot> slots;       // [T]
+    // [n_groups][T] the slots of each KV layer group (one for models without sliding windows):
+    // every kv_store and attention of the pass gets one of these spans.
+    std::span<const std::span<const KVSlot>> group_slots;
     int64_t n_logit_rows = 0;            // tokens that need logits
     std::span<const int32_t> logit_rows; // [n_logit_rows] their ascending indices in the pass
   };

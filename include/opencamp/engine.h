@@ -38,7 +38,14 @@ struct EngineOptions {
   std::string dtype = "auto";    // "auto" (the file's formats), "f32", "bf16", or "q8_0", "q4_k", ...
   int threads = 0;               // 0: physical cores
   int max_context = 0;           // positions per sequence; 0: the model's max_position_embeddings
-  int kv_cache_tokens = 0;       // positions in the shared KV pool; 0: max_context
+  // Positions in the shared KV pool (of the global layers, for a model with sliding-window
+  // layers too); 0: max_context.
+  int kv_cache_tokens = 0;
+  // Models with sliding-window and global layers: sequences the sliding layers' pool has room
+  // for at once (each about its window; they hold no more, however long they grow). More
+  // running at once than this can find that pool full (CapacityExceeded; a Scheduler then
+  // preempts). 0: 16, the Scheduler's default max_running.
+  int kv_window_sequences = 0;
   int prefill_chunk = 256;       // tokens per forward pass during prefill (bounds scratch memory)
   // What the KV cache holds: "f32", "bf16", "f16", "q8_0", or "auto" (see resolve_kv_cache_dtype).
   std::string kv_cache_dtype = "auto";
@@ -49,6 +56,16 @@ struct EngineOptions {
 // quantised weights (GGUF block formats) an f16 cache (llama.cpp's default for those files).
 // Throws Error(InvalidArgument) for any other name.
 DType resolve_kv_cache_dtype(const std::string& requested, DType weight_dtype);
+
+// Positions per KV cache block in an Engine's cache.
+inline constexpr int kKVBlockSize = 16;
+
+// Blocks of kKVBlockSize positions the pool of a sliding-window layer group gets in an Engine
+// of a model with global layers too: room for `sequences` sequences (each the window, aligned
+// as attention reads it, and the blocks either end shares) and one pass of `prefill_chunk` new
+// positions; the engine takes no more than the global pool has. The one formula the engine
+// and `opencamp serve`'s memory sizing use.
+int64_t kv_sliding_pool_blocks(int window, int sequences, int prefill_chunk);
 
 enum class FinishReason { Stop, Length, Cancelled };
 const char* finish_reason_name(FinishReason reason);  // "stop", "length", "cancelled"
@@ -107,7 +124,8 @@ class Engine {
   void free_sequence(int seq);
   std::vector<int32_t> sequence_tokens(int seq) const;  // the tokens held in the cache
   // Drops positions from the end; returns the new length, which is shorter than asked when the
-  // cut falls inside a block shared with another sequence (see KVCache::truncate).
+  // cut falls inside a block shared with another sequence, or 0 when a sliding-window layer has
+  // released keys the window at the new length needs (see KVCache::truncate).
   int truncate_sequence(int seq, int length);
 
   // Appends `tokens` to `seq`. Writes the logits of the last token to `logits` [vocab], or of
@@ -122,7 +140,9 @@ class Engine {
   // The general step: tokens for several sequences (prefill chunks and decode tokens alike) in
   // one forward pass, so each weight is read once for all of them. Logits come out for the
   // chunks that want them, in chunk order: [wanting chunks (all_positions: each token), vocab].
-  // On any error every sequence is left as it was.
+  // On any error every sequence is left as it was, but for one case: a failure inside the pass
+  // after a chunk longer than prefill_chunk has had its sliding-window blocks released leaves
+  // that sequence truncated as truncate_sequence would (to nothing).
   struct Chunk {
     int seq;
     std::span<const int32_t> tokens;
@@ -151,14 +171,26 @@ class Engine {
                             const TokenCallback& on_token = {},
                             const std::atomic<bool>* cancel = nullptr);
 
+  // One layer group's pool (KVCache: group 0 holds the global layers when there are any,
+  // then each sliding window).
+  struct GroupStats {
+    int window;  // 0: global layers
+    int layers;
+    int used_blocks, total_blocks, cached_blocks, kept_blocks;
+    size_t bytes_per_position;  // of these layers
+  };
+  // The block counts and bytes_per_position are group 0's: the pool whose positions bound the
+  // contexts (every layer's for a model without windows). `groups` has every group.
   struct CacheStats {
     int used_blocks, total_blocks, block_size, sequences;
     int cached_blocks;                       // unused, kept for prefix hits, evictable
     int64_t prefix_hit_blocks, prefix_miss_blocks, evictions;
     size_t bytes_per_position;
+    size_t bytes;        // the whole cache, every group's pool
     int kept_sequences;  // finished conversations kept by schedulers (evictable)
     int kept_blocks;     // distinct blocks those conversations hold: with nothing running,
                          // used_blocks == kept_blocks (any more would be a leak)
+    std::vector<GroupStats> groups;
   };
   CacheStats cache_stats() const;
 

@@ -173,9 +173,24 @@ def _load(model, backend, dtype, threads, max_context, kv_cache_dtype="auto", *,
 
 
 def _describe_kv(llm) -> str:
-    """'KV cache f16, 23040 bytes per position'."""
-    return (f"KV cache {llm.kv_cache_dtype}, {llm.engine.cache_stats()['bytes_per_position']} bytes "
-            "per position")
+    """'KV cache f16, 23040 bytes per position'; with sliding-window layers (Gemma 3) what the
+    global ones take per position and what the bounded ones hold: '..., 3072 bytes per position
+    (3 global layers) + 15 sliding-window layers (window 512): 15360 bytes per position, at most
+    560 positions per sequence, a pool of 142 MB' (Gemma 3 270M, f16, room for 16 sequences)."""
+    stats = llm.engine.cache_stats()
+    text = f"KV cache {llm.kv_cache_dtype}, {stats['bytes_per_position']} bytes per position"
+    bounded = [g for g in stats["groups"][1:] if g["window"] > 0]
+    if stats["groups"][0]["window"] == 0 and bounded:
+        from ._core import kv_block_size, kv_sliding_pool_blocks
+
+        text += f" ({stats['groups'][0]['layers']} global layers)"
+        for g in bounded:
+            positions = kv_sliding_pool_blocks(g["window"], 1, 0) * kv_block_size
+            pool = g["total_blocks"] * stats["block_size"] * g["bytes_per_position"]
+            text += (f" + {g['layers']} sliding-window layers (window {g['window']}): "
+                     f"{g['bytes_per_position']} bytes per position, at most {positions} positions "
+                     f"per sequence, a pool of {pool / 1e6:.0f} MB")
+    return text
 
 
 def _sampling(max_tokens, stop, **options):
@@ -300,14 +315,45 @@ def _available_memory() -> int:
     return 8 << 30
 
 
+def _kv_layer_groups(config: dict) -> tuple[int, dict[int, int]]:
+    """(layers that keep every position, {window: layers of it} for the sliding-window layers an
+    engine keeps bounded). A model whose every layer slides has no bounded group: the engine
+    keeps kv_cache_tokens positions for all of its layers (KVCache, Engine)."""
+    windows = config.get("layer_windows") or [0] * config["num_layers"]
+    sliding: dict[int, int] = {}
+    for window in windows:
+        if window > 0:
+            sliding[window] = sliding.get(window, 0) + 1
+    if not sliding or 0 not in windows:  # no windows, or no global layer
+        return config["num_layers"], {}
+    return config["num_layers"] - sum(sliding.values()), sliding
+
+
 def _kv_bytes_per_token(config: dict, kv_cache_dtype: str = "f32") -> int:
-    """What KVCache holds per position for this model in a cache of this type (its own formula,
-    from C++). "auto" counts as f32, the most any automatic choice takes: the engine resolves
-    auto from the weights as it loads them, after a server has sized its cache."""
+    """What KVCache holds per position for this model in a cache of this type in the layers that
+    keep every position (every layer, or Gemma 3's global ones: what grows with the contexts),
+    by its own formula, from C++. "auto" counts as f32, the most any automatic choice takes: the
+    engine resolves auto from the weights as it loads them, after a server has sized its cache."""
     from ._core import kv_bytes_per_position
 
-    return kv_bytes_per_position(config["num_layers"], config["num_kv_heads"], config["head_dim"],
+    kept_layers, _ = _kv_layer_groups(config)
+    return kv_bytes_per_position(kept_layers, config["num_kv_heads"], config["head_dim"],
                                  "f32" if kv_cache_dtype == "auto" else kv_cache_dtype)
+
+
+def _kv_sliding_bytes(config: dict, kv_cache_dtype: str, sequences: int) -> int:
+    """Bytes of the bounded sliding-window layers' pools of an engine with room for `sequences`
+    sequences at once (0 for a model without them): the engine's formula, at most that."""
+    from ._core import kv_block_size, kv_bytes_per_position, kv_sliding_pool_blocks
+
+    _, sliding = _kv_layer_groups(config)
+    if not sliding:
+        return 0
+    per_position = kv_bytes_per_position(sum(sliding.values()), config["num_kv_heads"],
+                                         config["head_dim"],
+                                         "f32" if kv_cache_dtype == "auto" else kv_cache_dtype)
+    # The engine sizes every sliding pool for the widest window.
+    return kv_sliding_pool_blocks(max(sliding), sequences) * kv_block_size * per_position
 
 
 def _kv_memory_table(config: dict) -> dict:
@@ -321,19 +367,43 @@ def _kv_memory_table(config: dict) -> dict:
     return table
 
 
+def _kv_window_table(config: dict) -> dict | None:
+    """Gemma 3's bounded part: the sliding-window layers, the positions one sequence keeps in
+    them, and their bytes per position in each type (None for a model without them)."""
+    from ._core import kv_block_size, kv_bytes_per_position, kv_sliding_pool_blocks
+
+    global_layers, sliding = _kv_layer_groups(config)
+    if not sliding:
+        return None
+    layers = sum(sliding.values())
+    table = {}
+    for name in KV_CACHE_DTYPES[1:]:
+        try:
+            table[name] = kv_bytes_per_position(layers, config["num_kv_heads"], config["head_dim"], name)
+        except Exception:  # noqa: BLE001 - as above
+            table[name] = None
+    return {"global_layers": global_layers, "layers": layers, "window": max(sliding),
+            "positions_per_sequence": kv_sliding_pool_blocks(max(sliding), 1, 0) * kv_block_size,
+            "bytes_per_position": table}
+
+
 def _kv_cache_positions(per_token: int, context: int, parallel: int, kv_cache_tokens: int | None,
-                        kv_cache_memory: str | None, available_memory: int) -> int:
+                        kv_cache_memory: str | None, available_memory: int,
+                        bounded_bytes: int = 0) -> int:
     """Positions of the shared KV cache `opencamp serve` gives the engine: --kv-cache-tokens, or
     --kv-cache-memory over the `per_token` bytes one position takes, or by default a whole
-    context per running sequence within half the available memory (but at least one context)."""
+    context per running sequence within half the available memory (but at least one context).
+    `bounded_bytes` (the sliding-window layers' pools, _kv_sliding_bytes) come off the memory
+    first."""
     if kv_cache_tokens and kv_cache_memory:
         raise click.ClickException("give --kv-cache-tokens or --kv-cache-memory, not both")
     if kv_cache_memory:
-        kv_tokens = _parse_bytes(kv_cache_memory) // per_token
+        kv_tokens = max(0, _parse_bytes(kv_cache_memory) - bounded_bytes) // per_token
     elif kv_cache_tokens:
         kv_tokens = kv_cache_tokens
     else:
-        kv_tokens = max(context, min(parallel * context, available_memory // 2 // per_token))
+        kv_tokens = max(context, min(parallel * context,
+                                     max(0, available_memory // 2 - bounded_bytes) // per_token))
     if kv_tokens < context:
         given = (f"--kv-cache-memory {kv_cache_memory} ({kv_tokens} positions of "
                  f"{per_token} bytes)" if kv_cache_memory else f"--kv-cache-tokens ({kv_tokens})")
@@ -448,13 +518,14 @@ def serve(model, backend, dtype, threads, max_context, kv_cache_dtype, revision,
     context = max_context or config["max_position_embeddings"]
     try:
         per_token = _kv_bytes_per_token(config, kv_cache_dtype)
+        bounded_bytes = _kv_sliding_bytes(config, kv_cache_dtype, parallel)
     except Exception as e:  # noqa: BLE001 - e.g. q8_0 for a head_dim it cannot hold
         raise click.ClickException(str(e)) from None
     on_ray = bool(replicas or min_replicas is not None or max_replicas or ray_address)
     # On a local Ray instance every replica takes its KV cache from this machine's memory.
     sharing = (max_replicas or replicas or 1) if on_ray and not ray_address else 1
     kv_tokens = _kv_cache_positions(per_token, context, parallel, kv_cache_tokens, kv_cache_memory,
-                                    _available_memory() // sharing)
+                                    _available_memory() // sharing, bounded_bytes)
     defaults = _generation_config_defaults(path)
     defaults.update({k: v for k, v in overrides.items() if v is not None})
     # The id clients send: a local folder's or file's name, else the --model value as given
@@ -502,7 +573,8 @@ def serve(model, backend, dtype, threads, max_context, kv_cache_dtype, revision,
         loading.__enter__()
         try:
             return LLM(path, backend=backend, dtype=dtype, threads=threads, max_context=context,
-                       kv_cache_tokens=kv_tokens, kv_cache_dtype=kv_cache_dtype)
+                       kv_cache_tokens=kv_tokens, kv_cache_dtype=kv_cache_dtype,
+                       max_running=parallel)
         finally:
             loading.__exit__(None, None, None)
 
@@ -674,7 +746,11 @@ def info(as_json, model, revision, kv_cache_dtype) -> None:
         path = _resolve(model, revision)
         try:
             data["model"] = describe_model(path)
-            data["model"]["kv_bytes_per_position"] = _kv_memory_table(_core.load_config(str(path)))
+            config = _core.load_config(str(path))
+            data["model"]["kv_bytes_per_position"] = _kv_memory_table(config)
+            window_table = _kv_window_table(config)
+            if window_table is not None:
+                data["model"]["kv_sliding_window_layers"] = window_table
         except Exception as e:  # noqa: BLE001 - an unreadable file: say so, no traceback
             raise click.ClickException(f"cannot read {path}: {e}") from None
     if as_json:
@@ -704,13 +780,19 @@ def info(as_json, model, revision, kv_cache_dtype) -> None:
     if "model" in data:
         click.echo(f"model: {data['model']['path']}")
         for key, value in data["model"].items():
-            if key not in ("path", "kv_bytes_per_position") and value is not None:
+            if key not in ("path", "kv_bytes_per_position", "kv_sliding_window_layers") and value is not None:
                 click.echo(f"  {key:<18} {value}")
+        window_table = data["model"].get("kv_sliding_window_layers")
         click.echo("  KV cache per position (--kv-cache-dtype; auto follows the weights: f32 -> f32, "
                    "bf16 -> bf16, quantised -> f16):")
         for name, size in data["model"]["kv_bytes_per_position"].items():
             marker = " <-" if name == kv_cache_dtype else ""
             shown = f"{size} bytes" if size is not None else "not possible (head_dim not a multiple of 32)"
+            if window_table and size is not None:
+                shown += (f" ({window_table['global_layers']} global layers) + "
+                          f"{window_table['bytes_per_position'][name]} bytes ({window_table['layers']} "
+                          f"sliding-window layers, window {window_table['window']}: at most "
+                          f"{window_table['positions_per_sequence']} positions per sequence)")
             click.echo(f"    {name:<5} {shown}{marker}")
 
 

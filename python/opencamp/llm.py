@@ -374,7 +374,8 @@ class LLM:
     picks the fastest usable one; dtype: "auto" keeps the checkpoint's precision, or "f32" /
     "bf16"; threads: None uses the physical cores. kv_cache_dtype: what the KV cache holds,
     "f32", "bf16", "f16" or "q8_0"; "auto" follows the weights (f32 weights: f32, bf16: bf16,
-    quantised GGUF weights: f16, as llama.cpp).
+    quantised GGUF weights: f16, as llama.cpp). max_running: sequences decoding together, and
+    (Gemma 3) the sequences the sliding-window layers' KV pool has room for.
     """
 
     def __init__(self, model: str | os.PathLike, backend: str = "auto", dtype: str = "auto",
@@ -386,7 +387,8 @@ class LLM:
         self.engine = _core.Engine(str(self.model_path), backend=backend, dtype=dtype,
                                    threads=threads or 0, max_context=max_context or 0,
                                    kv_cache_tokens=kv_cache_tokens or 0,
-                                   kv_cache_dtype=kv_cache_dtype)
+                                   kv_cache_dtype=kv_cache_dtype,
+                                   kv_window_sequences=max_running)
         self._gguf_metadata = read_metadata(self.model_path) if self.model_path.is_file() else None
         # A model without a tokenizer still runs on token ids (tests use such models).
         self._tokenizer = None

@@ -386,6 +386,11 @@ PYBIND11_MODULE(_core, m) {
     for (const auto& a : registered_architectures()) out.append(py::make_tuple(a.model_type, a.description));
     return out;
   });
+  m.def("kv_sliding_pool_blocks", &kv_sliding_pool_blocks, py::arg("window"), py::arg("sequences"),
+        py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk,
+        "Blocks of kv_block_size positions an engine gives each sliding-window layer of a model with "
+        "global layers too, for `sequences` at once (kv_window_sequences); at most the global pool's.");
+  m.attr("kv_block_size") = kKVBlockSize;
   m.def("kv_bytes_per_position",
         [](int num_layers, int num_kv_heads, int head_dim, const std::string& kv_cache_dtype) {
           const std::optional<DType> dtype = dtype_from_name(kv_cache_dtype);
@@ -395,9 +400,10 @@ PYBIND11_MODULE(_core, m) {
           return KVCache::bytes_per_position(num_layers, num_kv_heads, head_dim, *dtype);
         },
         py::arg("num_layers"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("kv_cache_dtype") = "f32",
-        "Bytes one token position takes in a KV cache of this type for a model of this shape "
-        "(every layer, keys and values, q8_0's scales): what an engine's "
-        "cache_stats()['bytes_per_position'] will say.");
+        "Bytes one token position takes in a KV cache of this type in `num_layers` layers of this "
+        "shape (keys and values, q8_0's scales): what an engine's cache_stats()['bytes_per_position'] "
+        "will say for every layer of a model without sliding windows, or for the global layers of "
+        "one with them (each of cache_stats()['groups'] has its own).");
   m.def("load_config",
         [](const std::filesystem::path& path) {
           // A file is a GGUF model (its metadata), as the engine takes one; a folder config.json.
@@ -529,7 +535,8 @@ PYBIND11_MODULE(_core, m) {
   py::class_<Engine>(m, "Engine")
       .def(py::init([](const std::filesystem::path& model_dir, const std::string& backend,
                        const std::string& dtype, int threads, int max_context,
-                       int kv_cache_tokens, int prefill_chunk, const std::string& kv_cache_dtype) {
+                       int kv_cache_tokens, int prefill_chunk, const std::string& kv_cache_dtype,
+                       int kv_window_sequences) {
              EngineOptions options;
              options.backend = backend;
              options.dtype = dtype;
@@ -538,12 +545,14 @@ PYBIND11_MODULE(_core, m) {
              options.kv_cache_tokens = kv_cache_tokens;
              options.prefill_chunk = prefill_chunk;
              options.kv_cache_dtype = kv_cache_dtype;
+             options.kv_window_sequences = kv_window_sequences;
              py::gil_scoped_release release;
              return std::make_unique<Engine>(model_dir, options);
            }),
            py::arg("model_dir"), py::arg("backend") = "auto", py::arg("dtype") = "auto",
            py::arg("threads") = 0, py::arg("max_context") = 0, py::arg("kv_cache_tokens") = 0,
-           py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk, py::arg("kv_cache_dtype") = "auto")
+           py::arg("prefill_chunk") = EngineOptions{}.prefill_chunk, py::arg("kv_cache_dtype") = "auto",
+           py::arg("kv_window_sequences") = 0)
       .def_property_readonly("config", [](const Engine& e) { return config_dict(e.config()); })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("dtype", [](const Engine& e) { return e.model().weight_format(); },
@@ -572,7 +581,8 @@ PYBIND11_MODULE(_core, m) {
       .def("sequence_tokens", &Engine::sequence_tokens, py::arg("seq"))
       .def("truncate_sequence", &Engine::truncate_sequence, py::arg("seq"), py::arg("length"),
            "Drops positions from the end; returns the new length (shorter than asked when the "
-           "cut falls in a block shared with another sequence).")
+           "cut falls in a block shared with another sequence, 0 when a sliding-window layer has "
+           "released keys the window at that length needs).")
       .def("reuse_prefix",
            [](Engine& e, int seq, const std::vector<int64_t>& prompt) {
              const std::vector<int32_t> ids = as_ids(prompt);
@@ -597,6 +607,20 @@ PYBIND11_MODULE(_core, m) {
              d["bytes_per_position"] = s.bytes_per_position;
              d["kept_sequences"] = s.kept_sequences;
              d["kept_blocks"] = s.kept_blocks;
+             d["bytes"] = s.bytes;
+             py::list groups;  // the layer groups' pools; the counts above are the first's
+             for (const auto& g : s.groups) {
+               py::dict gd;
+               gd["window"] = g.window;
+               gd["layers"] = g.layers;
+               gd["used_blocks"] = g.used_blocks;
+               gd["total_blocks"] = g.total_blocks;
+               gd["cached_blocks"] = g.cached_blocks;
+               gd["kept_blocks"] = g.kept_blocks;
+               gd["bytes_per_position"] = g.bytes_per_position;
+               groups.append(gd);
+             }
+             d["groups"] = groups;
              return d;
            })
       .def("prefill",

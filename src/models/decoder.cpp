@@ -65,7 +65,16 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
   const Tensor gate = gate_up.columns(0, F), up = gate_up.columns(F, F);
   const bool gelu = c.hidden_act == "gelu_pytorch_tanh";
 
-  backend.begin_forward({batch.tokens, batch.positions, batch.slots, n_logit_rows, batch.logit_rows});
+  if (static_cast<int>(batch.layer_groups.size()) != c.num_layers) {
+    fail(ErrorKind::Internal, "forward batch: ", batch.layer_groups.size(), " layer groups for ", c.num_layers, " layers");
+  }
+  for (int group : batch.layer_groups) {
+    if (group < 0 || group >= static_cast<int>(batch.group_slots.size()) ||
+        static_cast<int64_t>(batch.group_slots[static_cast<size_t>(group)].size()) != T) {
+      fail(ErrorKind::Internal, "forward batch: a layer group without one KV slot per token");
+    }
+  }
+  backend.begin_forward({batch.tokens, batch.positions, batch.group_slots, n_logit_rows, batch.logit_rows});
   struct EndForward {  // also when an op throws, so a device backend never stays mid-pass
     Backend& backend;
     ~EndForward() { backend.end_forward(); }
@@ -77,6 +86,7 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
     const LayerWeights& L = w.layers[static_cast<size_t>(layer)];
     const KVLayerView& kv = kv_layers[static_cast<size_t>(layer)];
     const int32_t window = c.layer_window(layer);  // 0: a global layer
+    const std::span<const KVSlot> slots = batch.group_slots[static_cast<size_t>(batch.layer_groups[static_cast<size_t>(layer)])];
     const Tensor& inv_freq = window > 0 && !w.rope_inv_freq_local.empty() ? w.rope_inv_freq_local : w.rope_inv_freq;
 
     backend.rmsnorm(h, x, L.attn_norm, c.rms_norm_eps);
@@ -93,8 +103,8 @@ void decoder_forward(const Model& model, Backend& backend, std::span<const KVLay
     }
     backend.rope(q_heads, batch.positions, inv_freq);
     backend.rope(k_heads, batch.positions, inv_freq);
-    backend.kv_store(kv, k_heads, v_heads, batch.slots);
-    backend.attention(attn_heads, q_heads, kv, batch.slots, w.attention_scale, window);
+    backend.kv_store(kv, k_heads, v_heads, slots);
+    backend.attention(attn_heads, q_heads, kv, slots, w.attention_scale, window);
     backend.matmul(h, attn, L.wo, optional(L.bo));
     if (!L.post_attn_norm.empty()) backend.rmsnorm(h, h, L.post_attn_norm, c.rms_norm_eps);
     backend.add(x, x, h);

@@ -27,7 +27,9 @@ struct DecoderScratch {
 struct ForwardBatch {
   std::span<const int32_t> tokens;     // [T]
   std::span<const int32_t> positions;  // [T]
-  std::span<const KVSlot> slots;       // [T]
+  // [n_groups][T] each token's slot in each layer group's block table (KVCache groups).
+  std::span<const std::span<const KVSlot>> group_slots;
+  std::span<const int> layer_groups;   // [n_layers] the group of each layer's cache
   std::span<const int32_t> logit_rows; // ascending indices of the tokens that need logits
 };
 

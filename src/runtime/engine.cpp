@@ -12,10 +12,19 @@
 namespace opencamp {
 namespace {
 
-constexpr int kBlockSize = 16;
+constexpr int kBlockSize = kKVBlockSize;
+// Sequences the sliding-window layers' pools have room for when EngineOptions does not say
+// (the Scheduler's default max_running).
+constexpr int kDefaultWindowSequences = 16;
 constexpr int kMaxLogitRows = 32;  // lm_head runs over at most this many rows at a time
 
 }  // namespace
+
+int64_t kv_sliding_pool_blocks(int window, int sequences, int prefill_chunk) {
+  const int64_t window_blocks = (window - 1 + kWindowKeyAlignment - 1 + kBlockSize - 1) / kBlockSize + 2;
+  const int64_t pass_blocks = (prefill_chunk + kBlockSize - 1) / kBlockSize;
+  return sequences * window_blocks + pass_blocks;
+}
 
 const char* finish_reason_name(FinishReason reason) {
   switch (reason) {
@@ -44,9 +53,10 @@ Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& opt
   if (options.threads < 0) {
     fail(ErrorKind::InvalidArgument, "threads must be >= 0 (0 picks the physical core count)");
   }
-  if (options.prefill_chunk <= 0 || options.max_context < 0 || options.kv_cache_tokens < 0) {
-    fail(ErrorKind::InvalidArgument,
-         "prefill_chunk must be > 0; max_context and kv_cache_tokens must be >= 0 (0: default)");
+  if (options.prefill_chunk <= 0 || options.max_context < 0 || options.kv_cache_tokens < 0 ||
+      options.kv_window_sequences < 0) {
+    fail(ErrorKind::InvalidArgument, "prefill_chunk must be > 0; max_context, kv_cache_tokens "
+         "and kv_window_sequences must be >= 0 (0: default)");
   }
   resolve_kv_cache_dtype(options.kv_cache_dtype, DType::F32);  // a bad name fails before loading
   BackendOptions backend_options;
@@ -68,6 +78,19 @@ Engine::Engine(const std::filesystem::path& model_path, const EngineOptions& opt
   shape.block_size = kBlockSize;
   shape.n_blocks = (kv_tokens + kBlockSize - 1) / kBlockSize;
   shape.dtype = resolve_kv_cache_dtype(options.kv_cache_dtype, model_->weight_dtype());
+  const int widest_window = c.layer_windows.empty() ? 0 : *std::max_element(c.layer_windows.begin(), c.layer_windows.end());
+  if (widest_window > 0) shape.layer_windows = c.layer_windows;
+  const bool has_global_layers =
+      std::find(c.layer_windows.begin(), c.layer_windows.end(), 0) != c.layer_windows.end();
+  if (widest_window > 0 && has_global_layers) {
+    // Sliding layers keep about their window per sequence. Never more than the global layers'
+    // pool: no sequence holds more blocks of a sliding layer than of a global one. A model whose
+    // every layer slides keeps kv_cache_tokens for them (no pool would bound its contexts
+    // otherwise), released as it goes.
+    const int sequences = options.kv_window_sequences > 0 ? options.kv_window_sequences : kDefaultWindowSequences;
+    shape.sliding_blocks = static_cast<int>(std::min<int64_t>(
+        shape.n_blocks, kv_sliding_pool_blocks(widest_window, sequences, options.prefill_chunk)));
+  }
   cache_ = std::make_unique<KVCache>(*backend_, shape);
   scratch_ = std::make_unique<DecoderScratch>(*backend_, c, options.prefill_chunk, kMaxLogitRows);
 }
@@ -144,6 +167,8 @@ int Engine::take_kept_sequence(const Scheduler* scheduler, std::span<const int32
     const size_t limit = std::min(held.size(), prompt.size() - 1);
     size_t common = 0;
     while (common < limit && held[common] == prompt[common]) ++common;
+    // What it keeps of that (a sliding window may have released the keys a shorter one needs).
+    common = static_cast<size_t>(cache_->truncated_length(seq, static_cast<int>(common)));
     if (common > best_common) {
       best = seq;
       best_common = common;
@@ -197,17 +222,37 @@ Engine::CacheStats Engine::cache_stats() const {
   std::lock_guard<std::mutex> lock(mutex_);
   const auto& prefix = cache_->prefix_stats();
   int kept = 0;
-  std::unordered_set<int32_t> kept_blocks;  // kept conversations may share prefix blocks
-  for (const auto& [seq, holder] : holders_) {
+  std::vector<std::unordered_set<int32_t>> kept_blocks(static_cast<size_t>(cache_->group_count()));
+  for (const auto& [seq, holder] : holders_) {  // kept conversations may share prefix blocks
     if (!holder.kept) continue;
     ++kept;
-    const auto& table = cache_->block_table(seq);
-    kept_blocks.insert(table.begin(), table.end());
+    for (int g = 0; g < cache_->group_count(); ++g) {
+      for (int32_t b : cache_->block_table(seq, g)) {
+        if (b != kReleasedBlock) kept_blocks[static_cast<size_t>(g)].insert(b);
+      }
+    }
   }
-  return {cache_->used_blocks(), cache_->shape().n_blocks, cache_->shape().block_size,
-          cache_->sequence_count(), cache_->cached_blocks(), prefix.hit_blocks,
-          prefix.miss_blocks, prefix.evictions, cache_->bytes_per_position(), kept,
-          static_cast<int>(kept_blocks.size())};
+  CacheStats stats{};
+  for (int g = 0; g < cache_->group_count(); ++g) {
+    stats.groups.push_back({cache_->group_window(g), cache_->group_layers(g), cache_->used_blocks(g),
+                            cache_->total_blocks(g), cache_->cached_blocks(g),
+                            static_cast<int>(kept_blocks[static_cast<size_t>(g)].size()),
+                            cache_->bytes_per_position(g)});
+  }
+  const GroupStats& first = stats.groups.front();
+  stats.used_blocks = first.used_blocks;
+  stats.total_blocks = first.total_blocks;
+  stats.block_size = cache_->shape().block_size;
+  stats.sequences = cache_->sequence_count();
+  stats.cached_blocks = first.cached_blocks;
+  stats.prefix_hit_blocks = prefix.hit_blocks;
+  stats.prefix_miss_blocks = prefix.miss_blocks;
+  stats.evictions = prefix.evictions;
+  stats.bytes_per_position = first.bytes_per_position;
+  stats.bytes = cache_->bytes();
+  stats.kept_sequences = kept;
+  stats.kept_blocks = first.kept_blocks;
+  return stats;
 }
 
 void Engine::check_sequence_locked(int seq) const {
@@ -277,9 +322,11 @@ void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logi
     fail(ErrorKind::InvalidArgument, "forward: logits buffer holds ", logits.size(),
          " floats, needs ", logit_rows(chunks) * vocab);
   }
-  // Everything is checked before anything changes.
+  // Everything is checked before anything changes. Positions go into the cache a pass at a
+  // time, so a long chunk's sliding-window blocks are released as it goes.
+  const int pass_size = scratch_->max_tokens;
   std::set<int> seen;
-  int needed_blocks = 0;
+  std::vector<int> needed_blocks(static_cast<size_t>(cache_->group_count()), 0);
   for (const Chunk& c : chunks) {
     check_sequence_locked(c.seq);
     if (!seen.insert(c.seq).second) {
@@ -293,70 +340,95 @@ void Engine::forward_locked(std::span<const Chunk> chunks, std::span<float> logi
            " new + ", start, " cached) but the context holds ", max_context_,
            "; shorten the prompt or start a new conversation");
     }
-    needed_blocks += cache_->blocks_needed(c.seq, static_cast<int>(n));
+    for (int g = 0; g < cache_->group_count(); ++g) {
+      needed_blocks[static_cast<size_t>(g)] += cache_->blocks_needed(c.seq, static_cast<int>(n), g, pass_size);
+    }
   }
+  auto short_group = [&] {  // a group with too few blocks to be had, or -1
+    for (int g = 0; g < cache_->group_count(); ++g) {
+      if (needed_blocks[static_cast<size_t>(g)] > cache_->free_blocks(g)) return g;
+    }
+    return -1;
+  };
   // Kept conversations give way (none of them is in this pass: they are not running).
-  while (needed_blocks > cache_->free_blocks() && evict_oldest_kept_locked()) {
+  while (short_group() >= 0 && evict_oldest_kept_locked()) {
   }
-  if (needed_blocks > cache_->free_blocks()) {
-    fail(ErrorKind::CapacityExceeded, "the KV cache is full: this step needs ", needed_blocks,
-         " blocks of ", cache_->shape().block_size, " positions but only ", cache_->free_blocks(),
-         " of ", cache_->shape().n_blocks, " are free (or cached and unused); end other "
-         "sequences or give the engine a larger kv_cache_tokens");
+  if (const int g = short_group(); g >= 0) {
+    fail(ErrorKind::CapacityExceeded, "the KV cache is full: this step needs ",
+         needed_blocks[static_cast<size_t>(g)], " blocks of ", cache_->shape().block_size,
+         " positions", cache_->group_window(g) > 0 ? " in the sliding-window layers' pool" : "",
+         " but only ", cache_->free_blocks(g), " of ", cache_->total_blocks(g), " are free (or "
+         "cached and unused); end other sequences or give the engine a larger kv_cache_tokens",
+         cache_->group_window(g) > 0 ? " (or kv_window_sequences)" : "");
   }
 
   // One entry per token, in chunk order; passes of at most the scratch size.
   struct Entry {
-    int seq;
+    size_t chunk;
     int32_t token, position;
     bool logits;
   };
   std::vector<Entry> entries;
   std::vector<int> starts;
-  for (const Chunk& c : chunks) {
+  for (size_t ci = 0; ci < chunks.size(); ++ci) {
+    const Chunk& c = chunks[ci];
     const int start = cache_->length(c.seq);
     starts.push_back(start);
     for (size_t i = 0; i < c.tokens.size(); ++i) {
       const bool wants = c.logits == Chunk::Logits::All ||
                          (c.logits == Chunk::Logits::Last && i + 1 == c.tokens.size());
-      entries.push_back({c.seq, c.tokens[i], static_cast<int32_t>(start + i), wants});
+      entries.push_back({ci, c.tokens[i], static_cast<int32_t>(start + i), wants});
     }
   }
   try {
-    for (const Chunk& c : chunks) cache_->append(c.seq, c.tokens);
-    const size_t pass_size = static_cast<size_t>(scratch_->max_tokens);
     std::vector<int32_t> tokens, positions, logit_rows;
-    std::vector<KVSlot> slots;
+    std::vector<std::vector<KVSlot>> group_slots(static_cast<size_t>(cache_->group_count()));
+    std::vector<std::span<const KVSlot>> group_slot_spans;
     size_t logits_done = 0;
-    for (size_t begin = 0; begin < entries.size(); begin += pass_size) {
-      const size_t end = std::min(entries.size(), begin + pass_size);
+    for (size_t begin = 0; begin < entries.size(); begin += static_cast<size_t>(pass_size)) {
+      const size_t end = std::min(entries.size(), begin + static_cast<size_t>(pass_size));
+      for (size_t i = begin; i < end;) {  // each chunk's positions of this pass into the cache
+        size_t run_end = i + 1;
+        while (run_end < end && entries[run_end].chunk == entries[i].chunk) ++run_end;
+        const size_t ci = entries[i].chunk;
+        const size_t offset = static_cast<size_t>(entries[i].position - starts[ci]);
+        cache_->append(chunks[ci].seq, chunks[ci].tokens.subspan(offset, run_end - i));
+        i = run_end;
+      }
       tokens.clear();
       positions.clear();
-      slots.clear();
       logit_rows.clear();
+      for (auto& slots : group_slots) slots.clear();
+      group_slot_spans.clear();
       for (size_t i = begin; i < end; ++i) {
         const Entry& e = entries[i];
         tokens.push_back(e.token);
         positions.push_back(e.position);
-        slots.push_back({cache_->block_table(e.seq).data(), e.position});
+        for (int g = 0; g < cache_->group_count(); ++g) {
+          group_slots[static_cast<size_t>(g)].push_back({cache_->block_table(chunks[e.chunk].seq, g).data(), e.position});
+        }
         if (e.logits) logit_rows.push_back(static_cast<int32_t>(i - begin));
       }
+      for (const auto& slots : group_slots) group_slot_spans.emplace_back(slots);
       ForwardBatch batch;
       batch.tokens = tokens;
       batch.positions = positions;
-      batch.slots = slots;
+      batch.group_slots = group_slot_spans;
+      batch.layer_groups = cache_->layer_groups();
       batch.logit_rows = logit_rows;
       decoder_forward(*model_, *backend_, cache_->layers(), batch, *scratch_,
                       logits.subspan(logits_done * vocab, logit_rows.size() * vocab));
       logits_done += logit_rows.size();
+      // Before a later pass releases them: full blocks of sliding layers stay cached too.
+      for (const Chunk& c : chunks) cache_->publish(c.seq);
     }
   } catch (...) {
-    for (size_t i = 0; i < chunks.size(); ++i) {  // leave every sequence as it was
+    for (size_t i = 0; i < chunks.size(); ++i) {  // leave every sequence as it was (see forward)
       if (cache_->length(chunks[i].seq) > starts[i]) cache_->truncate(chunks[i].seq, starts[i]);
     }
     throw;
   }
-  for (const Chunk& c : chunks) cache_->publish(c.seq);
+  for (const Chunk& c : chunks) cache_->release_behind_windows(c.seq);
 }
 
 int Engine::reuse_prefix(int seq, std::span<const int32_t> prompt) {
@@ -376,22 +448,30 @@ int Engine::reuse_prefix_locked(int seq, std::span<const int32_t> prompt) {
   const size_t limit = std::min(held.size(), prompt.size() - 1);
   size_t common = 0;
   while (common < limit && held[common] == prompt[common]) ++common;
-  // Refuse before dropping anything when the rest of the prompt cannot fit.
-  const int block_size = cache_->shape().block_size;
-  const int kept_blocks = static_cast<int>((common + block_size - 1) / block_size);
-  const int needed_blocks =
-      static_cast<int>((prompt.size() + block_size - 1) / block_size) - kept_blocks;
-  const int held_blocks = static_cast<int>(cache_->block_table(seq).size());
+  // Refuse before dropping anything when the whole prompt cannot fit: in each group, what it
+  // will hold against what can be had, the blocks `seq` holds included.
+  const int prompt_length = static_cast<int>(prompt.size());
+  auto short_group = [&] {  // a group with too few blocks to be had, or -1
+    for (int g = 0; g < cache_->group_count(); ++g) {
+      if (cache_->blocks_to_hold(prompt_length, g, scratch_->max_tokens) >
+          cache_->free_blocks(g) + cache_->held_blocks(seq, g)) {
+        return g;
+      }
+    }
+    return -1;
+  };
   // Kept conversations (never `seq` itself: it is being reused) give way first.
-  while (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks &&
-         evict_oldest_kept_locked()) {
+  while (short_group() >= 0 && evict_oldest_kept_locked()) {
   }
-  if (needed_blocks > cache_->free_blocks() + held_blocks - kept_blocks) {
-    fail(ErrorKind::CapacityExceeded, "the KV cache is full: the prompt needs ", needed_blocks,
-         " more blocks of ", block_size, " positions but only ",
-         cache_->free_blocks() + held_blocks - kept_blocks,
+  if (const int g = short_group(); g >= 0) {
+    fail(ErrorKind::CapacityExceeded, "the KV cache is full: the prompt needs ",
+         cache_->blocks_to_hold(prompt_length, g, scratch_->max_tokens), " blocks of ",
+         cache_->shape().block_size, " positions",
+         cache_->group_window(g) > 0 ? " in the sliding-window layers' pool" : "", " but only ",
+         cache_->free_blocks(g) + cache_->held_blocks(seq, g),
          " can be had; end other sequences or give the engine a larger kv_cache_tokens");
   }
+  // Keeps `common` positions, or none when a window has released keys they need.
   int reused = cache_->truncate(seq, static_cast<int>(common));
   if (reused == 0) reused = cache_->map_cached_prefix(seq, prompt);
   return reused;

@@ -161,7 +161,8 @@ struct Runner {
       rows.push_back(static_cast<int32_t>(i));
     }
     for (size_t i = 0; i < seqs.size(); ++i) slots.push_back({cache->block_table(seqs[i]).data(), positions[i]});
-    ForwardBatch batch{tokens, positions, slots, rows};
+    const std::span<const KVSlot> group_slots[] = {slots};  // one layer group: no windows here
+    ForwardBatch batch{tokens, positions, group_slots, cache->layer_groups(), rows};
     std::vector<float> logits(seqs.size() * vocab());
     decoder_forward(*model, *backend, cache->layers(), batch, *scratch, logits);
     return logits;

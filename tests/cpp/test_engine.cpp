@@ -593,4 +593,50 @@ TEST_CASE(concurrent_generations_on_two_threads_match_sequential) {
   CHECK(std::vector<int32_t>(got_a.begin(), got_a.begin() + 16) == r.greedy_tokens);
 }
 
+// The tiny Gemma 3 (five layers with a window of 5, one global) 120 positions long, with a
+// sliding pool sized for one sequence: a prefill of all of it in passes of 16 and a greedy
+// generation far past the window give what an engine with room to spare gives, while the
+// sliding layers hold at most 2 blocks. Models without windows keep one pool of every layer.
+TEST_CASE(sliding_window_layers_hold_their_window_however_long_the_sequence) {
+  for (const std::string& backend : usable_backends()) {
+    EngineOptions small_options = options_for(backend);
+    small_options.prefill_chunk = 16;
+    small_options.kv_cache_tokens = 1024;
+    small_options.kv_window_sequences = 1;
+    Engine small(fixture("tiny-gemma3"), small_options);
+    Engine roomy(fixture("tiny-gemma3"), options_for(backend));
+    const Engine::CacheStats before = small.cache_stats();
+    CHECK_EQ(before.groups.size(), size_t{2});
+    CHECK_EQ(before.groups[1].window, 5);
+    CHECK_EQ(before.groups[1].total_blocks, 4 + 1);  // one window and one pass
+    CHECK_EQ(before.total_blocks, 64);
+    CHECK_EQ(before.bytes_per_position, before.groups[0].bytes_per_position);
+    CHECK_EQ(before.groups[1].bytes_per_position, 5 * before.groups[0].bytes_per_position);
+
+    std::vector<int32_t> tokens;
+    for (int i = 0; i < 120; ++i) tokens.push_back(3 + (i * 37) % (small.config().vocab_size - 3));
+    const int roomy_seq = roomy.create_sequence();
+    const auto expected = prefill_all(roomy, roomy_seq, tokens);
+    roomy.free_sequence(roomy_seq);
+    const int seq = small.create_sequence();
+    const double err = max_abs_diff(prefill_all(small, seq, tokens), expected);
+    CHECK_MSG(err <= kF32Tolerance, backend << ": max abs " << err);
+    CHECK_EQ(small.cache_stats().groups[1].used_blocks, 1);
+    CHECK_EQ(small.cache_stats().used_blocks, 8);
+    small.free_sequence(seq);
+
+    const std::vector<int32_t> prompt(tokens.begin(), tokens.begin() + 10);
+    const GenerationResult got = small.generate(small.create_sequence(), greedy_request(prompt, 100));
+    CHECK(got.tokens == roomy.generate(roomy.create_sequence(), greedy_request(prompt, 100)).tokens);
+    CHECK(small.cache_stats().groups[1].used_blocks <= 2);
+  }
+  Engine llama(fixture("tiny-llama"), options_for("cpu"));
+  const Engine::CacheStats plain = llama.cache_stats();
+  CHECK_EQ(plain.groups.size(), size_t{1});
+  CHECK_EQ(plain.bytes_per_position,
+           KVCache::bytes_per_position(llama.config().num_layers, llama.config().num_kv_heads,
+                                       llama.config().head_dim, DType::F32));
+  CHECK_EQ(plain.bytes, plain.bytes_per_position * plain.total_blocks * plain.block_size);
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }

@@ -438,6 +438,211 @@ TEST_CASE(random_sharing_stress_keeps_every_block_accounted_for) {
   CHECK(full_appends > 0);  // the cache really ran full, and said so the right way
 }
 
+// ---- sliding windows ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr int kWindowBlockSize = 16;  // the engine's, and kWindowKeyAlignment
+constexpr int kWindow = 32;
+
+int blocks_for_size(int length, int block_size) { return (length + block_size - 1) / block_size; }
+
+// Two sliding-window layers (window 32) and a global one, blocks of 16: the sliding pool is
+// kept small, as the engine sizes it.
+KVCacheShape windowed_shape(int sliding_blocks) {
+  KVCacheShape shape;
+  shape.n_layers = 3;
+  shape.n_kv_heads = 1;
+  shape.head_dim = 4;
+  shape.block_size = kWindowBlockSize;
+  shape.n_blocks = 24;
+  shape.layer_windows = {kWindow, 0, kWindow};
+  shape.sliding_blocks = sliding_blocks;
+  return shape;
+}
+
+// Blocks a sliding layer must keep at rest with `length` positions: those holding keys
+// [length - window + 1, length) (the next query's window), no more.
+int window_blocks_at(int length) {
+  const int first_key = std::max(0, length - kWindow + 1);
+  return blocks_for_size(length, kWindowBlockSize) - first_key / kWindowBlockSize;
+}
+
+}  // namespace
+
+TEST_CASE(layers_with_one_window_share_a_group_and_the_global_ones_come_first) {
+  auto backend = cpu();
+  KVCache cache(*backend, windowed_shape(5));
+  CHECK_EQ(cache.group_count(), 2);
+  CHECK_EQ(cache.group_window(0), 0);
+  CHECK_EQ(cache.group_window(1), kWindow);
+  CHECK(std::vector<int>(cache.layer_groups().begin(), cache.layer_groups().end()) == std::vector<int>({1, 0, 1}));
+  CHECK_EQ(cache.total_blocks(0), 24);
+  CHECK_EQ(cache.total_blocks(1), 5);
+  CHECK_EQ(cache.capacity_tokens(), 24 * kWindowBlockSize);
+  const KVLayerView sliding = cache.layer(0), global = cache.layer(1);
+  CHECK_EQ(sliding.keys.shape[0], 5);  // a sliding layer's pool
+  CHECK_EQ(global.keys.shape[0], 24);
+  const size_t per_layer = KVCache::bytes_per_position(1, 1, 4, DType::F32);
+  CHECK_EQ(cache.bytes_per_position(0), per_layer);
+  CHECK_EQ(cache.bytes_per_position(1), 2 * per_layer);
+  CHECK_EQ(cache.bytes(), per_layer * kWindowBlockSize * (24 + 2 * 5));
+  // Without windows: one group, every layer's pool of n_blocks (as before windows).
+  KVCacheShape plain = windowed_shape(5);
+  plain.layer_windows.clear();
+  KVCache one(*backend, plain);
+  CHECK_EQ(one.group_count(), 1);
+  CHECK_EQ(one.bytes(), 3 * per_layer * kWindowBlockSize * 24);
+}
+
+TEST_CASE(a_growing_sequence_gives_back_the_blocks_its_window_left_behind) {
+  auto backend = cpu();
+  KVCache cache(*backend, windowed_shape(5));
+  const int seq = cache.create_sequence();
+  int most_held = 0;
+  bool gave_back = false;
+  for (int length = 1; length <= 300; ++length) {  // 19 blocks of the global pool's 24
+    const int free_before = cache.free_blocks(1);
+    cache.grow(seq, 1);
+    cache.release_behind_windows(seq);
+    gave_back = gave_back || cache.free_blocks(1) > free_before;
+    CHECK_EQ(cache.held_blocks(seq, 1), window_blocks_at(length));
+    CHECK_EQ(cache.used_blocks(1), window_blocks_at(length));
+    CHECK_EQ(cache.held_blocks(seq, 0), blocks_for_size(length, kWindowBlockSize));
+    most_held = std::max(most_held, cache.held_blocks(seq, 1));
+  }
+  CHECK(gave_back);
+  CHECK_EQ(most_held, 3);  // ceil((window - 1) / block) + 1, however long the sequence
+  const auto& table = cache.block_table(seq, 1);
+  CHECK_EQ(static_cast<int>(table.size()), 19);
+  CHECK(std::count(table.begin(), table.end(), kReleasedBlock) == 19 - window_blocks_at(300));
+  CHECK(std::find(cache.block_table(seq, 0).begin(), cache.block_table(seq, 0).end(), kReleasedBlock) ==
+        cache.block_table(seq, 0).end());  // the global layers keep every position
+  // Two such sequences need 6 sliding blocks: the pool of 5 says so, and nothing changes.
+  const int other = cache.create_sequence();
+  cache.grow(other, 32);
+  CHECK_EQ(cache.blocks_needed(other, 8, 1), 1);  // a block more, none released yet
+  CHECK_THROWS_WITH(cache.grow(other, 8), ErrorKind::CapacityExceeded, "sliding-window");
+  CHECK_EQ(cache.length(other), 32);
+  cache.free_sequence(seq);
+  cache.free_sequence(other);
+  CHECK_EQ(cache.used_blocks(0), 0);
+  CHECK_EQ(cache.used_blocks(1), 0);
+}
+
+TEST_CASE(appending_a_long_chunk_in_pieces_needs_only_the_last_pieces_window) {
+  auto backend = cpu();
+  KVCache cache(*backend, windowed_shape(8));
+  const int seq = cache.create_sequence();
+  // 200 positions at once hold all 13 blocks while they are written; 16 at a time, no more
+  // than the window and a piece.
+  CHECK_EQ(cache.blocks_needed(seq, 200, 1), 13);
+  CHECK_EQ(cache.blocks_needed(seq, 200, 0, 16), 13);  // the global layers keep them all
+  const int bound = cache.blocks_needed(seq, 200, 1, 16);
+  CHECK_EQ(bound, cache.blocks_to_hold(200, 1, 16));
+  CHECK(bound <= 5);
+  int most_held = 0;
+  for (int done = 0; done < 200; done += 16) {
+    cache.grow(seq, std::min(16, 200 - done));
+    most_held = std::max(most_held, cache.held_blocks(seq, 1));
+  }
+  CHECK(most_held <= bound);
+  // 100 more positions in one go: the global pool has their 7 blocks, the sliding one not.
+  CHECK_THROWS_WITH(cache.grow(cache.create_sequence(), 100), ErrorKind::CapacityExceeded, "sliding-window");
+}
+
+TEST_CASE(a_cached_prefix_with_windows_needs_every_global_block_and_each_windows_blocks) {
+  auto backend = cpu();
+  KVCache cache(*backend, windowed_shape(8));
+  const auto prompt = tokens_from(1000, 100);
+  const int a = cache.create_sequence();
+  // Written a block at a time and published only at the end: the sliding blocks released on
+  // the way (0..2) were never published, they are gone.
+  for (int done = 0; done < 96; done += kWindowBlockSize) {
+    cache.append(a, std::span(prompt).subspan(static_cast<size_t>(done), kWindowBlockSize));
+  }
+  cache.publish(a);
+  CHECK_EQ(cache.block_table(a, 1)[2], kReleasedBlock);
+  cache.free_sequence(a);
+  CHECK_EQ(cache.cached_blocks(0), 6);
+  CHECK_EQ(cache.cached_blocks(1), 3);
+
+  // 100 tokens: 6 whole blocks; a query at 96 sees keys from 65, blocks 4 and 5, both cached.
+  CHECK_EQ(cache.cached_prefix_length(prompt), 96);
+  const int b = cache.create_sequence();
+  CHECK_EQ(cache.map_cached_prefix(b, prompt), 96);
+  CHECK_EQ(cache.held_blocks(b, 0), 6);
+  CHECK_EQ(cache.held_blocks(b, 1), 2);
+  CHECK_EQ(cache.block_table(b, 1)[3], kReleasedBlock);
+  CHECK(cache.block_table(b, 1)[4] != kReleasedBlock && cache.block_table(b, 1)[5] != kReleasedBlock);
+  cache.append(b, std::span(prompt).subspan(96));  // it continues from there
+  CHECK_EQ(cache.length(b), 100);
+  cache.free_sequence(b);
+
+  // The first 50 tokens then others: the global layers hold 3 blocks of it, but the window at
+  // 48, 32 or 16 needs blocks 0..2 of the sliding layers, which are gone: nothing to reuse.
+  auto diverging = tokens_from(1000, 50);
+  diverging.push_back(7);
+  CHECK_EQ(cache.cached_prefix_length(diverging), 0);
+  const int c = cache.create_sequence();
+  const int64_t misses = cache.prefix_stats().miss_blocks;
+  CHECK_EQ(cache.map_cached_prefix(c, diverging), 0);
+  CHECK_EQ(cache.prefix_stats().miss_blocks, misses + 3);
+  CHECK_EQ(cache.held_blocks(c, 0), 0);
+  // Without windows the same history would give those 48 positions.
+  KVCacheShape plain = windowed_shape(8);
+  plain.layer_windows.clear();
+  KVCache global(*backend, plain);
+  const int g = global.create_sequence();
+  for (int done = 0; done < 96; done += kWindowBlockSize) {
+    global.append(g, std::span(prompt).subspan(static_cast<size_t>(done), kWindowBlockSize));
+  }
+  global.publish(g);
+  CHECK_EQ(global.cached_prefix_length(diverging), 48);
+}
+
+TEST_CASE(blocks_published_before_their_release_stay_cached_for_prefix_hits) {
+  auto backend = cpu();
+  KVCache cache(*backend, windowed_shape(8));
+  const auto prompt = tokens_from(500, 100);
+  const int a = cache.create_sequence();
+  for (int done = 0; done < 96; done += kWindowBlockSize) {  // published as written (as the engine)
+    cache.append(a, std::span(prompt).subspan(static_cast<size_t>(done), kWindowBlockSize));
+    cache.publish(a);
+  }
+  CHECK_EQ(cache.held_blocks(a, 1), 3);
+  CHECK_EQ(cache.cached_blocks(1), 3);  // released, but cached, and can still be had
+  CHECK_EQ(cache.free_blocks(1), 8 - 3);
+  auto diverging = tokens_from(500, 50);
+  diverging.push_back(7);
+  CHECK_EQ(cache.cached_prefix_length(diverging), 48);  // blocks 1 and 2 of the window at 48
+}
+
+TEST_CASE(truncating_behind_released_keys_gives_up_the_whole_sequence) {
+  auto backend = cpu();
+  KVCache cache(*backend, windowed_shape(8));
+  const int seq = cache.create_sequence();
+  cache.append(seq, tokens_from(0, 60));
+  // The second append's first query (60) sees keys from 29: block 0 is released.
+  cache.append(seq, tokens_from(60, 40));
+  CHECK_EQ(cache.block_table(seq, 1)[0], kReleasedBlock);
+  CHECK(cache.block_table(seq, 1)[1] != kReleasedBlock);
+  // Back to 90: its window starts at 59, in block 3; still held.
+  CHECK_EQ(cache.truncated_length(seq, 90), 90);
+  // Back to 40: the window at 40 starts at 9, in released block 0: nothing can be kept (the
+  // caller recomputes, from the prefix cache where it can), and nothing changed yet.
+  CHECK_EQ(cache.truncated_length(seq, 40), 0);
+  CHECK_EQ(cache.length(seq), 100);
+  CHECK_EQ(cache.truncate(seq, 90), 90);
+  CHECK_EQ(cache.held_blocks(seq, 0), 6);
+  CHECK_EQ(cache.truncate(seq, 40), 0);
+  CHECK_EQ(cache.length(seq), 0);
+  CHECK_EQ(cache.used_blocks(0), 0);
+  CHECK_EQ(cache.used_blocks(1), 0);
+  cache.append(seq, tokens_from(0, 10));  // and the sequence is as new
+  CHECK_EQ(cache.held_blocks(seq, 1), 1);
+}
+
 int main(int argc, char** argv) { return opencamp_test::run_all(argc, argv); }
 
 // ---- KV cache types ----------------------------------------------------------------------------

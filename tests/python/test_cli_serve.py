@@ -16,7 +16,8 @@ import click
 
 import opencamp
 from opencamp.cli import (CPU_FEATURES, DEFAULT_SERVE_MODEL, _kv_bytes_per_token,
-                          _kv_cache_positions, main)
+                          _kv_cache_positions, _kv_sliding_bytes, main)
+from conftest import FIXTURES
 from serverkit import ServeProcess, metric, opencamp_executable
 
 
@@ -188,6 +189,22 @@ def test_kv_cache_sizes_from_a_memory_budget_and_by_default(smollm2_tokenizer_di
         positions(kv_cache_memory="10MB")
     with pytest.raises(click.ClickException, match="cannot read 'lots'"):
         positions(kv_cache_memory="lots")
+
+
+def test_a_sliding_window_model_is_sized_by_its_global_layers_net_of_the_window_pools():
+    """Gemma 3 (the tiny one: 1 global layer, 5 sliding with window 5): a position costs the
+    global layer's bytes; the sliding layers' pools for --parallel sequences come off the
+    budget first, as the engine will allocate them (kv_sliding_pool_blocks, its formula)."""
+    gemma = opencamp._core.load_config(str(FIXTURES / "tiny-gemma3"))
+    per_token = _kv_bytes_per_token(gemma)
+    assert per_token == 1 * 1 * 16 * 2 * 4 == 128
+    bounded = _kv_sliding_bytes(gemma, "f32", 3)
+    window_blocks = opencamp._core.kv_sliding_pool_blocks(5, 3)
+    assert window_blocks == 3 * 4 + 256 // 16  # 3 windows of 4 blocks, and one pass
+    assert bounded == window_blocks * 16 * 5 * 128
+    assert _kv_cache_positions(per_token, 128, 3, None, "1MiB", 64 << 30, bounded) == \
+        ((1 << 20) - bounded) // per_token
+    assert _kv_sliding_bytes(opencamp._core.load_config(str(FIXTURES / "tiny-llama")), "f32", 3) == 0
 
 
 @pytest.mark.parametrize("args, positions", [

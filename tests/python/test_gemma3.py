@@ -127,6 +127,142 @@ def test_multi_turn_reuse_across_the_window(hf):
     assert again.token_ids == ids("turn2_tokens")
 
 
+# ---- the KV memory of the sliding-window layers is bounded by the window ----------------------
+
+LONG = 120  # of the tiny model's 128 positions: 8 blocks of 16, the window is 5
+
+
+def long_ids(seed, n=LONG):
+    vocab = json.loads((TINY / "config.json").read_text())["vocab_size"]
+    return np.random.default_rng(seed).integers(3, vocab, size=n).tolist()
+
+
+def groups(engine):
+    """(global group, sliding group) of cache_stats: the tiny model has one window."""
+    stats = engine.cache_stats()["groups"]
+    assert [g["window"] for g in stats] == [0, WINDOW] and [g["layers"] for g in stats] == [1, 5]
+    return stats
+
+
+def blocks(positions):
+    return -(-positions // 16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_long_sequence_gives_the_same_logits_in_any_passes_and_keeps_few_local_blocks(backend):
+    """120 positions, 24 windows: one prefill, passes of 7 (the sliding layers release blocks
+    between the passes of one call) and token by token (released as each step goes) agree at
+    every position; the sliding layers hold at most 3 blocks (a window of 5 and the 16-key chunk
+    attention reads from) while the global one holds all 8. A block released too early would be
+    read as -1: garbage, not these logits."""
+    tokens = long_ids(1)
+    whole = opencamp._core.Engine(str(TINY), backend=backend, dtype="f32", threads=2)
+    in_passes = opencamp._core.Engine(str(TINY), backend=backend, dtype="f32", threads=2, prefill_chunk=7)
+    reference = whole.logits(tokens)
+    assert np.abs(in_passes.logits(tokens) - reference).max() < F32_TOLERANCE
+    seq = whole.create_sequence()
+    rows = [whole.prefill(seq, tokens[:1])]
+    most_local = 0
+    for length, token in enumerate(tokens[1:], start=2):
+        rows.append(whole.decode([seq], [token])[0])
+        global_group, local_group = groups(whole)
+        assert global_group["used_blocks"] == blocks(length)
+        most_local = max(most_local, local_group["used_blocks"])
+    assert np.abs(np.stack(rows) - reference).max() < F32_TOLERANCE
+    assert most_local == 2 and groups(whole)[1]["used_blocks"] <= 2 < groups(whole)[0]["used_blocks"] == 8
+    whole.free_sequence(seq)
+    # The sequence's first 24 positions are the fixture's: transformers agrees.
+    assert np.abs(whole.logits(ids("input_ids") + tokens[:40])[:24] - REF["logits"]).max() < F32_TOLERANCE
+
+
+def test_a_sliding_pool_smaller_than_the_prompt_holds_it_a_pass_at_a_time():
+    """A pool sized for one sequence (kv_window_sequences=1: its window's 4 blocks and one
+    16-position pass) takes a 120-position prompt in one prefill call: each pass releases what
+    the window left behind before the next takes blocks (8 would be needed at once). Each then
+    holds 1 block: a second sequence fits in the rest, a third finds the pool full, with an
+    error that says which pool and changes nothing."""
+    small = opencamp._core.Engine(str(TINY), backend="cpu", dtype="f32", threads=2, prefill_chunk=16,
+                                  kv_cache_tokens=1024, kv_window_sequences=1)
+    global_group, local_group = groups(small)
+    assert (global_group["total_blocks"], local_group["total_blocks"]) == (64, 4 + 1)
+    tokens = long_ids(8)
+    reference = opencamp._core.Engine(str(TINY), backend="cpu", dtype="f32", threads=2).logits(tokens)
+    seq = small.create_sequence()
+    assert np.abs(small.prefill(seq, tokens, all_positions=True) - reference).max() < F32_TOLERANCE
+    assert groups(small)[1]["used_blocks"] == 1
+    other = small.create_sequence()
+    assert np.abs(small.prefill(other, tokens) - reference[-1]).max() < F32_TOLERANCE
+    third = small.create_sequence()
+    with pytest.raises(opencamp.OpencampError, match="sliding-window layers' pool"):
+        small.prefill(third, tokens)
+    assert small.sequence_tokens(third) == [] and groups(small)[1]["used_blocks"] == 2
+
+
+def reused_logits(engine, seq, history):
+    """Logits of the positions of `history` the engine computes after reusing what it can."""
+    reused = engine.reuse_prefix(seq, history)
+    return reused, engine.prefill(seq, history[reused:], all_positions=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_turn_reuse_across_the_window_gives_a_fresh_computations_logits(backend):
+    """Turns of a conversation far past the window, each reusing the one before (the sequence
+    it holds, or the prefix cache), against a fresh computation of the whole history: the
+    continued turn, an edit back behind the sliding layers' released keys (they cannot be
+    kept: the reuse comes from the prefix cache, whose blocks were published before their
+    release) and a new sequence mapping the history from the prefix cache."""
+    engine = opencamp._core.Engine(str(TINY), backend=backend, dtype="f32", threads=2, prefill_chunk=16)
+    fresh = opencamp._core.Engine(str(TINY), backend=backend, dtype="f32", threads=2)
+    turn1 = long_ids(2, 50)
+    seq = engine.create_sequence()
+    engine.prefill(seq, turn1)
+    assert groups(engine)[1]["used_blocks"] < groups(engine)[0]["used_blocks"] == blocks(50)
+
+    turn2 = turn1 + long_ids(3, 40)  # continues: every position kept
+    reused, logits = reused_logits(engine, seq, turn2)
+    assert reused == 50
+    assert np.abs(logits - fresh.logits(turn2)[reused:]).max() < F32_TOLERANCE
+
+    edited = turn2[:70] + long_ids(4, 30)  # back 20 positions, behind the window's released keys
+    reused, logits = reused_logits(engine, seq, edited)
+    assert reused == 64  # from the prefix cache: 4 whole blocks of the 70 shared positions
+    assert np.abs(logits - fresh.logits(edited)[reused:]).max() < F32_TOLERANCE
+    engine.free_sequence(seq)
+
+    other = engine.create_sequence()  # a new sequence with the whole edited history
+    reused, logits = reused_logits(engine, other, edited + long_ids(5, 5))
+    assert reused == 96
+    assert np.abs(logits - fresh.logits(edited + long_ids(5, 5))[reused:]).max() < F32_TOLERANCE
+    local = engine.cache_stats()["groups"][1]
+    assert local["used_blocks"] <= 2  # what `other` holds of the sliding layers, of its 7 blocks
+
+
+def test_a_long_kept_conversation_holds_few_local_blocks_and_answers_as_a_fresh_one():
+    """Through the scheduler (what chat and the server run): a conversation generating far past
+    the window, kept between its turns, answers each turn as a fresh LLM does on the whole
+    history, and the kept conversation holds all its global blocks but at most 2 local ones; a
+    sliding pool sized for 2 sequences is smaller than the global one."""
+    llm = opencamp.LLM(TINY, backend="cpu", dtype="f32", threads=2, max_running=2, kv_cache_tokens=1024)
+    global_group, local_group = groups(llm.engine)
+    assert global_group["total_blocks"] == 64 and local_group["total_blocks"] == 2 * 4 + 16
+    history = long_ids(6, 20)
+    for turn in range(3):
+        completion = llm.complete(history, max_tokens=25, ignore_eos=True)
+        again = opencamp.LLM(TINY, backend="cpu", dtype="f32", threads=2).complete(
+            history, max_tokens=25, ignore_eos=True)
+        assert completion.token_ids == again.token_ids
+        if turn > 0:
+            assert completion.cached_tokens >= len(history) - 15 - 1
+        history = history + completion.token_ids + long_ids(7 + turn, 5)
+        stats = llm.engine.cache_stats()
+        global_group, local_group = stats["groups"]
+        assert stats["kept_sequences"] == 1
+        held = len(history) - 5 - 1  # the last generated token is never fed back
+        assert global_group["kept_blocks"] == global_group["used_blocks"] == blocks(held)
+        assert local_group["kept_blocks"] == local_group["used_blocks"] <= 2
+    assert blocks(held) >= 6
+
+
 def folder_with_config(tmp_path, edit):
     """A copy of the tiny Hugging Face folder whose config.json `edit(dict)` has changed."""
     target = tmp_path / "model"

@@ -17,8 +17,15 @@ GEMMA = FIXTURES / "tiny-gemma3"  # 6 layers, 1 KV head of head_dim 16, a window
 def test_the_cache_holds_the_type_asked_for(kv, bytes_per_position):
     llm = opencamp.LLM(GEMMA, threads=2, kv_cache_dtype=kv)
     assert llm.kv_cache_dtype == ("f32" if kv == "auto" else kv)  # auto: f32 weights keep f32
-    assert llm.engine.cache_stats()["bytes_per_position"] == bytes_per_position == \
-        opencamp._core.kv_bytes_per_position(6, 1, 16, llm.kv_cache_dtype)
+    # Per position: the global layer's (what grows with a context), and the 5 sliding-window
+    # layers', which keep only the last positions of each sequence.
+    stats = llm.engine.cache_stats()
+    global_group, local_group = stats["groups"]
+    assert stats["bytes_per_position"] == global_group["bytes_per_position"] == bytes_per_position // 6 == \
+        opencamp._core.kv_bytes_per_position(1, 1, 16, llm.kv_cache_dtype)
+    assert local_group["bytes_per_position"] == 5 * bytes_per_position // 6
+    assert stats["bytes"] == 16 * (global_group["total_blocks"] * global_group["bytes_per_position"] +
+                                   local_group["total_blocks"] * local_group["bytes_per_position"])
     # Past the window, greedy: the same tokens as the f32 cache on this tiny model.
     greedy = opencamp._core.SamplingParams()
     greedy.temperature = 0.0

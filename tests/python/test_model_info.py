@@ -35,6 +35,22 @@ def test_info_describes_a_model_without_loading_it() -> None:
     assert "    bf16  128 bytes <-" in text and "    f32   256 bytes\n" in text
 
 
+def test_info_gives_gemma3s_global_bytes_per_position_and_the_bounded_sliding_part() -> None:
+    folder = FIXTURES / "tiny-gemma3"  # 1 global layer, 5 with a window of 5; 1 KV head of 16
+    result = CliRunner().invoke(main, ["info", "--json", "--model", str(folder)])
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["model"]
+    assert model["kv_bytes_per_position"] == {"f32": 128, "bf16": 64, "f16": 64, "q8_0": None}
+    # A sequence keeps at most 4 blocks of 16 in a sliding layer: the window, aligned down to
+    # the 16-key chunks attention reads, and the block either end shares.
+    assert model["kv_sliding_window_layers"] == {
+        "global_layers": 1, "layers": 5, "window": 5, "positions_per_sequence": 64,
+        "bytes_per_position": {"f32": 640, "bf16": 320, "f16": 320, "q8_0": None}}
+    text = CliRunner().invoke(main, ["info", "--model", str(folder), "--kv-cache-dtype", "f16"]).stdout
+    assert ("    f16   64 bytes (1 global layers) + 320 bytes (5 sliding-window layers, window 5: at "
+            "most 64 positions per sequence) <-") in text
+
+
 def test_info_with_a_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["info", "--model", str(tmp_path / "nothing")])
     assert result.exit_code == 1

@@ -572,6 +572,28 @@ def test_metrics_are_prometheus_text(client):
     assert 'opencamp_model_info{model="tiny-chat",backend=' in text
 
 
+def test_metrics_give_the_sliding_window_pools_of_a_gemma3_server():
+    """The tiny Gemma 3 (1 global layer, 5 with a window of 5): the pool metrics are the global
+    layer's, what grows with the contexts; the sliding layers' pool (sized for 2 sequences and
+    a pass) has its own series, and a conversation 90 positions long holds 6 global blocks but
+    at most 2 of it."""
+    from conftest import FIXTURES
+
+    llm = opencamp.LLM(FIXTURES / "tiny-gemma3", threads=2, max_running=2, kv_cache_tokens=1024)
+    llm.complete(list(range(3, 53)), max_tokens=41, ignore_eos=True)  # kept for its next turn
+    stats = llm.engine.cache_stats()
+    with TestClient(make_app(llm)) as gemma_client:
+        text = gemma_client.get("/metrics").text
+    assert metric(text, "opencamp_kv_cache_blocks_total") == 64
+    assert metric(text, "opencamp_kv_cache_blocks_used") == stats["used_blocks"] == 6
+    assert metric(text, "opencamp_kv_cache_bytes_per_position", kv_dtype="f32") == 128
+    assert metric(text, "opencamp_kv_cache_window_blocks_total", window="5") == 2 * 4 + 16
+    assert 0 < metric(text, "opencamp_kv_cache_window_blocks_used", window="5") == \
+        stats["groups"][1]["used_blocks"] <= 2
+    assert metric(text, "opencamp_kv_cache_window_bytes_per_position", window="5") == 640
+    assert metric(text, "opencamp_kv_cache_bytes") == stats["bytes"] == 16 * (64 * 128 + 24 * 640)
+
+
 def test_next_turn_reuses_the_conversation_cache(client, tiny_llm, tiny_dir):
     system = {"role": "system", "content": "You are a helpful assistant who answers briefly."}
     turn1 = [system, {"role": "user", "content": "Tell me about the sea."}]

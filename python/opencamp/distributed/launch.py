@@ -99,7 +99,7 @@ def build_app(args: BuildArgs):
     options.sampling_defaults()  # a bad default fails here, not in every replica
     llm_options = dict(backend=args.backend, dtype=args.dtype, threads=args.threads,
                        max_context=args.max_context, kv_cache_tokens=args.kv_cache_tokens,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, max_running=args.parallel)
     engine = serve.deployment(
         EngineReplica, name=ENGINE,
         # Every request a replica's own queue takes (its 429 decides beyond that), and a

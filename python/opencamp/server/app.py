@@ -786,11 +786,30 @@ async def metrics(request: Request) -> Response:
             "# TYPE opencamp_kv_cache_usage_ratio gauge",
             f"opencamp_kv_cache_usage_ratio {used / total if total else 0.0:.6f}",
             "# HELP opencamp_kv_cache_bytes_per_position Bytes one token position takes in the KV "
-            "cache (every layer, keys and values), in its type (the kv_dtype label).",
+            "cache (keys and values of every layer, or of the global layers of a model with "
+            "bounded sliding-window layers: see opencamp_kv_cache_window_*), in its type (the "
+            "kv_dtype label).",
             "# TYPE opencamp_kv_cache_bytes_per_position gauge",
             f'opencamp_kv_cache_bytes_per_position{{kv_dtype="{llm.kv_cache_dtype}"}} '
             f'{stats["bytes_per_position"]}',
+            "# HELP opencamp_kv_cache_bytes The KV cache's memory, every layer's pool.",
+            "# TYPE opencamp_kv_cache_bytes gauge",
+            f"opencamp_kv_cache_bytes {stats['bytes']}",
         ]
+        # Pools of sliding-window layers (Gemma 3's local layers): about the window per sequence.
+        windows = [g for g in stats["groups"][1:] if g["window"] > 0]
+        for key, name, text in [
+            ("used_blocks", "opencamp_kv_cache_window_blocks_used",
+             "Blocks of a sliding-window layer group's pool in use (by window)."),
+            ("total_blocks", "opencamp_kv_cache_window_blocks_total",
+             "Blocks in a sliding-window layer group's pool (by window)."),
+            ("bytes_per_position", "opencamp_kv_cache_window_bytes_per_position",
+             "Bytes one position takes in a sliding-window layer group (by window), which keeps "
+             "only the last positions of each sequence."),
+        ]:
+            if windows:
+                extra += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+                extra += [f'{name}{{window="{g["window"]}"}} {g[key]}' for g in windows]
         # The engine's prefix cache: full blocks kept after their sequence ended, shared by
         # later prompts that start the same way.
         for key, name, kind, text in [
