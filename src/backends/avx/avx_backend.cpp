@@ -566,21 +566,27 @@ class AvxBackend final : public CpuBackend {
     return table;
   }
 
-  // out[t, :] = row ids[t] of a matrix packed by pack() (f32 [K][16] or bf16 [ceil(K/2)][16][2]
-  // panels of 16 rows).
-  void packed_embedding(const Tensor& out,    // [T, D] f32
-                        const Tensor& table,  // [V, D] packed f32 or bf16
-                        std::span<const int32_t> ids) {
+  // What packed_embedding and tiled_embedding take: out [T, D] f32 with contiguous rows, a
+  // packed or tiled table [V, D], ids in the vocabulary.
+  void check_packed_embedding(const Tensor& out, const Tensor& table, std::span<const int32_t> ids) const {
     if (!embeds_from(table) || !unit_inner(out) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
         out.shape[0] != static_cast<int64_t>(ids.size())) {
       fail(ErrorKind::InvalidArgument, name_, " backend, op embedding: out [T, D] f32 with contiguous rows "
-           "for a packed f32/bf16 table ", shape_string(table));
+           "for a ", is_block_format(table.dtype) ? "tiled " : "packed f32/bf16 ", "table ", shape_string(table));
     }
     for (int32_t id : ids) {
       if (id < 0 || id >= table.shape[0]) {
         fail(ErrorKind::InvalidArgument, "token id ", id, " is outside the vocabulary [0, ", table.shape[0], ")");
       }
     }
+  }
+
+  // out[t, :] = row ids[t] of a matrix packed by pack() (f32 [K][16] or bf16 [ceil(K/2)][16][2]
+  // panels of 16 rows).
+  void packed_embedding(const Tensor& out,    // [T, D] f32
+                        const Tensor& table,  // [V, D] packed f32 or bf16
+                        std::span<const int32_t> ids) {
+    check_packed_embedding(out, table, ids);
     const int64_t dim = table.shape[1], stride = panel_stride(table);
     rows(static_cast<int64_t>(ids.size()), dim, [&](int64_t t) {
       float* row = out.ptr<float>() + t * out.stride[0];
@@ -599,16 +605,7 @@ class AvxBackend final : public CpuBackend {
   void tiled_embedding(const Tensor& out,    // [T, D] f32
                        const Tensor& table,  // [V, D] tiled block format
                        std::span<const int32_t> ids) {
-    if (!embeds_from(table) || !unit_inner(out) || out.ndim != 2 || out.shape[1] != table.shape[1] ||
-        out.shape[0] != static_cast<int64_t>(ids.size())) {
-      fail(ErrorKind::InvalidArgument, name_, " backend, op embedding: out [T, D] f32 with contiguous rows "
-           "for a tiled table ", shape_string(table));
-    }
-    for (int32_t id : ids) {
-      if (id < 0 || id >= table.shape[0]) {
-        fail(ErrorKind::InvalidArgument, "token id ", id, " is outside the vocabulary [0, ", table.shape[0], ")");
-      }
-    }
+    check_packed_embedding(out, table, ids);
     const int64_t dim = table.shape[1];
     const size_t row_bytes = dtype_bytes(table.dtype, dim), tile_bytes = avx::kTileRows * row_bytes;
     rows(static_cast<int64_t>(ids.size()), dim, [&](int64_t t) {
